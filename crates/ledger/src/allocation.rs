@@ -1,0 +1,121 @@
+//! Allocation planners: where selling rights should sit ahead of a disconnect.
+//!
+//! `proportional` aims each terminal at 1/N of what the stand has left; `velocity` weights the
+//! share by each terminal's recent sales rate, so rights sit where the queue is. The planner
+//! proposes gives: pool → terminal top-ups (executed by the pool) and terminal → pool returns
+//! of surplus a terminal cannot use (executed by that terminal).
+
+use crate::error::OpError;
+use crate::ids::{ReplicaId, Role, Sku};
+use crate::ledger::Ledger;
+use crate::message::Allocation;
+use crate::signed::SignedChange;
+use std::collections::BTreeMap;
+
+/// Window over which the velocity planner measures sales rates.
+pub const VELOCITY_WINDOW_MS: u64 = 10 * 60 * 1000;
+/// A terminal is topped up when its rights fall below this share (percent) of its target.
+pub const TOP_UP_BELOW_PCT: i64 = 75;
+/// A terminal returns surplus above this multiple (percent) of its target.
+pub const RETURN_ABOVE_PCT: i64 = 300;
+
+/// One proposed give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GivePlan {
+    /// Giver.
+    pub from: ReplicaId,
+    /// Receiver.
+    pub to: ReplicaId,
+    /// Item.
+    pub sku: Sku,
+    /// Units.
+    pub units: u64,
+}
+
+/// Target rights per active terminal for `sku`.
+pub fn targets(ledger: &Ledger, allocation: Allocation, sku: &Sku, now_ms: u64) -> BTreeMap<ReplicaId, i64> {
+    let terminals: Vec<ReplicaId> = ledger
+        .replicas()
+        .iter()
+        .filter(|(_, i)| i.role == Role::Terminal && i.retired_at_pool_seq.is_none())
+        .map(|(r, _)| *r)
+        .collect();
+    if terminals.is_empty() {
+        return BTreeMap::new();
+    }
+    let total: i64 = ledger.rights(ledger.pool(), sku).max(0)
+        + terminals.iter().map(|t| ledger.rights(*t, sku).max(0)).sum::<i64>();
+    let weights: Vec<f64> = match allocation {
+        Allocation::Proportional => vec![1.0; terminals.len()],
+        Allocation::Velocity => {
+            let rates: Vec<f64> = terminals
+                .iter()
+                .map(|t| ledger.sales_rate(*t, now_ms, VELOCITY_WINDOW_MS))
+                .collect();
+            let mean = rates.iter().sum::<f64>() / rates.len() as f64;
+            // A floor keeps an idle terminal able to sell the first customer that walks up.
+            rates.iter().map(|r| r + 0.1 * mean + 1e-6).collect()
+        }
+    };
+    let sum: f64 = weights.iter().sum();
+    terminals
+        .iter()
+        .zip(weights)
+        .map(|(t, w)| (*t, ((total as f64) * w / sum).floor() as i64))
+        .collect()
+}
+
+/// Propose gives for every catalog item.
+pub fn plan_allocation(ledger: &Ledger, allocation: Allocation, now_ms: u64) -> Vec<GivePlan> {
+    let pool = ledger.pool();
+    let mut plans = Vec::new();
+    for sku in ledger.catalog().keys() {
+        let mut pool_left = ledger.rights(pool, sku).max(0);
+        for (t, target) in targets(ledger, allocation, sku, now_ms) {
+            let have = ledger.rights(t, sku);
+            if have * 100 < target * TOP_UP_BELOW_PCT && pool_left > 0 {
+                let units = (target - have).min(pool_left);
+                if units > 0 {
+                    pool_left -= units;
+                    plans.push(GivePlan { from: pool, to: t, sku: sku.clone(), units: units as u64 });
+                }
+            } else if have * 100 > target.max(1) * RETURN_ABOVE_PCT {
+                plans.push(GivePlan { from: t, to: pool, sku: sku.clone(), units: (have - target) as u64 });
+            }
+        }
+    }
+    plans
+}
+
+impl Ledger {
+    /// Execute the plans this replica is the giver of; one give change per recipient.
+    pub fn execute_plans(&mut self, plans: &[GivePlan], now_ms: u64) -> Vec<Result<SignedChange, OpError>> {
+        let mut by_to: BTreeMap<ReplicaId, BTreeMap<Sku, u64>> = BTreeMap::new();
+        for p in plans.iter().filter(|p| p.from == self.me()) {
+            *by_to.entry(p.to).or_default().entry(p.sku.clone()).or_insert(0) += p.units;
+        }
+        by_to
+            .into_iter()
+            .map(|(to, units)| self.give(to, units, now_ms))
+            .collect()
+    }
+
+    /// Answer a peer's request for rights: the pool gives what it can, a terminal up to half of
+    /// its own rights. `Ok(None)` when there is nothing to spare.
+    pub fn answer_rights_request(
+        &mut self,
+        from: ReplicaId,
+        sku: &Sku,
+        want: u64,
+        now_ms: u64,
+    ) -> Result<Option<(u64, SignedChange)>, OpError> {
+        let have = self.rights(self.me(), sku).max(0) as u64;
+        let spare = if self.role() == Some(Role::Pool) { have } else { have / 2 };
+        let units = spare.min(want);
+        if units == 0 || from == self.me() {
+            return Ok(None);
+        }
+        let change = self.give(from, BTreeMap::from([(sku.clone(), units)]), now_ms)?;
+        Ok(Some((units, change)))
+    }
+}

@@ -1,0 +1,273 @@
+//! Anti-entropy between two replicas, sans I/O: feed it what arrived and the time; ask it what
+//! to send and when to wake. The same messages travel over the stand LAN (libp2p) and over the
+//! relay's WebSocket.
+//!
+//! Fast path: every new change is pushed at once ([`PeerSync::push`]). Repair: the replicas
+//! exchange version vectors (per replica, the highest contiguous sequence held) on connect,
+//! periodically, and whenever a gap shows; the answer is `changes_since(vector)`. Every
+//! handler is idempotent, so loss, duplication, reordering and stale messages minutes late are
+//! all harmless. Automerge's own sync protocol is never used for received data: it would apply
+//! changes with no validation hook.
+
+use crate::ids::{ReplicaId, Sku, StandId};
+use crate::ledger::{ApplyReport, Ledger, VersionVector};
+use crate::signed::SignedChange;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+/// Wire format version.
+pub const WIRE_VERSION: u8 = 1;
+/// Largest frame accepted, in bytes.
+pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
+/// Most changes sent in one message.
+pub const MAX_CHANGES_PER_MESSAGE: usize = 256;
+/// Most replicas in a version vector.
+pub const MAX_VECTOR_LEN: usize = 4096;
+/// Default interval between version-vector exchanges.
+pub const ANTI_ENTROPY_INTERVAL_MS: u64 = 1_000;
+/// Messages queued for one peer before older pushes are dropped (repair resends them).
+pub const PEER_OUTBOX_LEN: usize = 1_024;
+
+/// A message between two replicas of one stand.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireMessage {
+    /// What I hold.
+    Vector {
+        /// Per replica, highest contiguous sequence.
+        vector: VersionVector,
+    },
+    /// Changes (pushed or in answer to a vector).
+    Changes {
+        /// Signed changes.
+        changes: Vec<SignedChange>,
+    },
+    /// I am running low on `sku`: please give me up to `want`.
+    RightsRequest {
+        /// Item.
+        sku: Sku,
+        /// Units wanted.
+        want: u64,
+    },
+    /// Answer to a rights request; the give change (if any) comes along.
+    RightsAnswer {
+        /// Item.
+        sku: Sku,
+        /// Units given (0: none to spare).
+        granted: u64,
+        /// The give change.
+        change: Option<SignedChange>,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Frame {
+    v: u8,
+    stand: StandId,
+    msg: WireMessage,
+}
+
+/// A frame that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Over the size limit.
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// Not a frame.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// Another version.
+    #[error("unsupported wire version {0}")]
+    Version(u8),
+    /// Another stand.
+    #[error("frame for stand {0}, not ours")]
+    WrongStand(String),
+    /// Limits inside the message exceeded.
+    #[error("message over limits: {0}")]
+    OverLimit(&'static str),
+}
+
+impl WireMessage {
+    /// Encode as one frame for `stand`.
+    pub fn encode(&self, stand: &StandId) -> Vec<u8> {
+        let f = Frame { v: WIRE_VERSION, stand: stand.clone(), msg: self.clone() };
+        postcard::to_stdvec(&f).unwrap_or_default()
+    }
+    /// Decode one frame and check it is for `stand` and within limits.
+    pub fn decode(bytes: &[u8], stand: &StandId) -> Result<Self, WireError> {
+        if bytes.len() > MAX_FRAME_BYTES {
+            return Err(WireError::TooLarge(bytes.len()));
+        }
+        let f: Frame = postcard::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+        if f.v != WIRE_VERSION {
+            return Err(WireError::Version(f.v));
+        }
+        if &f.stand != stand {
+            return Err(WireError::WrongStand(f.stand.to_string()));
+        }
+        match &f.msg {
+            WireMessage::Vector { vector } if vector.len() > MAX_VECTOR_LEN => {
+                Err(WireError::OverLimit("vector length"))
+            }
+            WireMessage::Changes { changes } if changes.len() > MAX_CHANGES_PER_MESSAGE => {
+                Err(WireError::OverLimit("changes per message"))
+            }
+            _ => Ok(f.msg),
+        }
+    }
+}
+
+/// Something the driver must act on after [`PeerSync::handle`].
+#[derive(Debug, Clone)]
+pub enum SyncEvent {
+    /// Received changes were applied: persist `accepted` and push them on to other peers.
+    Applied(ApplyReport),
+    /// The peer asks for rights.
+    RightsRequested {
+        /// Item.
+        sku: Sku,
+        /// Units wanted.
+        want: u64,
+    },
+    /// The peer answered our rights request.
+    RightsAnswered {
+        /// Item.
+        sku: Sku,
+        /// Units given.
+        granted: u64,
+    },
+}
+
+/// Sync state with one connected peer.
+#[derive(Debug, Clone)]
+pub struct PeerSync {
+    their_vector: VersionVector,
+    outbox: VecDeque<WireMessage>,
+    next_vector_ms: u64,
+    interval_ms: u64,
+    dropped: u64,
+}
+
+impl PeerSync {
+    /// A fresh connection at `now_ms`: the first thing sent is our vector.
+    pub fn new(ledger: &Ledger, now_ms: u64, interval_ms: u64) -> Self {
+        let mut s = Self {
+            their_vector: VersionVector::new(),
+            outbox: VecDeque::new(),
+            next_vector_ms: now_ms + interval_ms,
+            interval_ms: interval_ms.max(1),
+            dropped: 0,
+        };
+        s.send_vector(ledger, now_ms);
+        s
+    }
+
+    /// What the peer last said it holds.
+    pub fn their_vector(&self) -> &VersionVector {
+        &self.their_vector
+    }
+
+    /// Messages dropped because the outbox was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Messages waiting to be sent.
+    pub fn backlog(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Push a new change (local, or accepted from another peer) unless the peer already has it.
+    pub fn push(&mut self, replica: ReplicaId, seq: u64, change: &SignedChange) {
+        if self.their_vector.get(&replica).copied().unwrap_or(0) >= seq {
+            return;
+        }
+        if let Some(WireMessage::Changes { changes }) = self.outbox.back_mut() {
+            if changes.len() < MAX_CHANGES_PER_MESSAGE {
+                changes.push(change.clone());
+                return;
+            }
+        }
+        self.enqueue(WireMessage::Changes { changes: vec![change.clone()] });
+    }
+
+    /// Ask the peer for rights.
+    pub fn request_rights(&mut self, sku: Sku, want: u64) {
+        self.enqueue(WireMessage::RightsRequest { sku, want });
+    }
+
+    /// Answer a rights request.
+    pub fn answer_rights(&mut self, sku: Sku, granted: u64, change: Option<SignedChange>) {
+        self.enqueue(WireMessage::RightsAnswer { sku, granted, change });
+    }
+
+    fn enqueue(&mut self, m: WireMessage) {
+        if self.outbox.len() >= PEER_OUTBOX_LEN {
+            // Drop the oldest push; the vector exchange repairs whatever it carried.
+            self.outbox.pop_front();
+            self.dropped += 1;
+        }
+        self.outbox.push_back(m);
+    }
+
+    fn send_vector(&mut self, ledger: &Ledger, now_ms: u64) {
+        self.outbox.retain(|m| !matches!(m, WireMessage::Vector { .. }));
+        self.enqueue(WireMessage::Vector { vector: ledger.version_vector() });
+        self.next_vector_ms = now_ms + self.interval_ms;
+    }
+
+    /// Handle one message from the peer.
+    pub fn handle(&mut self, ledger: &mut Ledger, msg: WireMessage, now_ms: u64) -> Vec<SyncEvent> {
+        let mut events = Vec::new();
+        match msg {
+            WireMessage::Vector { vector } => {
+                self.their_vector = vector;
+                let missing = ledger.changes_since(&self.their_vector, MAX_CHANGES_PER_MESSAGE);
+                if !missing.is_empty() {
+                    self.enqueue(WireMessage::Changes { changes: missing });
+                }
+                if self.they_have_more(ledger) {
+                    self.send_vector(ledger, now_ms);
+                }
+            }
+            WireMessage::Changes { changes } => {
+                let report = ledger.apply_remote(changes, now_ms);
+                if report.pending > 0 || self.they_have_more(ledger) {
+                    self.send_vector(ledger, now_ms);
+                }
+                events.push(SyncEvent::Applied(report));
+            }
+            WireMessage::RightsRequest { sku, want } => events.push(SyncEvent::RightsRequested { sku, want }),
+            WireMessage::RightsAnswer { sku, granted, change } => {
+                if let Some(c) = change {
+                    events.push(SyncEvent::Applied(ledger.apply_remote(vec![c], now_ms)));
+                }
+                events.push(SyncEvent::RightsAnswered { sku, granted });
+            }
+        }
+        events
+    }
+
+    fn they_have_more(&self, ledger: &Ledger) -> bool {
+        let mine = ledger.version_vector();
+        self.their_vector
+            .iter()
+            .any(|(r, s)| mine.get(r).copied().unwrap_or(0) < *s)
+    }
+
+    /// The next message to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<WireMessage> {
+        self.outbox.pop_front()
+    }
+
+    /// When to call [`PeerSync::handle_timeout`] next.
+    pub fn poll_timeout(&self) -> u64 {
+        self.next_vector_ms
+    }
+
+    /// Periodic repair: send our vector.
+    pub fn handle_timeout(&mut self, ledger: &Ledger, now_ms: u64) {
+        if now_ms >= self.next_vector_ms {
+            self.send_vector(ledger, now_ms);
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! halftime-reconciler: not built yet. See the project's open issues.
+
+fn main() {
+    eprintln!("halftime-reconciler is not built yet: this program does nothing so far.");
+    std::process::exit(2);
+}
