@@ -6,7 +6,7 @@
 //! /replicas/<rid>                 map: name, role, key, retired                   (pool only)
 //! /stock/<rid>                    map, created by the pool when it enrols rid
 //! /stock/<rid>/<sku>              map of epochs, created by rid
-//! /stock/<rid>/<sku>/<epoch>      map: in, out, give><to>  (absolute values, rid only)
+//! /stock/<rid>/<sku>/<epoch>      map: in, out, give><to>, reclaim><from> (pool)  (rid only)
 //! ```
 //!
 //! Every counter has a single writer that `put`s its new absolute value. A received change
@@ -78,6 +78,8 @@ impl SkuCounters {
                     Field::Out if *who == r => v -= n,
                     Field::Give(to) if *who == r => v -= n,
                     Field::Give(to) if *to == r => v += n,
+                    Field::Reclaim(_) if *who == r => v += n,
+                    Field::Reclaim(from) if *from == r => v -= n,
                     _ => {}
                 }
             }

@@ -637,7 +637,7 @@ impl Ledger {
                 (r > 0).then(|| (s.clone(), r as u64))
             })
             .collect();
-        let writes = self.bump(&units, Field::In);
+        let writes = self.bump(&units, Field::Reclaim(replica));
         let op = Operation::Reclaim { replica, units };
         self.commit_local(op, now_ms, move |tx, w| {
             mark_retired(tx, replica)?;
@@ -1173,10 +1173,14 @@ impl Ledger {
                         return Err(Rejection::ForbiddenOp(format!("write to an old epoch at {}", where_())));
                     }
                     let field = Field::parse(k).ok_or_else(|| invalid(format!("unknown counter {k}")))?;
-                    if let Field::Give(to) = field {
-                        if to == actor || !self.state.replicas.contains_key(&to) {
+                    match field {
+                        Field::Give(to) if to == actor || !self.state.replicas.contains_key(&to) => {
                             return Err(invalid(format!("give to {to}")));
                         }
+                        Field::Reclaim(_) if !is_pool => {
+                            return Err(Rejection::PoolOnly { replica: actor, role, section: "reclaim" });
+                        }
+                        _ => {}
                     }
                     let v = match scalar {
                         Some(ScalarValue::Uint(v)) => *v,
@@ -1227,9 +1231,8 @@ impl Ledger {
         // The counter moves must be exactly what the message says.
         let expected: BTreeMap<(Sku, Field), u64> = match &msg.op {
             Operation::Sale(rec) => keyed(&rec.units(), Field::Out),
-            Operation::Void { units, .. } | Operation::Restock { units, .. } | Operation::Reclaim { units, .. } => {
-                keyed(units, Field::In)
-            }
+            Operation::Void { units, .. } | Operation::Restock { units, .. } => keyed(units, Field::In),
+            Operation::Reclaim { replica, units } => keyed(units, Field::Reclaim(*replica)),
             Operation::Adjust { units, .. } => keyed(units, Field::Out),
             Operation::Give { to, units } => keyed(units, Field::Give(*to)),
             _ => BTreeMap::new(),
@@ -1250,8 +1253,11 @@ impl Ledger {
                 .unwrap_or_default();
             return Err(Rejection::MessageMismatch { op: op_kind, sku });
         }
-        // Policy floor and no minting, for every non-pool writer.
-        if !is_pool {
+        // Policy floor and no minting, for every non-pool writer. A retired replica's changes
+        // that reach us here were made before it learned of its retirement: its rights were
+        // reclaimed, so they are accepted as the oversell the reconciler refunds.
+        let retired = self.state.replicas.get(&actor).is_some_and(|i| i.retired_at_pool_seq.is_some());
+        if !is_pool && !retired {
             let skus: HashSet<&Sku> = fx.counters.keys().map(|(s, _)| s).collect();
             for sku in skus {
                 let get = |f: Field| fx.counters.get(&(sku.clone(), f)).copied().unwrap_or_else(|| self.state.value(actor, sku, f));
@@ -1260,6 +1266,7 @@ impl Ledger {
                     return Err(Rejection::Minting { replica: actor, sku: sku.clone(), in_units: i, out_units: o });
                 }
                 let old_gave = self.state.cells.get(&(actor, sku.clone())).map_or(0, |c| c.gave);
+                let taken = self.state.reclaimed.get(&(actor, sku.clone())).copied().unwrap_or(0);
                 let mut gave = old_gave;
                 for ((s, f), v) in &fx.counters {
                     if s == sku {
@@ -1269,7 +1276,7 @@ impl Ledger {
                     }
                 }
                 let recv = self.state.received.get(&(actor, sku.clone())).copied().unwrap_or(0);
-                let rights = i as i64 + recv as i64 - gave as i64 - o as i64;
+                let rights = i as i64 + recv as i64 - gave as i64 - o as i64 - taken as i64;
                 let floor = match &msg.op {
                     Operation::Sale(rec) if self.policy() == Policy::Optimistic => {
                         let od = rec.overdraft.get(sku).copied().unwrap_or(0);
@@ -1280,7 +1287,10 @@ impl Ledger {
                     }
                     _ => 0,
                 };
-                if rights < floor {
+                // Only a change that lowers rights is held to the floor: a void that returns
+                // units to an overdrawn terminal raises its rights and is always allowed.
+                let before = self.state.rights(actor, sku);
+                if rights < floor && rights < before {
                     return Err(Rejection::BelowFloor { replica: actor, sku: sku.clone(), rights, floor });
                 }
             }

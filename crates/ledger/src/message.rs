@@ -164,11 +164,11 @@ pub enum Operation {
         /// Which.
         replica: ReplicaId,
     },
-    /// Retire a lost replica and re-mint its last known rights at the pool.
+    /// Retire a lost replica and take its last known rights back to the pool.
     Reclaim {
         /// Which.
         replica: ReplicaId,
-        /// Units re-minted per sku.
+        /// Rights taken back per sku.
         units: BTreeMap<Sku, u64>,
     },
     /// Units came into being at the writer (pool only).

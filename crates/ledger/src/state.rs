@@ -34,6 +34,8 @@ pub enum Field {
     Out,
     /// Rights given to another replica.
     Give(ReplicaId),
+    /// Pool only: rights taken back from a retired replica (admin reclaim).
+    Reclaim(ReplicaId),
 }
 
 impl Field {
@@ -43,6 +45,7 @@ impl Field {
             Field::In => "in".to_owned(),
             Field::Out => "out".to_owned(),
             Field::Give(to) => format!("give>{to}"),
+            Field::Reclaim(from) => format!("reclaim>{from}"),
         }
     }
     /// Parse a document key.
@@ -50,7 +53,10 @@ impl Field {
         match k {
             "in" => Some(Field::In),
             "out" => Some(Field::Out),
-            _ => k.strip_prefix("give>")?.parse().ok().map(Field::Give),
+            _ => match k.strip_prefix("give>") {
+                Some(r) => r.parse().ok().map(Field::Give),
+                None => k.strip_prefix("reclaim>")?.parse().ok().map(Field::Reclaim),
+            },
         }
     }
 }
@@ -130,8 +136,10 @@ pub struct State {
     pub stock_maps: BTreeMap<ReplicaId, ()>,
     /// Per replica and sku.
     pub cells: BTreeMap<(ReplicaId, Sku), Cell>,
-    /// Σ give[*>r] per (r, sku).
+    /// Σ give[*>r] + Σ reclaim[r>*] per (r, sku).
     pub received: BTreeMap<(ReplicaId, Sku), u64>,
+    /// Σ reclaim[*>r] per (r, sku): rights taken back from a retired replica.
+    pub reclaimed: BTreeMap<(ReplicaId, Sku), u64>,
     /// Σ in and Σ out per sku.
     pub totals: BTreeMap<Sku, (u64, u64)>,
     /// Starting stock per sku: the first restock's units (for the LOW_STOCK default).
@@ -160,7 +168,8 @@ impl State {
             .map(|c| (c.get(Field::In), c.get(Field::Out), c.gave))
             .unwrap_or((0, 0, 0));
         let recv = self.received.get(&key).copied().unwrap_or(0);
-        to_i64(i as i128 + recv as i128 - g as i128 - o as i128)
+        let taken = self.reclaimed.get(&key).copied().unwrap_or(0);
+        to_i64(i as i128 + recv as i128 - g as i128 - o as i128 - taken as i128)
     }
 
     /// available(s) = Σ in − Σ out.
@@ -182,6 +191,10 @@ impl State {
             Field::Give(to) => {
                 cell.gave += delta;
                 *self.received.entry((to, sku.clone())).or_insert(0) += delta;
+            }
+            Field::Reclaim(from) => {
+                *self.received.entry((r, sku.clone())).or_insert(0) += delta;
+                *self.reclaimed.entry((from, sku.clone())).or_insert(0) += delta;
             }
         }
     }

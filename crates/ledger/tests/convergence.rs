@@ -1,0 +1,264 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Property tests: replicas run random operations while their changes are delivered with
+//! loss, duplication, reordering and partitions; then the network is repaired. Every replica
+//! must end with the same heads and the same counters as a simple reference model, the
+//! materialised state must equal a read of the document itself, and the policy bounds must
+//! hold at every step.
+
+mod common;
+use common::*;
+use halftime_ledger::state::Field;
+use halftime_ledger::*;
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone)]
+enum Step {
+    Sell { who: usize, sku: usize, qty: u64, online: bool },
+    Give { who: usize, to: usize, sku: usize, qty: u64 },
+    Void { who: usize },
+    Restock { sku: usize, qty: u64 },
+    Adjust { who: usize, sku: usize },
+    Deliver { n: usize, pick: usize },
+    Partition { who: usize },
+    Heal,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (0..16usize, 0..3usize, 1..4u64, any::<bool>()).prop_map(|(who, sku, qty, online)| Step::Sell { who, sku, qty, online }),
+        2 => (0..16usize, 0..16usize, 0..3usize, 1..6u64).prop_map(|(who, to, sku, qty)| Step::Give { who, to, sku, qty }),
+        1 => (0..16usize).prop_map(|who| Step::Void { who }),
+        1 => (0..3usize, 1..20u64).prop_map(|(sku, qty)| Step::Restock { sku, qty }),
+        1 => (0..16usize, 0..3usize).prop_map(|(who, sku)| Step::Adjust { who, sku }),
+        4 => (1..8usize, any::<usize>()).prop_map(|(n, pick)| Step::Deliver { n, pick }),
+        1 => (0..16usize).prop_map(|who| Step::Partition { who }),
+        1 => Just(Step::Heal),
+    ]
+}
+
+/// Reference model: the sum of every committed counter move.
+#[derive(Default)]
+struct Model {
+    counters: BTreeMap<(ReplicaId, Sku, Field), u64>,
+    overdraft: u64,
+}
+
+impl Model {
+    fn add(&mut self, r: ReplicaId, sku: &Sku, f: Field, n: u64) {
+        *self.counters.entry((r, sku.clone(), f)).or_insert(0) += n;
+    }
+    fn available(&self, sku: &Sku) -> i64 {
+        self.counters
+            .iter()
+            .filter(|((_, s, _), _)| s == sku)
+            .map(|((_, _, f), n)| match f {
+                Field::In => *n as i64,
+                Field::Out => -(*n as i64),
+                Field::Give(_) | Field::Reclaim(_) => 0,
+            })
+            .sum()
+    }
+}
+
+struct Net {
+    /// (to, change, from-partition-side) in flight.
+    flight: Vec<(usize, SignedChange)>,
+    cut: Vec<bool>,
+}
+
+fn run(policy: Policy, n: usize, steps: Vec<Step>, loss: u8, dup: u8) -> Result<(), TestCaseError> {
+    run_with(policy, n, 30, 4, steps, loss, dup)
+}
+
+fn run_with(policy: Policy, n: usize, stock: u64, alloc: u64, steps: Vec<Step>, loss: u8, dup: u8) -> Result<(), TestCaseError> {
+    let st = stand(policy, n, stock, alloc);
+    let mut reps: Vec<Ledger> = vec![st.pool];
+    reps.extend(st.terminals);
+    let total = reps.len();
+    let mut model = Model::default();
+    // The setup changes are already everywhere; replay their moves into the model.
+    for c in &st.setup {
+        let ch = automerge::Change::try_from(&c.bytes[..]).unwrap();
+        let msg = ChangeMessage::decode(ch.message()).unwrap();
+        let pool = reps[0].me();
+        match msg.op {
+            Operation::Restock { units, .. } => units.iter().for_each(|(s, q)| model.add(pool, s, Field::In, *q)),
+            Operation::Give { to, units } => units.iter().for_each(|(s, q)| model.add(pool, s, Field::Give(to), *q)),
+            _ => {}
+        }
+    }
+    let mut net = Net { flight: Vec::new(), cut: vec![false; total] };
+    let mut now = 2_000u64;
+    let mut rng_state = 0x9e3779b97f4a7c15u64 ^ (loss as u64) << 8 ^ dup as u64;
+    let mut rnd = move || {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state
+    };
+    let broadcast = |net: &mut Net, from: usize, c: &SignedChange| {
+        for to in 0..total {
+            if to != from {
+                net.flight.push((to, c.clone()));
+            }
+        }
+    };
+    for s in steps {
+        now += 10;
+        match s {
+            Step::Sell { who, sku: k, qty, online } => {
+                let who = 1 + who % (total - 1);
+                let online = online && !net.cut[who];
+                if let SaleOutcome::Committed { change, .. } = reps[who].sell(sale_req(SKUS[k], qty, online), now) {
+                    let me = reps[who].me();
+                    model.add(me, &sku(SKUS[k]), Field::Out, qty);
+                    let rec = &reps[who].sales().last().unwrap().record;
+                    model.overdraft += rec.overdraft.values().sum::<u64>();
+                    broadcast(&mut net, who, &change);
+                }
+            }
+            Step::Give { who, to, sku: k, qty } => {
+                let (who, to) = (who % total, to % total);
+                let to_id = reps[to].me();
+                if let Ok(c) = reps[who].give(to_id, BTreeMap::from([(sku(SKUS[k]), qty)]), now) {
+                    let me = reps[who].me();
+                    model.add(me, &sku(SKUS[k]), Field::Give(to_id), qty);
+                    broadcast(&mut net, who, &c);
+                }
+            }
+            Step::Void { who } => {
+                let who = 1 + who % (total - 1);
+                let me = reps[who].me();
+                let last = reps[who].sales().iter().rev().find(|e| e.record.id.replica == me && !e.voided).map(|e| e.record.clone());
+                if let Some(rec) = last {
+                    let c = reps[who].void(rec.id, now).unwrap();
+                    rec.units().iter().for_each(|(s, q)| model.add(me, s, Field::In, *q));
+                    broadcast(&mut net, who, &c);
+                }
+            }
+            Step::Restock { sku: k, qty } => {
+                let c = reps[0].restock(BTreeMap::from([(sku(SKUS[k]), qty)]), "delivery", now).unwrap();
+                let me = reps[0].me();
+                model.add(me, &sku(SKUS[k]), Field::In, qty);
+                broadcast(&mut net, 0, &c);
+            }
+            Step::Adjust { who, sku: k } => {
+                let who = who % total;
+                if let Ok(c) = reps[who].adjust(BTreeMap::from([(sku(SKUS[k]), 1)]), "dropped", now) {
+                    let me = reps[who].me();
+                    model.add(me, &sku(SKUS[k]), Field::Out, 1);
+                    broadcast(&mut net, who, &c);
+                }
+            }
+            Step::Deliver { n: count, pick } => {
+                for i in 0..count {
+                    if net.flight.is_empty() {
+                        break;
+                    }
+                    let idx = (pick.wrapping_add(i * 7919)) % net.flight.len();
+                    let (to, _) = net.flight[idx];
+                    if net.cut[to] {
+                        continue; // partitioned: stays in flight
+                    }
+                    let (to, c) = if (rnd() % 100) < dup as u64 { net.flight[idx].clone() } else { net.flight.swap_remove(idx) };
+                    if (rnd() % 100) < loss as u64 {
+                        continue; // lost
+                    }
+                    let r = reps[to].apply_remote(vec![c], now);
+                    prop_assert!(r.rejected.is_empty(), "valid change rejected: {:?}", r.rejected);
+                }
+            }
+            Step::Partition { who } => net.cut[who % total] = !net.cut[who % total],
+            Step::Heal => net.cut.iter_mut().for_each(|c| *c = false),
+        }
+        // Safety at every step, in every replica's view.
+        for r in &reps {
+            for s in SKUS {
+                let s = sku(s);
+                if policy == Policy::Strict {
+                    prop_assert!(r.available(&s) >= 0, "available below zero under strict");
+                    for other in &reps {
+                        if other.me() != reps[0].me() {
+                            prop_assert!(r.rights(other.me(), &s) >= 0, "negative rights under strict");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Full repair: version-vector exchange until nothing moves.
+    for _round in 0..10 {
+        let mut moved = false;
+        for a in 0..total {
+            for b in 0..total {
+                if a == b {
+                    continue;
+                }
+                let vv = reps[b].version_vector();
+                let missing = reps[a].changes_since(&vv, usize::MAX);
+                if !missing.is_empty() {
+                    let r = reps[b].apply_remote(missing, now);
+                    prop_assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+                    moved |= !r.accepted.is_empty();
+                }
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    let heads = reps[0].heads();
+    let counters = reps[0].counters_from_state();
+    for r in &reps {
+        prop_assert_eq!(r.pending_len(), 0);
+        let mut h = r.heads();
+        h.sort();
+        let mut h0 = heads.clone();
+        h0.sort();
+        prop_assert_eq!(h, h0, "heads differ");
+        prop_assert_eq!(&r.counters_from_state(), &counters, "state differs between replicas");
+        prop_assert_eq!(&r.counters_at(&r.heads()), &counters, "state differs from the document");
+    }
+    // Against the reference model.
+    for ((rid, s, f), n) in &model.counters {
+        let got = counters.get(s).and_then(|c| c.by_replica.get(rid)).and_then(|m| m.get(f)).copied().unwrap_or(0);
+        prop_assert_eq!(got, *n, "counter {:?} {} {:?}", rid, s, f);
+    }
+    for s in SKUS {
+        let s = sku(s);
+        prop_assert_eq!(reps[0].available(&s), model.available(&s));
+        match policy {
+            Policy::Strict => prop_assert!(reps[0].available(&s) >= 0),
+            Policy::Optimistic => {
+                let oversell = (-reps[0].available(&s)).max(0) as u64;
+                prop_assert!(oversell <= model.overdraft, "oversell {} above overdrafts {}", oversell, model.overdraft);
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn strict_replicas_converge_and_never_oversell(n in 2usize..=6, steps in prop::collection::vec(step(), 1..90), loss in 0u8..40, dup in 0u8..30) {
+        run(Policy::Strict, n, steps, loss, dup)?;
+    }
+
+    #[test]
+    fn optimistic_oversell_stays_within_overdrafts(n in 2usize..=6, steps in prop::collection::vec(step(), 1..90), loss in 0u8..40, dup in 0u8..30) {
+        run(Policy::Optimistic, n, steps, loss, dup)?;
+    }
+}
+
+#[test]
+fn replicas_converge_through_many_epoch_rollovers() {
+    // ~400 one-unit sales per terminal on one sku: each terminal's epoch map rolls over
+    // several times, and receivers must follow every rollover.
+    let steps = (0..2400)
+        .map(|i| if i % 3 == 2 { Step::Deliver { n: 7, pick: i } } else { Step::Sell { who: i, sku: 0, qty: 1, online: true } })
+        .collect();
+    run_with(Policy::Strict, 4, 2_000, 450, steps, 5, 5).unwrap();
+}
