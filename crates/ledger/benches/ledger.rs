@@ -1,0 +1,217 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Ledger benchmarks: prints medians and p99s.
+//!
+//! `cargo bench -p halftime-ledger --bench ledger` (add `-- --sales 1000000` for the stress
+//! size). Figures and their commands are kept in docs/BENCHMARKS.md.
+
+use halftime_ledger::*;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+const TERMINALS: usize = 10;
+const SKUS: usize = 8;
+
+fn sku(i: usize) -> Sku {
+    Sku::new(format!("item{i}")).unwrap()
+}
+
+fn key(n: u8) -> ReplicaKey {
+    ReplicaKey::from_seed([n; 32])
+}
+
+fn stand() -> (Ledger, Vec<Ledger>, Vec<SignedChange>) {
+    let info = StandInfo {
+        event: EventId::new("bench").unwrap(),
+        venue: "Stadium".into(),
+        stand: StandId::new("s1").unwrap(),
+        policy: Policy::Strict,
+        allocation: Allocation::Proportional,
+        low_stock_pct: 10,
+    };
+    let (mut pool, g) = Ledger::create_stand(key(1), info, "pool", 1).unwrap();
+    let mut setup = vec![g];
+    let items = (0..SKUS)
+        .map(|i| CatalogItem { sku: sku(i), name: format!("Item {i}"), price_cents: 100, low_stock_at: 10 })
+        .collect();
+    setup.push(pool.set_catalog(items, 1).unwrap());
+    for t in 0..TERMINALS {
+        setup.push(pool.enrol(key(10 + t as u8).public(), "t", Role::Terminal, 1).unwrap());
+    }
+    setup.push(pool.restock((0..SKUS).map(|i| (sku(i), 1u64 << 36)).collect(), "", 1).unwrap());
+    for t in 0..TERMINALS {
+        setup.push(pool.give(key(10 + t as u8).replica_id(), (0..SKUS).map(|i| (sku(i), 1u64 << 32)).collect(), 1).unwrap());
+    }
+    let terms = (0..TERMINALS)
+        .map(|t| {
+            let mut l = Ledger::join(key(10 + t as u8), StandId::new("s1").unwrap(), key(1).public());
+            l.apply_remote(setup.clone(), 1);
+            l
+        })
+        .collect();
+    (pool, terms, setup)
+}
+
+fn req(i: usize) -> SaleRequest {
+    SaleRequest {
+        lines: vec![SaleLine { sku: sku(i % SKUS), qty: 1, unit_price_cents: 100 }],
+        payment: Payment { method: PaymentMethod::Card, reference: "pi_x".into() },
+        pool_reachable: true,
+    }
+}
+
+fn sell(t: &mut Ledger, i: usize, now: u64) -> SignedChange {
+    match t.sell(req(i), now) {
+        SaleOutcome::Committed { change, .. } => change,
+        SaleOutcome::Refused { reason } => panic!("{reason}"),
+    }
+}
+
+struct Stats(Vec<Duration>);
+impl Stats {
+    fn show(mut self, what: &str) {
+        self.0.sort();
+        let n = self.0.len();
+        let p = |q: f64| self.0[((n as f64 * q) as usize).min(n - 1)];
+        let total: Duration = self.0.iter().sum();
+        println!(
+            "{what:<52} n={n:<7} median {:>9.1} µs   p99 {:>9.1} µs   {:>9.0} ops/s",
+            p(0.5).as_secs_f64() * 1e6,
+            p(0.99).as_secs_f64() * 1e6,
+            n as f64 / total.as_secs_f64()
+        );
+    }
+}
+
+fn rss_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0)))
+        .unwrap_or(0)
+}
+
+fn load_child(path: &str) {
+    let bytes = std::fs::read(path).unwrap();
+    let mut changes = Vec::new();
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+        changes.push(SignedChange::from_slice(&rest[4..4 + len]).unwrap());
+        rest = &rest[4 + len..];
+    }
+    let before = rss_kb("VmRSS:");
+    let n = changes.len();
+    let t = Instant::now();
+    let (l, rep) = Ledger::restore(key(99), StandId::new("s1").unwrap(), key(1).public(), changes, 10);
+    let dt = t.elapsed();
+    assert!(rep.rejected.is_empty());
+    println!(
+        "load (verify + validate + apply) of {n} changes: {:.2} s; resident {} MB after load, peak {} MB (before load {} MB incl. the stored changes)",
+        dt.as_secs_f64(),
+        rss_kb("VmRSS:") / 1024,
+        rss_kb("VmHWM:") / 1024,
+        before / 1024
+    );
+    let saved = l.doc().save();
+    let t = Instant::now();
+    let _doc = automerge::Automerge::load(&saved).unwrap();
+    println!("automerge document: {} KB saved, Automerge::load {:.2} s", saved.len() / 1024, t.elapsed().as_secs_f64());
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--load-child") {
+        load_child(&args[i + 1]);
+        return;
+    }
+    let sales: usize = args
+        .iter()
+        .position(|a| a == "--sales")
+        .map(|i| args[i + 1].parse().unwrap())
+        .unwrap_or(100_000);
+    println!("halftime-ledger benchmarks: {TERMINALS} terminals, {SKUS} skus, {sales} sales");
+
+    // 1. Sales committed and signed in memory, one core.
+    let (_pool, mut terms, setup) = stand();
+    let mut st = Vec::new();
+    for i in 0..20_000 {
+        let t = Instant::now();
+        sell(&mut terms[0], i, 10 + i as u64);
+        st.push(t.elapsed());
+    }
+    Stats(st).show("sale committed + signed (in memory)");
+
+    // 2. Build the event: `sales` sales spread over the terminals, everything applied at a
+    //    fresh replica in batches of 100 (as a sync round delivers them).
+    let (_pool, mut terms, _) = stand();
+    let mut all: Vec<SignedChange> = setup.clone();
+    let mut pool = Ledger::join(key(98), StandId::new("s1").unwrap(), key(1).public());
+    pool.apply_remote(setup.clone(), 1);
+    let mut batch_stats = Vec::new();
+    let mut pending = Vec::new();
+    let mut single_at: BTreeMap<usize, Stats> = BTreeMap::new();
+    let checkpoints = [10_000usize, 100_000, 1_000_000];
+    for i in 0..sales {
+        let c = sell(&mut terms[i % TERMINALS], i, 100 + i as u64);
+        all.push(c.clone());
+        pending.push(c);
+        if pending.len() == 100 {
+            let t = Instant::now();
+            let r = pool.apply_remote(std::mem::take(&mut pending), 100 + i as u64);
+            batch_stats.push(t.elapsed() / 100);
+            assert_eq!(r.accepted.len(), 100);
+        }
+        if checkpoints.contains(&(i + 1)) {
+            // Apply cost of a single received change at this size.
+            let mut s = Vec::new();
+            for j in 0..300 {
+                let c = sell(&mut terms[j % TERMINALS], j, 100 + i as u64 + j as u64);
+                all.push(c.clone());
+                let t = Instant::now();
+                let r = pool.apply_remote(vec![c], 0);
+                s.push(t.elapsed());
+                assert_eq!(r.accepted.len(), 1);
+            }
+            single_at.insert(i + 1, Stats(s));
+        }
+        if (i + 1) % 100_000 == 0 {
+            eprintln!("  built {} sales", i + 1);
+        }
+    }
+    Stats(batch_stats).show("received change verified + applied (batches of 100)");
+    for (n, s) in single_at {
+        s.show(&format!("one received change verified + applied at {n} sales"));
+    }
+
+    // 3. Ten replicas merging: one replica receives every other terminal's sales in one go.
+    let t = Instant::now();
+    let mut fresh = Ledger::join(key(97), StandId::new("s1").unwrap(), key(1).public());
+    for chunk in all.chunks(256) {
+        fresh.apply_remote(chunk.to_vec(), 0);
+    }
+    let dt = t.elapsed();
+    println!(
+        "merge of {} changes from {TERMINALS} terminals into a fresh replica: {:.2} s ({:.0} changes/s)",
+        all.len(),
+        dt.as_secs_f64(),
+        all.len() as f64 / dt.as_secs_f64()
+    );
+    assert_eq!(fresh.heads().len(), pool.heads().len());
+
+    // 4. Load time and peak memory of the stand, in a fresh process.
+    let path = std::env::temp_dir().join(format!("halftime-bench-{}.bin", std::process::id()));
+    let mut buf = Vec::new();
+    for c in &all {
+        let b = c.to_vec();
+        buf.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&b);
+    }
+    std::fs::write(&path, &buf).unwrap();
+    drop((all, fresh, pool, terms));
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--load-child", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_file(&path);
+}
