@@ -31,19 +31,41 @@ fn stand() -> (Ledger, Vec<Ledger>, Vec<SignedChange>) {
     let (mut pool, g) = Ledger::create_stand(key(1), info, "pool", 1).unwrap();
     let mut setup = vec![g];
     let items = (0..SKUS)
-        .map(|i| CatalogItem { sku: sku(i), name: format!("Item {i}"), price_cents: 100, low_stock_at: 10 })
+        .map(|i| CatalogItem {
+            sku: sku(i),
+            name: format!("Item {i}"),
+            price_cents: 100,
+            low_stock_at: 10,
+        })
         .collect();
     setup.push(pool.set_catalog(items, 1).unwrap());
     for t in 0..TERMINALS {
-        setup.push(pool.enrol(key(10 + t as u8).public(), "t", Role::Terminal, 1).unwrap());
+        setup.push(
+            pool.enrol(key(10 + t as u8).public(), "t", Role::Terminal, 1)
+                .unwrap(),
+        );
     }
-    setup.push(pool.restock((0..SKUS).map(|i| (sku(i), 1u64 << 36)).collect(), "", 1).unwrap());
+    setup.push(
+        pool.restock((0..SKUS).map(|i| (sku(i), 1u64 << 36)).collect(), "", 1)
+            .unwrap(),
+    );
     for t in 0..TERMINALS {
-        setup.push(pool.give(key(10 + t as u8).replica_id(), (0..SKUS).map(|i| (sku(i), 1u64 << 32)).collect(), 1).unwrap());
+        setup.push(
+            pool.give(
+                key(10 + t as u8).replica_id(),
+                (0..SKUS).map(|i| (sku(i), 1u64 << 32)).collect(),
+                1,
+            )
+            .unwrap(),
+        );
     }
     let terms = (0..TERMINALS)
         .map(|t| {
-            let mut l = Ledger::join(key(10 + t as u8), StandId::new("s1").unwrap(), key(1).public());
+            let mut l = Ledger::join(
+                key(10 + t as u8),
+                StandId::new("s1").unwrap(),
+                key(1).public(),
+            );
             l.apply_remote(setup.clone(), 1);
             l
         })
@@ -53,8 +75,15 @@ fn stand() -> (Ledger, Vec<Ledger>, Vec<SignedChange>) {
 
 fn req(i: usize) -> SaleRequest {
     SaleRequest {
-        lines: vec![SaleLine { sku: sku(i % SKUS), qty: 1, unit_price_cents: 100 }],
-        payment: Payment { method: PaymentMethod::Card, reference: "pi_x".into() },
+        lines: vec![SaleLine {
+            sku: sku(i % SKUS),
+            qty: 1,
+            unit_price_cents: 100,
+        }],
+        payment: Payment {
+            method: PaymentMethod::Card,
+            reference: "pi_x".into(),
+        },
         pool_reachable: true,
     }
 }
@@ -85,7 +114,15 @@ impl Stats {
 fn rss_kb(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0)))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with(field)).map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse()
+                    .unwrap_or(0)
+            })
+        })
         .unwrap_or(0)
 }
 
@@ -101,7 +138,13 @@ fn load_child(path: &str) {
     let before = rss_kb("VmRSS:");
     let n = changes.len();
     let t = Instant::now();
-    let (l, rep) = Ledger::restore(key(99), StandId::new("s1").unwrap(), key(1).public(), changes, 10);
+    let (l, rep) = Ledger::restore(
+        key(99),
+        StandId::new("s1").unwrap(),
+        key(1).public(),
+        changes,
+        10,
+    );
     let dt = t.elapsed();
     assert!(rep.rejected.is_empty());
     println!(
@@ -114,7 +157,11 @@ fn load_child(path: &str) {
     let saved = l.doc().save();
     let t = Instant::now();
     let _doc = automerge::Automerge::load(&saved).unwrap();
-    println!("automerge document: {} KB saved, Automerge::load {:.2} s", saved.len() / 1024, t.elapsed().as_secs_f64());
+    println!(
+        "automerge document: {} KB saved, Automerge::load {:.2} s",
+        saved.len() / 1024,
+        t.elapsed().as_secs_f64()
+    );
 }
 
 fn main() {
@@ -179,7 +226,9 @@ fn main() {
     }
     Stats(batch_stats).show("received change verified + applied (batches of 100)");
     for (n, s) in single_at {
-        s.show(&format!("one received change verified + applied at {n} sales"));
+        s.show(&format!(
+            "one received change verified + applied at {n} sales"
+        ));
     }
 
     // 3. Ten replicas merging: one replica receives every other terminal's sales in one go.

@@ -33,7 +33,12 @@ pub struct GivePlan {
 }
 
 /// Target rights per active terminal for `sku`.
-pub fn targets(ledger: &Ledger, allocation: Allocation, sku: &Sku, now_ms: u64) -> BTreeMap<ReplicaId, i64> {
+pub fn targets(
+    ledger: &Ledger,
+    allocation: Allocation,
+    sku: &Sku,
+    now_ms: u64,
+) -> BTreeMap<ReplicaId, i64> {
     let terminals: Vec<ReplicaId> = ledger
         .replicas()
         .iter()
@@ -44,7 +49,10 @@ pub fn targets(ledger: &Ledger, allocation: Allocation, sku: &Sku, now_ms: u64) 
         return BTreeMap::new();
     }
     let total: i64 = ledger.rights(ledger.pool(), sku).max(0)
-        + terminals.iter().map(|t| ledger.rights(*t, sku).max(0)).sum::<i64>();
+        + terminals
+            .iter()
+            .map(|t| ledger.rights(*t, sku).max(0))
+            .sum::<i64>();
     let weights: Vec<f64> = match allocation {
         Allocation::Proportional => vec![1.0; terminals.len()],
         Allocation::Velocity => {
@@ -77,10 +85,20 @@ pub fn plan_allocation(ledger: &Ledger, allocation: Allocation, now_ms: u64) -> 
                 let units = (target - have).min(pool_left);
                 if units > 0 {
                     pool_left -= units;
-                    plans.push(GivePlan { from: pool, to: t, sku: sku.clone(), units: units as u64 });
+                    plans.push(GivePlan {
+                        from: pool,
+                        to: t,
+                        sku: sku.clone(),
+                        units: units as u64,
+                    });
                 }
             } else if have * 100 > target.max(1) * RETURN_ABOVE_PCT {
-                plans.push(GivePlan { from: t, to: pool, sku: sku.clone(), units: (have - target) as u64 });
+                plans.push(GivePlan {
+                    from: t,
+                    to: pool,
+                    sku: sku.clone(),
+                    units: (have - target) as u64,
+                });
             }
         }
     }
@@ -89,10 +107,18 @@ pub fn plan_allocation(ledger: &Ledger, allocation: Allocation, now_ms: u64) -> 
 
 impl Ledger {
     /// Execute the plans this replica is the giver of; one give change per recipient.
-    pub fn execute_plans(&mut self, plans: &[GivePlan], now_ms: u64) -> Vec<Result<SignedChange, OpError>> {
+    pub fn execute_plans(
+        &mut self,
+        plans: &[GivePlan],
+        now_ms: u64,
+    ) -> Vec<Result<SignedChange, OpError>> {
         let mut by_to: BTreeMap<ReplicaId, BTreeMap<Sku, u64>> = BTreeMap::new();
         for p in plans.iter().filter(|p| p.from == self.me()) {
-            *by_to.entry(p.to).or_default().entry(p.sku.clone()).or_insert(0) += p.units;
+            *by_to
+                .entry(p.to)
+                .or_default()
+                .entry(p.sku.clone())
+                .or_insert(0) += p.units;
         }
         by_to
             .into_iter()
@@ -110,7 +136,11 @@ impl Ledger {
         now_ms: u64,
     ) -> Result<Option<(u64, SignedChange)>, OpError> {
         let have = self.rights(self.me(), sku).max(0) as u64;
-        let spare = if self.role() == Some(Role::Pool) { have } else { have / 2 };
+        let spare = if self.role() == Some(Role::Pool) {
+            have
+        } else {
+            have / 2
+        };
         let units = spare.min(want);
         if units == 0 || from == self.me() {
             return Ok(None);

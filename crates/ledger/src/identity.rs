@@ -67,7 +67,10 @@ impl PublicKey {
     }
     /// From a libp2p public key (must be ed25519).
     pub fn from_libp2p(k: &libp2p_identity::PublicKey) -> Result<Self, KeyError> {
-        let ed = k.clone().try_into_ed25519().map_err(|_| KeyError::NotEd25519)?;
+        let ed = k
+            .clone()
+            .try_into_ed25519()
+            .map_err(|_| KeyError::NotEd25519)?;
         Self::from_bytes(ed.to_bytes())
     }
     /// A short fingerprint for logs.
@@ -146,7 +149,10 @@ impl ReplicaKey {
     }
     /// From a libp2p keypair (must be ed25519).
     pub fn from_libp2p(k: &libp2p_identity::Keypair) -> Result<Self, KeyError> {
-        let ed = k.clone().try_into_ed25519().map_err(|_| KeyError::NotEd25519)?;
+        let ed = k
+            .clone()
+            .try_into_ed25519()
+            .map_err(|_| KeyError::NotEd25519)?;
         let b = ed.secret();
         let mut seed = [0u8; 32];
         seed.copy_from_slice(b.as_ref());
@@ -165,10 +171,14 @@ pub fn verify_many(items: &[(PublicKey, &[u8], [u8; 64])]) -> Vec<usize> {
     if items.is_empty() {
         return Vec::new();
     }
-    let keys: Result<Vec<VerifyingKey>, _> = items.iter().map(|(k, _, _)| k.verifying_key()).collect();
+    let keys: Result<Vec<VerifyingKey>, _> =
+        items.iter().map(|(k, _, _)| k.verifying_key()).collect();
     if let Ok(keys) = keys {
         let msgs: Vec<&[u8]> = items.iter().map(|(_, m, _)| *m).collect();
-        let sigs: Vec<Signature> = items.iter().map(|(_, _, s)| Signature::from_bytes(s)).collect();
+        let sigs: Vec<Signature> = items
+            .iter()
+            .map(|(_, _, s)| Signature::from_bytes(s))
+            .collect();
         if ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_ok() {
             return Vec::new();
         }
@@ -206,7 +216,10 @@ mod tests {
         assert!(a.public().verify(b"x", &sa));
         assert!(!a.public().verify(b"y", &sa));
         assert!(verify_many(&[(a.public(), b"x", sa), (b.public(), b"y", sb)]).is_empty());
-        assert_eq!(verify_many(&[(a.public(), b"x", sa), (b.public(), b"x", sb)]), vec![1]);
+        assert_eq!(
+            verify_many(&[(a.public(), b"x", sa), (b.public(), b"x", sb)]),
+            vec![1]
+        );
         assert!("00".parse::<PublicKey>().is_err());
     }
 }

@@ -35,7 +35,9 @@ fn check(kind: &'static str, s: &str) -> Result<(), InvalidId> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
     {
-        return Err(bad("only ASCII letters, digits, '-', '_' and '.' are allowed"));
+        return Err(bad(
+            "only ASCII letters, digits, '-', '_' and '.' are allowed",
+        ));
     }
     Ok(())
 }
@@ -253,7 +255,10 @@ mod tests {
         assert!(Sku::new("x".repeat(65)).is_err());
         let r = ReplicaId::from_public(&[7u8; 32]);
         assert_eq!(r.to_string().parse::<ReplicaId>(), Ok(r));
-        let s = SaleId { replica: r, seq: 42 };
+        let s = SaleId {
+            replica: r,
+            seq: 42,
+        };
         assert_eq!(s.to_string().parse::<SaleId>(), Ok(s));
         assert!("zz-1".parse::<SaleId>().is_err());
         assert!(serde_json::from_str::<Sku>("\"a b\"").is_err());

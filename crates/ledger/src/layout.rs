@@ -96,13 +96,19 @@ pub fn read_counters<D: ReadDoc>(doc: &D, heads: &[ChangeHash]) -> BTreeMap<Sku,
         return out;
     };
     for item in doc.map_range_at(&stock, .., heads).collect::<Vec<_>>() {
-        let Ok(rid) = item.key.parse::<ReplicaId>() else { continue };
+        let Ok(rid) = item.key.parse::<ReplicaId>() else {
+            continue;
+        };
         let rstock = item.id();
         for sitem in doc.map_range_at(&rstock, .., heads).collect::<Vec<_>>() {
-            let Ok(sku) = Sku::new(sitem.key.to_string()) else { continue };
+            let Ok(sku) = Sku::new(sitem.key.to_string()) else {
+                continue;
+            };
             let skumap = sitem.id();
             // Epoch keys are zero-padded, so the last key is the newest epoch.
-            let Some(latest) = doc.map_range_at(&skumap, .., heads).last() else { continue };
+            let Some(latest) = doc.map_range_at(&skumap, .., heads).last() else {
+                continue;
+            };
             if parse_epoch(&latest.key).is_none() {
                 continue;
             }

@@ -17,7 +17,10 @@ use crate::signed::{MAX_CHANGE_BYTES, SignedChange};
 use crate::state::{Cell, Field, Obj, RATE_HISTORY_LEN, ReplicaInfo, SaleEntry, State};
 use automerge::legacy::{Key, ObjectId, OpType};
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
-use automerge::{ActorId, Automerge, Change, ChangeHash, ExpandedChange, ObjId, ObjType, ROOT, ReadDoc, ScalarValue};
+use automerge::{
+    ActorId, Automerge, Change, ChangeHash, ExpandedChange, ObjId, ObjType, ROOT, ReadDoc,
+    ScalarValue,
+};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 /// Received changes that wait for dependencies or for their actor's enrolment.
@@ -312,7 +315,12 @@ impl Ledger {
     /// ok | low | out.
     pub fn status(&self, sku: &Sku) -> StockStatus {
         let a = self.available(sku);
-        let low = self.state.catalog.get(sku).map(|c| c.low_stock_at).unwrap_or(0);
+        let low = self
+            .state
+            .catalog
+            .get(sku)
+            .map(|c| c.low_stock_at)
+            .unwrap_or(0);
         if a <= 0 {
             StockStatus::Out
         } else if (a as u64) < low {
@@ -351,7 +359,11 @@ impl Ledger {
 
     /// The stand's policy (strict until the genesis says otherwise).
     pub fn policy(&self) -> Policy {
-        self.state.stand.as_ref().map(|s| s.policy).unwrap_or_default()
+        self.state
+            .stand
+            .as_ref()
+            .map(|s| s.policy)
+            .unwrap_or_default()
     }
 
     /// Whether a replica is retired.
@@ -382,7 +394,10 @@ impl Ledger {
     }
     /// One sale.
     pub fn sale(&self, id: SaleId) -> Option<&SaleEntry> {
-        self.state.sale_index.get(&id).map(|&i| &self.state.sales[i])
+        self.state
+            .sale_index
+            .get(&id)
+            .map(|&i| &self.state.sales[i])
     }
 
     /// The version vector of what this replica holds.
@@ -404,7 +419,9 @@ impl Ledger {
         }
         idx.sort_unstable();
         idx.truncate(max);
-        idx.into_iter().map(|i| self.log[i].signed.clone()).collect()
+        idx.into_iter()
+            .map(|i| self.log[i].signed.clone())
+            .collect()
     }
 
     /// Every change held, in application order (for storage and audit).
@@ -458,13 +475,23 @@ impl Ledger {
         }
     }
 
-    fn try_sell(&mut self, req: SaleRequest, now_ms: u64) -> Result<(SaleId, SignedChange), OpError> {
+    fn try_sell(
+        &mut self,
+        req: SaleRequest,
+        now_ms: u64,
+    ) -> Result<(SaleId, SignedChange), OpError> {
         self.require_role(&[Role::Terminal])?;
         if req.lines.is_empty() {
-            return Err(Refusal::Invalid { why: "a sale needs at least one line".into() }.into());
+            return Err(Refusal::Invalid {
+                why: "a sale needs at least one line".into(),
+            }
+            .into());
         }
         if req.lines.len() > MAX_LINES {
-            return Err(Refusal::Invalid { why: format!("at most {MAX_LINES} lines") }.into());
+            return Err(Refusal::Invalid {
+                why: format!("at most {MAX_LINES} lines"),
+            }
+            .into());
         }
         let mut units: BTreeMap<Sku, u64> = BTreeMap::new();
         for l in &req.lines {
@@ -472,7 +499,10 @@ impl Ledger {
                 return Err(Refusal::UnknownSku { sku: l.sku.clone() }.into());
             }
             if l.qty == 0 || l.qty > MAX_UNITS {
-                return Err(Refusal::Invalid { why: format!("quantity of {} must be 1..{MAX_UNITS}", l.sku) }.into());
+                return Err(Refusal::Invalid {
+                    why: format!("quantity of {} must be 1..{MAX_UNITS}", l.sku),
+                }
+                .into());
             }
             *units.entry(l.sku.clone()).or_insert(0) += l.qty;
         }
@@ -488,17 +518,30 @@ impl Ledger {
                 let cap = self.offline_cap(sku);
                 let have = rights + cap as i64;
                 if have < *want as i64 {
-                    return Err(Refusal::InsufficientRights { sku: sku.clone(), have, want: *want }.into());
+                    return Err(Refusal::InsufficientRights {
+                        sku: sku.clone(),
+                        have,
+                        want: *want,
+                    }
+                    .into());
                 }
                 if rights < *want as i64 {
                     overdraft.insert(sku.clone(), cap);
                 }
             } else if rights < *want as i64 {
-                return Err(Refusal::InsufficientRights { sku: sku.clone(), have: rights, want: *want }.into());
+                return Err(Refusal::InsufficientRights {
+                    sku: sku.clone(),
+                    have: rights,
+                    want: *want,
+                }
+                .into());
             }
         }
         let seq = self.next_seq();
-        let sale_id = SaleId { replica: self.me, seq };
+        let sale_id = SaleId {
+            replica: self.me,
+            seq,
+        };
         let at = self.clock.last(); // replaced by the tick inside commit_local
         let record = SaleRecord {
             id: sale_id,
@@ -529,44 +572,88 @@ impl Ledger {
     }
 
     /// Units arrive at the pool.
-    pub fn restock(&mut self, units: BTreeMap<Sku, u64>, note: &str, now_ms: u64) -> Result<SignedChange, OpError> {
+    pub fn restock(
+        &mut self,
+        units: BTreeMap<Sku, u64>,
+        note: &str,
+        now_ms: u64,
+    ) -> Result<SignedChange, OpError> {
         self.require_role(&[Role::Pool])?;
         self.check_units(&units)?;
         let writes = self.bump(&units, Field::In);
-        self.commit_local_stock(Operation::Restock { units, note: note.to_owned() }, now_ms, writes)
+        self.commit_local_stock(
+            Operation::Restock {
+                units,
+                note: note.to_owned(),
+            },
+            now_ms,
+            writes,
+        )
     }
 
     /// Shrink: units lost here.
-    pub fn adjust(&mut self, units: BTreeMap<Sku, u64>, reason: &str, now_ms: u64) -> Result<SignedChange, OpError> {
+    pub fn adjust(
+        &mut self,
+        units: BTreeMap<Sku, u64>,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<SignedChange, OpError> {
         self.require_role(&[Role::Pool, Role::Terminal])?;
         self.check_units(&units)?;
         if self.role() != Some(Role::Pool) {
             for (sku, n) in &units {
                 let have = self.rights(self.me, sku);
                 if have < *n as i64 {
-                    return Err(Refusal::InsufficientRights { sku: sku.clone(), have, want: *n }.into());
+                    return Err(Refusal::InsufficientRights {
+                        sku: sku.clone(),
+                        have,
+                        want: *n,
+                    }
+                    .into());
                 }
             }
         }
         let writes = self.bump(&units, Field::Out);
-        self.commit_local_stock(Operation::Adjust { units, reason: reason.to_owned() }, now_ms, writes)
+        self.commit_local_stock(
+            Operation::Adjust {
+                units,
+                reason: reason.to_owned(),
+            },
+            now_ms,
+            writes,
+        )
     }
 
     /// Give selling rights to another replica.
-    pub fn give(&mut self, to: ReplicaId, units: BTreeMap<Sku, u64>, now_ms: u64) -> Result<SignedChange, OpError> {
+    pub fn give(
+        &mut self,
+        to: ReplicaId,
+        units: BTreeMap<Sku, u64>,
+        now_ms: u64,
+    ) -> Result<SignedChange, OpError> {
         self.require_role(&[Role::Pool, Role::Terminal])?;
         self.check_units(&units)?;
         match self.state.replicas.get(&to) {
             None => return Err(Refusal::UnknownReplica { replica: to }.into()),
-            Some(i) if i.role == Role::Kitchen || i.retired_at_pool_seq.is_some() || to == self.me => {
-                return Err(Refusal::Invalid { why: format!("cannot give to {to}") }.into());
+            Some(i)
+                if i.role == Role::Kitchen || i.retired_at_pool_seq.is_some() || to == self.me =>
+            {
+                return Err(Refusal::Invalid {
+                    why: format!("cannot give to {to}"),
+                }
+                .into());
             }
             Some(_) => {}
         }
         for (sku, n) in &units {
             let have = self.rights(self.me, sku);
             if have < *n as i64 {
-                return Err(Refusal::InsufficientRights { sku: sku.clone(), have, want: *n }.into());
+                return Err(Refusal::InsufficientRights {
+                    sku: sku.clone(),
+                    have,
+                    want: *n,
+                }
+                .into());
             }
         }
         let writes = self.bump(&units, Field::Give(to));
@@ -574,13 +661,23 @@ impl Ledger {
     }
 
     /// Add or edit catalog entries (pool).
-    pub fn set_catalog(&mut self, items: Vec<CatalogItem>, now_ms: u64) -> Result<SignedChange, OpError> {
+    pub fn set_catalog(
+        &mut self,
+        items: Vec<CatalogItem>,
+        now_ms: u64,
+    ) -> Result<SignedChange, OpError> {
         self.require_role(&[Role::Pool])?;
         if items.is_empty() || items.len() > MAX_LINES * 8 {
-            return Err(Refusal::Invalid { why: "1 to 512 catalog items per change".into() }.into());
+            return Err(Refusal::Invalid {
+                why: "1 to 512 catalog items per change".into(),
+            }
+            .into());
         }
-        let existing: BTreeMap<Sku, ()> = self.state.catalog.keys().map(|k| (k.clone(), ())).collect();
-        let op = Operation::Catalog { items: items.clone() };
+        let existing: BTreeMap<Sku, ()> =
+            self.state.catalog.keys().map(|k| (k.clone(), ())).collect();
+        let op = Operation::Catalog {
+            items: items.clone(),
+        };
         self.commit_local(op, now_ms, move |tx, _| {
             let (_, catalog) = get_obj(tx, &ROOT, CATALOG)?;
             for it in &items {
@@ -598,17 +695,33 @@ impl Ledger {
     }
 
     /// Enrol a replica (pool).
-    pub fn enrol(&mut self, key: PublicKey, name: &str, role: Role, now_ms: u64) -> Result<SignedChange, OpError> {
+    pub fn enrol(
+        &mut self,
+        key: PublicKey,
+        name: &str,
+        role: Role,
+        now_ms: u64,
+    ) -> Result<SignedChange, OpError> {
         self.require_role(&[Role::Pool])?;
         let rid = key.replica_id();
         if role == Role::Pool {
-            return Err(Refusal::Invalid { why: "a stand has one pool".into() }.into());
+            return Err(Refusal::Invalid {
+                why: "a stand has one pool".into(),
+            }
+            .into());
         }
         if self.state.replicas.contains_key(&rid) {
-            return Err(Refusal::Invalid { why: format!("replica {rid} is already enrolled") }.into());
+            return Err(Refusal::Invalid {
+                why: format!("replica {rid} is already enrolled"),
+            }
+            .into());
         }
         let name = name.to_owned();
-        let op = Operation::Enrol { key, name: name.clone(), role };
+        let op = Operation::Enrol {
+            key,
+            name: name.clone(),
+            role,
+        };
         self.commit_local(op, now_ms, move |tx, _| {
             let (_, replicas) = get_obj(tx, &ROOT, REPLICAS)?;
             write_replica_entry(tx, &replicas, rid, &key, &name, role)?;
@@ -621,7 +734,9 @@ impl Ledger {
     /// Retire a replica (pool).
     pub fn retire(&mut self, replica: ReplicaId, now_ms: u64) -> Result<SignedChange, OpError> {
         self.check_retirable(replica)?;
-        self.commit_local(Operation::Retire { replica }, now_ms, move |tx, _| mark_retired(tx, replica))
+        self.commit_local(Operation::Retire { replica }, now_ms, move |tx, _| {
+            mark_retired(tx, replica)
+        })
     }
 
     /// Retire a lost replica and re-mint its last known rights at the pool (pool). If it was in
@@ -656,7 +771,13 @@ impl Ledger {
         let mut seen: HashSet<ChangeHash> = HashSet::new();
         for signed in changes {
             if signed.bytes.len() > MAX_CHANGE_BYTES {
-                self.reject(&mut report, None, Rejection::TooLarge { len: signed.bytes.len() });
+                self.reject(
+                    &mut report,
+                    None,
+                    Rejection::TooLarge {
+                        len: signed.bytes.len(),
+                    },
+                );
                 continue;
             }
             let change = match Change::try_from(&signed.bytes[..]) {
@@ -676,7 +797,11 @@ impl Ledger {
                 report.duplicates += 1;
                 continue;
             }
-            cands.push(Candidate { signed, change, verified: false });
+            cands.push(Candidate {
+                signed,
+                change,
+                verified: false,
+            });
         }
         // Batch-verify the signatures of actors already known.
         self.verify_known(&mut cands, &mut report);
@@ -713,7 +838,10 @@ impl Ledger {
         let mut items = Vec::new();
         let mut which = Vec::new();
         for (i, c) in cands.iter().enumerate() {
-            if let (Some(k), Some(sig)) = (self.key_of_actor(c.change.actor_id()), c.signed.signature_array()) {
+            if let (Some(k), Some(sig)) = (
+                self.key_of_actor(c.change.actor_id()),
+                c.signed.signature_array(),
+            ) {
                 items.push((k, &c.signed.bytes[..], sig));
                 which.push(i);
             }
@@ -728,8 +856,13 @@ impl Ledger {
         let mut kept = Vec::with_capacity(cands.len());
         for (i, c) in std::mem::take(cands).into_iter().enumerate() {
             if bad.contains(&i) {
-                let replica = actor_rid(c.change.actor_id()).unwrap_or(ReplicaId::from_public(&[0; 32]));
-                self.reject(report, Some(c.change.hash()), Rejection::BadSignature { replica });
+                let replica =
+                    actor_rid(c.change.actor_id()).unwrap_or(ReplicaId::from_public(&[0; 32]));
+                self.reject(
+                    report,
+                    Some(c.change.hash()),
+                    Rejection::BadSignature { replica },
+                );
             } else {
                 kept.push(c);
             }
@@ -842,14 +975,21 @@ impl Ledger {
     fn accept_one(&mut self, c: &Candidate, now_ms: u64) -> Result<Option<ReplicaId>, Rejection> {
         let Some(key) = self.key_of_actor(c.change.actor_id()) else {
             if c.change.actor_id().to_bytes().len() != 32 {
-                return Err(Rejection::UnregisteredActor { actor: c.change.actor_id().to_hex_string() });
+                return Err(Rejection::UnregisteredActor {
+                    actor: c.change.actor_id().to_hex_string(),
+                });
             }
             return Ok(None);
         };
         if !c.verified {
-            let ok = c.signed.signature_array().is_some_and(|s| key.verify(&c.signed.bytes, &s));
+            let ok = c
+                .signed
+                .signature_array()
+                .is_some_and(|s| key.verify(&c.signed.bytes, &s));
             if !ok {
-                return Err(Rejection::BadSignature { replica: key.replica_id() });
+                return Err(Rejection::BadSignature {
+                    replica: key.replica_id(),
+                });
             }
         }
         let msg = ChangeMessage::decode(c.change.message())?;
@@ -877,7 +1017,14 @@ impl Ledger {
         m
     }
 
-    fn record(&mut self, signed: SignedChange, change: &Change, actor: ReplicaId, at: Hlc, pool_seq_seen: u64) {
+    fn record(
+        &mut self,
+        signed: SignedChange,
+        change: &Change,
+        actor: ReplicaId,
+        at: Hlc,
+        pool_seq_seen: u64,
+    ) {
         let i = self.log.len();
         let hash = change.hash();
         self.log.push(Entry {
@@ -896,7 +1043,13 @@ impl Ledger {
         let changes: Vec<SignedChange> = self.log.iter().map(|e| e.signed.clone()).collect();
         let pending: Vec<SignedChange> = self.pending.values().map(|c| c.signed.clone()).collect();
         let stats = std::mem::take(&mut self.stats);
-        let (mut fresh, _) = Self::restore(self.key.clone(), self.stand_id.clone(), self.pool_key, changes, now_ms);
+        let (mut fresh, _) = Self::restore(
+            self.key.clone(),
+            self.stand_id.clone(),
+            self.pool_key,
+            changes,
+            now_ms,
+        );
         fresh.apply_remote(pending, now_ms);
         fresh.stats = stats;
         *fresh.stats.rejected.entry("internal_fault").or_insert(0) += 1;
@@ -919,9 +1072,13 @@ impl Ledger {
         let role = if is_pool {
             Role::Pool
         } else {
-            self.state.replicas.get(&actor).map(|i| i.role).ok_or_else(|| {
-                Rejection::UnregisteredActor { actor: actor.to_string() }
-            })?
+            self.state
+                .replicas
+                .get(&actor)
+                .map(|i| i.role)
+                .ok_or_else(|| Rejection::UnregisteredActor {
+                    actor: actor.to_string(),
+                })?
         };
         if let Some(info) = self.state.replicas.get(&actor) {
             if let Some(k) = info.retired_at_pool_seq {
@@ -942,15 +1099,24 @@ impl Ledger {
                     return Err(invalid("only the pool creates the stand, once".into()));
                 }
                 if stand.stand != self.stand_id || *pool != self.pool_key {
-                    return Err(Rejection::WrongStand(format!("genesis of stand {}", stand.stand)));
+                    return Err(Rejection::WrongStand(format!(
+                        "genesis of stand {}",
+                        stand.stand
+                    )));
                 }
             }
             _ if self.state.stand.is_none() => {
-                return Err(Rejection::WrongStand("the stand's genesis has not been applied".into()));
+                return Err(Rejection::WrongStand(
+                    "the stand's genesis has not been applied".into(),
+                ));
             }
             Operation::Catalog { items } => {
                 if !is_pool {
-                    return Err(Rejection::PoolOnly { replica: actor, role, section: "catalog" });
+                    return Err(Rejection::PoolOnly {
+                        replica: actor,
+                        role,
+                        section: "catalog",
+                    });
                 }
                 if items.is_empty() || items.len() > MAX_LINES * 8 {
                     return Err(invalid("1 to 512 items".into()));
@@ -958,15 +1124,27 @@ impl Ledger {
             }
             Operation::Enrol { key, role: r, .. } => {
                 if !is_pool {
-                    return Err(Rejection::PoolOnly { replica: actor, role, section: "replicas" });
+                    return Err(Rejection::PoolOnly {
+                        replica: actor,
+                        role,
+                        section: "replicas",
+                    });
                 }
                 if *r == Role::Pool || self.state.replicas.contains_key(&key.replica_id()) {
-                    return Err(invalid(format!("cannot enrol {} as {:?}", key.replica_id(), r)));
+                    return Err(invalid(format!(
+                        "cannot enrol {} as {:?}",
+                        key.replica_id(),
+                        r
+                    )));
                 }
             }
             Operation::Retire { replica } | Operation::Reclaim { replica, .. } => {
                 if !is_pool {
-                    return Err(Rejection::PoolOnly { replica: actor, role, section: "replicas" });
+                    return Err(Rejection::PoolOnly {
+                        replica: actor,
+                        role,
+                        section: "replicas",
+                    });
                 }
                 match self.state.replicas.get(replica) {
                     Some(i) if i.role != Role::Pool && i.retired_at_pool_seq.is_none() => {}
@@ -974,13 +1152,23 @@ impl Ledger {
                 }
             }
             Operation::Restock { .. } if !is_pool => {
-                return Err(Rejection::PoolOnly { replica: actor, role, section: "restock" });
+                return Err(Rejection::PoolOnly {
+                    replica: actor,
+                    role,
+                    section: "restock",
+                });
             }
             Operation::Sale(rec) => {
                 if role != Role::Terminal {
                     return Err(invalid(format!("a {} does not sell", role.as_str())));
                 }
-                if rec.id != (SaleId { replica: actor, seq: change.seq() }) || rec.at != msg.at {
+                if rec.id
+                    != (SaleId {
+                        replica: actor,
+                        seq: change.seq(),
+                    })
+                    || rec.at != msg.at
+                {
                     return Err(invalid("sale id or time does not match the change".into()));
                 }
                 if rec.lines.is_empty() || rec.lines.len() > MAX_LINES {
@@ -1027,24 +1215,33 @@ impl Ledger {
             let target = match &op.obj {
                 ObjectId::Root => None,
                 ObjectId::Id(id) => {
-                    let creator = self.rid_of_actor(id.actor()).ok_or_else(|| Rejection::NotOwner {
-                        replica: actor,
-                        target: "an unknown object".into(),
-                    })?;
+                    let creator =
+                        self.rid_of_actor(id.actor())
+                            .ok_or_else(|| Rejection::NotOwner {
+                                replica: actor,
+                                target: "an unknown object".into(),
+                            })?;
                     let o = if creator == actor {
                         new_objs.get(&id.counter()).cloned()
                     } else {
                         None
                     };
-                    Some(o.or_else(|| self.state.objects.get(&(id.counter(), creator)).cloned()).ok_or_else(
-                        || Rejection::NotOwner { replica: actor, target: "an unknown object".into() },
-                    )?)
+                    Some(
+                        o.or_else(|| self.state.objects.get(&(id.counter(), creator)).cloned())
+                            .ok_or_else(|| Rejection::NotOwner {
+                                replica: actor,
+                                target: "an unknown object".into(),
+                            })?,
+                    )
                 }
             };
             let where_ = || format!("{}/{}", describe(target.as_ref()), k);
             for p in op.pred.iter() {
                 if *p.actor() != actor_bytes {
-                    return Err(Rejection::ForeignPred { replica: actor, target: where_() });
+                    return Err(Rejection::ForeignPred {
+                        replica: actor,
+                        target: where_(),
+                    });
                 }
             }
             let make_map = matches!(op.action, OpType::Make(ObjType::Map));
@@ -1055,7 +1252,11 @@ impl Ledger {
             };
             let pool_section = |section: &'static str, allowed: bool| -> Result<(), Rejection> {
                 if !is_pool {
-                    return Err(Rejection::PoolOnly { replica: actor, role, section });
+                    return Err(Rejection::PoolOnly {
+                        replica: actor,
+                        role,
+                        section,
+                    });
                 }
                 if !allowed {
                     return Err(invalid(format!("writes {section} section")));
@@ -1085,7 +1286,10 @@ impl Ledger {
                     }
                 }
                 Some(Obj::Catalog) => {
-                    pool_section("catalog", genesis || matches!(msg.op, Operation::Catalog { .. }))?;
+                    pool_section(
+                        "catalog",
+                        genesis || matches!(msg.op, Operation::Catalog { .. }),
+                    )?;
                     let sku = Sku::new(k.to_string()).map_err(|e| invalid(e.to_string()))?;
                     if !make_map || self.state.catalog.contains_key(&sku) {
                         return Err(Rejection::ForbiddenOp(where_()));
@@ -1093,14 +1297,22 @@ impl Ledger {
                     created = Some(Obj::CatalogItem(sku));
                 }
                 Some(Obj::CatalogItem(_)) => {
-                    pool_section("catalog", genesis || matches!(msg.op, Operation::Catalog { .. }))?;
+                    pool_section(
+                        "catalog",
+                        genesis || matches!(msg.op, Operation::Catalog { .. }),
+                    )?;
                     if make_map {
                         return Err(Rejection::ForbiddenOp(where_()));
                     }
                 }
                 Some(Obj::Replicas) => {
-                    pool_section("replicas", genesis || matches!(msg.op, Operation::Enrol { .. }))?;
-                    let rid: ReplicaId = k.parse().map_err(|e: crate::ids::InvalidId| invalid(e.to_string()))?;
+                    pool_section(
+                        "replicas",
+                        genesis || matches!(msg.op, Operation::Enrol { .. }),
+                    )?;
+                    let rid: ReplicaId = k
+                        .parse()
+                        .map_err(|e: crate::ids::InvalidId| invalid(e.to_string()))?;
                     if !make_map || !op.pred.is_empty() || self.state.replicas.contains_key(&rid) {
                         return Err(Rejection::ForbiddenOp(where_()));
                     }
@@ -1122,9 +1334,15 @@ impl Ledger {
                     }
                 }
                 Some(Obj::Stock) => {
-                    pool_section("stock", genesis || matches!(msg.op, Operation::Enrol { .. }))?;
-                    let rid: ReplicaId = k.parse().map_err(|e: crate::ids::InvalidId| invalid(e.to_string()))?;
-                    if !make_map || !op.pred.is_empty() || self.state.stock_maps.contains_key(&rid) {
+                    pool_section(
+                        "stock",
+                        genesis || matches!(msg.op, Operation::Enrol { .. }),
+                    )?;
+                    let rid: ReplicaId = k
+                        .parse()
+                        .map_err(|e: crate::ids::InvalidId| invalid(e.to_string()))?;
+                    if !make_map || !op.pred.is_empty() || self.state.stock_maps.contains_key(&rid)
+                    {
                         return Err(Rejection::ForbiddenOp(where_()));
                     }
                     fx.new_stock_maps.push(rid);
@@ -1132,12 +1350,23 @@ impl Ledger {
                 }
                 Some(Obj::ReplicaStock(owner)) => {
                     if owner != actor {
-                        return Err(Rejection::NotOwner { replica: actor, target: where_() });
+                        return Err(Rejection::NotOwner {
+                            replica: actor,
+                            target: where_(),
+                        });
                     }
                     let sku = Sku::new(k.to_string()).map_err(|e| invalid(e.to_string()))?;
-                    let exists = self.state.cells.get(&(actor, sku.clone())).is_some_and(|c| c.has_map)
+                    let exists = self
+                        .state
+                        .cells
+                        .get(&(actor, sku.clone()))
+                        .is_some_and(|c| c.has_map)
                         || fx.new_sku_maps.contains(&sku);
-                    if !make_map || !op.pred.is_empty() || exists || !self.state.catalog.contains_key(&sku) {
+                    if !make_map
+                        || !op.pred.is_empty()
+                        || exists
+                        || !self.state.catalog.contains_key(&sku)
+                    {
                         return Err(Rejection::ForbiddenOp(where_()));
                     }
                     fx.new_sku_maps.push(sku.clone());
@@ -1145,13 +1374,17 @@ impl Ledger {
                 }
                 Some(Obj::SkuStock(owner, sku)) => {
                     if owner != actor {
-                        return Err(Rejection::NotOwner { replica: actor, target: where_() });
+                        return Err(Rejection::NotOwner {
+                            replica: actor,
+                            target: where_(),
+                        });
                     }
-                    let current = fx
-                        .epochs
-                        .get(&sku)
-                        .and_then(|e| e.0)
-                        .or_else(|| self.state.cells.get(&(actor, sku.clone())).and_then(|c| c.epoch));
+                    let current = fx.epochs.get(&sku).and_then(|e| e.0).or_else(|| {
+                        self.state
+                            .cells
+                            .get(&(actor, sku.clone()))
+                            .and_then(|c| c.epoch)
+                    });
                     let next = current.map_or(0, |e| e + 1);
                     if !make_map || !op.pred.is_empty() || parse_epoch(k) != Some(next) {
                         return Err(Rejection::ForbiddenOp(where_()));
@@ -1162,29 +1395,47 @@ impl Ledger {
                 }
                 Some(Obj::Epoch(owner, sku, e)) => {
                     if owner != actor {
-                        return Err(Rejection::NotOwner { replica: actor, target: where_() });
+                        return Err(Rejection::NotOwner {
+                            replica: actor,
+                            target: where_(),
+                        });
                     }
                     let cell = self.state.cells.get(&(actor, sku.clone()));
                     let (cur_epoch, writes) = match fx.epochs.get(&sku) {
                         Some((Some(ep), w)) => (Some(*ep), *w),
-                        _ => (cell.and_then(|c| c.epoch), cell.map_or(0, |c| c.epoch_writes)),
+                        _ => (
+                            cell.and_then(|c| c.epoch),
+                            cell.map_or(0, |c| c.epoch_writes),
+                        ),
                     };
                     if cur_epoch != Some(e) {
-                        return Err(Rejection::ForbiddenOp(format!("write to an old epoch at {}", where_())));
+                        return Err(Rejection::ForbiddenOp(format!(
+                            "write to an old epoch at {}",
+                            where_()
+                        )));
                     }
-                    let field = Field::parse(k).ok_or_else(|| invalid(format!("unknown counter {k}")))?;
+                    let field =
+                        Field::parse(k).ok_or_else(|| invalid(format!("unknown counter {k}")))?;
                     match field {
-                        Field::Give(to) if to == actor || !self.state.replicas.contains_key(&to) => {
+                        Field::Give(to)
+                            if to == actor || !self.state.replicas.contains_key(&to) =>
+                        {
                             return Err(invalid(format!("give to {to}")));
                         }
                         Field::Reclaim(_) if !is_pool => {
-                            return Err(Rejection::PoolOnly { replica: actor, role, section: "reclaim" });
+                            return Err(Rejection::PoolOnly {
+                                replica: actor,
+                                role,
+                                section: "reclaim",
+                            });
                         }
                         _ => {}
                     }
                     let v = match scalar {
                         Some(ScalarValue::Uint(v)) => *v,
-                        _ => return Err(invalid(format!("counter {k} must be an unsigned integer"))),
+                        _ => {
+                            return Err(invalid(format!("counter {k} must be an unsigned integer")));
+                        }
                     };
                     if v > MAX_UNITS {
                         return Err(invalid(format!("counter {k} above {MAX_UNITS}")));
@@ -1231,7 +1482,9 @@ impl Ledger {
         // The counter moves must be exactly what the message says.
         let expected: BTreeMap<(Sku, Field), u64> = match &msg.op {
             Operation::Sale(rec) => keyed(&rec.units(), Field::Out),
-            Operation::Void { units, .. } | Operation::Restock { units, .. } => keyed(units, Field::In),
+            Operation::Void { units, .. } | Operation::Restock { units, .. } => {
+                keyed(units, Field::In)
+            }
             Operation::Reclaim { replica, units } => keyed(units, Field::Reclaim(*replica)),
             Operation::Adjust { units, .. } => keyed(units, Field::Out),
             Operation::Give { to, units } => keyed(units, Field::Give(*to)),
@@ -1256,17 +1509,40 @@ impl Ledger {
         // Policy floor and no minting, for every non-pool writer. A retired replica's changes
         // that reach us here were made before it learned of its retirement: its rights were
         // reclaimed, so they are accepted as the oversell the reconciler refunds.
-        let retired = self.state.replicas.get(&actor).is_some_and(|i| i.retired_at_pool_seq.is_some());
+        let retired = self
+            .state
+            .replicas
+            .get(&actor)
+            .is_some_and(|i| i.retired_at_pool_seq.is_some());
         if !is_pool && !retired {
             let skus: HashSet<&Sku> = fx.counters.keys().map(|(s, _)| s).collect();
             for sku in skus {
-                let get = |f: Field| fx.counters.get(&(sku.clone(), f)).copied().unwrap_or_else(|| self.state.value(actor, sku, f));
+                let get = |f: Field| {
+                    fx.counters
+                        .get(&(sku.clone(), f))
+                        .copied()
+                        .unwrap_or_else(|| self.state.value(actor, sku, f))
+                };
                 let (i, o) = (get(Field::In), get(Field::Out));
                 if i > o {
-                    return Err(Rejection::Minting { replica: actor, sku: sku.clone(), in_units: i, out_units: o });
+                    return Err(Rejection::Minting {
+                        replica: actor,
+                        sku: sku.clone(),
+                        in_units: i,
+                        out_units: o,
+                    });
                 }
-                let old_gave = self.state.cells.get(&(actor, sku.clone())).map_or(0, |c| c.gave);
-                let taken = self.state.reclaimed.get(&(actor, sku.clone())).copied().unwrap_or(0);
+                let old_gave = self
+                    .state
+                    .cells
+                    .get(&(actor, sku.clone()))
+                    .map_or(0, |c| c.gave);
+                let taken = self
+                    .state
+                    .reclaimed
+                    .get(&(actor, sku.clone()))
+                    .copied()
+                    .unwrap_or(0);
                 let mut gave = old_gave;
                 for ((s, f), v) in &fx.counters {
                     if s == sku {
@@ -1275,13 +1551,20 @@ impl Ledger {
                         }
                     }
                 }
-                let recv = self.state.received.get(&(actor, sku.clone())).copied().unwrap_or(0);
+                let recv = self
+                    .state
+                    .received
+                    .get(&(actor, sku.clone()))
+                    .copied()
+                    .unwrap_or(0);
                 let rights = i as i64 + recv as i64 - gave as i64 - o as i64 - taken as i64;
                 let floor = match &msg.op {
                     Operation::Sale(rec) if self.policy() == Policy::Optimistic => {
                         let od = rec.overdraft.get(sku).copied().unwrap_or(0);
                         if od > self.total_in(sku) {
-                            return Err(invalid(format!("overdraft {od} of {sku} above all stock")));
+                            return Err(invalid(format!(
+                                "overdraft {od} of {sku} above all stock"
+                            )));
                         }
                         -(od as i64)
                     }
@@ -1291,7 +1574,12 @@ impl Ledger {
                 // units to an overdrawn terminal raises its rights and is always allowed.
                 let before = self.state.rights(actor, sku);
                 if rights < floor && rights < before {
-                    return Err(Rejection::BelowFloor { replica: actor, sku: sku.clone(), rights, floor });
+                    return Err(Rejection::BelowFloor {
+                        replica: actor,
+                        sku: sku.clone(),
+                        rights,
+                        floor,
+                    });
                 }
             }
         }
@@ -1306,7 +1594,9 @@ impl Ledger {
             .replicas
             .get(&r)
             .map(|i| i.key.bytes())
-            .ok_or_else(|| Rejection::UnregisteredActor { actor: r.to_string() })
+            .ok_or_else(|| Rejection::UnregisteredActor {
+                actor: r.to_string(),
+            })
     }
 
     fn rid_of_actor(&self, a: &ActorId) -> Option<ReplicaId> {
@@ -1346,7 +1636,12 @@ impl Ledger {
                 st.by_key.insert(*pool.bytes(), pool.replica_id());
                 st.replicas.insert(
                     pool.replica_id(),
-                    ReplicaInfo { name: name.clone(), role: Role::Pool, key: *pool, retired_at_pool_seq: None },
+                    ReplicaInfo {
+                        name: name.clone(),
+                        role: Role::Pool,
+                        key: *pool,
+                        retired_at_pool_seq: None,
+                    },
                 );
             }
             Operation::Catalog { items } => {
@@ -1358,7 +1653,12 @@ impl Ledger {
                 st.by_key.insert(*key.bytes(), key.replica_id());
                 st.replicas.insert(
                     key.replica_id(),
-                    ReplicaInfo { name: name.clone(), role: *role, key: *key, retired_at_pool_seq: None },
+                    ReplicaInfo {
+                        name: name.clone(),
+                        role: *role,
+                        key: *key,
+                        retired_at_pool_seq: None,
+                    },
                 );
             }
             Operation::Retire { replica } | Operation::Reclaim { replica, .. } => {
@@ -1368,7 +1668,10 @@ impl Ledger {
             }
             Operation::Sale(rec) => {
                 st.sale_index.insert(rec.id, st.sales.len());
-                st.sales.push(SaleEntry { record: rec.clone(), voided: false });
+                st.sales.push(SaleEntry {
+                    record: rec.clone(),
+                    voided: false,
+                });
                 let q = st.recent.entry(actor).or_default();
                 q.push_back((rec.at, rec.units().values().sum()));
                 if q.len() > RATE_HISTORY_LEN {
@@ -1391,7 +1694,11 @@ impl Ledger {
         if self.state.stand.is_none() {
             return Err(Refusal::NoStand.into());
         }
-        let info = self.state.replicas.get(&self.me).ok_or(Refusal::NotEnrolled)?;
+        let info = self
+            .state
+            .replicas
+            .get(&self.me)
+            .ok_or(Refusal::NotEnrolled)?;
         if info.retired_at_pool_seq.is_some() {
             return Err(Refusal::Retired.into());
         }
@@ -1403,14 +1710,20 @@ impl Ledger {
 
     fn check_units(&self, units: &BTreeMap<Sku, u64>) -> Result<(), OpError> {
         if units.is_empty() || units.len() > MAX_LINES {
-            return Err(Refusal::Invalid { why: format!("1 to {MAX_LINES} items") }.into());
+            return Err(Refusal::Invalid {
+                why: format!("1 to {MAX_LINES} items"),
+            }
+            .into());
         }
         for (sku, n) in units {
             if !self.state.catalog.contains_key(sku) {
                 return Err(Refusal::UnknownSku { sku: sku.clone() }.into());
             }
             if *n == 0 || *n > MAX_UNITS {
-                return Err(Refusal::Invalid { why: format!("quantity of {sku} must be 1..{MAX_UNITS}") }.into());
+                return Err(Refusal::Invalid {
+                    why: format!("quantity of {sku} must be 1..{MAX_UNITS}"),
+                }
+                .into());
             }
         }
         Ok(())
@@ -1420,10 +1733,14 @@ impl Ledger {
         self.require_role(&[Role::Pool])?;
         match self.state.replicas.get(&replica) {
             None => Err(Refusal::UnknownReplica { replica }.into()),
-            Some(i) if i.role == Role::Pool => Err(Refusal::Invalid { why: "the pool cannot be retired".into() }.into()),
-            Some(i) if i.retired_at_pool_seq.is_some() => {
-                Err(Refusal::Invalid { why: format!("{replica} is already retired") }.into())
+            Some(i) if i.role == Role::Pool => Err(Refusal::Invalid {
+                why: "the pool cannot be retired".into(),
             }
+            .into()),
+            Some(i) if i.retired_at_pool_seq.is_some() => Err(Refusal::Invalid {
+                why: format!("{replica} is already retired"),
+            }
+            .into()),
             Some(_) => Ok(()),
         }
     }
@@ -1451,7 +1768,12 @@ impl Ledger {
 
     /// Write one change with `f`, commit it with the typed message, sign it, and run it through
     /// the same validation as a received change so the state is updated by one code path.
-    fn commit_local<F>(&mut self, mut op: Operation, now_ms: u64, f: F) -> Result<SignedChange, OpError>
+    fn commit_local<F>(
+        &mut self,
+        mut op: Operation,
+        now_ms: u64,
+        f: F,
+    ) -> Result<SignedChange, OpError>
     where
         F: FnOnce(&mut Transaction<'_>, &mut Writer<'_>) -> Result<(), automerge::AutomergeError>,
     {
@@ -1459,16 +1781,28 @@ impl Ledger {
         if let Operation::Sale(rec) = &mut op {
             rec.at = at;
         }
-        let msg = ChangeMessage { v: MESSAGE_VERSION, at, op };
+        let msg = ChangeMessage {
+            v: MESSAGE_VERSION,
+            at,
+            op,
+        };
         let text = msg.encode();
         let mut tx = self.doc.transaction();
-        let mut writer = Writer { me: self.me, state: &self.state, objs: &mut self.own_objs };
+        let mut writer = Writer {
+            me: self.me,
+            state: &self.state,
+            objs: &mut self.own_objs,
+        };
         if let Err(e) = f(&mut tx, &mut writer) {
             tx.rollback();
             self.own_objs.clear();
             return Err(internal(e));
         }
-        tx.commit_with(CommitOptions::default().with_message(text).with_time(at.packed() as i64));
+        tx.commit_with(
+            CommitOptions::default()
+                .with_message(text)
+                .with_time(at.packed() as i64),
+        );
         let change = self
             .doc
             .get_last_local_change()
@@ -1491,9 +1825,16 @@ impl Ledger {
                 let why = format!("own {} change fails validation: {r}", msg.op.kind());
                 self.own_objs.clear();
                 let now = self.clock.last().wall_ms();
-                let mut all: Vec<SignedChange> = self.log.iter().map(|e| e.signed.clone()).collect();
+                let mut all: Vec<SignedChange> =
+                    self.log.iter().map(|e| e.signed.clone()).collect();
                 all.push(signed);
-                let (fresh, _) = Self::restore(self.key.clone(), self.stand_id.clone(), self.pool_key, all, now);
+                let (fresh, _) = Self::restore(
+                    self.key.clone(),
+                    self.stand_id.clone(),
+                    self.pool_key,
+                    all,
+                    now,
+                );
                 *self = fresh;
                 Err(OpError::Internal(why))
             }
@@ -1519,7 +1860,12 @@ impl Writer<'_> {
             by_sku.entry(sku).or_default().push((*f, *v));
         }
         for (sku, fields) in by_sku {
-            let cell = self.state.cells.get(&(self.me, sku.clone())).cloned().unwrap_or_default();
+            let cell = self
+                .state
+                .cells
+                .get(&(self.me, sku.clone()))
+                .cloned()
+                .unwrap_or_default();
             let (sku_map, epoch_map) = match (cell.has_map, cell.epoch) {
                 (true, Some(e)) => match self.objs.get(sku) {
                     Some(o) => o.clone(),
@@ -1567,10 +1913,16 @@ impl Writer<'_> {
     }
 }
 
-fn get_obj<D: ReadDoc>(d: &D, obj: &ObjId, key: &str) -> Result<(ObjType, ObjId), automerge::AutomergeError> {
+fn get_obj<D: ReadDoc>(
+    d: &D,
+    obj: &ObjId,
+    key: &str,
+) -> Result<(ObjType, ObjId), automerge::AutomergeError> {
     match d.get(obj, key)? {
         Some((automerge::Value::Object(t), id)) => Ok((t, id)),
-        _ => Err(automerge::AutomergeError::InvalidObjId(format!("no map at {key}"))),
+        _ => Err(automerge::AutomergeError::InvalidObjId(format!(
+            "no map at {key}"
+        ))),
     }
 }
 
@@ -1590,7 +1942,10 @@ fn write_replica_entry(
     Ok(())
 }
 
-fn mark_retired(tx: &mut Transaction<'_>, replica: ReplicaId) -> Result<(), automerge::AutomergeError> {
+fn mark_retired(
+    tx: &mut Transaction<'_>,
+    replica: ReplicaId,
+) -> Result<(), automerge::AutomergeError> {
     let (_, replicas) = get_obj(tx, &ROOT, REPLICAS)?;
     let (_, e) = get_obj(tx, &replicas, &replica.to_string())?;
     tx.put(&e, "retired", true)
@@ -1648,7 +2003,11 @@ fn allocation_str(a: crate::message::Allocation) -> &'static str {
 impl Cell {
     /// Used by tests that compare state with the document.
     pub fn nonzero(&self) -> BTreeMap<Field, u64> {
-        self.values.iter().filter(|(_, v)| **v > 0).map(|(f, v)| (*f, *v)).collect()
+        self.values
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(f, v)| (*f, *v))
+            .collect()
     }
 }
 
@@ -1659,7 +2018,10 @@ impl Ledger {
         let mut out: BTreeMap<Sku, SkuCounters> = BTreeMap::new();
         for ((r, s), c) in &self.state.cells {
             if c.epoch.is_some() {
-                out.entry(s.clone()).or_default().by_replica.insert(*r, c.nonzero());
+                out.entry(s.clone())
+                    .or_default()
+                    .by_replica
+                    .insert(*r, c.nonzero());
             }
         }
         out

@@ -68,7 +68,9 @@ pub use error::{OpError, Refusal, Rejection};
 pub use hlc::{Clock, Hlc};
 pub use identity::{KeyError, PublicKey, ReplicaKey};
 pub use ids::{EventId, InvalidId, ReplicaId, Role, SaleId, Sku, StandId};
-pub use ledger::{ApplyReport, Ledger, LedgerStats, SaleOutcome, SaleRequest, StockStatus, VersionVector};
+pub use ledger::{
+    ApplyReport, Ledger, LedgerStats, SaleOutcome, SaleRequest, StockStatus, VersionVector,
+};
 pub use message::{
     Allocation, CatalogItem, ChangeMessage, Operation, Payment, PaymentMethod, Policy, SaleLine,
     SaleRecord, StandInfo,

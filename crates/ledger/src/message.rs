@@ -310,8 +310,14 @@ mod tests {
         assert!(s.contains("\"op\":\"sale\""), "{s}");
         assert_eq!(ChangeMessage::decode(Some(&s)), Ok(m));
         assert_eq!(ChangeMessage::decode(None), Err(MessageError::Missing));
-        assert!(matches!(ChangeMessage::decode(Some("{")), Err(MessageError::Malformed(_))));
+        assert!(matches!(
+            ChangeMessage::decode(Some("{")),
+            Err(MessageError::Malformed(_))
+        ));
         let v2 = s.replace("\"v\":1", "\"v\":2");
-        assert_eq!(ChangeMessage::decode(Some(&v2)), Err(MessageError::Version(2)));
+        assert_eq!(
+            ChangeMessage::decode(Some(&v2)),
+            Err(MessageError::Version(2))
+        );
     }
 }

@@ -89,7 +89,11 @@ pub enum WireError {
 impl WireMessage {
     /// Encode as one frame for `stand`.
     pub fn encode(&self, stand: &StandId) -> Vec<u8> {
-        let f = Frame { v: WIRE_VERSION, stand: stand.clone(), msg: self.clone() };
+        let f = Frame {
+            v: WIRE_VERSION,
+            stand: stand.clone(),
+            msg: self.clone(),
+        };
         postcard::to_stdvec(&f).unwrap_or_default()
     }
     /// Decode one frame and check it is for `stand` and within limits.
@@ -97,7 +101,8 @@ impl WireMessage {
         if bytes.len() > MAX_FRAME_BYTES {
             return Err(WireError::TooLarge(bytes.len()));
         }
-        let f: Frame = postcard::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+        let f: Frame =
+            postcard::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
         if f.v != WIRE_VERSION {
             return Err(WireError::Version(f.v));
         }
@@ -187,7 +192,9 @@ impl PeerSync {
                 return;
             }
         }
-        self.enqueue(WireMessage::Changes { changes: vec![change.clone()] });
+        self.enqueue(WireMessage::Changes {
+            changes: vec![change.clone()],
+        });
     }
 
     /// Ask the peer for rights.
@@ -197,7 +204,11 @@ impl PeerSync {
 
     /// Answer a rights request.
     pub fn answer_rights(&mut self, sku: Sku, granted: u64, change: Option<SignedChange>) {
-        self.enqueue(WireMessage::RightsAnswer { sku, granted, change });
+        self.enqueue(WireMessage::RightsAnswer {
+            sku,
+            granted,
+            change,
+        });
     }
 
     fn enqueue(&mut self, m: WireMessage) {
@@ -210,8 +221,11 @@ impl PeerSync {
     }
 
     fn send_vector(&mut self, ledger: &Ledger, now_ms: u64) {
-        self.outbox.retain(|m| !matches!(m, WireMessage::Vector { .. }));
-        self.enqueue(WireMessage::Vector { vector: ledger.version_vector() });
+        self.outbox
+            .retain(|m| !matches!(m, WireMessage::Vector { .. }));
+        self.enqueue(WireMessage::Vector {
+            vector: ledger.version_vector(),
+        });
         self.next_vector_ms = now_ms + self.interval_ms;
     }
 
@@ -236,8 +250,14 @@ impl PeerSync {
                 }
                 events.push(SyncEvent::Applied(report));
             }
-            WireMessage::RightsRequest { sku, want } => events.push(SyncEvent::RightsRequested { sku, want }),
-            WireMessage::RightsAnswer { sku, granted, change } => {
+            WireMessage::RightsRequest { sku, want } => {
+                events.push(SyncEvent::RightsRequested { sku, want })
+            }
+            WireMessage::RightsAnswer {
+                sku,
+                granted,
+                change,
+            } => {
                 if let Some(c) = change {
                     events.push(SyncEvent::Applied(ledger.apply_remote(vec![c], now_ms)));
                 }

@@ -14,13 +14,36 @@ use std::collections::BTreeMap;
 
 #[derive(Debug, Clone)]
 enum Step {
-    Sell { who: usize, sku: usize, qty: u64, online: bool },
-    Give { who: usize, to: usize, sku: usize, qty: u64 },
-    Void { who: usize },
-    Restock { sku: usize, qty: u64 },
-    Adjust { who: usize, sku: usize },
-    Deliver { n: usize, pick: usize },
-    Partition { who: usize },
+    Sell {
+        who: usize,
+        sku: usize,
+        qty: u64,
+        online: bool,
+    },
+    Give {
+        who: usize,
+        to: usize,
+        sku: usize,
+        qty: u64,
+    },
+    Void {
+        who: usize,
+    },
+    Restock {
+        sku: usize,
+        qty: u64,
+    },
+    Adjust {
+        who: usize,
+        sku: usize,
+    },
+    Deliver {
+        n: usize,
+        pick: usize,
+    },
+    Partition {
+        who: usize,
+    },
     Heal,
 }
 
@@ -71,7 +94,15 @@ fn run(policy: Policy, n: usize, steps: Vec<Step>, loss: u8, dup: u8) -> Result<
     run_with(policy, n, 30, 4, steps, loss, dup)
 }
 
-fn run_with(policy: Policy, n: usize, stock: u64, alloc: u64, steps: Vec<Step>, loss: u8, dup: u8) -> Result<(), TestCaseError> {
+fn run_with(
+    policy: Policy,
+    n: usize,
+    stock: u64,
+    alloc: u64,
+    steps: Vec<Step>,
+    loss: u8,
+    dup: u8,
+) -> Result<(), TestCaseError> {
     let st = stand(policy, n, stock, alloc);
     let mut reps: Vec<Ledger> = vec![st.pool];
     reps.extend(st.terminals);
@@ -83,12 +114,19 @@ fn run_with(policy: Policy, n: usize, stock: u64, alloc: u64, steps: Vec<Step>, 
         let msg = ChangeMessage::decode(ch.message()).unwrap();
         let pool = reps[0].me();
         match msg.op {
-            Operation::Restock { units, .. } => units.iter().for_each(|(s, q)| model.add(pool, s, Field::In, *q)),
-            Operation::Give { to, units } => units.iter().for_each(|(s, q)| model.add(pool, s, Field::Give(to), *q)),
+            Operation::Restock { units, .. } => units
+                .iter()
+                .for_each(|(s, q)| model.add(pool, s, Field::In, *q)),
+            Operation::Give { to, units } => units
+                .iter()
+                .for_each(|(s, q)| model.add(pool, s, Field::Give(to), *q)),
             _ => {}
         }
     }
-    let mut net = Net { flight: Vec::new(), cut: vec![false; total] };
+    let mut net = Net {
+        flight: Vec::new(),
+        cut: vec![false; total],
+    };
     let mut now = 2_000u64;
     let mut rng_state = 0x9e3779b97f4a7c15u64 ^ (loss as u64) << 8 ^ dup as u64;
     let mut rnd = move || {
@@ -107,10 +145,17 @@ fn run_with(policy: Policy, n: usize, stock: u64, alloc: u64, steps: Vec<Step>, 
     for s in steps {
         now += 10;
         match s {
-            Step::Sell { who, sku: k, qty, online } => {
+            Step::Sell {
+                who,
+                sku: k,
+                qty,
+                online,
+            } => {
                 let who = 1 + who % (total - 1);
                 let online = online && !net.cut[who];
-                if let SaleOutcome::Committed { change, .. } = reps[who].sell(sale_req(SKUS[k], qty, online), now) {
+                if let SaleOutcome::Committed { change, .. } =
+                    reps[who].sell(sale_req(SKUS[k], qty, online), now)
+                {
                     let me = reps[who].me();
                     model.add(me, &sku(SKUS[k]), Field::Out, qty);
                     let rec = &reps[who].sales().last().unwrap().record;
@@ -118,7 +163,12 @@ fn run_with(policy: Policy, n: usize, stock: u64, alloc: u64, steps: Vec<Step>, 
                     broadcast(&mut net, who, &change);
                 }
             }
-            Step::Give { who, to, sku: k, qty } => {
+            Step::Give {
+                who,
+                to,
+                sku: k,
+                qty,
+            } => {
                 let (who, to) = (who % total, to % total);
                 let to_id = reps[to].me();
                 if let Ok(c) = reps[who].give(to_id, BTreeMap::from([(sku(SKUS[k]), qty)]), now) {
@@ -130,22 +180,32 @@ fn run_with(policy: Policy, n: usize, stock: u64, alloc: u64, steps: Vec<Step>, 
             Step::Void { who } => {
                 let who = 1 + who % (total - 1);
                 let me = reps[who].me();
-                let last = reps[who].sales().iter().rev().find(|e| e.record.id.replica == me && !e.voided).map(|e| e.record.clone());
+                let last = reps[who]
+                    .sales()
+                    .iter()
+                    .rev()
+                    .find(|e| e.record.id.replica == me && !e.voided)
+                    .map(|e| e.record.clone());
                 if let Some(rec) = last {
                     let c = reps[who].void(rec.id, now).unwrap();
-                    rec.units().iter().for_each(|(s, q)| model.add(me, s, Field::In, *q));
+                    rec.units()
+                        .iter()
+                        .for_each(|(s, q)| model.add(me, s, Field::In, *q));
                     broadcast(&mut net, who, &c);
                 }
             }
             Step::Restock { sku: k, qty } => {
-                let c = reps[0].restock(BTreeMap::from([(sku(SKUS[k]), qty)]), "delivery", now).unwrap();
+                let c = reps[0]
+                    .restock(BTreeMap::from([(sku(SKUS[k]), qty)]), "delivery", now)
+                    .unwrap();
                 let me = reps[0].me();
                 model.add(me, &sku(SKUS[k]), Field::In, qty);
                 broadcast(&mut net, 0, &c);
             }
             Step::Adjust { who, sku: k } => {
                 let who = who % total;
-                if let Ok(c) = reps[who].adjust(BTreeMap::from([(sku(SKUS[k]), 1)]), "dropped", now) {
+                if let Ok(c) = reps[who].adjust(BTreeMap::from([(sku(SKUS[k]), 1)]), "dropped", now)
+                {
                     let me = reps[who].me();
                     model.add(me, &sku(SKUS[k]), Field::Out, 1);
                     broadcast(&mut net, who, &c);
@@ -161,12 +221,20 @@ fn run_with(policy: Policy, n: usize, stock: u64, alloc: u64, steps: Vec<Step>, 
                     if net.cut[to] {
                         continue; // partitioned: stays in flight
                     }
-                    let (to, c) = if (rnd() % 100) < dup as u64 { net.flight[idx].clone() } else { net.flight.swap_remove(idx) };
+                    let (to, c) = if (rnd() % 100) < dup as u64 {
+                        net.flight[idx].clone()
+                    } else {
+                        net.flight.swap_remove(idx)
+                    };
                     if (rnd() % 100) < loss as u64 {
                         continue; // lost
                     }
                     let r = reps[to].apply_remote(vec![c], now);
-                    prop_assert!(r.rejected.is_empty(), "valid change rejected: {:?}", r.rejected);
+                    prop_assert!(
+                        r.rejected.is_empty(),
+                        "valid change rejected: {:?}",
+                        r.rejected
+                    );
                 }
             }
             Step::Partition { who } => net.cut[who % total] = !net.cut[who % total],
@@ -180,7 +248,10 @@ fn run_with(policy: Policy, n: usize, stock: u64, alloc: u64, steps: Vec<Step>, 
                     prop_assert!(r.available(&s) >= 0, "available below zero under strict");
                     for other in &reps {
                         if other.me() != reps[0].me() {
-                            prop_assert!(r.rights(other.me(), &s) >= 0, "negative rights under strict");
+                            prop_assert!(
+                                r.rights(other.me(), &s) >= 0,
+                                "negative rights under strict"
+                            );
                         }
                     }
                 }
@@ -217,12 +288,25 @@ fn run_with(policy: Policy, n: usize, stock: u64, alloc: u64, steps: Vec<Step>, 
         let mut h0 = heads.clone();
         h0.sort();
         prop_assert_eq!(h, h0, "heads differ");
-        prop_assert_eq!(&r.counters_from_state(), &counters, "state differs between replicas");
-        prop_assert_eq!(&r.counters_at(&r.heads()), &counters, "state differs from the document");
+        prop_assert_eq!(
+            &r.counters_from_state(),
+            &counters,
+            "state differs between replicas"
+        );
+        prop_assert_eq!(
+            &r.counters_at(&r.heads()),
+            &counters,
+            "state differs from the document"
+        );
     }
     // Against the reference model.
     for ((rid, s, f), n) in &model.counters {
-        let got = counters.get(s).and_then(|c| c.by_replica.get(rid)).and_then(|m| m.get(f)).copied().unwrap_or(0);
+        let got = counters
+            .get(s)
+            .and_then(|c| c.by_replica.get(rid))
+            .and_then(|m| m.get(f))
+            .copied()
+            .unwrap_or(0);
         prop_assert_eq!(got, *n, "counter {:?} {} {:?}", rid, s, f);
     }
     for s in SKUS {
@@ -232,7 +316,12 @@ fn run_with(policy: Policy, n: usize, stock: u64, alloc: u64, steps: Vec<Step>, 
             Policy::Strict => prop_assert!(reps[0].available(&s) >= 0),
             Policy::Optimistic => {
                 let oversell = (-reps[0].available(&s)).max(0) as u64;
-                prop_assert!(oversell <= model.overdraft, "oversell {} above overdrafts {}", oversell, model.overdraft);
+                prop_assert!(
+                    oversell <= model.overdraft,
+                    "oversell {} above overdrafts {}",
+                    oversell,
+                    model.overdraft
+                );
             }
         }
     }
@@ -258,7 +347,18 @@ fn replicas_converge_through_many_epoch_rollovers() {
     // ~400 one-unit sales per terminal on one sku: each terminal's epoch map rolls over
     // several times, and receivers must follow every rollover.
     let steps = (0..2400)
-        .map(|i| if i % 3 == 2 { Step::Deliver { n: 7, pick: i } } else { Step::Sell { who: i, sku: 0, qty: 1, online: true } })
+        .map(|i| {
+            if i % 3 == 2 {
+                Step::Deliver { n: 7, pick: i }
+            } else {
+                Step::Sell {
+                    who: i,
+                    sku: 0,
+                    qty: 1,
+                    online: true,
+                }
+            }
+        })
         .collect();
     run_with(Policy::Strict, 4, 2_000, 450, steps, 5, 5).unwrap();
 }

@@ -48,10 +48,15 @@ proptest! {
 #[test]
 fn wire_frames_round_trip_and_check_the_stand() {
     let st = stand(Policy::Strict, 1, 10, 2);
-    let m = WireMessage::Vector { vector: st.pool.version_vector() };
+    let m = WireMessage::Vector {
+        vector: st.pool.version_vector(),
+    };
     let f = m.encode(st.pool.stand_id());
     assert_eq!(WireMessage::decode(&f, st.pool.stand_id()).unwrap(), m);
-    assert!(matches!(WireMessage::decode(&f, &StandId::new("south").unwrap()), Err(WireError::WrongStand(_))));
+    assert!(matches!(
+        WireMessage::decode(&f, &StandId::new("south").unwrap()),
+        Err(WireError::WrongStand(_))
+    ));
     assert!(WireMessage::decode(&[], st.pool.stand_id()).is_err());
 }
 
@@ -63,12 +68,17 @@ fn stock_at_a_past_time_matches_a_replay_of_the_history() {
     for i in 0..30u64 {
         let t = 10_000 + i * 1_000;
         let who = (i % 2) as usize;
-        if let SaleOutcome::Committed { change, .. } = st.terminals[who].sell(sale_req(SKUS[(i % 3) as usize], 1, true), t) {
+        if let SaleOutcome::Committed { change, .. } =
+            st.terminals[who].sell(sale_req(SKUS[(i % 3) as usize], 1, true), t)
+        {
             st.pool.apply_remote(vec![change.clone()], t);
             all.push(change);
         }
         if i == 12 {
-            let c = st.pool.restock(BTreeMap::from([(sku("soda"), 7)]), "", t).unwrap();
+            let c = st
+                .pool
+                .restock(BTreeMap::from([(sku("soda"), 7)]), "", t)
+                .unwrap();
             all.push(c);
         }
         times.push(t);
@@ -85,10 +95,20 @@ fn stock_at_a_past_time_matches_a_replay_of_the_history() {
             })
             .cloned()
             .collect();
-        let (replay, rep) = Ledger::restore(key(50), StandId::new("north").unwrap(), key(1).public(), prefix, t);
+        let (replay, rep) = Ledger::restore(
+            key(50),
+            StandId::new("north").unwrap(),
+            key(1).public(),
+            prefix,
+            t,
+        );
         assert!(rep.rejected.is_empty() && rep.pending == 0);
         for s in SKUS {
-            assert_eq!(from_doc.get(&sku(s)).copied().unwrap_or(0), replay.available(&sku(s)), "{s} at {t}");
+            assert_eq!(
+                from_doc.get(&sku(s)).copied().unwrap_or(0),
+                replay.available(&sku(s)),
+                "{s} at {t}"
+            );
         }
     }
     // And the present equals the live state.
@@ -102,15 +122,28 @@ fn stock_at_a_past_time_matches_a_replay_of_the_history() {
 fn restore_rebuilds_the_same_state_and_never_reuses_a_sequence() {
     let mut st = stand(Policy::Strict, 1, 50, 20);
     for i in 0..5 {
-        let SaleOutcome::Committed { .. } = st.terminals[0].sell(sale_req("hotdog", 1, true), 3_000 + i) else { panic!() };
+        let SaleOutcome::Committed { .. } =
+            st.terminals[0].sell(sale_req("hotdog", 1, true), 3_000 + i)
+        else {
+            panic!()
+        };
     }
     let t = &st.terminals[0];
     let stored: Vec<SignedChange> = t.all_changes().cloned().collect();
-    let (mut back, rep) = Ledger::restore(key(10), StandId::new("north").unwrap(), key(1).public(), stored, 9_000);
+    let (mut back, rep) = Ledger::restore(
+        key(10),
+        StandId::new("north").unwrap(),
+        key(1).public(),
+        stored,
+        9_000,
+    );
     assert!(rep.rejected.is_empty());
     assert_eq!(back.counters_from_state(), t.counters_from_state());
     assert_eq!(back.local_seq(), t.local_seq());
-    let SaleOutcome::Committed { sale_id, change } = back.sell(sale_req("hotdog", 1, true), 9_001) else { panic!() };
+    let SaleOutcome::Committed { sale_id, change } = back.sell(sale_req("hotdog", 1, true), 9_001)
+    else {
+        panic!()
+    };
     assert_eq!(sale_id.seq, t.local_seq() + 1);
     // The pool accepts the restored replica's next change.
     let all: Vec<SignedChange> = back.all_changes().cloned().collect();
@@ -128,7 +161,9 @@ fn peer_sync_repairs_a_lossy_link() {
     let mut now = 0;
     for i in 0..40u64 {
         now += 10;
-        let SaleOutcome::Committed { change, .. } = a.sell(sale_req("fries", 1, false), now) else { panic!() };
+        let SaleOutcome::Committed { change, .. } = a.sell(sale_req("fries", 1, false), now) else {
+            panic!()
+        };
         sa.push(a.me(), a.local_seq(), &change);
         // Drop every second message from a to b; everything from b arrives.
         let mut k = 0;
@@ -142,7 +177,10 @@ fn peer_sync_repairs_a_lossy_link() {
             sa.handle(&mut a, m, now);
         }
     }
-    assert!(b.version_vector() != a.version_vector(), "the loss must have left a gap");
+    assert!(
+        b.version_vector() != a.version_vector(),
+        "the loss must have left a gap"
+    );
     for _ in 0..5 {
         now += 100;
         sa.handle_timeout(&a, now);
@@ -164,15 +202,27 @@ fn peer_sync_repairs_a_lossy_link() {
 fn rights_request_moves_rights_between_terminals() {
     let mut st = stand(Policy::Strict, 2, 100, 10);
     let (mut a, mut b) = (st.terminals.remove(0), st.terminals.remove(0));
-    let (units, give) = b.answer_rights_request(a.me(), &sku("soda"), 8, 1_500).unwrap().unwrap();
+    let (units, give) = b
+        .answer_rights_request(a.me(), &sku("soda"), 8, 1_500)
+        .unwrap()
+        .unwrap();
     assert_eq!(units, 5, "a terminal gives at most half of its rights");
     a.apply_remote(vec![give], 1_501);
     assert_eq!(a.rights(a.me(), &sku("soda")), 15);
     assert_eq!(a.rights(b.me(), &sku("soda")), 5);
-    assert!(matches!(a.sell(sale_req("soda", 15, false), 1_600), SaleOutcome::Committed { .. }));
+    assert!(matches!(
+        a.sell(sale_req("soda", 15, false), 1_600),
+        SaleOutcome::Committed { .. }
+    ));
     assert!(matches!(
         a.sell(sale_req("soda", 1, false), 1_601),
-        SaleOutcome::Refused { reason: Refusal::InsufficientRights { have: 0, want: 1, .. } }
+        SaleOutcome::Refused {
+            reason: Refusal::InsufficientRights {
+                have: 0,
+                want: 1,
+                ..
+            }
+        }
     ));
 }
 
@@ -183,22 +233,32 @@ fn optimistic_offline_sells_within_the_cap_and_locks_low_stock() {
     // available 100, 2 terminals: cap 50 on top of rights 10.
     assert_eq!(t.sellable_now(&sku("hotdog"), false), 60);
     assert_eq!(t.sellable_now(&sku("hotdog"), true), 10);
-    let SaleOutcome::Committed { .. } = t.sell(sale_req("hotdog", 30, false), 2_000) else { panic!() };
+    let SaleOutcome::Committed { .. } = t.sell(sale_req("hotdog", 30, false), 2_000) else {
+        panic!()
+    };
     let rec = t.sales().last().unwrap().record.clone();
     assert_eq!(rec.overdraft.get(&sku("hotdog")), Some(&50));
     assert!(rec.offline);
     // Online it is strict again.
-    assert!(matches!(t.sell(sale_req("hotdog", 1, true), 2_001), SaleOutcome::Refused { .. }));
+    assert!(matches!(
+        t.sell(sale_req("hotdog", 1, true), 2_001),
+        SaleOutcome::Refused { .. }
+    ));
     // The cap follows the last known available: 70 left, 35 each, rights -20.
     assert_eq!(t.sellable_now(&sku("hotdog"), false), 15);
     // Shrink at the pool drives the item below LOW_STOCK (10): offline sales of it stop.
-    let shrink = st.pool.adjust(BTreeMap::from([(sku("hotdog"), 65)]), "spoiled", 2_002).unwrap();
+    let shrink = st
+        .pool
+        .adjust(BTreeMap::from([(sku("hotdog"), 65)]), "spoiled", 2_002)
+        .unwrap();
     let t = &mut st.terminals[0];
     t.apply_remote(vec![shrink], 2_003);
     assert_eq!(t.status(&sku("hotdog")), StockStatus::Low);
     assert_eq!(
         t.sell(sale_req("hotdog", 1, false), 2_004),
-        SaleOutcome::Refused { reason: Refusal::LockedLowStock { sku: sku("hotdog") } }
+        SaleOutcome::Refused {
+            reason: Refusal::LockedLowStock { sku: sku("hotdog") }
+        }
     );
     let all: Vec<SignedChange> = t.all_changes().cloned().collect();
     assert!(st.pool.apply_remote(all, 2_005).rejected.is_empty());
@@ -209,24 +269,56 @@ fn reclaim_remints_rights_and_late_sales_show_as_oversell() {
     let mut st = stand(Policy::Strict, 2, 20, 10);
     let dead = st.terminals[1].me();
     // The "dead" terminal sells offline before the reclaim reaches it.
-    let SaleOutcome::Committed { change: late, .. } = st.terminals[1].sell(sale_req("hotdog", 10, false), 2_000) else { panic!() };
+    let SaleOutcome::Committed { change: late, .. } =
+        st.terminals[1].sell(sale_req("hotdog", 10, false), 2_000)
+    else {
+        panic!()
+    };
     let rc = st.pool.reclaim(dead, 2_100).unwrap();
     assert!(st.pool.is_retired(dead));
-    assert_eq!(st.pool.rights(st.pool.me(), &sku("hotdog")), 10, "took its 10 back to the pool");
+    assert_eq!(
+        st.pool.rights(st.pool.me(), &sku("hotdog")),
+        10,
+        "took its 10 back to the pool"
+    );
     assert_eq!(st.pool.rights(dead, &sku("hotdog")), 0);
-    assert_eq!(st.pool.available(&sku("hotdog")), 20, "reclaim moves rights, not stock");
+    assert_eq!(
+        st.pool.available(&sku("hotdog")),
+        20,
+        "reclaim moves rights, not stock"
+    );
     // The pool sells on the reclaimed rights (through another terminal)...
-    let give = st.pool.give(st.terminals[0].me(), BTreeMap::from([(sku("hotdog"), 10)]), 2_150).unwrap();
+    let give = st
+        .pool
+        .give(
+            st.terminals[0].me(),
+            BTreeMap::from([(sku("hotdog"), 10)]),
+            2_150,
+        )
+        .unwrap();
     st.terminals[0].apply_remote(vec![rc.clone(), give], 2_150);
-    let SaleOutcome::Committed { change: sold, .. } = st.terminals[0].sell(sale_req("hotdog", 20, true), 2_160) else { panic!() };
+    let SaleOutcome::Committed { change: sold, .. } =
+        st.terminals[0].sell(sale_req("hotdog", 20, true), 2_160)
+    else {
+        panic!()
+    };
     st.pool.apply_remote(vec![sold], 2_170);
     assert_eq!(st.pool.available(&sku("hotdog")), 0);
     // ...and the dead terminal's sale, made before it learned of the retirement, is still
     // accepted (real money was taken): it shows as oversell for the reconciler.
     let r = st.pool.apply_remote(vec![late], 2_200);
     assert!(r.rejected.is_empty(), "{:?}", r.rejected);
-    assert_eq!(st.pool.available(&sku("hotdog")), -10, "20 in stock, 30 sold");
+    assert_eq!(
+        st.pool.available(&sku("hotdog")),
+        -10,
+        "20 in stock, 30 sold"
+    );
     // Once it knows it is retired it cannot sell.
     st.terminals[1].apply_remote(vec![rc], 2_300);
-    assert_eq!(st.terminals[1].sell(sale_req("hotdog", 1, false), 2_400), SaleOutcome::Refused { reason: Refusal::Retired });
+    assert_eq!(
+        st.terminals[1].sell(sale_req("hotdog", 1, false), 2_400),
+        SaleOutcome::Refused {
+            reason: Refusal::Retired
+        }
+    );
 }

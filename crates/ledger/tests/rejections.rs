@@ -23,9 +23,16 @@ fn forge(
     let msg = ChangeMessage { v: 1, at: hlc, op };
     let mut tx = doc.transaction();
     f(&mut tx);
-    tx.commit_with(CommitOptions::default().with_message(msg.encode()).with_time(hlc.packed() as i64));
+    tx.commit_with(
+        CommitOptions::default()
+            .with_message(msg.encode())
+            .with_time(hlc.packed() as i64),
+    );
     let c = doc.get_last_local_change().unwrap();
-    SignedChange { bytes: c.raw_bytes().to_vec(), signature: author.sign(c.raw_bytes()).to_vec() }
+    SignedChange {
+        bytes: c.raw_bytes().to_vec(),
+        signature: author.sign(c.raw_bytes()).to_vec(),
+    }
 }
 
 fn obj(doc: &impl ReadDoc, path: &[&str]) -> automerge::ObjId {
@@ -53,10 +60,20 @@ fn assert_rejected(st: &mut Stand, c: SignedChange, rule: &str) {
 
 fn sale_op(t: &Ledger, qty: u64) -> Operation {
     Operation::Sale(SaleRecord {
-        id: SaleId { replica: t.me(), seq: t.local_seq() + 1 },
+        id: SaleId {
+            replica: t.me(),
+            seq: t.local_seq() + 1,
+        },
         at: Hlc::at_wall(4_000),
-        lines: vec![SaleLine { sku: sku("hotdog"), qty, unit_price_cents: 300 }],
-        payment: Payment { method: PaymentMethod::Cash, reference: String::new() },
+        lines: vec![SaleLine {
+            sku: sku("hotdog"),
+            qty,
+            unit_price_cents: 300,
+        }],
+        payment: Payment {
+            method: PaymentMethod::Cash,
+            reference: String::new(),
+        },
         offline: false,
         overdraft: BTreeMap::new(),
     })
@@ -68,7 +85,9 @@ fn a_valid_forged_sale_is_accepted() {
     let mut st = stand(Policy::Strict, 2, 100, 10);
     let t = &mut st.terminals[0];
     // First a real sale creates the terminal's maps.
-    let SaleOutcome::Committed { change, .. } = t.sell(sale_req("hotdog", 1, true), 3_000) else { panic!() };
+    let SaleOutcome::Committed { change, .. } = t.sell(sale_req("hotdog", 1, true), 3_000) else {
+        panic!()
+    };
     assert_eq!(st.pool.apply_remote(vec![change], 3_000).accepted.len(), 1);
     let t = &st.terminals[0];
     let me = t.me().to_string();
@@ -83,7 +102,9 @@ fn a_valid_forged_sale_is_accepted() {
 
 fn stand_with_sale() -> Stand {
     let mut st = stand(Policy::Strict, 2, 100, 10);
-    let SaleOutcome::Committed { change, .. } = st.terminals[0].sell(sale_req("hotdog", 1, true), 3_000) else {
+    let SaleOutcome::Committed { change, .. } =
+        st.terminals[0].sell(sale_req("hotdog", 1, true), 3_000)
+    else {
         panic!()
     };
     assert_eq!(st.pool.apply_remote(vec![change], 3_000).accepted.len(), 1);
@@ -107,14 +128,27 @@ fn forged_signature_is_rejected() {
 fn unregistered_actor_waits_then_is_never_applied() {
     let mut st = stand_with_sale();
     let stranger = key(99);
-    let c = forge(&st.pool, &stranger, Operation::Restock { units: BTreeMap::new(), note: String::new() }, 4_000, |tx| {
-        let s = obj(tx, &["stock"]);
-        tx.put_object(&s, stranger.replica_id().to_string(), ObjType::Map).unwrap();
-    });
+    let c = forge(
+        &st.pool,
+        &stranger,
+        Operation::Restock {
+            units: BTreeMap::new(),
+            note: String::new(),
+        },
+        4_000,
+        |tx| {
+            let s = obj(tx, &["stock"]);
+            tx.put_object(&s, stranger.replica_id().to_string(), ObjType::Map)
+                .unwrap();
+        },
+    );
     let heads = st.pool.heads();
     let r = st.pool.apply_remote(vec![c], 5_000);
     assert!(r.accepted.is_empty());
-    assert_eq!(r.pending, 1, "an unknown actor's change waits for its enrolment");
+    assert_eq!(
+        r.pending, 1,
+        "an unknown actor's change waits for its enrolment"
+    );
     assert_eq!(st.pool.heads(), heads);
 }
 
@@ -124,17 +158,35 @@ fn write_to_another_replicas_key_is_rejected() {
     let victim = st.terminals[0].me().to_string();
     let t = &st.terminals[1];
     // Terminal 1 raises terminal 0's `out` (would strand its stock).
-    let c = forge(&st.terminals[0], &key(11), Operation::Adjust { units: BTreeMap::new(), reason: "x".into() }, 4_000, |tx| {
-        let e = obj(tx, &["stock", &victim, "hotdog", "00000000"]);
-        tx.put(&e, "out", 9u64).unwrap();
-    });
+    let c = forge(
+        &st.terminals[0],
+        &key(11),
+        Operation::Adjust {
+            units: BTreeMap::new(),
+            reason: "x".into(),
+        },
+        4_000,
+        |tx| {
+            let e = obj(tx, &["stock", &victim, "hotdog", "00000000"]);
+            tx.put(&e, "out", 9u64).unwrap();
+        },
+    );
     let _ = t;
     assert_rejected(&mut st, c, "foreign_pred");
     // Without a pred (a fresh key in the victim's map) it is a plain ownership violation.
-    let c = forge(&st.terminals[0], &key(11), Operation::Adjust { units: BTreeMap::new(), reason: "x".into() }, 4_000, |tx| {
-        let e = obj(tx, &["stock", &victim, "hotdog", "00000000"]);
-        tx.put(&e, "in", 9u64).unwrap();
-    });
+    let c = forge(
+        &st.terminals[0],
+        &key(11),
+        Operation::Adjust {
+            units: BTreeMap::new(),
+            reason: "x".into(),
+        },
+        4_000,
+        |tx| {
+            let e = obj(tx, &["stock", &victim, "hotdog", "00000000"]);
+            tx.put(&e, "in", 9u64).unwrap();
+        },
+    );
     assert_rejected(&mut st, c, "not_owner");
 }
 
@@ -156,10 +208,19 @@ fn shrinking_value_is_rejected() {
     let mut st = stand_with_sale();
     let t = &st.terminals[0];
     let me = t.me().to_string();
-    let c = forge(t, &key(10), Operation::Adjust { units: BTreeMap::new(), reason: "x".into() }, 4_000, |tx| {
-        let e = obj(tx, &["stock", &me, "hotdog", "00000000"]);
-        tx.put(&e, "out", 0u64).unwrap();
-    });
+    let c = forge(
+        t,
+        &key(10),
+        Operation::Adjust {
+            units: BTreeMap::new(),
+            reason: "x".into(),
+        },
+        4_000,
+        |tx| {
+            let e = obj(tx, &["stock", &me, "hotdog", "00000000"]);
+            tx.put(&e, "out", 0u64).unwrap();
+        },
+    );
     assert_rejected(&mut st, c, "shrinking");
 }
 
@@ -170,23 +231,49 @@ fn minting_by_void_is_rejected() {
     let me = t.me().to_string();
     let sale = t.sales()[0].record.id;
     // Void the 1-unit sale but raise `in` by 5.
-    let c = forge(t, &key(10), Operation::Void { sale, units: BTreeMap::from([(sku("hotdog"), 5)]) }, 4_000, |tx| {
-        let e = obj(tx, &["stock", &me, "hotdog", "00000000"]);
-        tx.put(&e, "in", 5u64).unwrap();
-    });
+    let c = forge(
+        t,
+        &key(10),
+        Operation::Void {
+            sale,
+            units: BTreeMap::from([(sku("hotdog"), 5)]),
+        },
+        4_000,
+        |tx| {
+            let e = obj(tx, &["stock", &me, "hotdog", "00000000"]);
+            tx.put(&e, "in", 5u64).unwrap();
+        },
+    );
     let rej = st.pool.apply_remote(vec![c.clone()], 5_000).rejected;
     assert_eq!(rej.len(), 1);
-    assert!(matches!(rej[0].rule(), "invalid_operation" | "minting"), "{:?}", rej[0]);
+    assert!(
+        matches!(rej[0].rule(), "invalid_operation" | "minting"),
+        "{:?}",
+        rej[0]
+    );
     // With a message that matches the ops, the rule that catches it is `in` above `out`.
     let t = &st.terminals[0];
-    let c = forge(t, &key(10), Operation::Void { sale, units: BTreeMap::from([(sku("hotdog"), 1)]) }, 4_000, |tx| {
-        let e = obj(tx, &["stock", &me, "hotdog", "00000000"]);
-        tx.put(&e, "in", 1u64).unwrap();
-        tx.put(&e, "in", 2u64).unwrap();
-    });
+    let c = forge(
+        t,
+        &key(10),
+        Operation::Void {
+            sale,
+            units: BTreeMap::from([(sku("hotdog"), 1)]),
+        },
+        4_000,
+        |tx| {
+            let e = obj(tx, &["stock", &me, "hotdog", "00000000"]);
+            tx.put(&e, "in", 1u64).unwrap();
+            tx.put(&e, "in", 2u64).unwrap();
+        },
+    );
     let r = st.pool.apply_remote(vec![c], 5_000);
     assert_eq!(r.rejected.len(), 1, "{r:?}");
-    assert!(matches!(r.rejected[0].rule(), "message_mismatch" | "minting"), "{:?}", r.rejected[0]);
+    assert!(
+        matches!(r.rejected[0].rule(), "message_mismatch" | "minting"),
+        "{:?}",
+        r.rejected[0]
+    );
 }
 
 #[test]
@@ -206,17 +293,32 @@ fn sale_message_that_lies_about_its_ops_is_rejected() {
 fn pool_only_write_by_a_terminal_is_rejected() {
     let mut st = stand_with_sale();
     let t = &st.terminals[0];
-    let c = forge(t, &key(10), Operation::Catalog { items: vec![] }, 4_000, |tx| {
-        let e = obj(tx, &["catalog", "hotdog"]);
-        tx.put(&e, "price_cents", 1u64).unwrap();
-    });
+    let c = forge(
+        t,
+        &key(10),
+        Operation::Catalog { items: vec![] },
+        4_000,
+        |tx| {
+            let e = obj(tx, &["catalog", "hotdog"]);
+            tx.put(&e, "price_cents", 1u64).unwrap();
+        },
+    );
     assert_rejected(&mut st, c, "pool_only");
     let t = &st.terminals[0];
     let me = t.me().to_string();
-    let c = forge(t, &key(10), Operation::Restock { units: BTreeMap::from([(sku("hotdog"), 50)]), note: String::new() }, 4_000, |tx| {
-        let e = obj(tx, &["stock", &me, "hotdog", "00000000"]);
-        tx.put(&e, "in", 50u64).unwrap();
-    });
+    let c = forge(
+        t,
+        &key(10),
+        Operation::Restock {
+            units: BTreeMap::from([(sku("hotdog"), 50)]),
+            note: String::new(),
+        },
+        4_000,
+        |tx| {
+            let e = obj(tx, &["stock", &me, "hotdog", "00000000"]);
+            tx.put(&e, "in", 50u64).unwrap();
+        },
+    );
     assert_rejected(&mut st, c, "pool_only");
 }
 
@@ -235,9 +337,15 @@ fn selling_beyond_rights_is_rejected_under_strict() {
 #[test]
 fn malformed_bytes_are_rejected() {
     let mut st = stand_with_sale();
-    let c = SignedChange { bytes: vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3], signature: vec![0; 64] };
+    let c = SignedChange {
+        bytes: vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3],
+        signature: vec![0; 64],
+    };
     assert_rejected(&mut st, c, "malformed");
-    let c = SignedChange { bytes: vec![], signature: vec![] };
+    let c = SignedChange {
+        bytes: vec![],
+        signature: vec![],
+    };
     assert_rejected(&mut st, c, "malformed");
 }
 
@@ -253,17 +361,34 @@ fn dependants_of_a_rejected_change_are_rejected() {
     // A second change built on top of the bad one.
     let mut doc = st.terminals[0].doc().fork();
     doc.set_actor(key(10).public().actor());
-    doc.apply_changes(vec![automerge::Change::try_from(&bad.bytes[..]).unwrap()]).unwrap();
+    doc.apply_changes(vec![automerge::Change::try_from(&bad.bytes[..]).unwrap()])
+        .unwrap();
     let hlc = Hlc::at_wall(4_500);
-    let msg = ChangeMessage { v: 1, at: hlc, op: Operation::Adjust { units: BTreeMap::new(), reason: "x".into() } };
+    let msg = ChangeMessage {
+        v: 1,
+        at: hlc,
+        op: Operation::Adjust {
+            units: BTreeMap::new(),
+            reason: "x".into(),
+        },
+    };
     let mut tx = doc.transaction();
     let e = obj(&tx, &["stock", &me, "hotdog", "00000000"]);
     tx.put(&e, "out", 8u64).unwrap();
-    tx.commit_with(CommitOptions::default().with_message(msg.encode()).with_time(hlc.packed() as i64));
+    tx.commit_with(
+        CommitOptions::default()
+            .with_message(msg.encode())
+            .with_time(hlc.packed() as i64),
+    );
     let c = doc.get_last_local_change().unwrap();
-    let next = SignedChange { bytes: c.raw_bytes().to_vec(), signature: key(10).sign(c.raw_bytes()).to_vec() };
+    let next = SignedChange {
+        bytes: c.raw_bytes().to_vec(),
+        signature: key(10).sign(c.raw_bytes()).to_vec(),
+    };
     let heads = st.pool.heads();
-    let r = st.pool.apply_remote(vec![next.clone(), bad.clone(), bad], 5_000);
+    let r = st
+        .pool
+        .apply_remote(vec![next.clone(), bad.clone(), bad], 5_000);
     let rules: Vec<&str> = r.rejected.iter().map(|x| x.rule()).collect();
     assert_eq!(rules, vec!["message_mismatch", "depends_on_rejected"]);
     assert_eq!(r.duplicates, 1);

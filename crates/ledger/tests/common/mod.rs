@@ -39,35 +39,66 @@ pub fn stand(policy: Policy, n: usize, stock: u64, alloc: u64) -> Stand {
     let mut setup = vec![g];
     let items = SKUS
         .iter()
-        .map(|s| CatalogItem { sku: sku(s), name: s.to_string(), price_cents: 300, low_stock_at: stock / 10 })
+        .map(|s| CatalogItem {
+            sku: sku(s),
+            name: s.to_string(),
+            price_cents: 300,
+            low_stock_at: stock / 10,
+        })
         .collect();
     setup.push(pool.set_catalog(items, t0).unwrap());
     for i in 0..n {
-        setup.push(pool.enrol(key(10 + i as u8).public(), &format!("till {i}"), Role::Terminal, t0).unwrap());
+        setup.push(
+            pool.enrol(
+                key(10 + i as u8).public(),
+                &format!("till {i}"),
+                Role::Terminal,
+                t0,
+            )
+            .unwrap(),
+        );
     }
     let units: BTreeMap<Sku, u64> = SKUS.iter().map(|s| (sku(s), stock)).collect();
     setup.push(pool.restock(units, "opening", t0).unwrap());
     if alloc > 0 {
         for i in 0..n {
             let units: BTreeMap<Sku, u64> = SKUS.iter().map(|s| (sku(s), alloc)).collect();
-            setup.push(pool.give(key(10 + i as u8).replica_id(), units, t0).unwrap());
+            setup.push(
+                pool.give(key(10 + i as u8).replica_id(), units, t0)
+                    .unwrap(),
+            );
         }
     }
     let terminals = (0..n)
         .map(|i| {
-            let mut t = Ledger::join(key(10 + i as u8), StandId::new("north").unwrap(), key(1).public());
+            let mut t = Ledger::join(
+                key(10 + i as u8),
+                StandId::new("north").unwrap(),
+                key(1).public(),
+            );
             let r = t.apply_remote(setup.clone(), t0);
             assert!(r.rejected.is_empty(), "{:?}", r.rejected);
             t
         })
         .collect();
-    Stand { pool, terminals, setup }
+    Stand {
+        pool,
+        terminals,
+        setup,
+    }
 }
 
 pub fn sale_req(s: &str, qty: u64, online: bool) -> SaleRequest {
     SaleRequest {
-        lines: vec![SaleLine { sku: sku(s), qty, unit_price_cents: 300 }],
-        payment: Payment { method: PaymentMethod::Card, reference: "pi_test".into() },
+        lines: vec![SaleLine {
+            sku: sku(s),
+            qty,
+            unit_price_cents: 300,
+        }],
+        payment: Payment {
+            method: PaymentMethod::Card,
+            reference: "pi_test".into(),
+        },
         pool_reachable: online,
     }
 }
