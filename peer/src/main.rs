@@ -1,6 +1,311 @@
-//! halftime-peer: not built yet. See the project's open issues.
+//! # halftime-peer
+//!
+//! The daemon each terminal, kitchen display and (on a stand without the relay) the pool runs:
+//! a thin driver around `halftime-ledger`. It keeps every change in a redb file, meshes with
+//! the stand's other replicas over libp2p (private-network key, noise, mDNS), and serves the
+//! local POS API and pages.
+//!
+//! Flow of a sale: `POST /v1/sales` → command to the node task → ledger commits and signs →
+//! the change is written durably (group commit) → 201 → the change is pushed to every peer.
 
-fn main() {
-    eprintln!("halftime-peer is not built yet: this program does nothing so far.");
-    std::process::exit(2);
+mod api;
+mod net;
+mod node;
+mod store;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use halftime_ledger::allocation::plan_allocation;
+use halftime_ledger::{
+    Allocation, CatalogItem, EventId, Ledger, Policy, PublicKey, Role, SignedChange, Sku, StandId, StandInfo,
+};
+use libp2p::Multiaddr;
+use rand::RngCore;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use store::{StandSettings, Store};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+#[derive(Parser, Debug)]
+#[command(name = "halftime-peer", version, about = "A Halftime stand replica: terminal, kitchen display or stand pool.", long_about = "A Halftime stand replica: terminal, kitchen display or stand pool.\n\nSet up a stand without the relay:\n  1. on every device: halftime-peer init --data DIR            (prints its public key)\n  2. on the pool:     halftime-peer create-stand --data DIR ... --terminal KEY=name ...\n  3. on each device:  halftime-peer join --data DIR --stand S --pool-key K --psk P\n  4. everywhere:      halftime-peer run --data DIR\nSee docs/OPERATING.md.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create this replica's key in DIR (once) and print its public key and PeerId.
+    Init {
+        /// Data folder (holds replica.redb).
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Create a stand as its pool: catalog, starting stock, policy and enrolled replicas.
+    CreateStand {
+        /// Data folder of the pool replica (after `init`).
+        #[arg(long)]
+        data: PathBuf,
+        /// Stand id (letters, digits, '-', '_', '.').
+        #[arg(long)]
+        stand: String,
+        /// Event id.
+        #[arg(long)]
+        event: String,
+        /// Venue name.
+        #[arg(long, default_value = "")]
+        venue: String,
+        /// strict (never oversell) or optimistic (bounded offline overdraft).
+        #[arg(long, default_value = "strict")]
+        policy: String,
+        /// proportional or velocity.
+        #[arg(long, default_value = "proportional")]
+        allocation: String,
+        /// LOW_STOCK threshold, percent of each item's starting stock.
+        #[arg(long, default_value_t = 10)]
+        low_stock_pct: u8,
+        /// An item: SKU=NAME:PRICE_CENTS:STARTING_STOCK (repeat).
+        #[arg(long = "item", required = true)]
+        items: Vec<String>,
+        /// A terminal to enrol: PUBLIC_KEY=NAME (repeat).
+        #[arg(long = "terminal")]
+        terminals: Vec<String>,
+        /// A kitchen display to enrol: PUBLIC_KEY=NAME (repeat).
+        #[arg(long = "kitchen")]
+        kitchens: Vec<String>,
+        /// The stand's private-network key (64 hex digits); generated when absent.
+        #[arg(long)]
+        psk: Option<String>,
+    },
+    /// Enrol one more replica into a stand this pool created.
+    Enrol {
+        /// Data folder of the pool.
+        #[arg(long)]
+        data: PathBuf,
+        /// PUBLIC_KEY=NAME.
+        #[arg(long)]
+        replica: String,
+        /// terminal or kitchen.
+        #[arg(long, default_value = "terminal")]
+        role: String,
+    },
+    /// Make this replica a member of a stand (it learns the rest from the pool).
+    Join {
+        /// Data folder (after `init`).
+        #[arg(long)]
+        data: PathBuf,
+        /// Stand id.
+        #[arg(long)]
+        stand: String,
+        /// The pool's public key.
+        #[arg(long)]
+        pool_key: String,
+        /// The stand's private-network key.
+        #[arg(long)]
+        psk: String,
+    },
+    /// Run the replica: mesh, storage and the local API.
+    Run {
+        /// Data folder.
+        #[arg(long)]
+        data: PathBuf,
+        /// Mesh listen address.
+        #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+        listen: Multiaddr,
+        /// Local API address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        api: SocketAddr,
+        /// A peer to dial directly (repeat), for networks that block multicast.
+        #[arg(long = "peer")]
+        peers: Vec<Multiaddr>,
+        /// Do not use mDNS discovery.
+        #[arg(long)]
+        no_mdns: bool,
+        /// Version-vector exchange interval.
+        #[arg(long, default_value_t = node::DEFAULT_SYNC_INTERVAL_MS)]
+        sync_interval_ms: u64,
+    },
+}
+
+fn store_at(data: &std::path::Path) -> Result<Store> {
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    Store::open(&data.join("replica.redb")).with_context(|| format!("cannot open the store in {}", data.display()))
+}
+
+fn random32() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    b
+}
+
+fn parse_member(s: &str) -> Result<(PublicKey, String)> {
+    let (k, name) = s.split_once('=').context("expected PUBLIC_KEY=NAME")?;
+    let key: PublicKey = k.parse().with_context(|| format!("bad public key {k:?}"))?;
+    Ok((key, name.to_owned()))
+}
+
+fn parse_item(s: &str, pct: u8) -> Result<(CatalogItem, u64)> {
+    let (sku, rest) = s.split_once('=').context("expected SKU=NAME:PRICE_CENTS:STOCK")?;
+    let parts: Vec<&str> = rest.rsplitn(3, ':').collect();
+    if parts.len() != 3 {
+        bail!("expected SKU=NAME:PRICE_CENTS:STOCK, got {s:?}");
+    }
+    let stock: u64 = parts[0].parse().context("stock must be a whole number")?;
+    let price: u64 = parts[1].parse().context("price must be whole cents")?;
+    let low = (stock * u64::from(pct)).div_ceil(100);
+    Ok((CatalogItem { sku: Sku::new(sku)?, name: parts[2].to_owned(), price_cents: price, low_stock_at: low }, stock))
+}
+
+fn now() -> u64 {
+    node::now_ms()
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,libp2p=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Init { data } => {
+            let store = store_at(&data)?;
+            let key = store.key_or_init(random32)?;
+            println!("replica id: {}", key.replica_id());
+            println!("public key: {}", key.public());
+            println!("peer id:    {}", key.public().peer_id()?);
+            Ok(())
+        }
+        Cmd::CreateStand { data, stand, event, venue, policy, allocation, low_stock_pct, items, terminals, kitchens, psk } => {
+            let mut store = store_at(&data)?;
+            let key = store.key()?.context("run `halftime-peer init --data DIR` first")?;
+            if store.len() > 0 {
+                bail!("this replica already holds a stand document");
+            }
+            let policy = match policy.as_str() {
+                "strict" => Policy::Strict,
+                "optimistic" => Policy::Optimistic,
+                p => bail!("unknown policy {p:?} (strict | optimistic)"),
+            };
+            let allocation = match allocation.as_str() {
+                "proportional" => Allocation::Proportional,
+                "velocity" => Allocation::Velocity,
+                a => bail!("unknown allocation {a:?} (proportional | velocity)"),
+            };
+            let psk = psk.unwrap_or_else(|| hex::encode(random32()));
+            net::parse_psk(&psk).map_err(anyhow::Error::msg)?;
+            let info = StandInfo {
+                event: EventId::new(event)?,
+                venue,
+                stand: StandId::new(stand.clone())?,
+                policy,
+                allocation,
+                low_stock_pct,
+            };
+            let t = now();
+            let (mut pool, genesis) = Ledger::create_stand(key.clone(), info, "pool", t)?;
+            let mut changes: Vec<SignedChange> = vec![genesis];
+            let mut catalog = Vec::new();
+            let mut stock = BTreeMap::new();
+            for it in &items {
+                let (item, n) = parse_item(it, low_stock_pct)?;
+                stock.insert(item.sku.clone(), n);
+                catalog.push(item);
+            }
+            changes.push(pool.set_catalog(catalog, t)?);
+            for (list, role) in [(&terminals, Role::Terminal), (&kitchens, Role::Kitchen)] {
+                for m in list {
+                    let (k, name) = parse_member(m)?;
+                    changes.push(pool.enrol(k, &name, role, t)?);
+                }
+            }
+            stock.retain(|_, n| *n > 0);
+            if !stock.is_empty() {
+                changes.push(pool.restock(stock, "starting stock", t)?);
+            }
+            let plans = plan_allocation(&pool, allocation, t);
+            for c in pool.execute_plans(&plans, t) {
+                changes.push(c?);
+            }
+            store.append(&changes, true)?;
+            store.set_settings(&StandSettings { stand: StandId::new(stand.clone())?, pool: key.public(), psk: psk.clone() })?;
+            println!("stand {stand} created with {} changes.", changes.len());
+            println!("give every enrolled device these to join:");
+            println!("  halftime-peer join --data DIR --stand {stand} --pool-key {} --psk {psk}", key.public());
+            Ok(())
+        }
+        Cmd::Enrol { data, replica, role } => {
+            let mut store = store_at(&data)?;
+            let key = store.key()?.context("no key in this data folder")?;
+            let s = store.settings()?;
+            let (stored, _) = store.changes()?;
+            let (mut pool, _) = Ledger::restore(key, s.stand, s.pool, stored, now());
+            let role = match role.as_str() {
+                "terminal" => Role::Terminal,
+                "kitchen" => Role::Kitchen,
+                r => bail!("unknown role {r:?} (terminal | kitchen)"),
+            };
+            let (k, name) = parse_member(&replica)?;
+            let c = pool.enrol(k, &name, role, now())?;
+            store.append(&[c], true)?;
+            println!("enrolled {} as {}; it syncs at the next connection", k.replica_id(), role.as_str());
+            Ok(())
+        }
+        Cmd::Join { data, stand, pool_key, psk } => {
+            let store = store_at(&data)?;
+            store.key()?.context("run `halftime-peer init --data DIR` first")?;
+            net::parse_psk(&psk).map_err(anyhow::Error::msg)?;
+            let pool: PublicKey = pool_key.parse().context("bad pool key")?;
+            store.set_settings(&StandSettings { stand: StandId::new(stand.clone())?, pool, psk })?;
+            println!("joined stand {stand}; now run: halftime-peer run --data {}", data.display());
+            Ok(())
+        }
+        Cmd::Run { data, listen, api, peers, no_mdns, sync_interval_ms } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(run(data, listen, api, peers, !no_mdns, sync_interval_ms))
+        }
+    }
+}
+
+async fn run(data: PathBuf, listen: Multiaddr, api_addr: SocketAddr, peers: Vec<Multiaddr>, mdns: bool, sync_interval_ms: u64) -> Result<()> {
+    let store = store_at(&data)?;
+    let key = store.key()?.context("run `halftime-peer init --data DIR` first")?;
+    let s = store.settings()?;
+    let psk = net::parse_psk(&s.psk).map_err(anyhow::Error::msg)?;
+    let (stored, bad) = store.changes()?;
+    let t0 = std::time::Instant::now();
+    let n = stored.len();
+    let (ledger, report) = Ledger::restore(key.clone(), s.stand.clone(), s.pool, stored, now());
+    if bad > 0 || !report.rejected.is_empty() {
+        tracing::warn!(undecodable = bad, rejected = report.rejected.len(), "some stored changes could not be used");
+    }
+    tracing::info!(
+        replica = %key.replica_id(),
+        peer_id = %key.public().peer_id()?,
+        stand = %s.stand,
+        stand_key_fingerprint = %psk.fingerprint(),
+        changes = n,
+        restore_ms = t0.elapsed().as_millis() as u64,
+        "starting"
+    );
+    let mut swarm = net::build_swarm(key.to_libp2p(), psk, mdns).map_err(|e| anyhow::anyhow!("{e}"))?;
+    swarm.listen_on(listen.clone()).with_context(|| format!("cannot listen on {listen}"))?;
+    let (live, _) = broadcast::channel(node::LIVE_QUEUE_LEN);
+    let (cmd_tx, cmd_rx) = mpsc::channel(node::COMMAND_QUEUE_LEN);
+    let node = node::Node::new(ledger, store, swarm, node::NodeConfig { static_peers: peers, sync_interval_ms }, live.clone());
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let node_task = tokio::spawn(node.run(cmd_rx, stop_rx));
+    let app = api::router(api::AppState { cmds: cmd_tx, live });
+    let listener = tokio::net::TcpListener::bind(api_addr).await.with_context(|| format!("cannot bind the API on {api_addr}"))?;
+    tracing::info!(api = %listener.local_addr()?, "local API up");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    let _ = stop_tx.send(());
+    let _ = node_task.await;
+    Ok(())
 }

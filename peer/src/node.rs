@@ -1,0 +1,901 @@
+//! The node: one task that owns the ledger, the store and the swarm, driven by commands from
+//! the local API, by the network, and by one timer. The ledger is a pure state machine; this
+//! loop feeds it and drains what it wants sent (quinn's driver pattern).
+
+use crate::net::{Behaviour, BehaviourEvent};
+use crate::store::Store;
+use futures::StreamExt;
+use halftime_ledger::allocation::{plan_allocation, targets};
+use halftime_ledger::sync::{ANTI_ENTROPY_INTERVAL_MS, SyncEvent};
+use halftime_ledger::{
+    ApplyReport, Ledger, OpError, PeerSync, Policy, Refusal, ReplicaId, Role, SaleId, SaleOutcome, SaleRequest,
+    SignedChange, Sku, StockStatus, WireMessage,
+};
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::{Multiaddr, PeerId, Swarm, mdns, ping, request_response};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// Commands queued from the API.
+pub const COMMAND_QUEUE_LEN: usize = 1_024;
+/// Commands handled per group commit.
+pub const GROUP_COMMIT_MAX: usize = 128;
+/// Live events buffered per subscriber.
+pub const LIVE_QUEUE_LEN: usize = 1_024;
+/// Timer tick.
+pub const TICK_MS: u64 = 200;
+/// Redial a known but unconnected peer this often.
+pub const REDIAL_INTERVAL_MS: u64 = 2_000;
+/// A terminal asks for rights when its rights for an item fall below this share (percent) of
+/// its target.
+pub const RIGHTS_REQUEST_BELOW_PCT: i64 = 25;
+/// At most one rights request per item in this window.
+pub const RIGHTS_REQUEST_TIMEOUT_MS: u64 = 2_000;
+/// The pool re-plans allocation this often.
+pub const ALLOCATION_INTERVAL_MS: u64 = 2_000;
+/// Sync frames in flight to one peer before further ones wait.
+pub const MAX_INFLIGHT_PER_PEER: usize = 64;
+/// Orders shown on the kitchen page.
+pub const KITCHEN_QUEUE_LEN: usize = 500;
+
+/// Wall-clock milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A request from the API to the node.
+#[derive(Debug)]
+pub enum Command {
+    /// Sell.
+    Sell(SaleInput, oneshot::Sender<Result<SaleView, ApiError>>),
+    /// Void a sale.
+    Void(SaleId, oneshot::Sender<Result<SaleView, ApiError>>),
+    /// Stock view.
+    Stock(oneshot::Sender<Vec<StockRow>>),
+    /// Status.
+    Status(oneshot::Sender<StatusView>),
+    /// Kitchen queue.
+    Orders(oneshot::Sender<Vec<OrderView>>),
+    /// Mark an order done.
+    OrderDone(SaleId, oneshot::Sender<Result<(), ApiError>>),
+    /// Prometheus text.
+    Metrics(oneshot::Sender<String>),
+}
+
+/// A sale as the API takes it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct SaleInput {
+    /// Lines.
+    pub lines: Vec<LineInput>,
+    /// Payment.
+    pub payment: halftime_ledger::Payment,
+}
+
+/// One line as the API takes it: the price comes from the catalog.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct LineInput {
+    /// Item.
+    pub sku: Sku,
+    /// Units.
+    pub qty: u64,
+}
+
+/// A sale as the API returns it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SaleView {
+    /// Id.
+    pub sale_id: SaleId,
+    /// Record.
+    pub sale: halftime_ledger::SaleRecord,
+    /// Total.
+    pub total_cents: u64,
+    /// Voided.
+    pub voided: bool,
+}
+
+/// An API error: status code and body.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiError {
+    /// HTTP status.
+    #[serde(skip)]
+    pub status: u16,
+    /// Short error code.
+    pub error: &'static str,
+    /// Human-readable detail.
+    pub message: String,
+    /// The structured refusal, when the ledger refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<Refusal>,
+}
+
+impl ApiError {
+    fn refused(r: Refusal) -> Self {
+        let status = match r {
+            Refusal::UnknownSale { .. } => 404,
+            Refusal::Invalid { .. } | Refusal::UnknownSku { .. } => 422,
+            _ => 409,
+        };
+        Self { status, error: "refused", message: r.to_string(), refusal: Some(r) }
+    }
+    fn internal(m: impl std::fmt::Display) -> Self {
+        Self { status: 500, error: "internal", message: m.to_string(), refusal: None }
+    }
+    fn unavailable(m: impl std::fmt::Display) -> Self {
+        Self { status: 503, error: "storage_unavailable", message: m.to_string(), refusal: None }
+    }
+}
+
+/// One row of the stock view.
+#[derive(Debug, Clone, Serialize)]
+pub struct StockRow {
+    /// Item.
+    pub sku: Sku,
+    /// Name.
+    pub name: String,
+    /// Price.
+    pub price_cents: u64,
+    /// What the stand has left.
+    pub available: i64,
+    /// This replica's rights.
+    pub rights: i64,
+    /// ok | low | out.
+    pub status: StockStatus,
+    /// Units this replica may sell right now.
+    pub sellable_now: u64,
+}
+
+/// Node status.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusView {
+    /// This replica.
+    pub replica: ReplicaId,
+    /// Its libp2p identity.
+    pub peer_id: String,
+    /// Role, once enrolled.
+    pub role: Option<Role>,
+    /// Stand.
+    pub stand: String,
+    /// Policy.
+    pub policy: Policy,
+    /// Connected peers (replica ids).
+    pub peers: Vec<ReplicaId>,
+    /// Whether the pool is connected.
+    pub pool_reachable: bool,
+    /// Sync messages waiting to go out.
+    pub repair_backlog: usize,
+    /// Received changes waiting for dependencies.
+    pub pending: usize,
+    /// Changes held.
+    pub changes: usize,
+    /// Listening addresses.
+    pub listen: Vec<String>,
+}
+
+/// A kitchen order.
+#[derive(Debug, Clone, Serialize)]
+pub struct OrderView {
+    /// Sale.
+    pub sale_id: SaleId,
+    /// Lines.
+    pub lines: Vec<halftime_ledger::SaleLine>,
+    /// When it reached this replica (ms).
+    pub received_ms: u64,
+    /// Marked done here.
+    pub done: bool,
+    /// Voided by the seller.
+    pub voided: bool,
+}
+
+/// A live event.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LiveEvent {
+    /// Stock of these items changed.
+    Stock {
+        /// Rows.
+        rows: Vec<StockRow>,
+    },
+    /// A new order (kitchen).
+    Order {
+        /// The order.
+        order: OrderView,
+    },
+    /// Peers changed.
+    Peers {
+        /// Connected replicas.
+        peers: Vec<ReplicaId>,
+        /// Pool connected.
+        pool_reachable: bool,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Metrics {
+    sales_committed: u64,
+    sales_refused: u64,
+    voids: u64,
+    changes_received: u64,
+    changes_duplicate: u64,
+    frames_rejected: u64,
+    frames_sent: u64,
+    ack_us_sum: u64,
+    ack_count: u64,
+    store_errors: u64,
+}
+
+struct Peer {
+    replica: Option<ReplicaId>,
+    sync: PeerSync,
+    inflight: usize,
+}
+
+/// The node's configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Static peers to dial (for networks that block multicast).
+    pub static_peers: Vec<Multiaddr>,
+    /// Anti-entropy interval.
+    pub sync_interval_ms: u64,
+}
+
+/// The node state owned by the loop.
+pub struct Node {
+    ledger: Ledger,
+    store: Store,
+    swarm: Swarm<Behaviour>,
+    cfg: NodeConfig,
+    peers: BTreeMap<PeerId, Peer>,
+    peer_of: BTreeMap<PeerId, ReplicaId>,
+    known_addrs: BTreeMap<PeerId, BTreeSet<Multiaddr>>,
+    static_conn: BTreeMap<Multiaddr, Option<PeerId>>,
+    last_dial: BTreeMap<String, Instant>,
+    rights_asked: BTreeMap<Sku, u64>,
+    last_plan_ms: u64,
+    live: broadcast::Sender<LiveEvent>,
+    orders: VecDeque<OrderView>,
+    metrics: Metrics,
+    listen: Vec<Multiaddr>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Node({})", self.ledger.me())
+    }
+}
+
+impl Node {
+    /// A node over a restored ledger.
+    pub fn new(ledger: Ledger, store: Store, swarm: Swarm<Behaviour>, cfg: NodeConfig, live: broadcast::Sender<LiveEvent>) -> Self {
+        let static_conn = cfg.static_peers.iter().map(|a| (a.clone(), None)).collect();
+        let mut n = Self {
+            ledger,
+            store,
+            swarm,
+            cfg,
+            peers: BTreeMap::new(),
+            peer_of: BTreeMap::new(),
+            known_addrs: BTreeMap::new(),
+            static_conn,
+            last_dial: BTreeMap::new(),
+            rights_asked: BTreeMap::new(),
+            last_plan_ms: 0,
+            live,
+            orders: VecDeque::new(),
+            metrics: Metrics::default(),
+            listen: Vec::new(),
+        };
+        n.refresh_allowlist();
+        let now = now_ms();
+        let sales: Vec<_> = n.ledger.sales().iter().map(|e| e.record.clone()).collect();
+        for s in sales {
+            n.note_order(&s, now, false);
+        }
+        n
+    }
+
+    /// Run until `shutdown` fires.
+    pub async fn run(mut self, mut cmds: mpsc::Receiver<Command>, mut shutdown: oneshot::Receiver<()>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                cmd = cmds.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    let mut batch = vec![cmd];
+                    while batch.len() < GROUP_COMMIT_MAX {
+                        match cmds.try_recv() {
+                            Ok(c) => batch.push(c),
+                            Err(_) => break,
+                        }
+                    }
+                    self.handle_commands(batch);
+                }
+                ev = self.swarm.select_next_some() => self.handle_swarm(ev),
+                _ = tick.tick() => self.handle_tick(),
+            }
+            self.flush();
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Commands (group commit).
+
+    fn handle_commands(&mut self, batch: Vec<Command>) {
+        let now = now_ms();
+        let started = Instant::now();
+        let mut new_changes: Vec<SignedChange> = Vec::new();
+        let mut replies: Vec<Box<dyn FnOnce(&mut Node, Option<&str>)>> = Vec::new();
+        for cmd in batch {
+            match cmd {
+                Command::Sell(input, reply) => {
+                    let req = self.sale_request(input);
+                    let req = match req {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            continue;
+                        }
+                    };
+                    match self.ledger.sell(req, now) {
+                        SaleOutcome::Committed { sale_id, change } => {
+                            new_changes.push(change);
+                            let view = self.sale_view(sale_id);
+                            replies.push(Box::new(move |n: &mut Node, err| match (err, view) {
+                                (None, Some(v)) => {
+                                    n.metrics.sales_committed += 1;
+                                    let _ = reply.send(Ok(v));
+                                }
+                                (Some(e), _) => {
+                                    let _ = reply.send(Err(ApiError::unavailable(e)));
+                                }
+                                (None, None) => {
+                                    let _ = reply.send(Err(ApiError::internal("sale not found after commit")));
+                                }
+                            }));
+                        }
+                        SaleOutcome::Refused { reason } => {
+                            self.metrics.sales_refused += 1;
+                            let _ = reply.send(Err(ApiError::refused(reason)));
+                        }
+                    }
+                }
+                Command::Void(sale, reply) => match self.ledger.void(sale, now) {
+                    Ok(change) => {
+                        new_changes.push(change);
+                        replies.push(Box::new(move |n: &mut Node, err| {
+                            let _ = match err {
+                                None => {
+                                    n.metrics.voids += 1;
+                                    reply.send(n.sale_view(sale).ok_or_else(|| ApiError::internal("void lost")))
+                                }
+                                Some(e) => reply.send(Err(ApiError::unavailable(e))),
+                            };
+                        }));
+                    }
+                    Err(OpError::Refused(r)) => {
+                        let _ = reply.send(Err(ApiError::refused(r)));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ApiError::internal(e)));
+                    }
+                },
+                Command::Stock(reply) => {
+                    let _ = reply.send(self.stock_rows(None));
+                }
+                Command::Status(reply) => {
+                    let _ = reply.send(self.status());
+                }
+                Command::Orders(reply) => {
+                    let _ = reply.send(self.orders.iter().cloned().collect());
+                }
+                Command::OrderDone(sale, reply) => {
+                    let r = match self.orders.iter_mut().find(|o| o.sale_id == sale) {
+                        Some(o) => {
+                            o.done = true;
+                            Ok(())
+                        }
+                        None => Err(ApiError::refused(Refusal::UnknownSale { sale })),
+                    };
+                    let _ = reply.send(r);
+                }
+                Command::Metrics(reply) => {
+                    let _ = reply.send(self.metrics_text());
+                }
+            }
+        }
+        // One durable write for the whole batch, then the acknowledgements, then the pushes.
+        let err = self.store.append(&new_changes, true).err().map(|e| e.to_string());
+        if err.is_some() {
+            self.metrics.store_errors += 1;
+            tracing::error!(error = ?err, "could not persist local changes; they are not acknowledged");
+        } else if !new_changes.is_empty() {
+            let us = started.elapsed().as_micros() as u64;
+            self.metrics.ack_us_sum += us * replies.len() as u64;
+            self.metrics.ack_count += replies.len() as u64;
+        }
+        for r in replies {
+            r(self, err.as_deref());
+        }
+        if err.is_none() && !new_changes.is_empty() {
+            let me = self.ledger.me();
+            let last = self.ledger.local_seq();
+            let first = last + 1 - new_changes.len() as u64;
+            for (i, c) in new_changes.iter().enumerate() {
+                self.push_all(me, first + i as u64, c, None);
+            }
+            self.after_change(&new_changes);
+        }
+    }
+
+    fn sale_request(&self, input: SaleInput) -> Result<SaleRequest, ApiError> {
+        let mut lines = Vec::new();
+        for l in input.lines {
+            let item = self
+                .ledger
+                .catalog()
+                .get(&l.sku)
+                .ok_or_else(|| ApiError::refused(Refusal::UnknownSku { sku: l.sku.clone() }))?;
+            lines.push(halftime_ledger::SaleLine { sku: l.sku, qty: l.qty, unit_price_cents: item.price_cents });
+        }
+        Ok(SaleRequest { lines, payment: input.payment, pool_reachable: self.pool_reachable() })
+    }
+
+    fn sale_view(&self, id: SaleId) -> Option<SaleView> {
+        self.ledger.sale(id).map(|e| SaleView {
+            sale_id: id,
+            total_cents: e.record.total_cents(),
+            sale: e.record.clone(),
+            voided: e.voided,
+        })
+    }
+
+    /// Stock rows, for all items or only `only`.
+    pub fn stock_rows(&self, only: Option<&BTreeSet<Sku>>) -> Vec<StockRow> {
+        let me = self.ledger.me();
+        let online = self.pool_reachable();
+        self.ledger
+            .catalog()
+            .values()
+            .filter(|c| only.is_none_or(|o| o.contains(&c.sku)))
+            .map(|c| StockRow {
+                sku: c.sku.clone(),
+                name: c.name.clone(),
+                price_cents: c.price_cents,
+                available: self.ledger.available(&c.sku),
+                rights: self.ledger.rights(me, &c.sku),
+                status: self.ledger.status(&c.sku),
+                sellable_now: self.ledger.sellable_now(&c.sku, online),
+            })
+            .collect()
+    }
+
+    fn status(&self) -> StatusView {
+        StatusView {
+            replica: self.ledger.me(),
+            peer_id: self.swarm.local_peer_id().to_string(),
+            role: self.ledger.role(),
+            stand: self.ledger.stand_id().to_string(),
+            policy: self.ledger.policy(),
+            peers: self.connected_replicas(),
+            pool_reachable: self.pool_reachable(),
+            repair_backlog: self.peers.values().map(|p| p.sync.backlog()).sum(),
+            pending: self.ledger.pending_len(),
+            changes: self.ledger.len(),
+            listen: self.listen.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    fn connected_replicas(&self) -> Vec<ReplicaId> {
+        self.peers.values().filter_map(|p| p.replica).collect()
+    }
+
+    /// Whether this replica can reach the pool right now (the pool itself always can).
+    pub fn pool_reachable(&self) -> bool {
+        let pool = self.ledger.pool();
+        self.ledger.me() == pool || self.peers.values().any(|p| p.replica == Some(pool))
+    }
+
+    fn metrics_text(&self) -> String {
+        let m = &self.metrics;
+        let s = self.ledger.stats();
+        let mut out = String::new();
+        let mut line = |name: &str, help: &str, kind: &str, v: String| {
+            out.push_str(&format!("# HELP halftime_{name} {help}\n# TYPE halftime_{name} {kind}\nhalftime_{name} {v}\n"));
+        };
+        line("sales_committed_total", "Sales committed and acknowledged here.", "counter", m.sales_committed.to_string());
+        line("sales_refused_total", "Sales refused here.", "counter", m.sales_refused.to_string());
+        line("voids_total", "Sales voided here.", "counter", m.voids.to_string());
+        line("changes_received_total", "Received changes accepted.", "counter", m.changes_received.to_string());
+        line("changes_duplicate_total", "Received duplicates dropped.", "counter", m.changes_duplicate.to_string());
+        line("frames_rejected_total", "Frames from peers that did not decode.", "counter", m.frames_rejected.to_string());
+        line("frames_sent_total", "Sync frames sent.", "counter", m.frames_sent.to_string());
+        line("store_errors_total", "Failed durable writes.", "counter", m.store_errors.to_string());
+        line("ack_seconds_sum", "Time from command batch start to durable acknowledgement.", "counter", format!("{}", m.ack_us_sum as f64 / 1e6));
+        line("ack_seconds_count", "Acknowledged local changes.", "counter", m.ack_count.to_string());
+        line("peers_connected", "Connected stand replicas.", "gauge", self.peers.len().to_string());
+        line("pool_reachable", "1 when the pool is connected.", "gauge", (self.pool_reachable() as u8).to_string());
+        line("changes_stored", "Changes in the document.", "gauge", self.ledger.len().to_string());
+        line("changes_pending", "Received changes waiting for dependencies.", "gauge", self.ledger.pending_len().to_string());
+        out.push_str("# HELP halftime_changes_rejected_total Received changes rejected, by rule.\n# TYPE halftime_changes_rejected_total counter\n");
+        for (rule, n) in &s.rejected {
+            out.push_str(&format!("halftime_changes_rejected_total{{rule=\"{rule}\"}} {n}\n"));
+        }
+        out
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Network.
+
+    fn refresh_allowlist(&mut self) {
+        let pool_key = self.ledger.pool_key();
+        let mut allowed: BTreeMap<PeerId, ReplicaId> = BTreeMap::new();
+        if let Ok(p) = pool_key.peer_id() {
+            allowed.insert(p, pool_key.replica_id());
+        }
+        for (rid, info) in self.ledger.replicas() {
+            if info.retired_at_pool_seq.is_none() {
+                if let Ok(p) = info.key.peer_id() {
+                    allowed.insert(p, *rid);
+                }
+            }
+        }
+        let me = *self.swarm.local_peer_id();
+        for p in allowed.keys() {
+            if *p != me && !self.peer_of.contains_key(p) {
+                self.swarm.behaviour_mut().allow.allow_peer(*p);
+            }
+        }
+        let removed: Vec<PeerId> = self.peer_of.keys().filter(|p| !allowed.contains_key(p)).copied().collect();
+        for p in removed {
+            self.swarm.behaviour_mut().allow.disallow_peer(p);
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+        for (p, r) in &allowed {
+            if let Some(peer) = self.peers.get_mut(p) {
+                peer.replica = Some(*r);
+            }
+        }
+        self.peer_of = allowed;
+    }
+
+    fn handle_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        let now = now_ms();
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                self.listen.push(address);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                if endpoint.is_dialer() {
+                    let addr = endpoint.get_remote_address().clone();
+                    if let Some(slot) = self.static_conn.get_mut(&addr) {
+                        *slot = Some(peer_id);
+                    }
+                }
+                if !self.peers.contains_key(&peer_id) {
+                    tracing::info!(%peer_id, "peer connected");
+                    let sync = PeerSync::new(&self.ledger, now, self.cfg.sync_interval_ms);
+                    let replica = self.peer_of.get(&peer_id).copied();
+                    self.peers.insert(peer_id, Peer { replica, sync, inflight: 0 });
+                    self.publish_peers();
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
+                if num_established == 0 && self.peers.remove(&peer_id).is_some() {
+                    tracing::info!(%peer_id, ?cause, "peer disconnected");
+                    self.publish_peers();
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                for (peer, addr) in list {
+                    if self.peer_of.contains_key(&peer) {
+                        self.known_addrs.entry(peer).or_default().insert(addr);
+                        if !self.peers.contains_key(&peer) {
+                            self.dial_peer(peer);
+                        }
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(list))) => {
+                for (peer, addr) in list {
+                    if let Some(s) = self.known_addrs.get_mut(&peer) {
+                        s.remove(&addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result })) => {
+                if let Err(e) = result {
+                    tracing::info!(%peer, error = %e, "ping failed; closing the connection");
+                    self.swarm.close_connection(connection);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.handle_sync(ev, now),
+            SwarmEvent::IncomingConnectionError { error, send_back_addr, .. } => {
+                tracing::debug!(%send_back_addr, %error, "incoming connection refused");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(?peer_id, %error, "dial failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_sync(&mut self, ev: request_response::Event<Vec<u8>, ()>, now: u64) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let _ = self.swarm.behaviour_mut().sync.send_response(channel, ());
+                    match WireMessage::decode(&request, self.ledger.stand_id()) {
+                        Ok(msg) => self.handle_wire(peer, msg, now),
+                        Err(e) => {
+                            self.metrics.frames_rejected += 1;
+                            tracing::warn!(%peer, error = %e, "rejected a frame");
+                        }
+                    }
+                }
+                request_response::Message::Response { .. } => {
+                    if let Some(p) = self.peers.get_mut(&peer) {
+                        p.inflight = p.inflight.saturating_sub(1);
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "sync frame not delivered");
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.inflight = p.inflight.saturating_sub(1);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_wire(&mut self, from: PeerId, msg: WireMessage, now: u64) {
+        let Some(peer) = self.peers.get_mut(&from) else { return };
+        let events = peer.sync.handle(&mut self.ledger, msg, now);
+        let from_replica = peer.replica;
+        for ev in events {
+            match ev {
+                SyncEvent::Applied(report) => self.after_remote(report, Some(from)),
+                SyncEvent::RightsRequested { sku, want } => {
+                    let Some(asker) = from_replica else { continue };
+                    let answer = match self.ledger.answer_rights_request(asker, &sku, want, now) {
+                        Ok(Some((units, change))) => {
+                            if let Err(e) = self.store.append(std::slice::from_ref(&change), true) {
+                                tracing::error!(error = %e, "could not persist a give");
+                                self.metrics.store_errors += 1;
+                                (0, None)
+                            } else {
+                                let (me, seq) = (self.ledger.me(), self.ledger.local_seq());
+                                self.push_all(me, seq, &change, Some(from));
+                                self.after_change(std::slice::from_ref(&change));
+                                (units, Some(change))
+                            }
+                        }
+                        Ok(None) | Err(_) => (0, None),
+                    };
+                    if let Some(p) = self.peers.get_mut(&from) {
+                        p.sync.answer_rights(sku, answer.0, answer.1);
+                    }
+                }
+                SyncEvent::RightsAnswered { sku, granted } => {
+                    tracing::debug!(%sku, granted, "rights answer");
+                    if granted == 0 {
+                        // Ask someone else at the next tick.
+                        self.rights_asked.remove(&sku);
+                    }
+                }
+            }
+        }
+    }
+
+    fn after_remote(&mut self, report: ApplyReport, from: Option<PeerId>) {
+        self.metrics.changes_received += report.accepted.len() as u64;
+        self.metrics.changes_duplicate += report.duplicates as u64;
+        for r in &report.rejected {
+            tracing::warn!(rule = r.rule(), error = %r, "rejected a received change");
+        }
+        if report.accepted.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.append(&report.accepted, false) {
+            // Not fatal: what is not stored is fetched again by the repair after a restart.
+            self.metrics.store_errors += 1;
+            tracing::error!(error = %e, "could not store received changes");
+        }
+        for ((rid, seq), c) in report.accepted_ids.iter().zip(&report.accepted) {
+            self.push_all(*rid, *seq, c, from);
+        }
+        self.after_change(&report.accepted);
+    }
+
+    /// Registry, live feed and kitchen after changes were applied.
+    fn after_change(&mut self, changes: &[SignedChange]) {
+        let now = now_ms();
+        let before = self.peer_of.len();
+        self.refresh_allowlist();
+        if self.peer_of.len() != before {
+            self.publish_peers();
+        }
+        let mut skus = BTreeSet::new();
+        let mut new_sales = Vec::new();
+        for c in changes {
+            if let Ok(ch) = automerge::Change::try_from(&c.bytes[..]) {
+                if let Ok(m) = halftime_ledger::ChangeMessage::decode(ch.message()) {
+                    match &m.op {
+                        halftime_ledger::Operation::Sale(rec) => {
+                            skus.extend(rec.units().into_keys());
+                            new_sales.push(rec.clone());
+                        }
+                        halftime_ledger::Operation::Void { units, .. }
+                        | halftime_ledger::Operation::Restock { units, .. }
+                        | halftime_ledger::Operation::Adjust { units, .. }
+                        | halftime_ledger::Operation::Give { units, .. }
+                        | halftime_ledger::Operation::Reclaim { units, .. } => skus.extend(units.keys().cloned()),
+                        _ => skus.extend(self.ledger.catalog().keys().cloned()),
+                    }
+                }
+            }
+        }
+        for s in &new_sales {
+            self.note_order(s, now, true);
+        }
+        if !skus.is_empty() {
+            let rows = self.stock_rows(Some(&skus));
+            let _ = self.live.send(LiveEvent::Stock { rows });
+        }
+    }
+
+    fn note_order(&mut self, rec: &halftime_ledger::SaleRecord, now: u64, publish: bool) {
+        if self.orders.iter().any(|o| o.sale_id == rec.id) {
+            return;
+        }
+        let order = OrderView { sale_id: rec.id, lines: rec.lines.clone(), received_ms: now, done: false, voided: false };
+        if self.orders.len() >= KITCHEN_QUEUE_LEN {
+            self.orders.pop_front();
+        }
+        self.orders.push_back(order.clone());
+        if publish {
+            let _ = self.live.send(LiveEvent::Order { order });
+        }
+    }
+
+    fn publish_peers(&self) {
+        let _ = self.live.send(LiveEvent::Peers { peers: self.connected_replicas(), pool_reachable: self.pool_reachable() });
+    }
+
+    fn push_all(&mut self, rid: ReplicaId, seq: u64, c: &SignedChange, except: Option<PeerId>) {
+        for (p, peer) in self.peers.iter_mut() {
+            if Some(*p) != except {
+                peer.sync.push(rid, seq, c);
+            }
+        }
+    }
+
+    fn dial_peer(&mut self, peer: PeerId) {
+        let key = peer.to_string();
+        if self.last_dial.get(&key).is_some_and(|t| t.elapsed() < Duration::from_millis(REDIAL_INTERVAL_MS)) {
+            return;
+        }
+        self.last_dial.insert(key, Instant::now());
+        let addrs: Vec<Multiaddr> = self.known_addrs.get(&peer).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+        if addrs.is_empty() {
+            return;
+        }
+        let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build());
+    }
+
+    fn handle_tick(&mut self) {
+        let now = now_ms();
+        for peer in self.peers.values_mut() {
+            peer.sync.handle_timeout(&self.ledger, now);
+        }
+        // Redial static peers and discovered peers that are not connected.
+        let statics: Vec<(Multiaddr, Option<PeerId>)> = self.static_conn.iter().map(|(a, p)| (a.clone(), *p)).collect();
+        for (addr, p) in statics {
+            if p.is_some_and(|p| self.peers.contains_key(&p)) {
+                continue;
+            }
+            let key = addr.to_string();
+            if self.last_dial.get(&key).is_some_and(|t| t.elapsed() < Duration::from_millis(REDIAL_INTERVAL_MS)) {
+                continue;
+            }
+            self.last_dial.insert(key, Instant::now());
+            let _ = self.swarm.dial(addr);
+        }
+        let discovered: Vec<PeerId> = self.known_addrs.keys().filter(|p| !self.peers.contains_key(p)).copied().collect();
+        for p in discovered {
+            self.dial_peer(p);
+        }
+        match self.ledger.role() {
+            Some(Role::Pool) if now.saturating_sub(self.last_plan_ms) >= ALLOCATION_INTERVAL_MS => {
+                self.last_plan_ms = now;
+                self.run_allocation(now);
+            }
+            Some(Role::Terminal) => self.ask_for_rights(now),
+            _ => {}
+        }
+    }
+
+    fn run_allocation(&mut self, now: u64) {
+        let Some(stand) = self.ledger.stand() else { return };
+        let plans = plan_allocation(&self.ledger, stand.allocation, now);
+        if plans.is_empty() {
+            return;
+        }
+        let changes: Vec<SignedChange> =
+            self.ledger.execute_plans(&plans, now).into_iter().filter_map(Result::ok).collect();
+        if changes.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.append(&changes, true) {
+            self.metrics.store_errors += 1;
+            tracing::error!(error = %e, "could not persist allocation gives");
+            return;
+        }
+        let me = self.ledger.me();
+        let last = self.ledger.local_seq();
+        let first = last + 1 - changes.len() as u64;
+        for (i, c) in changes.iter().enumerate() {
+            self.push_all(me, first + i as u64, c, None);
+        }
+        self.after_change(&changes);
+    }
+
+    fn ask_for_rights(&mut self, now: u64) {
+        let Some(stand) = self.ledger.stand() else { return };
+        let me = self.ledger.me();
+        let pool = self.ledger.pool();
+        let skus: Vec<Sku> = self.ledger.catalog().keys().cloned().collect();
+        for sku in skus {
+            if self.rights_asked.get(&sku).is_some_and(|t| now.saturating_sub(*t) < RIGHTS_REQUEST_TIMEOUT_MS) {
+                continue;
+            }
+            let target = targets(&self.ledger, stand.allocation, &sku, now).get(&me).copied().unwrap_or(0);
+            let have = self.ledger.rights(me, &sku);
+            if target <= 0 || have * 100 >= target * RIGHTS_REQUEST_BELOW_PCT {
+                continue;
+            }
+            // The pool first; otherwise the connected terminal with the most rights.
+            let holder = self
+                .peers
+                .iter()
+                .filter_map(|(p, peer)| peer.replica.map(|r| (*p, r)))
+                .max_by_key(|(_, r)| if *r == pool { i64::MAX } else { self.ledger.rights(*r, &sku) });
+            if let Some((p, r)) = holder {
+                if r != pool && self.ledger.rights(r, &sku) <= 1 {
+                    continue;
+                }
+                self.rights_asked.insert(sku.clone(), now);
+                let want = (target - have).max(1) as u64;
+                if let Some(peer) = self.peers.get_mut(&p) {
+                    peer.sync.request_rights(sku, want);
+                }
+            }
+        }
+    }
+
+    /// Send what every peer's sync state wants sent, within the in-flight cap.
+    fn flush(&mut self) {
+        let stand = self.ledger.stand_id().clone();
+        let mut sends = Vec::new();
+        for (p, peer) in self.peers.iter_mut() {
+            while peer.inflight < MAX_INFLIGHT_PER_PEER {
+                let Some(m) = peer.sync.poll_transmit() else { break };
+                peer.inflight += 1;
+                sends.push((*p, m.encode(&stand)));
+            }
+        }
+        for (p, bytes) in sends {
+            self.metrics.frames_sent += 1;
+            self.swarm.behaviour_mut().sync.send_request(&p, bytes);
+        }
+    }
+}
+
+/// Default anti-entropy interval for the peer.
+pub const DEFAULT_SYNC_INTERVAL_MS: u64 = ANTI_ENTROPY_INTERVAL_MS;

@@ -1,0 +1,168 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Real processes on loopback with static peers.
+
+mod common;
+use common::*;
+use futures::StreamExt;
+use std::time::Duration;
+
+const ITEMS: [&str; 2] = ["hotdog=Hot dog:400:100", "soda=Soda:250:60"];
+
+fn mesh_addr(port: u16) -> String {
+    format!("/ip4/127.0.0.1/tcp/{port}")
+}
+
+/// Pool + three terminals, everyone dialling everyone before it.
+fn start(stand: &Stand, n: usize) -> Vec<Proc> {
+    let mut procs: Vec<Proc> = Vec::new();
+    let names: Vec<String> = std::iter::once("pool".to_string()).chain((0..n).map(|i| format!("t{i}"))).collect();
+    for name in names {
+        let peers: Vec<String> = procs.iter().map(|p| p.mesh.clone()).collect();
+        let mesh = mesh_addr(free_port());
+        procs.push(spawn(&name, &stand.dir.path().join(&name), &mesh, free_port(), &peers, false, None));
+    }
+    procs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_shows_everywhere_and_in_live_streams() {
+    let stand = make_stand(3, false, &ITEMS);
+    let procs = start(&stand, 3);
+    for p in &procs {
+        wait_up(p).await;
+    }
+    for p in &procs {
+        let api = p.api.clone();
+        eventually(20, "full mesh", || {
+            let api = api.clone();
+            async move { (peers(&api).await.len() == 3).then_some(()) }
+        })
+        .await;
+    }
+    // Subscribe to t2's live stream before the sale.
+    let resp = client().get(format!("{}/v1/live", procs[3].api)).timeout(Duration::from_secs(30)).send().await.unwrap();
+    let mut live = resp.bytes_stream();
+    let (code, body) = sell(&procs[1].api, "hotdog", 3).await;
+    assert_eq!(code, 201, "{body}");
+    for p in &procs {
+        let api = p.api.clone();
+        eventually(10, "the sale everywhere", || {
+            let api = api.clone();
+            async move { (available(&api, "hotdog").await == Some(97)).then_some(()) }
+        })
+        .await;
+    }
+    // The live stream carried the new stock.
+    let mut seen = String::new();
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(chunk)) = live.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains("\"available\":97") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(got, Ok(true), "live stream: {seen}");
+    // A refusal is a 409 naming the reason; a bad body is a 400.
+    let (code, body) = sell(&procs[1].api, "hotdog", 1_000).await;
+    assert_eq!(code, 409);
+    assert_eq!(body["refusal"]["reason"], "insufficient_rights");
+    let r = client().post(format!("{}/v1/sales", procs[1].api)).body("{not json").header("content-type", "application/json").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let r = client().post(format!("{}/v1/sales", procs[1].api)).body(vec![b'x'; 100_000]).header("content-type", "application/json").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    // Metrics are served.
+    let m = client().get(format!("{}/metrics", procs[1].api)).send().await.unwrap().text().await.unwrap();
+    assert!(m.contains("halftime_sales_committed_total 1"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_terminal_keeps_its_acknowledged_sale() {
+    let stand = make_stand(2, false, &ITEMS);
+    let mut procs = start(&stand, 2);
+    for p in &procs {
+        wait_up(p).await;
+        let api = p.api.clone();
+        eventually(15, "the stand document", || {
+            let api = api.clone();
+            async move { (available(&api, "soda").await == Some(60)).then_some(()) }
+        })
+        .await;
+    }
+    // Cut t0 off first by killing the pool and t1, so the sale can only survive on t0's disk.
+    let t1_mesh = procs[2].mesh.clone();
+    let pool_mesh = procs[0].mesh.clone();
+    procs[0].kill9();
+    procs[2].kill9();
+    let (code, body) = sell(&procs[1].api, "soda", 2).await;
+    assert_eq!(code, 201, "{body}");
+    let sale_id = body["sale_id"].as_str().unwrap().to_owned();
+    procs[1].kill9();
+    // Restart everyone; t0 must still have the sale and deliver it.
+    let t0_dir = stand.dir.path().join("t0");
+    let pool = spawn("pool", &stand.dir.path().join("pool"), &pool_mesh, free_port(), &[], false, None);
+    let t1 = spawn("t1", &stand.dir.path().join("t1"), &t1_mesh, free_port(), &[pool_mesh.clone()], false, None);
+    let t0 = spawn("t0", &t0_dir, &mesh_addr(free_port()), free_port(), &[pool_mesh.clone(), t1_mesh.clone()], false, None);
+    for p in [&pool, &t1, &t0] {
+        wait_up(p).await;
+    }
+    assert_eq!(available(&t0.api, "soda").await, Some(58));
+    for p in [&pool, &t1] {
+        let api = p.api.clone();
+        eventually(15, "the recovered sale at the others", || {
+            let api = api.clone();
+            async move { (available(&api, "soda").await == Some(58)).then_some(()) }
+        })
+        .await;
+    }
+    // The next sale gets a fresh sequence number.
+    let (code, body) = sell(&t0.api, "soda", 1).await;
+    assert_eq!(code, 201);
+    assert_ne!(body["sale_id"].as_str().unwrap(), sale_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_stand_key_and_unenrolled_replicas_cannot_join() {
+    let stand = make_stand(1, false, &ITEMS);
+    let procs = start(&stand, 1);
+    for p in &procs {
+        wait_up(p).await;
+    }
+    let pool_mesh = procs[0].mesh.clone();
+    // A replica with the wrong stand key.
+    let out = std::process::Command::new(BIN).args(["init", "--data", stand.dir.path().join("intruder").to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success());
+    let bad_psk = "11".repeat(32);
+    let mut a = vec!["join".to_string(), "--data".into(), stand.dir.path().join("intruder").to_str().unwrap().into()];
+    a.extend(stand.join.iter().cloned());
+    let i = a.iter().position(|w| w == "--psk").unwrap();
+    a[i + 1] = bad_psk;
+    let argv: Vec<&str> = a.iter().map(String::as_str).collect();
+    cli(&argv);
+    // An unenrolled key with the right stand key.
+    let mut a = vec!["join".to_string(), "--data".into(), stand.dir.path().join("stranger").to_str().unwrap().into()];
+    cli(&["init", "--data", stand.dir.path().join("stranger").to_str().unwrap()]);
+    a.extend(stand.join.iter().cloned());
+    let argv: Vec<&str> = a.iter().map(String::as_str).collect();
+    cli(&argv);
+    let intruder = spawn("intruder", &stand.dir.path().join("intruder"), &mesh_addr(free_port()), free_port(), &[pool_mesh.clone()], false, None);
+    let stranger = spawn("stranger", &stand.dir.path().join("stranger"), &mesh_addr(free_port()), free_port(), &[pool_mesh.clone()], false, None);
+    wait_up(&intruder).await;
+    wait_up(&stranger).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Neither is connected to anyone, and neither learned the stand.
+    assert_eq!(peers(&procs[0].api).await.len(), 1, "pool peers: only t0");
+    assert!(peers(&intruder.api).await.is_empty());
+    assert!(peers(&stranger.api).await.is_empty());
+    assert_eq!(get(&stranger.api, "/v1/status").await["changes"], 0);
+    // The honest stand still works.
+    assert_eq!(sell(&procs[1].api, "hotdog", 1).await.0, 201);
+    let api = procs[0].api.clone();
+    eventually(10, "sale at pool", || {
+        let api = api.clone();
+        async move { (available(&api, "hotdog").await == Some(99)).then_some(()) }
+    })
+    .await;
+}
