@@ -1,0 +1,121 @@
+//! SVG plots of a run: stock per terminal over time and the propagation latency CDF.
+
+use crate::report::Report;
+use plotters::prelude::*;
+use std::path::{Path, PathBuf};
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Write `stock.svg` and `propagation_cdf.svg` for `report` into `dir`; returns the paths.
+pub fn write(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, String> {
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let stock = dir.join(format!("stock-{}-{}.svg", report.scenario, report.config.replace('/', "-")));
+    let cdf = dir.join(format!("propagation-cdf-{}-{}.svg", report.scenario, report.config.replace('/', "-")));
+    stock_plot(report, &stock)?;
+    cdf_plot(report, &cdf)?;
+    Ok(vec![stock, cdf])
+}
+
+fn stock_plot(report: &Report, path: &Path) -> Result<(), String> {
+    let root = SVGBackend::new(path, (1000, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let minutes = report.game_minutes.max(1) as f64;
+    let ymax = report
+        .samples
+        .iter()
+        .flat_map(|s| s.terminal_rights.iter().copied().chain([s.pool_available, s.truth]))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let ymin = report
+        .samples
+        .iter()
+        .flat_map(|s| s.terminal_rights.iter().copied().chain([s.pool_available, s.truth]))
+        .min()
+        .unwrap_or(0)
+        .min(0) as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("Stock over time — {} {} (seed {})", report.scenario, report.config, report.seed),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..minutes, ymin..ymax * 1.05)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("game time (min)")
+        .y_desc("units (Σ over items)")
+        .draw()
+        .map_err(err)?;
+    let n = report.samples.first().map_or(0, |s| s.terminal_rights.len());
+    for t in 0..n {
+        let color = Palette99::pick(t).to_rgba();
+        chart
+            .draw_series(LineSeries::new(
+                report.samples.iter().map(|s| (s.t_ms as f64 / 60_000.0, s.terminal_rights[t] as f64)),
+                color.stroke_width(1),
+            ))
+            .map_err(err)?
+            .label(format!("till {} rights", t + 1))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color));
+    }
+    chart
+        .draw_series(LineSeries::new(
+            report.samples.iter().map(|s| (s.t_ms as f64 / 60_000.0, s.pool_available as f64)),
+            BLACK.stroke_width(2),
+        ))
+        .map_err(err)?
+        .label("available (pool view)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], BLACK));
+    chart
+        .draw_series(LineSeries::new(
+            report.samples.iter().map(|s| (s.t_ms as f64 / 60_000.0, s.truth as f64)),
+            RED.stroke_width(2),
+        ))
+        .map_err(err)?
+        .label("ground truth")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], RED));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
+fn cdf_plot(report: &Report, path: &Path) -> Result<(), String> {
+    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let v = &report.latencies_ms;
+    let xmax = v.last().copied().unwrap_or(1).max(1) as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("Sale → pool propagation CDF — {} {}", report.scenario, report.config),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((1.0..xmax * 1.1).log_scale(), 0.0..1.0)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("latency (ms, log)")
+        .y_desc("fraction of sales")
+        .draw()
+        .map_err(err)?;
+    let n = v.len().max(1) as f64;
+    chart
+        .draw_series(LineSeries::new(
+            v.iter().enumerate().map(|(i, l)| ((*l).max(1) as f64, (i + 1) as f64 / n)),
+            BLUE.stroke_width(2),
+        ))
+        .map_err(err)?;
+    root.present().map_err(err)
+}

@@ -1,0 +1,1201 @@
+//! The simulated stand: the pool and the terminals as real [`Ledger`]s, a [`PeerSync`] per
+//! direction of every live link, the virtual network, the customers and the faults. One
+//! [`World::step`] advances the virtual clock to the next event and handles everything due,
+//! then checks the invariants of every replica whose state changed.
+
+use crate::config::{Broken, SimConfig};
+use crate::net::{LAN, Network, TICK_MS, WAN};
+use crate::report::{Failure, Latencies, Report, SkuReport, StockSample};
+use crate::scenario::{self, Fault};
+use halftime_ledger::sync::SyncEvent;
+use halftime_ledger::{
+    ApplyReport, CatalogItem, EventId, Ledger, PeerSync, Policy, ReplicaId, ReplicaKey, Role, SaleId,
+    SaleLine, SaleOutcome, SaleRequest, SignedChange, Sku, StandId, StandInfo, WireMessage,
+};
+use halftime_ledger::{Payment, PaymentMethod, plan_allocation};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Interval between version-vector exchanges on every link.
+pub const ANTI_ENTROPY_INTERVAL_MS: u64 = 1_000;
+/// The pool plans and executes top-ups this often while terminals reach it.
+pub const ALLOCATION_INTERVAL_MS: u64 = 5_000;
+/// Terminals return surplus (their side of the plan) this often while they reach the pool.
+pub const RETURN_INTERVAL_MS: u64 = 10_000;
+/// Terminals look at their rights this often (besides after every sale).
+pub const RIGHTS_CHECK_INTERVAL_MS: u64 = 5_000;
+/// A rights request unanswered for this long may be sent again.
+pub const RIGHTS_REQUEST_TIMEOUT_MS: u64 = 3_000;
+/// After the final heal every live replica must hold the same changes within this bound.
+pub const CONVERGENCE_BOUND_MS: u64 = 120_000;
+/// Stock is sampled for the plots this many times per game.
+pub const SAMPLES_PER_GAME: u64 = 240;
+/// Price of every item (the simulator does not model prices).
+pub const PRICE_CENTS: u64 = 400;
+/// Most steps printed before the failing step by `replay`.
+pub const TRACE_STEPS_BEFORE: u64 = 3;
+
+/// A replica of the stand and what the simulator knows about it.
+#[derive(Debug)]
+struct Node {
+    key: ReplicaKey,
+    id: ReplicaId,
+    ledger: Ledger,
+    alive: bool,
+    dead: bool,
+    crashed: bool,
+    /// Written at the crash: everything the replica had acknowledged (committed or accepted).
+    durable: Vec<SignedChange>,
+    /// Customer stream of this terminal (its own RNG, so policies see the same customers).
+    customers: ChaCha8Rng,
+    next_arrival: u64,
+    /// Per sku: until when a rights request is outstanding.
+    outstanding: BTreeMap<Sku, u64>,
+    /// Sales of `ledger.sales()` already folded into `overdraft`.
+    overdraft_scanned: usize,
+    /// Σ SaleRecord.overdraft per sku over the sales this replica knows.
+    overdraft: BTreeMap<Sku, u64>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    customers: u64,
+    sales: u64,
+    units_sold: u64,
+    refused: u64,
+    lost_sales: u64,
+    rights_requests: u64,
+    rights_answers_granted: u64,
+    gives: u64,
+    decode_errors: u64,
+    rejected_changes: u64,
+    crashes: u64,
+    restarts: u64,
+    deaths: u64,
+    restocked_units: u64,
+    reclaimed_units: u64,
+}
+
+/// A violated invariant.
+#[derive(Debug, Clone)]
+pub struct Violation {
+    /// Which invariant.
+    pub invariant: &'static str,
+    /// The figures.
+    pub detail: String,
+}
+
+fn violation(invariant: &'static str, detail: String) -> Violation {
+    Violation { invariant, detail }
+}
+
+/// The whole simulated stand.
+#[derive(Debug)]
+pub struct World {
+    cfg: SimConfig,
+    rng: ChaCha8Rng,
+    nodes: Vec<Node>,
+    syncs: BTreeMap<(usize, usize), PeerSync>,
+    up: BTreeSet<(usize, usize)>,
+    net: Network,
+    stand_id: StandId,
+    skus: Vec<Sku>,
+    zipf_cdf: Vec<f64>,
+    expected_demand: BTreeMap<Sku, f64>,
+    opening: BTreeMap<Sku, u64>,
+    restocked: BTreeMap<Sku, u64>,
+    low_water: BTreeMap<Sku, i64>,
+    want: BTreeMap<Sku, u64>,
+    /// Ground truth per sku: units that exist minus every unit sold anywhere.
+    truth: BTreeMap<Sku, i64>,
+    lost_units: BTreeMap<Sku, u64>,
+    sold_units: BTreeMap<Sku, u64>,
+    /// Per sku: units the admin took back from lost terminals (the deliberate trade).
+    reclaim_allowance: BTreeMap<Sku, u64>,
+    wan_up: bool,
+    lan_up: bool,
+    wifi_up: Vec<bool>,
+    faults: Vec<(u64, Fault)>,
+    next_fault: usize,
+    now: u64,
+    step: u64,
+    game_ms: u64,
+    healed_at: Option<u64>,
+    converged_at: Option<u64>,
+    next_allocation: u64,
+    next_return: u64,
+    next_rights_check: u64,
+    next_sample: u64,
+    sample_every: u64,
+    /// Committed sales not yet seen at the pool: (replica, seq) → commit time.
+    in_transit: BTreeMap<(ReplicaId, u64), u64>,
+    acked: Vec<(SaleId, usize)>,
+    latencies: Vec<u64>,
+    counters: Counters,
+    dirty: BTreeSet<usize>,
+    samples: Vec<StockSample>,
+    trace_from: Option<u64>,
+    trace: Vec<String>,
+}
+
+fn key_for(node: usize) -> ReplicaKey {
+    let mut seed = [0u8; 32];
+    seed[0] = 0x4a;
+    seed[1..9].copy_from_slice(&(node as u64).to_le_bytes());
+    ReplicaKey::from_seed(seed)
+}
+
+fn exp_sample(rng: &mut ChaCha8Rng, mean: f64) -> f64 {
+    let u: f64 = rng.random();
+    -(1.0 - u).ln() * mean
+}
+
+impl World {
+    /// Build the stand: the pool creates it, enrols the terminals, records the opening stock and
+    /// (unless running the central baseline) spreads rights; every terminal starts with all of it.
+    pub fn new(cfg: &SimConfig) -> Result<Self, Violation> {
+        let cfg = cfg.clone();
+        let terminals = cfg.terminals.clamp(1, crate::config::MAX_TERMINALS);
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let game_ms = cfg.game_ms().max(60_000);
+        let setup_err = |e: &dyn std::fmt::Display| violation("setup", e.to_string());
+        let stand_id = StandId::new("north").map_err(|e| setup_err(&e))?;
+        let info = StandInfo {
+            event: EventId::new("game").map_err(|e| setup_err(&e))?,
+            venue: "North High".into(),
+            stand: stand_id.clone(),
+            policy: cfg.ledger_policy(),
+            allocation: cfg.allocation.allocation(),
+            low_stock_pct: 10,
+        };
+        // Zipf popularity (s = 1.1) and stock sized to run low near the end of the game.
+        let nskus = cfg.skus.clamp(1, 64);
+        let weights: Vec<f64> = (1..=nskus).map(|i| 1.0 / (i as f64).powf(1.1)).collect();
+        let wsum: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let zipf_cdf: Vec<f64> = weights
+            .iter()
+            .map(|w| {
+                acc += w / wsum;
+                acc
+            })
+            .collect();
+        let skus: Vec<Sku> = (0..nskus)
+            .map(|i| Sku::new(format!("item-{i}")).map_err(|e| setup_err(&e)))
+            .collect::<Result<_, _>>()?;
+        let customers = scenario::expected_customers_per_terminal(cfg.scenario, game_ms / 60_000) * terminals as f64;
+        let expected_demand: BTreeMap<Sku, f64> = skus
+            .iter()
+            .zip(&weights)
+            .map(|(s, w)| (s.clone(), customers * 2.0 * w / wsum))
+            .collect();
+        let opening: BTreeMap<Sku, u64> =
+            expected_demand.iter().map(|(s, d)| (s.clone(), (d * 0.85).ceil() as u64 + 1)).collect();
+        let low_water: BTreeMap<Sku, i64> = opening
+            .iter()
+            .map(|(s, o)| (s.clone(), ((*o / terminals as u64) as i64 / 4).max(3)))
+            .collect();
+        let want: BTreeMap<Sku, u64> =
+            opening.iter().map(|(s, o)| (s.clone(), (*o / terminals as u64 / 2).max(6))).collect();
+
+        let t0 = 0;
+        let (mut pool, genesis) = Ledger::create_stand(key_for(0), info, "pool", t0).map_err(|e| setup_err(&e))?;
+        let mut setup = vec![genesis];
+        let items = skus
+            .iter()
+            .map(|s| CatalogItem {
+                sku: s.clone(),
+                name: s.to_string(),
+                price_cents: PRICE_CENTS,
+                low_stock_at: opening.get(s).copied().unwrap_or(0) / 10,
+            })
+            .collect();
+        setup.push(pool.set_catalog(items, t0).map_err(|e| setup_err(&e))?);
+        for i in 1..=terminals {
+            setup.push(pool.enrol(key_for(i).public(), &format!("till {i}"), Role::Terminal, t0).map_err(|e| setup_err(&e))?);
+        }
+        setup.push(pool.restock(opening.clone(), "opening", t0).map_err(|e| setup_err(&e))?);
+        if !cfg.baseline {
+            let plans = plan_allocation(&pool, cfg.allocation.allocation(), t0);
+            for r in pool.execute_plans(&plans, t0) {
+                setup.push(r.map_err(|e| setup_err(&e))?);
+            }
+        }
+        let pool_key = key_for(0).public();
+        let mut nodes = Vec::with_capacity(terminals + 1);
+        let mk = |key: ReplicaKey, ledger: Ledger, customers: ChaCha8Rng| Node {
+            id: key.replica_id(),
+            key,
+            ledger,
+            alive: true,
+            dead: false,
+            crashed: false,
+            durable: Vec::new(),
+            customers,
+            next_arrival: u64::MAX,
+            outstanding: BTreeMap::new(),
+            overdraft_scanned: 0,
+            overdraft: BTreeMap::new(),
+        };
+        nodes.push(mk(key_for(0), pool, ChaCha8Rng::seed_from_u64(rng.random())));
+        for i in 1..=terminals {
+            let mut l = Ledger::join(key_for(i), stand_id.clone(), pool_key);
+            let r = l.apply_remote(setup.clone(), t0);
+            if !r.rejected.is_empty() {
+                return Err(violation("setup", format!("terminal {i} rejected setup: {:?}", r.rejected)));
+            }
+            nodes.push(mk(key_for(i), l, ChaCha8Rng::seed_from_u64(rng.random())));
+        }
+        let faults = scenario::schedule(cfg.scenario, terminals, game_ms, &mut rng);
+        let truth = opening.iter().map(|(s, u)| (s.clone(), *u as i64)).collect();
+        let mut w = World {
+            rng,
+            nodes,
+            syncs: BTreeMap::new(),
+            up: BTreeSet::new(),
+            net: Network::default(),
+            stand_id,
+            skus,
+            zipf_cdf,
+            expected_demand,
+            opening,
+            restocked: BTreeMap::new(),
+            low_water,
+            want,
+            truth,
+            lost_units: BTreeMap::new(),
+            sold_units: BTreeMap::new(),
+            reclaim_allowance: BTreeMap::new(),
+            wan_up: true,
+            lan_up: true,
+            wifi_up: vec![true; terminals + 1],
+            faults,
+            next_fault: 0,
+            now: 0,
+            step: 0,
+            game_ms,
+            healed_at: None,
+            converged_at: None,
+            next_allocation: ALLOCATION_INTERVAL_MS,
+            next_return: RETURN_INTERVAL_MS,
+            next_rights_check: RIGHTS_CHECK_INTERVAL_MS,
+            next_sample: 0,
+            sample_every: (game_ms / SAMPLES_PER_GAME).max(1),
+            in_transit: BTreeMap::new(),
+            acked: Vec::new(),
+            latencies: Vec::new(),
+            counters: Counters::default(),
+            dirty: (0..=terminals).collect(),
+            samples: Vec::new(),
+            trace_from: None,
+            trace: Vec::new(),
+            cfg,
+        };
+        for t in 1..=terminals {
+            w.schedule_arrival(t);
+        }
+        w.update_links();
+        Ok(w)
+    }
+
+    /// Record a step-by-step trace from `step` on.
+    pub fn trace_from(&mut self, step: u64) {
+        self.trace_from = Some(step);
+    }
+
+    /// The trace recorded so far.
+    pub fn trace(&self) -> &[String] {
+        &self.trace
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Virtual time.
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// Length of the game.
+    pub fn game_ms(&self) -> u64 {
+        self.game_ms
+    }
+
+    fn tracing(&self) -> bool {
+        self.trace_from.is_some_and(|s| self.step >= s)
+    }
+
+    fn log(&mut self, f: impl FnOnce() -> String) {
+        if self.tracing() {
+            let line = format!("step {} t={}ms {}", self.step, self.now, f());
+            self.trace.push(line);
+        }
+    }
+
+    fn terminals(&self) -> usize {
+        self.nodes.len() - 1
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Connectivity.
+
+    fn connected(&self, a: usize, b: usize) -> bool {
+        let (a, b) = (a.min(b), a.max(b));
+        if a == b || !self.nodes[a].alive || !self.nodes[b].alive || !self.lan_up {
+            return false;
+        }
+        if a == 0 {
+            self.wan_up && self.wifi_up[b]
+        } else {
+            self.wifi_up[a] && self.wifi_up[b]
+        }
+    }
+
+    fn link_up(&self, a: usize, b: usize) -> bool {
+        self.up.contains(&(a.min(b), a.max(b)))
+    }
+
+    /// Open (fresh sync state, vectors first) or close links whose state changed.
+    fn update_links(&mut self) {
+        let n = self.nodes.len();
+        for a in 0..n {
+            for b in a + 1..n {
+                let now_up = self.connected(a, b);
+                let was_up = self.up.contains(&(a, b));
+                if now_up && !was_up {
+                    self.up.insert((a, b));
+                    let now = self.now;
+                    let sa = PeerSync::new(&self.nodes[a].ledger, now, ANTI_ENTROPY_INTERVAL_MS);
+                    let sb = PeerSync::new(&self.nodes[b].ledger, now, ANTI_ENTROPY_INTERVAL_MS);
+                    self.syncs.insert((a, b), sa);
+                    self.syncs.insert((b, a), sb);
+                    self.log(|| format!("link {a}<->{b} up"));
+                } else if !now_up && was_up {
+                    self.up.remove(&(a, b));
+                    self.syncs.remove(&(a, b));
+                    self.syncs.remove(&(b, a));
+                    self.log(|| format!("link {a}<->{b} down"));
+                }
+            }
+        }
+    }
+
+    fn pool_reachable(&self, t: usize) -> bool {
+        self.link_up(0, t)
+    }
+
+    /// Push a change this node just wrote (or gave) to every connected peer.
+    fn push_local(&mut self, node: usize, change: &SignedChange, except: Option<usize>) {
+        let me = self.nodes[node].id;
+        let seq = self.nodes[node].ledger.local_seq();
+        for ((_, peer), sync) in self.syncs.range_mut((node, 0)..(node + 1, 0)) {
+            if Some(*peer) != except {
+                sync.push(me, seq, change);
+            }
+        }
+        self.dirty.insert(node);
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // The main loop.
+
+    fn next_event(&self) -> u64 {
+        let mut t = u64::MAX;
+        if let Some((ft, _)) = self.faults.get(self.next_fault) {
+            t = t.min(*ft);
+        }
+        if let Some(d) = self.net.next_delivery() {
+            t = t.min(d);
+        }
+        if self.now < self.game_ms {
+            for n in &self.nodes[1..] {
+                if n.alive {
+                    t = t.min(n.next_arrival);
+                }
+            }
+            if !self.cfg.baseline {
+                t = t.min(self.next_allocation).min(self.next_return).min(self.next_rights_check);
+            }
+            t = t.min(self.next_sample);
+        }
+        for s in self.syncs.values() {
+            t = t.min(s.poll_timeout());
+        }
+        t.max(self.now)
+    }
+
+    /// Run to the end: the game, the final heal and convergence. `progress` is told the virtual
+    /// time now and then.
+    pub fn run(&mut self, progress: &mut dyn FnMut(u64)) -> Result<(), Violation> {
+        loop {
+            self.step()?;
+            if self.step.is_multiple_of(4096) {
+                progress(self.now);
+            }
+            if let Some(h) = self.healed_at {
+                if self.converged() {
+                    self.converged_at = Some(self.now);
+                    self.check_liveness()?;
+                    progress(self.now);
+                    return Ok(());
+                }
+                if self.now > h + CONVERGENCE_BOUND_MS {
+                    return Err(violation(
+                        "convergence",
+                        format!(
+                            "replicas still differ {} ms after the final heal: {}",
+                            self.now - h,
+                            self.vectors_summary()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// One step: advance to the next event and handle everything due, then check.
+    pub fn step(&mut self) -> Result<(), Violation> {
+        let next = self.next_event();
+        if next == u64::MAX {
+            return Err(violation("progress", "nothing left to happen before convergence".to_owned()));
+        }
+        self.now = next;
+        self.step += 1;
+        self.run_faults()?;
+        self.deliver();
+        self.timers();
+        self.customers();
+        self.periodic();
+        self.flush();
+        self.sample();
+        self.check_safety()
+    }
+
+    fn run_faults(&mut self) -> Result<(), Violation> {
+        let mut changed = false;
+        while let Some(&(t, f)) = self.faults.get(self.next_fault) {
+            if t > self.now {
+                break;
+            }
+            self.next_fault += 1;
+            changed = true;
+            self.log(|| format!("fault {f:?}"));
+            match f {
+                Fault::WanDown => self.wan_up = false,
+                Fault::WanUp => self.wan_up = true,
+                Fault::LanDown => self.lan_up = false,
+                Fault::LanUp => self.lan_up = true,
+                Fault::WifiDown(i) => self.wifi_up[i] = false,
+                Fault::WifiUp(i) => self.wifi_up[i] = true,
+                Fault::Crash(i) => self.crash(i),
+                Fault::Restart(i) => self.restart(i)?,
+                Fault::Die(i) => {
+                    let n = &mut self.nodes[i];
+                    if n.alive {
+                        n.alive = false;
+                        n.dead = true;
+                        self.counters.deaths += 1;
+                    }
+                }
+                Fault::Reclaim(i) => self.reclaim(i)?,
+                Fault::Restock(pct) => self.restock(pct)?,
+                Fault::Heal => {
+                    self.wan_up = true;
+                    self.lan_up = true;
+                    self.wifi_up.iter_mut().for_each(|w| *w = true);
+                    for i in 1..self.nodes.len() {
+                        if self.nodes[i].crashed {
+                            self.restart(i)?;
+                        }
+                    }
+                    self.healed_at = Some(self.now);
+                }
+            }
+        }
+        if changed {
+            self.update_links();
+        }
+        Ok(())
+    }
+
+    fn crash(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        if !n.alive {
+            return;
+        }
+        // Everything applied was persisted before it was acknowledged.
+        n.durable = n.ledger.all_changes().cloned().collect();
+        n.alive = false;
+        n.crashed = true;
+        n.outstanding.clear();
+        self.counters.crashes += 1;
+    }
+
+    fn restart(&mut self, i: usize) -> Result<(), Violation> {
+        let now = self.now;
+        let pool_key = self.nodes[0].key.public();
+        let n = &mut self.nodes[i];
+        if !n.crashed {
+            return Ok(());
+        }
+        let durable = std::mem::take(&mut n.durable);
+        let held = durable.len();
+        let (ledger, report) = Ledger::restore(n.key.clone(), self.stand_id.clone(), pool_key, durable, now);
+        if !report.rejected.is_empty() || report.accepted.len() != held {
+            return Err(violation(
+                "restore",
+                format!(
+                    "terminal {i} restored {} of {held} durable changes, rejected {:?}",
+                    report.accepted.len(),
+                    report.rejected
+                ),
+            ));
+        }
+        n.ledger = ledger;
+        n.alive = true;
+        n.crashed = false;
+        n.overdraft_scanned = 0;
+        n.overdraft.clear();
+        if n.next_arrival < now {
+            self.schedule_arrival(i);
+        }
+        self.counters.restarts += 1;
+        self.dirty.insert(i);
+        Ok(())
+    }
+
+    fn reclaim(&mut self, i: usize) -> Result<(), Violation> {
+        let rid = self.nodes[i].id;
+        for s in &self.skus {
+            let r = self.nodes[0].ledger.rights(rid, s).max(0) as u64;
+            *self.reclaim_allowance.entry(s.clone()).or_insert(0) += r;
+            self.counters.reclaimed_units += r;
+        }
+        let now = self.now;
+        let change = self.nodes[0]
+            .ledger
+            .reclaim(rid, now)
+            .map_err(|e| violation("reclaim", e.to_string()))?;
+        self.push_local(0, &change, None);
+        Ok(())
+    }
+
+    fn restock(&mut self, pct: u64) -> Result<(), Violation> {
+        let units: BTreeMap<Sku, u64> = self
+            .expected_demand
+            .iter()
+            .map(|(s, d)| (s.clone(), ((d * pct as f64) / 100.0).ceil() as u64))
+            .filter(|(_, u)| *u > 0)
+            .collect();
+        if units.is_empty() {
+            return Ok(());
+        }
+        for (s, u) in &units {
+            *self.truth.entry(s.clone()).or_insert(0) += *u as i64;
+            *self.restocked.entry(s.clone()).or_insert(0) += u;
+            self.counters.restocked_units += u;
+        }
+        let now = self.now;
+        let change = self.nodes[0]
+            .ledger
+            .restock(units, "delivery", now)
+            .map_err(|e| violation("restock", e.to_string()))?;
+        self.push_local(0, &change, None);
+        Ok(())
+    }
+
+    /// Deliver every message due, batching the changes that reach one replica in this tick
+    /// into one `apply_remote`.
+    fn deliver(&mut self) {
+        let due = self.net.due(self.now);
+        if due.is_empty() {
+            return;
+        }
+        let mut by_to: BTreeMap<usize, Vec<(usize, WireMessage)>> = BTreeMap::new();
+        for m in due {
+            if !self.link_up(m.from, m.to) {
+                self.net.stats.messages_dropped_link_down += 1;
+                continue;
+            }
+            match WireMessage::decode(&m.bytes, &self.stand_id) {
+                Ok(msg) => {
+                    self.net.stats.messages_delivered += 1;
+                    by_to.entry(m.to).or_default().push((m.from, msg));
+                }
+                Err(_) => self.counters.decode_errors += 1,
+            }
+        }
+        let now = self.now;
+        for (to, msgs) in by_to {
+            let mut batch = Vec::new();
+            let mut senders = BTreeSet::new();
+            let mut others = Vec::new();
+            for (from, msg) in msgs {
+                match msg {
+                    WireMessage::Changes { changes } => {
+                        if self.tracing() {
+                            self.log(|| format!("deliver {from}->{to} changes x{}", changes.len()));
+                        }
+                        batch.extend(changes);
+                        senders.insert(from);
+                    }
+                    other => others.push((from, other)),
+                }
+            }
+            let mut reports = Vec::new();
+            let mut requests = Vec::new();
+            if !batch.is_empty() {
+                reports.push(self.nodes[to].ledger.apply_remote(batch, now));
+                // Let each sender's sync state react as if it had applied its own message
+                // (a gap or a newer peer triggers a vector).
+                for from in senders {
+                    if let Some(s) = self.syncs.get_mut(&(to, from)) {
+                        let _ = s.handle(&mut self.nodes[to].ledger, WireMessage::Changes { changes: Vec::new() }, now);
+                    }
+                }
+            }
+            for (from, msg) in others {
+                if self.tracing() {
+                    let kind = match &msg {
+                        WireMessage::Vector { .. } => "vector".to_owned(),
+                        WireMessage::RightsRequest { sku, want } => format!("rights-request {sku} x{want}"),
+                        WireMessage::RightsAnswer { sku, granted, .. } => format!("rights-answer {sku} x{granted}"),
+                        WireMessage::Changes { .. } => "changes".to_owned(),
+                    };
+                    self.log(|| format!("deliver {from}->{to} {kind}"));
+                }
+                let Some(s) = self.syncs.get_mut(&(to, from)) else { continue };
+                for ev in s.handle(&mut self.nodes[to].ledger, msg, now) {
+                    match ev {
+                        SyncEvent::Applied(r) => reports.push(r),
+                        SyncEvent::RightsRequested { sku, want } => requests.push((from, sku, want)),
+                        SyncEvent::RightsAnswered { sku, granted } => {
+                            self.nodes[to].outstanding.remove(&sku);
+                            if granted > 0 {
+                                self.counters.rights_answers_granted += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            for r in reports {
+                self.after_apply(to, &r);
+            }
+            for (from, sku, want) in requests {
+                self.answer_rights(to, from, sku, want);
+            }
+        }
+    }
+
+    fn after_apply(&mut self, node: usize, r: &ApplyReport) {
+        if r.accepted.is_empty() && r.rejected.is_empty() {
+            return;
+        }
+        self.dirty.insert(node);
+        self.counters.rejected_changes += r.rejected.len() as u64;
+        if !r.rejected.is_empty() {
+            let rej = format!("{:?}", r.rejected);
+            self.log(|| format!("node {node} rejected {rej}"));
+        }
+        if node == 0 {
+            for id in &r.accepted_ids {
+                if let Some(at) = self.in_transit.remove(id) {
+                    self.latencies.push(self.now - at);
+                }
+            }
+        }
+    }
+
+    fn answer_rights(&mut self, node: usize, from: usize, sku: Sku, want: u64) {
+        let now = self.now;
+        let requester = self.nodes[from].id;
+        let answer = self.nodes[node].ledger.answer_rights_request(requester, &sku, want, now);
+        let (granted, change) = match answer {
+            Ok(Some((units, change))) => (units, Some(change)),
+            _ => (0, None),
+        };
+        self.log(|| format!("node {node} answers {from}: {sku} x{granted}"));
+        if let Some(c) = &change {
+            self.counters.gives += 1;
+            self.push_local(node, c, Some(from));
+        }
+        if let Some(s) = self.syncs.get_mut(&(node, from)) {
+            s.answer_rights(sku, granted, change);
+        }
+    }
+
+    fn timers(&mut self) {
+        let now = self.now;
+        for ((a, _), s) in self.syncs.iter_mut() {
+            if s.poll_timeout() <= now {
+                s.handle_timeout(&self.nodes[*a].ledger, now);
+            }
+        }
+    }
+
+    fn schedule_arrival(&mut self, t: usize) {
+        let scenario = self.cfg.scenario;
+        let game = self.game_ms as f64;
+        let n = &mut self.nodes[t];
+        let mut at = n.next_arrival.min(self.now) as f64;
+        if n.next_arrival == u64::MAX {
+            at = self.now as f64;
+        }
+        // Piecewise-constant Poisson process: draw with the current rate; if the draw crosses a
+        // phase boundary, restart from the boundary (the process is memoryless).
+        loop {
+            let frac = at / game;
+            if frac >= 1.0 {
+                n.next_arrival = u64::MAX;
+                return;
+            }
+            let rate_per_ms = scenario::rate_per_min(scenario, frac) / 60_000.0;
+            let next = at + exp_sample(&mut n.customers, 1.0 / rate_per_ms);
+            let boundary = scenario::next_phase_boundary(frac) * game;
+            if next < boundary {
+                n.next_arrival = (next.ceil() as u64).max(self.now + 1);
+                return;
+            }
+            at = boundary;
+        }
+    }
+
+    fn customers(&mut self) {
+        if self.now >= self.game_ms {
+            return;
+        }
+        for t in 1..self.nodes.len() {
+            while self.nodes[t].alive && self.nodes[t].next_arrival <= self.now {
+                self.serve(t);
+                self.schedule_arrival(t);
+            }
+        }
+    }
+
+    fn pick_sku(&mut self, t: usize) -> (Sku, u64) {
+        let n = &mut self.nodes[t];
+        let u: f64 = n.customers.random();
+        let i = self.zipf_cdf.iter().position(|c| u < *c).unwrap_or(self.zipf_cdf.len() - 1);
+        let qty = n.customers.random_range(1..=3u64);
+        (self.skus[i].clone(), qty)
+    }
+
+    /// One customer at terminal `t`.
+    fn serve(&mut self, t: usize) {
+        let now = self.now;
+        let (sku, qty) = self.pick_sku(t);
+        self.counters.customers += 1;
+        let reachable = self.pool_reachable(t);
+        let me = self.nodes[t].id;
+        if self.cfg.baseline && reachable {
+            // The central design: an online sale is decided by the pool.
+            let pool_has = self.nodes[0].ledger.available(&sku);
+            let have = self.nodes[t].ledger.rights(me, &sku);
+            let ok = if pool_has < qty as i64 {
+                false
+            } else if have < qty as i64 {
+                let short = qty - have.max(0) as u64;
+                match self.nodes[0].ledger.give(me, BTreeMap::from([(sku.clone(), short)]), now) {
+                    Ok(change) => {
+                        self.counters.gives += 1;
+                        // The round trip to the relay is the sale's answer: applied at once.
+                        let r = self.nodes[t].ledger.apply_remote(vec![change.clone()], now);
+                        self.after_apply(t, &r);
+                        self.push_local(0, &change, Some(t));
+                        true
+                    }
+                    Err(_) => false,
+                }
+            } else {
+                true
+            };
+            if !ok {
+                self.refused(t, &sku, qty, "pool says none left");
+                return;
+            }
+        }
+        let pool_reachable = if self.cfg.broken == Some(Broken::IgnoreRights) { false } else { reachable };
+        let req = SaleRequest {
+            lines: vec![SaleLine { sku: sku.clone(), qty, unit_price_cents: PRICE_CENTS }],
+            payment: Payment { method: PaymentMethod::Card, reference: format!("pi_{t}_{now}") },
+            pool_reachable,
+        };
+        match self.nodes[t].ledger.sell(req, now) {
+            SaleOutcome::Committed { sale_id, change } => {
+                self.log(|| format!("terminal {t} sells {sku} x{qty} ({sale_id:?}, online={reachable})"));
+                self.counters.sales += 1;
+                self.counters.units_sold += qty;
+                *self.truth.entry(sku.clone()).or_insert(0) -= qty as i64;
+                *self.sold_units.entry(sku.clone()).or_insert(0) += qty;
+                self.in_transit.insert((sale_id.replica, sale_id.seq), now);
+                self.acked.push((sale_id, t));
+                self.push_local(t, &change, None);
+            }
+            SaleOutcome::Refused { reason } => {
+                let why = reason.to_string();
+                self.refused(t, &sku, qty, &why);
+            }
+        }
+        self.maybe_request_rights(t, &sku);
+    }
+
+    fn refused(&mut self, t: usize, sku: &Sku, qty: u64, why: &str) {
+        self.counters.refused += 1;
+        let left = self.truth.get(sku).copied().unwrap_or(0);
+        if left >= qty as i64 {
+            self.counters.lost_sales += 1;
+            *self.lost_units.entry(sku.clone()).or_insert(0) += qty;
+        }
+        self.log(|| format!("terminal {t} refuses {sku} x{qty}: {why} (stand has {left})"));
+    }
+
+    fn maybe_request_rights(&mut self, t: usize, sku: &Sku) {
+        if self.cfg.baseline || self.now >= self.game_ms || !self.nodes[t].alive {
+            return;
+        }
+        let me = self.nodes[t].id;
+        let l = &self.nodes[t].ledger;
+        let low = self.low_water.get(sku).copied().unwrap_or(3);
+        if l.rights(me, sku) >= low || self.nodes[t].outstanding.get(sku).is_some_and(|d| *d > self.now) {
+            return;
+        }
+        // Ask whoever (as far as we know) can spare the most: the pool all it has, a terminal half.
+        let mut best: Option<(i64, usize)> = None;
+        for ((_, peer), _) in self.syncs.range((t, 0)..(t + 1, 0)) {
+            let r = l.rights(self.nodes[*peer].id, sku).max(0);
+            // A terminal is asked only when it is well stocked, so rights do not ping-pong
+            // between terminals that are all running low.
+            let spare = if *peer == 0 { r } else if r >= 4 * low { r / 2 } else { 0 };
+            if spare > 0 && best.is_none_or(|(b, _)| spare > b) {
+                best = Some((spare, *peer));
+            }
+        }
+        let Some((_, peer)) = best else { return };
+        let want = self.want.get(sku).copied().unwrap_or(6);
+        if let Some(s) = self.syncs.get_mut(&(t, peer)) {
+            s.request_rights(sku.clone(), want);
+            self.nodes[t].outstanding.insert(sku.clone(), self.now + RIGHTS_REQUEST_TIMEOUT_MS);
+            self.counters.rights_requests += 1;
+            self.log(|| format!("terminal {t} asks {peer} for {sku} x{want}"));
+        }
+    }
+
+    fn periodic(&mut self) {
+        if self.now >= self.game_ms || self.cfg.baseline {
+            return;
+        }
+        let now = self.now;
+        let alloc = self.cfg.allocation.allocation();
+        if now >= self.next_allocation {
+            self.next_allocation = now + ALLOCATION_INTERVAL_MS;
+            if (1..self.nodes.len()).any(|t| self.link_up(0, t)) {
+                let plans = plan_allocation(&self.nodes[0].ledger, alloc, now);
+                for c in self.nodes[0].ledger.execute_plans(&plans, now).into_iter().flatten() {
+                    self.counters.gives += 1;
+                    self.push_local(0, &c, None);
+                }
+            }
+        }
+        if now >= self.next_return {
+            self.next_return = now + RETURN_INTERVAL_MS;
+            for t in 1..self.nodes.len() {
+                if !self.pool_reachable(t) {
+                    continue;
+                }
+                let plans = plan_allocation(&self.nodes[t].ledger, alloc, now);
+                for c in self.nodes[t].ledger.execute_plans(&plans, now).into_iter().flatten() {
+                    self.counters.gives += 1;
+                    self.push_local(t, &c, None);
+                }
+            }
+        }
+        if now >= self.next_rights_check {
+            self.next_rights_check = now + RIGHTS_CHECK_INTERVAL_MS;
+            let skus = self.skus.clone();
+            for t in 1..self.nodes.len() {
+                for s in &skus {
+                    self.maybe_request_rights(t, s);
+                }
+            }
+        }
+    }
+
+    /// Drain every sync's outbox onto the network.
+    fn flush(&mut self) {
+        let now = self.now;
+        for ((a, b), s) in self.syncs.iter_mut() {
+            let model = if *a == 0 || *b == 0 { &WAN } else { &LAN };
+            while let Some(msg) = s.poll_transmit() {
+                let bytes = msg.encode(&self.stand_id);
+                self.net.send(&mut self.rng, model, now, *a, *b, bytes);
+            }
+        }
+    }
+
+    fn sample(&mut self) {
+        if self.now < self.next_sample || self.now > self.game_ms {
+            return;
+        }
+        self.next_sample = self.now - self.now % self.sample_every + self.sample_every;
+        let terminal_rights = self.nodes[1..]
+            .iter()
+            .map(|n| {
+                if n.alive {
+                    self.skus.iter().map(|s| n.ledger.rights(n.id, s)).sum()
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let pool = &self.nodes[0];
+        self.samples.push(StockSample {
+            t_ms: self.now,
+            terminal_rights,
+            pool_rights: self.skus.iter().map(|s| pool.ledger.rights(pool.id, s)).sum(),
+            pool_available: self.skus.iter().map(|s| pool.ledger.available(s)).sum(),
+            truth: self.truth.values().sum(),
+        });
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Invariants.
+
+    fn check_safety(&mut self) -> Result<(), Violation> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let policy = self.cfg.checked_policy();
+        for n in dirty {
+            if !self.nodes[n].alive {
+                continue;
+            }
+            // Fold newly known sales into the overdraft allowance of this view.
+            let node = &mut self.nodes[n];
+            let sales = node.ledger.sales();
+            for e in &sales[node.overdraft_scanned..] {
+                for (s, u) in &e.record.overdraft {
+                    *node.overdraft.entry(s.clone()).or_insert(0) += u;
+                }
+            }
+            node.overdraft_scanned = sales.len();
+            let l = &node.ledger;
+            for s in &self.skus {
+                let avail = l.available(s);
+                let mut sum = 0i64;
+                for (rid, info) in l.replicas() {
+                    let r = l.rights(*rid, s);
+                    sum += r;
+                    let retired = info.retired_at_pool_seq.is_some();
+                    if policy == Policy::Strict && r < 0 && !retired {
+                        return Err(violation(
+                            "rights-non-negative",
+                            format!("node {n} sees replica {rid} with rights {r} for {s} under strict"),
+                        ));
+                    }
+                }
+                if sum != avail {
+                    return Err(violation(
+                        "units-conserved",
+                        format!("node {n}: Σ rights of {s} = {sum} but available = {avail}"),
+                    ));
+                }
+                let oversell = (-avail).max(0) as u64;
+                let reclaimed = self.reclaim_allowance.get(s).copied().unwrap_or(0);
+                let allowed = match policy {
+                    Policy::Strict => reclaimed,
+                    Policy::Optimistic => reclaimed + node.overdraft.get(s).copied().unwrap_or(0),
+                };
+                if oversell > allowed {
+                    return Err(violation(
+                        if policy == Policy::Strict { "no-oversell" } else { "oversell-bounded" },
+                        format!("node {n}: available {s} = {avail}, oversell {oversell} > allowed {allowed}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn live(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().filter(|n| !n.dead)
+    }
+
+    fn converged(&self) -> bool {
+        if self.live().any(|n| !n.alive) {
+            return false;
+        }
+        let mut it = self.live();
+        let Some(first) = it.next() else { return true };
+        let v = first.ledger.version_vector();
+        it.all(|n| n.ledger.version_vector() == v)
+            && self.live().all(|n| n.ledger.heads() == first.ledger.heads())
+    }
+
+    fn vectors_summary(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| !n.dead)
+            .map(|(i, n)| format!("node {i}: {} changes", n.ledger.version_vector().values().sum::<u64>()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// After convergence: every acknowledged sale of a live terminal is at the pool, and the
+    /// pool's stock equals the ground truth less what died unsynced with a lost terminal.
+    fn check_liveness(&self) -> Result<(), Violation> {
+        let pool = &self.nodes[0].ledger;
+        let mut missing_dead: BTreeMap<Sku, i64> = BTreeMap::new();
+        for (id, t) in &self.acked {
+            if pool.sale(*id).is_none() {
+                if self.nodes[*t].dead {
+                    let Some(e) = self.nodes[*t].ledger.sale(*id) else { continue };
+                    for (s, u) in e.record.units() {
+                        *missing_dead.entry(s).or_insert(0) += u as i64;
+                    }
+                } else {
+                    return Err(violation("sale-at-pool", format!("acknowledged sale {id:?} of terminal {t} never reached the pool")));
+                }
+            }
+        }
+        for s in &self.skus {
+            let truth = self.truth.get(s).copied().unwrap_or(0);
+            let lost_with_dead = missing_dead.get(s).copied().unwrap_or(0);
+            let avail = pool.available(s);
+            if avail != truth + lost_with_dead {
+                return Err(violation(
+                    "pool-matches-truth",
+                    format!("pool available {s} = {avail}, ground truth {truth} + {lost_with_dead} sold by a lost terminal"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The report of a finished run.
+    pub fn report(&self) -> Report {
+        let pool = &self.nodes[0].ledger;
+        let mut per_sku = Vec::new();
+        let (mut stranded, mut oversell, mut lost_units) = (0, 0, 0);
+        for s in &self.skus {
+            let left = self.truth.get(s).copied().unwrap_or(0);
+            let lost = self.lost_units.get(s).copied().unwrap_or(0);
+            let over = (-pool.available(s)).max(0) as u64;
+            let str_ = (left.max(0) as u64).min(lost);
+            stranded += str_;
+            oversell += over;
+            lost_units += lost;
+            per_sku.push(SkuReport {
+                sku: s.to_string(),
+                opening: self.opening.get(s).copied().unwrap_or(0),
+                restocked: self.restocked.get(s).copied().unwrap_or(0),
+                sold: self.sold_units.get(s).copied().unwrap_or(0),
+                left,
+                lost_units: lost,
+                stranded: str_,
+                oversell: over,
+            });
+        }
+        let overdraft_granted: u64 = pool
+            .sales()
+            .iter()
+            .flat_map(|e| e.record.overdraft.values())
+            .sum();
+        let offline_sales = pool.sales().iter().filter(|e| e.record.offline).count() as u64;
+        let c = &self.counters;
+        Report {
+            seed: self.cfg.seed,
+            scenario: self.cfg.scenario.name().to_owned(),
+            config: self.cfg.label(),
+            terminals: self.terminals(),
+            game_minutes: self.game_ms / 60_000,
+            steps: self.step,
+            customers: c.customers,
+            sales: c.sales,
+            units_sold: c.units_sold,
+            offline_sales_at_pool: offline_sales,
+            refused: c.refused,
+            lost_sales: c.lost_sales,
+            lost_units,
+            stranded_units: stranded,
+            oversell_units: oversell,
+            refunds_owed: oversell,
+            refunds_owed_cents: oversell * PRICE_CENTS,
+            overdraft_granted_units: overdraft_granted,
+            sales_never_at_pool: self.acked.iter().filter(|(id, _)| pool.sale(*id).is_none()).count() as u64,
+            propagation_ms: Latencies::from_samples(&self.latencies),
+            convergence_ms: match (self.healed_at, self.converged_at) {
+                (Some(h), Some(c)) => Some(c - h),
+                _ => None,
+            },
+            rights_requests: c.rights_requests,
+            rights_answers_granted: c.rights_answers_granted,
+            gives: c.gives,
+            restocked_units: c.restocked_units,
+            reclaimed_units: c.reclaimed_units,
+            crashes: c.crashes,
+            restarts: c.restarts,
+            deaths: c.deaths,
+            decode_errors: c.decode_errors,
+            rejected_changes: c.rejected_changes,
+            net: self.net.stats.clone(),
+            per_sku,
+            samples: self.samples.clone(),
+            latencies_ms: {
+                let mut v = self.latencies.clone();
+                v.sort_unstable();
+                v
+            },
+        }
+    }
+}
+
+/// Run one configuration to the end.
+pub fn run(cfg: &SimConfig, progress: &mut dyn FnMut(u64, u64)) -> Result<Report, Box<Failure>> {
+    let fail = |w: Option<&World>, v: Violation| {
+        Box::new(Failure {
+            seed: cfg.seed,
+            scenario: cfg.scenario.name().to_owned(),
+            config: cfg.label(),
+            step: w.map_or(0, |w| w.steps()),
+            time_ms: w.map_or(0, |w| w.now()),
+            invariant: v.invariant.to_owned(),
+            detail: v.detail,
+            replay: cfg.replay_command(),
+            trace: w.map(|w| w.trace().to_vec()).unwrap_or_default(),
+        })
+    };
+    let mut w = World::new(cfg).map_err(|v| fail(None, v))?;
+    let game = w.game_ms();
+    match w.run(&mut |now| progress(now, game)) {
+        Ok(()) => Ok(w.report()),
+        Err(v) => Err(fail(Some(&w), v)),
+    }
+}
+
+/// Run one configuration, recording a step-by-step trace from `from_step` on.
+pub fn run_traced(cfg: &SimConfig, from_step: u64) -> Result<Report, Box<Failure>> {
+    let fail = |w: Option<&World>, v: Violation| {
+        Box::new(Failure {
+            seed: cfg.seed,
+            scenario: cfg.scenario.name().to_owned(),
+            config: cfg.label(),
+            step: w.map_or(0, |w| w.steps()),
+            time_ms: w.map_or(0, |w| w.now()),
+            invariant: v.invariant.to_owned(),
+            detail: v.detail,
+            replay: cfg.replay_command(),
+            trace: w.map(|w| w.trace().to_vec()).unwrap_or_default(),
+        })
+    };
+    let mut w = World::new(cfg).map_err(|v| fail(None, v))?;
+    w.trace_from(from_step);
+    match w.run(&mut |_| {}) {
+        Ok(()) => Ok(w.report()),
+        Err(v) => Err(fail(Some(&w), v)),
+    }
+}
+
+#[allow(dead_code)]
+const _: () = assert!(TICK_MS > 0);
