@@ -592,12 +592,12 @@ impl Node {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                // Remember every address: a peer not yet known to be enrolled (before the
+                // registry has synced) is dialled as soon as it is.
                 for (peer, addr) in list {
-                    if self.peer_of.contains_key(&peer) {
-                        self.known_addrs.entry(peer).or_default().insert(addr);
-                        if !self.peers.contains_key(&peer) {
-                            self.dial_peer(peer);
-                        }
+                    self.known_addrs.entry(peer).or_default().insert(addr);
+                    if self.peer_of.contains_key(&peer) && !self.peers.contains_key(&peer) {
+                        self.dial_peer(peer);
                     }
                 }
             }
@@ -807,7 +807,12 @@ impl Node {
             self.last_dial.insert(key, Instant::now());
             let _ = self.swarm.dial(addr);
         }
-        let discovered: Vec<PeerId> = self.known_addrs.keys().filter(|p| !self.peers.contains_key(p)).copied().collect();
+        let discovered: Vec<PeerId> = self
+            .known_addrs
+            .keys()
+            .filter(|p| self.peer_of.contains_key(p) && !self.peers.contains_key(p))
+            .copied()
+            .collect();
         for p in discovered {
             self.dial_peer(p);
         }
