@@ -1,17 +1,4 @@
-//! # halftime-peer
-//!
-//! The daemon each terminal, kitchen display and (on a stand without the relay) the pool runs:
-//! a thin driver around `halftime-ledger`. It keeps every change in a redb file, meshes with
-//! the stand's other replicas over libp2p (private-network key, noise, mDNS), and serves the
-//! local POS API and pages.
-//!
-//! Flow of a sale: `POST /v1/sales` → command to the node task → ledger commits and signs →
-//! the change is written durably (group commit) → 201 → the change is pushed to every peer.
-
-mod api;
-mod net;
-mod node;
-mod store;
+//! `halftime-peer`: see the library documentation for the flow.
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -24,7 +11,8 @@ use rand::RngCore;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use store::{StandSettings, Store};
+use halftime_peer::store::{StandSettings, Store};
+use halftime_peer::{api, net, node};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 #[derive(Parser, Debug)]
@@ -89,6 +77,17 @@ enum Cmd {
         /// terminal or kitchen.
         #[arg(long, default_value = "terminal")]
         role: String,
+    },
+    /// Retire a lost terminal and take its last known rights back to the pool (run on the
+    /// pool's data folder while the pool is stopped). If the terminal was in fact still selling
+    /// offline, those sales show up as oversell for refunds.
+    Reclaim {
+        /// Data folder of the pool.
+        #[arg(long)]
+        data: PathBuf,
+        /// The replica id of the lost terminal (16 hex digits, see `/v1/status`).
+        #[arg(long)]
+        replica: String,
     },
     /// Make this replica a member of a stand (it learns the rest from the pool).
     Join {
@@ -251,6 +250,21 @@ fn main() -> Result<()> {
             let c = pool.enrol(k, &name, role, now())?;
             store.append(&[c], true)?;
             println!("enrolled {} as {}; it syncs at the next connection", k.replica_id(), role.as_str());
+            Ok(())
+        }
+        Cmd::Reclaim { data, replica } => {
+            let mut store = store_at(&data)?;
+            let key = store.key()?.context("no key in this data folder")?;
+            let s = store.settings()?;
+            let (stored, _) = store.changes()?;
+            let (mut pool, _) = Ledger::restore(key, s.stand, s.pool, stored, now());
+            let rid: halftime_ledger::ReplicaId = replica.parse()?;
+            let c = pool.reclaim(rid, now())?;
+            store.append(&[c], true)?;
+            for (sku, _) in pool.catalog() {
+                println!("{sku}: pool rights now {}", pool.rights(pool.me(), sku));
+            }
+            println!("retired {rid}; its rights are back at the pool");
             Ok(())
         }
         Cmd::Join { data, stand, pool_key, psk } => {

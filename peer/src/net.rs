@@ -34,6 +34,7 @@ pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
 pub const IDLE_TIMEOUT_MS: u64 = 30_000;
 
 /// The mesh behaviour.
+#[allow(missing_debug_implementations)]
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     /// Only enrolled replicas.

@@ -707,8 +707,15 @@ impl Node {
             self.metrics.store_errors += 1;
             tracing::error!(error = %e, "could not store received changes");
         }
+        // Relay only what the author could not have pushed itself: on a full stand mesh every
+        // replica pushes its own changes to everyone, and relaying them again would cost
+        // N² frames per sale. Changes whose author is not connected to us (a partial partition,
+        // or a repair) are relayed; the vector exchange covers the rest.
+        let connected: BTreeSet<ReplicaId> = self.peers.values().filter_map(|p| p.replica).collect();
         for ((rid, seq), c) in report.accepted_ids.iter().zip(&report.accepted) {
-            self.push_all(*rid, *seq, c, from);
+            if !connected.contains(rid) {
+                self.push_all(*rid, *seq, c, from);
+            }
         }
         self.after_change(&report.accepted);
     }
@@ -731,8 +738,14 @@ impl Node {
                             skus.extend(rec.units().into_keys());
                             new_sales.push(rec.clone());
                         }
-                        halftime_ledger::Operation::Void { units, .. }
-                        | halftime_ledger::Operation::Restock { units, .. }
+                        halftime_ledger::Operation::Void { sale, units } => {
+                            skus.extend(units.keys().cloned());
+                            if let Some(o) = self.orders.iter_mut().find(|o| o.sale_id == *sale) {
+                                o.voided = true;
+                                let _ = self.live.send(LiveEvent::Order { order: o.clone() });
+                            }
+                        }
+                        halftime_ledger::Operation::Restock { units, .. }
                         | halftime_ledger::Operation::Adjust { units, .. }
                         | halftime_ledger::Operation::Give { units, .. }
                         | halftime_ledger::Operation::Reclaim { units, .. } => skus.extend(units.keys().cloned()),

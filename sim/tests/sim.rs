@@ -21,7 +21,7 @@ fn threads() -> usize {
 #[test]
 fn ci_sweep_every_scenario_holds_invariants() {
     let mut jobs = Vec::new();
-    for seed in 0..3 {
+    for seed in 0..12 {
         for s in Scenario::ALL {
             for p in [PolicyChoice::Strict, PolicyChoice::Optimistic] {
                 jobs.push(ci_config(seed, s, p));

@@ -137,8 +137,10 @@ pub fn make_stand(n: usize, kitchen: bool, items: &[&str]) -> Stand {
     Stand { dir, pool_key, psk, keys, join }
 }
 
+/// One shared HTTP client (keeps connections alive between requests).
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap()
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap()).clone()
 }
 
 pub async fn get(api: &str, path: &str) -> Value {
