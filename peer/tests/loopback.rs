@@ -125,30 +125,35 @@ async fn a_killed_terminal_keeps_its_acknowledged_sale() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_stand_key_and_unenrolled_replicas_cannot_join() {
-    let stand = make_stand(1, false, &ITEMS);
+    use halftime_peer::store::{StandSettings, Store};
+    // Two terminals are enrolled; only t0 runs honestly.
+    let stand = make_stand(2, false, &ITEMS);
     let procs = start(&stand, 1);
     for p in &procs {
         wait_up(p).await;
     }
     let pool_mesh = procs[0].mesh.clone();
-    // A replica with the wrong stand key.
-    let out = std::process::Command::new(BIN).args(["init", "--data", stand.dir.path().join("intruder").to_str().unwrap()]).output().unwrap();
-    assert!(out.status.success());
-    let bad_psk = "11".repeat(32);
-    let mut a = vec!["join".to_string(), "--data".into(), stand.dir.path().join("intruder").to_str().unwrap().into()];
-    a.extend(stand.join.iter().cloned());
-    let i = a.iter().position(|w| w == "--psk").unwrap();
-    a[i + 1] = bad_psk;
-    let argv: Vec<&str> = a.iter().map(String::as_str).collect();
-    cli(&argv);
+    // An enrolled terminal's key (t1's) with the wrong stand key.
+    let (secret, settings) = {
+        let t1 = Store::open(&stand.dir.path().join("t1/replica.redb")).unwrap();
+        (t1.key().unwrap().unwrap().secret_bytes(), t1.settings().unwrap())
+    };
+    let wrong = stand.dir.path().join("wrong-psk");
+    std::fs::create_dir_all(&wrong).unwrap();
+    {
+        let s = Store::open(&wrong.join("replica.redb")).unwrap();
+        s.key_or_init(|| secret).unwrap();
+        s.set_settings(&StandSettings { psk: "11".repeat(32), ..settings }).unwrap();
+    }
     // An unenrolled key with the right stand key.
-    let mut a = vec!["join".to_string(), "--data".into(), stand.dir.path().join("stranger").to_str().unwrap().into()];
-    cli(&["init", "--data", stand.dir.path().join("stranger").to_str().unwrap()]);
+    let stranger_dir = stand.dir.path().join("stranger");
+    cli(&["init", "--data", stranger_dir.to_str().unwrap()]);
+    let mut a = vec!["join".to_string(), "--data".into(), stranger_dir.to_str().unwrap().into()];
     a.extend(stand.join.iter().cloned());
     let argv: Vec<&str> = a.iter().map(String::as_str).collect();
     cli(&argv);
-    let intruder = spawn("intruder", &stand.dir.path().join("intruder"), &mesh_addr(free_port()), free_port(), &[pool_mesh.clone()], false, None);
-    let stranger = spawn("stranger", &stand.dir.path().join("stranger"), &mesh_addr(free_port()), free_port(), &[pool_mesh.clone()], false, None);
+    let intruder = spawn("wrong-psk", &wrong, &mesh_addr(free_port()), free_port(), &[pool_mesh.clone()], false, None);
+    let stranger = spawn("stranger", &stranger_dir, &mesh_addr(free_port()), free_port(), &[pool_mesh.clone()], false, None);
     wait_up(&intruder).await;
     wait_up(&stranger).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -156,6 +161,7 @@ async fn wrong_stand_key_and_unenrolled_replicas_cannot_join() {
     assert_eq!(peers(&procs[0].api).await.len(), 1, "pool peers: only t0");
     assert!(peers(&intruder.api).await.is_empty());
     assert!(peers(&stranger.api).await.is_empty());
+    assert_eq!(get(&intruder.api, "/v1/status").await["changes"], 0);
     assert_eq!(get(&stranger.api, "/v1/status").await["changes"], 0);
     // The honest stand still works.
     assert_eq!(sell(&procs[1].api, "hotdog", 1).await.0, 201);
