@@ -310,16 +310,36 @@ async fn run(data: PathBuf, listen: Multiaddr, api_addr: SocketAddr, peers: Vec<
     let (cmd_tx, cmd_rx) = mpsc::channel(node::COMMAND_QUEUE_LEN);
     let node = node::Node::new(ledger, store, swarm, node::NodeConfig { static_peers: peers, sync_interval_ms }, live.clone());
     let (stop_tx, stop_rx) = oneshot::channel();
-    let node_task = tokio::spawn(node.run(cmd_rx, stop_rx));
+    let mut node_task = tokio::spawn(node.run(cmd_rx, stop_rx));
     let app = api::router(api::AppState { cmds: cmd_tx, live });
     let listener = tokio::net::TcpListener::bind(api_addr).await.with_context(|| format!("cannot bind the API on {api_addr}"))?;
     tracing::info!(api = %listener.local_addr()?, "local API up");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
-    let _ = stop_tx.send(());
-    let _ = node_task.await;
-    Ok(())
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    let mut server = tokio::spawn(async move { serve.await });
+    tokio::select! {
+        r = &mut server => {
+            let _ = stop_tx.send(());
+            let node = node_task.await;
+            r??;
+            match node {
+                Ok(Err(e)) => bail!(e),
+                _ => Ok(()),
+            }
+        }
+        r = &mut node_task => {
+            // Let the server finish writing the answers already given (a refusal that says why)
+            // before the process stops.
+            tokio::time::sleep(std::time::Duration::from_millis(FATAL_GRACE_MS)).await;
+            match r {
+                Ok(Err(e)) => bail!(e),
+                Ok(Ok(())) => Ok(()),
+                Err(e) => bail!("the node task failed: {e}"),
+            }
+        }
+    }
 }
+
+/// Time the API gets to deliver its last answers after the node stopped on a storage fault.
+const FATAL_GRACE_MS: u64 = 500;

@@ -258,6 +258,10 @@ pub struct Node {
     orders: VecDeque<OrderView>,
     metrics: Metrics,
     listen: Vec<Multiaddr>,
+    /// Set when a local change could not be made durable: the node stops so that a restart
+    /// rebuilds it from what is on disk (the unwritten change was never sent anywhere, so its
+    /// sequence number is free again).
+    fatal: Option<String>,
 }
 
 impl std::fmt::Debug for Node {
@@ -286,6 +290,7 @@ impl Node {
             orders: VecDeque::new(),
             metrics: Metrics::default(),
             listen: Vec::new(),
+            fatal: None,
         };
         n.refresh_allowlist();
         let now = now_ms();
@@ -296,8 +301,8 @@ impl Node {
         n
     }
 
-    /// Run until `shutdown` fires.
-    pub async fn run(mut self, mut cmds: mpsc::Receiver<Command>, mut shutdown: oneshot::Receiver<()>) {
+    /// Run until `shutdown` fires; an error when the store failed and the node had to stop.
+    pub async fn run(mut self, mut cmds: mpsc::Receiver<Command>, mut shutdown: oneshot::Receiver<()>) -> Result<(), String> {
         let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -318,8 +323,34 @@ impl Node {
                 ev = self.swarm.select_next_some() => self.handle_swarm(ev),
                 _ = tick.tick() => self.handle_tick(),
             }
+            if let Some(e) = self.fatal.take() {
+                return Err(e);
+            }
             self.flush();
         }
+        Ok(())
+    }
+
+    /// Persist new local changes durably, then push them to every peer. On failure the node
+    /// stops (see `fatal`); nothing of them has left this replica.
+    fn persist_local(&mut self, changes: &[SignedChange]) -> Result<(), String> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.store.append(changes, true) {
+            self.metrics.store_errors += 1;
+            let msg = format!("could not make local changes durable: {e}; stopping so a restart recovers from disk");
+            tracing::error!("{msg}");
+            self.fatal = Some(msg.clone());
+            return Err(msg);
+        }
+        let me = self.ledger.me();
+        let first = self.ledger.local_seq() + 1 - changes.len() as u64;
+        for (i, c) in changes.iter().enumerate() {
+            self.push_all(me, first + i as u64, c, None);
+        }
+        self.after_change(changes);
+        Ok(())
     }
 
     // ---------------------------------------------------------------------------------------
@@ -408,27 +439,15 @@ impl Node {
                 }
             }
         }
-        // One durable write for the whole batch, then the acknowledgements, then the pushes.
-        let err = self.store.append(&new_changes, true).err().map(|e| e.to_string());
-        if err.is_some() {
-            self.metrics.store_errors += 1;
-            tracing::error!(error = ?err, "could not persist local changes; they are not acknowledged");
-        } else if !new_changes.is_empty() {
+        // One durable write for the whole batch, then the pushes, then the acknowledgements.
+        let err = self.persist_local(&new_changes).err();
+        if err.is_none() && !new_changes.is_empty() {
             let us = started.elapsed().as_micros() as u64;
             self.metrics.ack_us_sum += us * replies.len() as u64;
             self.metrics.ack_count += replies.len() as u64;
         }
         for r in replies {
             r(self, err.as_deref());
-        }
-        if err.is_none() && !new_changes.is_empty() {
-            let me = self.ledger.me();
-            let last = self.ledger.local_seq();
-            let first = last + 1 - new_changes.len() as u64;
-            for (i, c) in new_changes.iter().enumerate() {
-                self.push_all(me, first + i as u64, c, None);
-            }
-            self.after_change(&new_changes);
         }
     }
 
@@ -664,18 +683,10 @@ impl Node {
                 SyncEvent::RightsRequested { sku, want } => {
                     let Some(asker) = from_replica else { continue };
                     let answer = match self.ledger.answer_rights_request(asker, &sku, want, now) {
-                        Ok(Some((units, change))) => {
-                            if let Err(e) = self.store.append(std::slice::from_ref(&change), true) {
-                                tracing::error!(error = %e, "could not persist a give");
-                                self.metrics.store_errors += 1;
-                                (0, None)
-                            } else {
-                                let (me, seq) = (self.ledger.me(), self.ledger.local_seq());
-                                self.push_all(me, seq, &change, Some(from));
-                                self.after_change(std::slice::from_ref(&change));
-                                (units, Some(change))
-                            }
-                        }
+                        Ok(Some((units, change))) => match self.persist_local(std::slice::from_ref(&change)) {
+                            Ok(()) => (units, Some(change)),
+                            Err(_) => return,
+                        },
                         Ok(None) | Err(_) => (0, None),
                     };
                     if let Some(p) = self.peers.get_mut(&from) {
@@ -850,18 +861,7 @@ impl Node {
         if changes.is_empty() {
             return;
         }
-        if let Err(e) = self.store.append(&changes, true) {
-            self.metrics.store_errors += 1;
-            tracing::error!(error = %e, "could not persist allocation gives");
-            return;
-        }
-        let me = self.ledger.me();
-        let last = self.ledger.local_seq();
-        let first = last + 1 - changes.len() as u64;
-        for (i, c) in changes.iter().enumerate() {
-            self.push_all(me, first + i as u64, c, None);
-        }
-        self.after_change(&changes);
+        let _ = self.persist_local(&changes);
     }
 
     fn ask_for_rights(&mut self, now: u64) {
