@@ -20,16 +20,31 @@ fn pct(v: &mut [f64], q: f64) -> f64 {
 }
 
 fn report(what: &str, v: &mut [f64]) {
-    println!("{what:<58} n={:<6} p50 {:>8.2} ms   p99 {:>8.2} ms", v.len(), pct(v, 0.5), pct(v, 0.99));
+    println!(
+        "{what:<58} n={:<6} p50 {:>8.2} ms   p99 {:>8.2} ms",
+        v.len(),
+        pct(v, 0.5),
+        pct(v, 0.99)
+    );
 }
 
 fn start(stand: &Stand, n: usize) -> Vec<Proc> {
     let mut procs: Vec<Proc> = Vec::new();
-    let names: Vec<String> = std::iter::once("pool".to_string()).chain((0..n).map(|i| format!("t{i}"))).collect();
+    let names: Vec<String> = std::iter::once("pool".to_string())
+        .chain((0..n).map(|i| format!("t{i}")))
+        .collect();
     for name in names {
         let peers: Vec<String> = procs.iter().map(|p| p.mesh.clone()).collect();
         let mesh = format!("/ip4/127.0.0.1/tcp/{}", free_port());
-        procs.push(spawn(&name, &stand.dir.path().join(&name), &mesh, free_port(), &peers, false, None));
+        procs.push(spawn(
+            &name,
+            &stand.dir.path().join(&name),
+            &mesh,
+            free_port(),
+            &peers,
+            false,
+            None,
+        ));
     }
     procs
 }
@@ -40,7 +55,10 @@ async fn ready(procs: &[Proc], n: usize, stock: i64) {
         let api = p.api.clone();
         eventually(60, "mesh and stand", || {
             let api = api.clone();
-            async move { (peers(&api).await.len() == n && available(&api, "hotdog").await == Some(stock)).then_some(()) }
+            async move {
+                (peers(&api).await.len() == n && available(&api, "hotdog").await == Some(stock))
+                    .then_some(())
+            }
         })
         .await;
     }
@@ -92,7 +110,13 @@ async fn durable_ack() {
         all.extend(t.await.unwrap());
     }
     let secs = t.elapsed().as_secs_f64();
-    report(&format!("durable sale ack, 8 clients ({:.0} sales/s)", all.len() as f64 / secs), &mut all);
+    report(
+        &format!(
+            "durable sale ack, 8 clients ({:.0} sales/s)",
+            all.len() as f64 / secs
+        ),
+        &mut all,
+    );
 }
 
 async fn propagation(n: usize) {
@@ -100,7 +124,12 @@ async fn propagation(n: usize) {
     let procs = start(&stand, n);
     ready(&procs, n, 1_000_000).await;
     let (a, b) = (procs[1].api.clone(), procs[2].api.clone());
-    let resp = client().get(format!("{b}/v1/live")).timeout(Duration::from_secs(120)).send().await.unwrap();
+    let resp = client()
+        .get(format!("{b}/v1/live"))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .unwrap();
     let arrivals = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<String, Instant>::new()));
     let arr = arrivals.clone();
     let reader = tokio::spawn(async move {
@@ -111,7 +140,11 @@ async fn propagation(n: usize) {
             buf.push_str(&String::from_utf8_lossy(&chunk));
             while let Some(i) = buf.find("\n\n") {
                 let ev: String = buf.drain(..i + 2).collect();
-                if let Some(id) = ev.split("\"sale_id\":\"").nth(1).and_then(|r| r.split('"').next()) {
+                if let Some(id) = ev
+                    .split("\"sale_id\":\"")
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                {
                     arr.lock().unwrap().entry(id.to_owned()).or_insert(now);
                 }
             }
@@ -135,7 +168,11 @@ async fn propagation(n: usize) {
                 let t = Instant::now();
                 let (code, body) = sell(&api, "hotdog", 1).await;
                 if code == 201 && i == 0 {
-                    sent.push((body["sale_id"].as_str().unwrap().to_owned(), t, Instant::now()));
+                    sent.push((
+                        body["sale_id"].as_str().unwrap().to_owned(),
+                        t,
+                        Instant::now(),
+                    ));
                 }
                 k += 1;
             }
@@ -161,10 +198,19 @@ async fn propagation(n: usize) {
             None => missing += 1,
         }
     }
-    report(&format!("propagation A→B live, {n} terminals, 200 sales/s: from POST"), &mut from_post);
-    report(&format!("propagation A→B live, {n} terminals, 200 sales/s: from 201"), &mut from_ack);
+    report(
+        &format!("propagation A→B live, {n} terminals, 200 sales/s: from POST"),
+        &mut from_post,
+    );
+    report(
+        &format!("propagation A→B live, {n} terminals, 200 sales/s: from 201"),
+        &mut from_ack,
+    );
     if missing > 0 {
-        println!("  {missing} of {} sales on A did not arrive at B within 3 s of the load's end", sent.len());
+        println!(
+            "  {missing} of {} sales on A did not arrive at B within 3 s of the load's end",
+            sent.len()
+        );
     }
     let _ = a;
 }
@@ -186,16 +232,44 @@ async fn memory(sales: usize) {
     let (mut pool, g) = Ledger::create_stand(pool_key.clone(), info, "pool", 1).unwrap();
     let sku = Sku::new("hotdog").unwrap();
     let mut changes = vec![g];
-    changes.push(pool.set_catalog(vec![CatalogItem { sku: sku.clone(), name: "Hot dog".into(), price_cents: 400, low_stock_at: 1 }], 1).unwrap());
+    changes.push(
+        pool.set_catalog(
+            vec![CatalogItem {
+                sku: sku.clone(),
+                name: "Hot dog".into(),
+                price_cents: 400,
+                low_stock_at: 1,
+            }],
+            1,
+        )
+        .unwrap(),
+    );
     changes.push(pool.enrol(key.public(), "t", Role::Terminal, 1).unwrap());
-    changes.push(pool.restock(BTreeMap::from([(sku.clone(), 1u64 << 30)]), "", 1).unwrap());
-    changes.push(pool.give(key.replica_id(), BTreeMap::from([(sku.clone(), 1u64 << 29)]), 1).unwrap());
+    changes.push(
+        pool.restock(BTreeMap::from([(sku.clone(), 1u64 << 30)]), "", 1)
+            .unwrap(),
+    );
+    changes.push(
+        pool.give(
+            key.replica_id(),
+            BTreeMap::from([(sku.clone(), 1u64 << 29)]),
+            1,
+        )
+        .unwrap(),
+    );
     let mut t = Ledger::join(key.clone(), StandId::new("big").unwrap(), pool_key.public());
     t.apply_remote(changes.clone(), 1);
     for i in 0..sales {
         let r = SaleRequest {
-            lines: vec![SaleLine { sku: sku.clone(), qty: 1, unit_price_cents: 400 }],
-            payment: Payment { method: PaymentMethod::Cash, reference: String::new() },
+            lines: vec![SaleLine {
+                sku: sku.clone(),
+                qty: 1,
+                unit_price_cents: 400,
+            }],
+            payment: Payment {
+                method: PaymentMethod::Cash,
+                reference: String::new(),
+            },
             pool_reachable: true,
         };
         match t.sell(r, 10 + i as u64) {
@@ -207,23 +281,50 @@ async fn memory(sales: usize) {
     {
         let mut store = Store::open(&dir.join("replica.redb")).unwrap();
         store.key_or_init(|| [42; 32]).unwrap();
-        store.set_settings(&StandSettings { stand: StandId::new("big").unwrap(), pool: pool_key.public(), psk: "00".repeat(32) }).unwrap();
+        store
+            .set_settings(&StandSettings {
+                stand: StandId::new("big").unwrap(),
+                pool: pool_key.public(),
+                psk: "00".repeat(32),
+            })
+            .unwrap();
         for c in changes.chunks(1000) {
             store.append(c, true).unwrap();
         }
     }
     drop(t);
     let start = Instant::now();
-    let p = spawn("big", &dir, "/ip4/127.0.0.1/tcp/0", free_port(), &[], false, None);
+    let p = spawn(
+        "big",
+        &dir,
+        "/ip4/127.0.0.1/tcp/0",
+        free_port(),
+        &[],
+        false,
+        None,
+    );
     let api = p.api.clone();
     eventually(300, "the big peer up", || {
         let api = api.clone();
-        async move { client().get(format!("{api}/v1/status")).send().await.ok().map(|_| ()) }
+        async move {
+            client()
+                .get(format!("{api}/v1/status"))
+                .send()
+                .await
+                .ok()
+                .map(|_| ())
+        }
     })
     .await;
     let up = start.elapsed();
     let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
-    let field = |f: &str| status.lines().find(|l| l.starts_with(f)).map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024).unwrap();
+    let field = |f: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(f))
+            .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024)
+            .unwrap()
+    };
     println!(
         "peer holding a {sales}-sale stand: API up after {:.1} s; resident {} MB, peak {} MB",
         up.as_secs_f64(),
@@ -235,7 +336,10 @@ async fn memory(sales: usize) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let only = |name: &str| !args.iter().any(|a| a.starts_with("--only")) || args.iter().any(|a| a == &format!("--only={name}"));
+    let only = |name: &str| {
+        !args.iter().any(|a| a.starts_with("--only"))
+            || args.iter().any(|a| a == &format!("--only={name}"))
+    };
     println!("halftime-peer benchmarks (real processes on loopback)");
     if only("ack") {
         durable_ack().await;

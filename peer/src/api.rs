@@ -49,16 +49,32 @@ impl IntoResponse for ApiError {
 }
 
 fn bad_request(message: String) -> ApiError {
-    ApiError { status: 400, error: "bad_request", message, refusal: None }
+    ApiError {
+        status: 400,
+        error: "bad_request",
+        message,
+        refusal: None,
+    }
 }
 
-async fn ask<T>(st: &AppState, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, ApiError> {
+async fn ask<T>(
+    st: &AppState,
+    make: impl FnOnce(oneshot::Sender<T>) -> Command,
+) -> Result<T, ApiError> {
     let (tx, rx) = oneshot::channel();
-    let busy = || ApiError { status: 503, error: "busy", message: "the node is not answering".into(), refusal: None };
-    tokio::time::timeout(Duration::from_millis(NODE_TIMEOUT_MS), st.cmds.send(make(tx)))
-        .await
-        .map_err(|_| busy())?
-        .map_err(|_| busy())?;
+    let busy = || ApiError {
+        status: 503,
+        error: "busy",
+        message: "the node is not answering".into(),
+        refusal: None,
+    };
+    tokio::time::timeout(
+        Duration::from_millis(NODE_TIMEOUT_MS),
+        st.cmds.send(make(tx)),
+    )
+    .await
+    .map_err(|_| busy())?
+    .map_err(|_| busy())?;
     tokio::time::timeout(Duration::from_millis(NODE_TIMEOUT_MS), rx)
         .await
         .map_err(|_| busy())?
@@ -78,7 +94,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orders", get(orders))
         .route("/v1/orders/{id}/done", post(order_done))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError { status: 404, error: "not_found", message: "no such route".into(), refusal: None } })
+        .fallback(|| async {
+            ApiError {
+                status: 404,
+                error: "not_found",
+                message: "no such route".into(),
+                refusal: None,
+            }
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -91,10 +114,17 @@ async fn kitchen_page() -> Html<&'static str> {
     Html(include_str!("../assets/kitchen.html"))
 }
 
-async fn sell(State(st): State<AppState>, body: Result<Json<SaleInput>, JsonRejection>) -> Result<Response, ApiError> {
+async fn sell(
+    State(st): State<AppState>,
+    body: Result<Json<SaleInput>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let Json(input) = body.map_err(|e| ApiError {
         status: e.status().as_u16(),
-        error: if e.status() == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "bad_request" },
+        error: if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            "too_large"
+        } else {
+            "bad_request"
+        },
         message: e.body_text(),
         refusal: None,
     })?;
@@ -106,7 +136,8 @@ async fn sell(State(st): State<AppState>, body: Result<Json<SaleInput>, JsonReje
 }
 
 fn parse_sale(id: &str) -> Result<SaleId, ApiError> {
-    id.parse().map_err(|e: halftime_ledger::InvalidId| bad_request(e.to_string()))
+    id.parse()
+        .map_err(|e: halftime_ledger::InvalidId| bad_request(e.to_string()))
 }
 
 async fn void(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
@@ -127,7 +158,10 @@ async fn orders(State(st): State<AppState>) -> Result<Response, ApiError> {
     Ok(Json(ask(&st, Command::Orders).await?).into_response())
 }
 
-async fn order_done(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn order_done(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let sale = parse_sale(&id)?;
     ask(&st, |tx| Command::OrderDone(sale, tx)).await??;
     Ok(StatusCode::NO_CONTENT.into_response())

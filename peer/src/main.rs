@@ -4,19 +4,25 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use halftime_ledger::allocation::plan_allocation;
 use halftime_ledger::{
-    Allocation, CatalogItem, EventId, Ledger, Policy, PublicKey, Role, SignedChange, Sku, StandId, StandInfo,
+    Allocation, CatalogItem, EventId, Ledger, Policy, PublicKey, Role, SignedChange, Sku, StandId,
+    StandInfo,
 };
+use halftime_peer::store::{StandSettings, Store};
+use halftime_peer::{api, net, node};
 use libp2p::Multiaddr;
 use rand::RngCore;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use halftime_peer::store::{StandSettings, Store};
-use halftime_peer::{api, net, node};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 #[derive(Parser, Debug)]
-#[command(name = "halftime-peer", version, about = "A Halftime stand replica: terminal, kitchen display or stand pool.", long_about = "A Halftime stand replica: terminal, kitchen display or stand pool.\n\nSet up a stand without the relay:\n  1. on every device: halftime-peer init --data DIR            (prints its public key)\n  2. on the pool:     halftime-peer create-stand --data DIR ... --terminal KEY=name ...\n  3. on each device:  halftime-peer join --data DIR --stand S --pool-key K --psk P\n  4. everywhere:      halftime-peer run --data DIR\nSee docs/OPERATING.md.")]
+#[command(
+    name = "halftime-peer",
+    version,
+    about = "A Halftime stand replica: terminal, kitchen display or stand pool.",
+    long_about = "A Halftime stand replica: terminal, kitchen display or stand pool.\n\nSet up a stand without the relay:\n  1. on every device: halftime-peer init --data DIR            (prints its public key)\n  2. on the pool:     halftime-peer create-stand --data DIR ... --terminal KEY=name ...\n  3. on each device:  halftime-peer join --data DIR --stand S --pool-key K --psk P\n  4. everywhere:      halftime-peer run --data DIR\nSee docs/OPERATING.md."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -129,7 +135,8 @@ enum Cmd {
 
 fn store_at(data: &std::path::Path) -> Result<Store> {
     std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
-    Store::open(&data.join("replica.redb")).with_context(|| format!("cannot open the store in {}", data.display()))
+    Store::open(&data.join("replica.redb"))
+        .with_context(|| format!("cannot open the store in {}", data.display()))
 }
 
 fn random32() -> [u8; 32] {
@@ -145,7 +152,9 @@ fn parse_member(s: &str) -> Result<(PublicKey, String)> {
 }
 
 fn parse_item(s: &str, pct: u8) -> Result<(CatalogItem, u64)> {
-    let (sku, rest) = s.split_once('=').context("expected SKU=NAME:PRICE_CENTS:STOCK")?;
+    let (sku, rest) = s
+        .split_once('=')
+        .context("expected SKU=NAME:PRICE_CENTS:STOCK")?;
     let parts: Vec<&str> = rest.rsplitn(3, ':').collect();
     if parts.len() != 3 {
         bail!("expected SKU=NAME:PRICE_CENTS:STOCK, got {s:?}");
@@ -153,7 +162,15 @@ fn parse_item(s: &str, pct: u8) -> Result<(CatalogItem, u64)> {
     let stock: u64 = parts[0].parse().context("stock must be a whole number")?;
     let price: u64 = parts[1].parse().context("price must be whole cents")?;
     let low = (stock * u64::from(pct)).div_ceil(100);
-    Ok((CatalogItem { sku: Sku::new(sku)?, name: parts[2].to_owned(), price_cents: price, low_stock_at: low }, stock))
+    Ok((
+        CatalogItem {
+            sku: Sku::new(sku)?,
+            name: parts[2].to_owned(),
+            price_cents: price,
+            low_stock_at: low,
+        },
+        stock,
+    ))
 }
 
 fn now() -> u64 {
@@ -163,7 +180,8 @@ fn now() -> u64 {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,libp2p=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,libp2p=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -177,9 +195,23 @@ fn main() -> Result<()> {
             println!("peer id:    {}", key.public().peer_id()?);
             Ok(())
         }
-        Cmd::CreateStand { data, stand, event, venue, policy, allocation, low_stock_pct, items, terminals, kitchens, psk } => {
+        Cmd::CreateStand {
+            data,
+            stand,
+            event,
+            venue,
+            policy,
+            allocation,
+            low_stock_pct,
+            items,
+            terminals,
+            kitchens,
+            psk,
+        } => {
             let mut store = store_at(&data)?;
-            let key = store.key()?.context("run `halftime-peer init --data DIR` first")?;
+            let key = store
+                .key()?
+                .context("run `halftime-peer init --data DIR` first")?;
             if store.len() > 0 {
                 bail!("this replica already holds a stand document");
             }
@@ -229,13 +261,24 @@ fn main() -> Result<()> {
                 changes.push(c?);
             }
             store.append(&changes, true)?;
-            store.set_settings(&StandSettings { stand: StandId::new(stand.clone())?, pool: key.public(), psk: psk.clone() })?;
+            store.set_settings(&StandSettings {
+                stand: StandId::new(stand.clone())?,
+                pool: key.public(),
+                psk: psk.clone(),
+            })?;
             println!("stand {stand} created with {} changes.", changes.len());
             println!("give every enrolled device these to join:");
-            println!("  halftime-peer join --data DIR --stand {stand} --pool-key {} --psk {psk}", key.public());
+            println!(
+                "  halftime-peer join --data DIR --stand {stand} --pool-key {} --psk {psk}",
+                key.public()
+            );
             Ok(())
         }
-        Cmd::Enrol { data, replica, role } => {
+        Cmd::Enrol {
+            data,
+            replica,
+            role,
+        } => {
             let mut store = store_at(&data)?;
             let key = store.key()?.context("no key in this data folder")?;
             let s = store.settings()?;
@@ -249,7 +292,11 @@ fn main() -> Result<()> {
             let (k, name) = parse_member(&replica)?;
             let c = pool.enrol(k, &name, role, now())?;
             store.append(&[c], true)?;
-            println!("enrolled {} as {}; it syncs at the next connection", k.replica_id(), role.as_str());
+            println!(
+                "enrolled {} as {}; it syncs at the next connection",
+                k.replica_id(),
+                role.as_str()
+            );
             Ok(())
         }
         Cmd::Reclaim { data, replica } => {
@@ -267,25 +314,58 @@ fn main() -> Result<()> {
             println!("retired {rid}; its rights are back at the pool");
             Ok(())
         }
-        Cmd::Join { data, stand, pool_key, psk } => {
+        Cmd::Join {
+            data,
+            stand,
+            pool_key,
+            psk,
+        } => {
             let store = store_at(&data)?;
-            store.key()?.context("run `halftime-peer init --data DIR` first")?;
+            store
+                .key()?
+                .context("run `halftime-peer init --data DIR` first")?;
             net::parse_psk(&psk).map_err(anyhow::Error::msg)?;
             let pool: PublicKey = pool_key.parse().context("bad pool key")?;
-            store.set_settings(&StandSettings { stand: StandId::new(stand.clone())?, pool, psk })?;
-            println!("joined stand {stand}; now run: halftime-peer run --data {}", data.display());
+            store.set_settings(&StandSettings {
+                stand: StandId::new(stand.clone())?,
+                pool,
+                psk,
+            })?;
+            println!(
+                "joined stand {stand}; now run: halftime-peer run --data {}",
+                data.display()
+            );
             Ok(())
         }
-        Cmd::Run { data, listen, api, peers, no_mdns, sync_interval_ms } => {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        Cmd::Run {
+            data,
+            listen,
+            api,
+            peers,
+            no_mdns,
+            sync_interval_ms,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             rt.block_on(run(data, listen, api, peers, !no_mdns, sync_interval_ms))
         }
     }
 }
 
-async fn run(data: PathBuf, listen: Multiaddr, api_addr: SocketAddr, peers: Vec<Multiaddr>, mdns: bool, sync_interval_ms: u64) -> Result<()> {
+async fn run(
+    data: PathBuf,
+    listen: Multiaddr,
+    api_addr: SocketAddr,
+    peers: Vec<Multiaddr>,
+    mdns: bool,
+    sync_interval_ms: u64,
+) -> Result<()> {
     let store = store_at(&data)?;
-    let key = store.key()?.context("run `halftime-peer init --data DIR` first")?;
+    let key = store
+        .key()?
+        .context("run `halftime-peer init --data DIR` first")?;
     let s = store.settings()?;
     let psk = net::parse_psk(&s.psk).map_err(anyhow::Error::msg)?;
     let (stored, bad) = store.changes()?;
@@ -293,7 +373,11 @@ async fn run(data: PathBuf, listen: Multiaddr, api_addr: SocketAddr, peers: Vec<
     let n = stored.len();
     let (ledger, report) = Ledger::restore(key.clone(), s.stand.clone(), s.pool, stored, now());
     if bad > 0 || !report.rejected.is_empty() {
-        tracing::warn!(undecodable = bad, rejected = report.rejected.len(), "some stored changes could not be used");
+        tracing::warn!(
+            undecodable = bad,
+            rejected = report.rejected.len(),
+            "some stored changes could not be used"
+        );
     }
     tracing::info!(
         replica = %key.replica_id(),
@@ -304,15 +388,29 @@ async fn run(data: PathBuf, listen: Multiaddr, api_addr: SocketAddr, peers: Vec<
         restore_ms = t0.elapsed().as_millis() as u64,
         "starting"
     );
-    let mut swarm = net::build_swarm(key.to_libp2p(), psk, mdns).map_err(|e| anyhow::anyhow!("{e}"))?;
-    swarm.listen_on(listen.clone()).with_context(|| format!("cannot listen on {listen}"))?;
+    let mut swarm =
+        net::build_swarm(key.to_libp2p(), psk, mdns).map_err(|e| anyhow::anyhow!("{e}"))?;
+    swarm
+        .listen_on(listen.clone())
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let (live, _) = broadcast::channel(node::LIVE_QUEUE_LEN);
     let (cmd_tx, cmd_rx) = mpsc::channel(node::COMMAND_QUEUE_LEN);
-    let node = node::Node::new(ledger, store, swarm, node::NodeConfig { static_peers: peers, sync_interval_ms }, live.clone());
+    let node = node::Node::new(
+        ledger,
+        store,
+        swarm,
+        node::NodeConfig {
+            static_peers: peers,
+            sync_interval_ms,
+        },
+        live.clone(),
+    );
     let (stop_tx, stop_rx) = oneshot::channel();
     let mut node_task = tokio::spawn(node.run(cmd_rx, stop_rx));
     let app = api::router(api::AppState { cmds: cmd_tx, live });
-    let listener = tokio::net::TcpListener::bind(api_addr).await.with_context(|| format!("cannot bind the API on {api_addr}"))?;
+    let listener = tokio::net::TcpListener::bind(api_addr)
+        .await
+        .with_context(|| format!("cannot bind the API on {api_addr}"))?;
     tracing::info!(api = %listener.local_addr()?, "local API up");
     let serve = axum::serve(listener, app).with_graceful_shutdown(async {
         let _ = tokio::signal::ctrl_c().await;

@@ -10,7 +10,10 @@ use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::{StreamProtocol, Swarm, SwarmBuilder, allow_block_list, connection_limits, mdns, noise, ping, tcp, yamux};
+use libp2p::{
+    StreamProtocol, Swarm, SwarmBuilder, allow_block_list, connection_limits, mdns, noise, ping,
+    tcp, yamux,
+};
 use std::io;
 use std::time::Duration;
 
@@ -66,7 +69,10 @@ impl request_response::Codec for FrameCodec {
         io.read_exact(&mut len).await?;
         let len = u32::from_be_bytes(len) as usize;
         if len > MAX_FRAME_BYTES {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "frame over the size limit"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "frame over the size limit",
+            ));
         }
         let mut buf = vec![0u8; len];
         io.read_exact(&mut buf).await?;
@@ -81,7 +87,12 @@ impl request_response::Codec for FrameCodec {
         io.read_exact(&mut b).await
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
@@ -107,17 +118,21 @@ pub fn build_swarm(
 ) -> Result<Swarm<Behaviour>, Box<dyn std::error::Error + Send + Sync>> {
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_other_transport(move |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-            let noise = noise::Config::new(key)?;
-            // TCP → private-network handshake → multistream → noise → yamux. Nothing else:
-            // any other transport would admit peers without the key.
-            Ok(tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-                .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-                .upgrade(Version::V1Lazy)
-                .authenticate(noise)
-                .multiplex(yamux::Config::default())
-                .timeout(Duration::from_millis(UPGRADE_TIMEOUT_MS)))
-        })?
+        .with_other_transport(
+            move |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                let noise = noise::Config::new(key)?;
+                // TCP → private-network handshake → multistream → noise → yamux. Nothing else:
+                // any other transport would admit peers without the key.
+                Ok(
+                    tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                        .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                        .upgrade(Version::V1Lazy)
+                        .authenticate(noise)
+                        .multiplex(yamux::Config::default())
+                        .timeout(Duration::from_millis(UPGRADE_TIMEOUT_MS)),
+                )
+            },
+        )?
         .with_behaviour(|key| {
             let mdns = if use_mdns {
                 let cfg = mdns::Config {
@@ -150,7 +165,9 @@ pub fn build_swarm(
                 ),
             })
         })?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_millis(IDLE_TIMEOUT_MS)))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_millis(IDLE_TIMEOUT_MS))
+        })
         .build();
     Ok(swarm)
 }
@@ -158,6 +175,7 @@ pub fn build_swarm(
 /// Parse a 64-hex-digit private-network key.
 pub fn parse_psk(hex_key: &str) -> Result<PreSharedKey, String> {
     let mut b = [0u8; 32];
-    hex::decode_to_slice(hex_key.trim(), &mut b).map_err(|_| "the stand key must be 64 hex digits".to_string())?;
+    hex::decode_to_slice(hex_key.trim(), &mut b)
+        .map_err(|_| "the stand key must be 64 hex digits".to_string())?;
     Ok(PreSharedKey::new(b))
 }

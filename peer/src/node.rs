@@ -8,8 +8,8 @@ use futures::StreamExt;
 use halftime_ledger::allocation::{plan_allocation, targets};
 use halftime_ledger::sync::{ANTI_ENTROPY_INTERVAL_MS, SyncEvent};
 use halftime_ledger::{
-    ApplyReport, Ledger, OpError, PeerSync, Policy, Refusal, ReplicaId, Role, SaleId, SaleOutcome, SaleRequest,
-    SignedChange, Sku, StockStatus, WireMessage,
+    ApplyReport, Ledger, OpError, PeerSync, Policy, Refusal, ReplicaId, Role, SaleId, SaleOutcome,
+    SaleRequest, SignedChange, Sku, StockStatus, WireMessage,
 };
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::DialOpts;
@@ -38,12 +38,19 @@ pub const RIGHTS_REQUEST_TIMEOUT_MS: u64 = 2_000;
 pub const ALLOCATION_INTERVAL_MS: u64 = 2_000;
 /// Sync frames in flight to one peer before further ones wait.
 pub const MAX_INFLIGHT_PER_PEER: usize = 64;
+/// A peer not heard from for this long (no frame, no answer, no ping) is dropped: with the
+/// vector exchange every second and pings every second, silence this long means a cut link.
+/// libp2p's own failure path waits for a substream timeout (about 14 s measured on a silent cut).
+pub const PEER_SILENCE_TIMEOUT_MS: u64 = 3_000;
 /// Orders shown on the kitchen page.
 pub const KITCHEN_QUEUE_LEN: usize = 500;
 
 /// Wall-clock milliseconds.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A request from the API to the node.
@@ -118,13 +125,28 @@ impl ApiError {
             Refusal::Invalid { .. } | Refusal::UnknownSku { .. } => 422,
             _ => 409,
         };
-        Self { status, error: "refused", message: r.to_string(), refusal: Some(r) }
+        Self {
+            status,
+            error: "refused",
+            message: r.to_string(),
+            refusal: Some(r),
+        }
     }
     fn internal(m: impl std::fmt::Display) -> Self {
-        Self { status: 500, error: "internal", message: m.to_string(), refusal: None }
+        Self {
+            status: 500,
+            error: "internal",
+            message: m.to_string(),
+            refusal: None,
+        }
     }
     fn unavailable(m: impl std::fmt::Display) -> Self {
-        Self { status: 503, error: "storage_unavailable", message: m.to_string(), refusal: None }
+        Self {
+            status: 503,
+            error: "storage_unavailable",
+            message: m.to_string(),
+            refusal: None,
+        }
     }
 }
 
@@ -230,6 +252,7 @@ struct Peer {
     replica: Option<ReplicaId>,
     sync: PeerSync,
     inflight: usize,
+    last_heard: Instant,
 }
 
 /// The node's configuration.
@@ -272,7 +295,13 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     /// A node over a restored ledger.
-    pub fn new(ledger: Ledger, store: Store, swarm: Swarm<Behaviour>, cfg: NodeConfig, live: broadcast::Sender<LiveEvent>) -> Self {
+    pub fn new(
+        ledger: Ledger,
+        store: Store,
+        swarm: Swarm<Behaviour>,
+        cfg: NodeConfig,
+        live: broadcast::Sender<LiveEvent>,
+    ) -> Self {
         let static_conn = cfg.static_peers.iter().map(|a| (a.clone(), None)).collect();
         let mut n = Self {
             ledger,
@@ -302,7 +331,11 @@ impl Node {
     }
 
     /// Run until `shutdown` fires; an error when the store failed and the node had to stop.
-    pub async fn run(mut self, mut cmds: mpsc::Receiver<Command>, mut shutdown: oneshot::Receiver<()>) -> Result<(), String> {
+    pub async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Command>,
+        mut shutdown: oneshot::Receiver<()>,
+    ) -> Result<(), String> {
         let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -339,7 +372,9 @@ impl Node {
         }
         if let Err(e) = self.store.append(changes, true) {
             self.metrics.store_errors += 1;
-            let msg = format!("could not make local changes durable: {e}; stopping so a restart recovers from disk");
+            let msg = format!(
+                "could not make local changes durable: {e}; stopping so a restart recovers from disk"
+            );
             tracing::error!("{msg}");
             self.fatal = Some(msg.clone());
             return Err(msg);
@@ -385,7 +420,9 @@ impl Node {
                                     let _ = reply.send(Err(ApiError::unavailable(e)));
                                 }
                                 (None, None) => {
-                                    let _ = reply.send(Err(ApiError::internal("sale not found after commit")));
+                                    let _ = reply.send(Err(ApiError::internal(
+                                        "sale not found after commit",
+                                    )));
                                 }
                             }));
                         }
@@ -402,7 +439,10 @@ impl Node {
                             let _ = match err {
                                 None => {
                                     n.metrics.voids += 1;
-                                    reply.send(n.sale_view(sale).ok_or_else(|| ApiError::internal("void lost")))
+                                    reply.send(
+                                        n.sale_view(sale)
+                                            .ok_or_else(|| ApiError::internal("void lost")),
+                                    )
                                 }
                                 Some(e) => reply.send(Err(ApiError::unavailable(e))),
                             };
@@ -459,9 +499,17 @@ impl Node {
                 .catalog()
                 .get(&l.sku)
                 .ok_or_else(|| ApiError::refused(Refusal::UnknownSku { sku: l.sku.clone() }))?;
-            lines.push(halftime_ledger::SaleLine { sku: l.sku, qty: l.qty, unit_price_cents: item.price_cents });
+            lines.push(halftime_ledger::SaleLine {
+                sku: l.sku,
+                qty: l.qty,
+                unit_price_cents: item.price_cents,
+            });
         }
-        Ok(SaleRequest { lines, payment: input.payment, pool_reachable: self.pool_reachable() })
+        Ok(SaleRequest {
+            lines,
+            payment: input.payment,
+            pool_reachable: self.pool_reachable(),
+        })
     }
 
     fn sale_view(&self, id: SaleId) -> Option<SaleView> {
@@ -526,23 +574,95 @@ impl Node {
         let mut line = |name: &str, help: &str, kind: &str, v: String| {
             out.push_str(&format!("# HELP halftime_{name} {help}\n# TYPE halftime_{name} {kind}\nhalftime_{name} {v}\n"));
         };
-        line("sales_committed_total", "Sales committed and acknowledged here.", "counter", m.sales_committed.to_string());
-        line("sales_refused_total", "Sales refused here.", "counter", m.sales_refused.to_string());
-        line("voids_total", "Sales voided here.", "counter", m.voids.to_string());
-        line("changes_received_total", "Received changes accepted.", "counter", m.changes_received.to_string());
-        line("changes_duplicate_total", "Received duplicates dropped.", "counter", m.changes_duplicate.to_string());
-        line("frames_rejected_total", "Frames from peers that did not decode.", "counter", m.frames_rejected.to_string());
-        line("frames_sent_total", "Sync frames sent.", "counter", m.frames_sent.to_string());
-        line("store_errors_total", "Failed durable writes.", "counter", m.store_errors.to_string());
-        line("ack_seconds_sum", "Time from command batch start to durable acknowledgement.", "counter", format!("{}", m.ack_us_sum as f64 / 1e6));
-        line("ack_seconds_count", "Acknowledged local changes.", "counter", m.ack_count.to_string());
-        line("peers_connected", "Connected stand replicas.", "gauge", self.peers.len().to_string());
-        line("pool_reachable", "1 when the pool is connected.", "gauge", (self.pool_reachable() as u8).to_string());
-        line("changes_stored", "Changes in the document.", "gauge", self.ledger.len().to_string());
-        line("changes_pending", "Received changes waiting for dependencies.", "gauge", self.ledger.pending_len().to_string());
+        line(
+            "sales_committed_total",
+            "Sales committed and acknowledged here.",
+            "counter",
+            m.sales_committed.to_string(),
+        );
+        line(
+            "sales_refused_total",
+            "Sales refused here.",
+            "counter",
+            m.sales_refused.to_string(),
+        );
+        line(
+            "voids_total",
+            "Sales voided here.",
+            "counter",
+            m.voids.to_string(),
+        );
+        line(
+            "changes_received_total",
+            "Received changes accepted.",
+            "counter",
+            m.changes_received.to_string(),
+        );
+        line(
+            "changes_duplicate_total",
+            "Received duplicates dropped.",
+            "counter",
+            m.changes_duplicate.to_string(),
+        );
+        line(
+            "frames_rejected_total",
+            "Frames from peers that did not decode.",
+            "counter",
+            m.frames_rejected.to_string(),
+        );
+        line(
+            "frames_sent_total",
+            "Sync frames sent.",
+            "counter",
+            m.frames_sent.to_string(),
+        );
+        line(
+            "store_errors_total",
+            "Failed durable writes.",
+            "counter",
+            m.store_errors.to_string(),
+        );
+        line(
+            "ack_seconds_sum",
+            "Time from command batch start to durable acknowledgement.",
+            "counter",
+            format!("{}", m.ack_us_sum as f64 / 1e6),
+        );
+        line(
+            "ack_seconds_count",
+            "Acknowledged local changes.",
+            "counter",
+            m.ack_count.to_string(),
+        );
+        line(
+            "peers_connected",
+            "Connected stand replicas.",
+            "gauge",
+            self.peers.len().to_string(),
+        );
+        line(
+            "pool_reachable",
+            "1 when the pool is connected.",
+            "gauge",
+            (self.pool_reachable() as u8).to_string(),
+        );
+        line(
+            "changes_stored",
+            "Changes in the document.",
+            "gauge",
+            self.ledger.len().to_string(),
+        );
+        line(
+            "changes_pending",
+            "Received changes waiting for dependencies.",
+            "gauge",
+            self.ledger.pending_len().to_string(),
+        );
         out.push_str("# HELP halftime_changes_rejected_total Received changes rejected, by rule.\n# TYPE halftime_changes_rejected_total counter\n");
         for (rule, n) in &s.rejected {
-            out.push_str(&format!("halftime_changes_rejected_total{{rule=\"{rule}\"}} {n}\n"));
+            out.push_str(&format!(
+                "halftime_changes_rejected_total{{rule=\"{rule}\"}} {n}\n"
+            ));
         }
         out
     }
@@ -569,7 +689,12 @@ impl Node {
                 self.swarm.behaviour_mut().allow.allow_peer(*p);
             }
         }
-        let removed: Vec<PeerId> = self.peer_of.keys().filter(|p| !allowed.contains_key(p)).copied().collect();
+        let removed: Vec<PeerId> = self
+            .peer_of
+            .keys()
+            .filter(|p| !allowed.contains_key(p))
+            .copied()
+            .collect();
         for p in removed {
             self.swarm.behaviour_mut().allow.disallow_peer(p);
             let _ = self.swarm.disconnect_peer_id(p);
@@ -589,7 +714,9 @@ impl Node {
                 tracing::info!(%address, "listening");
                 self.listen.push(address);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
                 if endpoint.is_dialer() {
                     let addr = endpoint.get_remote_address().clone();
                     if let Some(slot) = self.static_conn.get_mut(&addr) {
@@ -600,11 +727,24 @@ impl Node {
                     tracing::info!(%peer_id, "peer connected");
                     let sync = PeerSync::new(&self.ledger, now, self.cfg.sync_interval_ms);
                     let replica = self.peer_of.get(&peer_id).copied();
-                    self.peers.insert(peer_id, Peer { replica, sync, inflight: 0 });
+                    self.peers.insert(
+                        peer_id,
+                        Peer {
+                            replica,
+                            sync,
+                            inflight: 0,
+                            last_heard: Instant::now(),
+                        },
+                    );
                     self.publish_peers();
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } => {
                 if num_established == 0 && self.peers.remove(&peer_id).is_some() {
                     tracing::info!(%peer_id, ?cause, "peer disconnected");
                     self.publish_peers();
@@ -627,14 +767,23 @@ impl Node {
                     }
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result })) => {
-                if let Err(e) = result {
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result,
+            })) => match result {
+                Ok(_) => self.heard(&peer),
+                Err(e) => {
                     tracing::info!(%peer, error = %e, "ping failed; closing the connection");
                     self.swarm.close_connection(connection);
                 }
-            }
+            },
             SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.handle_sync(ev, now),
-            SwarmEvent::IncomingConnectionError { error, send_back_addr, .. } => {
+            SwarmEvent::IncomingConnectionError {
+                error,
+                send_back_addr,
+                ..
+            } => {
                 tracing::debug!(%send_back_addr, %error, "incoming connection refused");
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -646,23 +795,28 @@ impl Node {
 
     fn handle_sync(&mut self, ev: request_response::Event<Vec<u8>, ()>, now: u64) {
         match ev {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request { request, channel, .. } => {
-                    let _ = self.swarm.behaviour_mut().sync.send_response(channel, ());
-                    match WireMessage::decode(&request, self.ledger.stand_id()) {
-                        Ok(msg) => self.handle_wire(peer, msg, now),
-                        Err(e) => {
-                            self.metrics.frames_rejected += 1;
-                            tracing::warn!(%peer, error = %e, "rejected a frame");
+            request_response::Event::Message { peer, message, .. } => {
+                self.heard(&peer);
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        let _ = self.swarm.behaviour_mut().sync.send_response(channel, ());
+                        match WireMessage::decode(&request, self.ledger.stand_id()) {
+                            Ok(msg) => self.handle_wire(peer, msg, now),
+                            Err(e) => {
+                                self.metrics.frames_rejected += 1;
+                                tracing::warn!(%peer, error = %e, "rejected a frame");
+                            }
+                        }
+                    }
+                    request_response::Message::Response { .. } => {
+                        if let Some(p) = self.peers.get_mut(&peer) {
+                            p.inflight = p.inflight.saturating_sub(1);
                         }
                     }
                 }
-                request_response::Message::Response { .. } => {
-                    if let Some(p) = self.peers.get_mut(&peer) {
-                        p.inflight = p.inflight.saturating_sub(1);
-                    }
-                }
-            },
+            }
             request_response::Event::OutboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "sync frame not delivered");
                 if let Some(p) = self.peers.get_mut(&peer) {
@@ -674,7 +828,9 @@ impl Node {
     }
 
     fn handle_wire(&mut self, from: PeerId, msg: WireMessage, now: u64) {
-        let Some(peer) = self.peers.get_mut(&from) else { return };
+        let Some(peer) = self.peers.get_mut(&from) else {
+            return;
+        };
         let events = peer.sync.handle(&mut self.ledger, msg, now);
         let from_replica = peer.replica;
         for ev in events {
@@ -683,10 +839,12 @@ impl Node {
                 SyncEvent::RightsRequested { sku, want } => {
                     let Some(asker) = from_replica else { continue };
                     let answer = match self.ledger.answer_rights_request(asker, &sku, want, now) {
-                        Ok(Some((units, change))) => match self.persist_local(std::slice::from_ref(&change)) {
-                            Ok(()) => (units, Some(change)),
-                            Err(_) => return,
-                        },
+                        Ok(Some((units, change))) => {
+                            match self.persist_local(std::slice::from_ref(&change)) {
+                                Ok(()) => (units, Some(change)),
+                                Err(_) => return,
+                            }
+                        }
                         Ok(None) | Err(_) => (0, None),
                     };
                     if let Some(p) = self.peers.get_mut(&from) {
@@ -722,7 +880,8 @@ impl Node {
         // replica pushes its own changes to everyone, and relaying them again would cost
         // N² frames per sale. Changes whose author is not connected to us (a partial partition,
         // or a repair) are relayed; the vector exchange covers the rest.
-        let connected: BTreeSet<ReplicaId> = self.peers.values().filter_map(|p| p.replica).collect();
+        let connected: BTreeSet<ReplicaId> =
+            self.peers.values().filter_map(|p| p.replica).collect();
         for ((rid, seq), c) in report.accepted_ids.iter().zip(&report.accepted) {
             if !connected.contains(rid) {
                 self.push_all(*rid, *seq, c, from);
@@ -759,7 +918,9 @@ impl Node {
                         halftime_ledger::Operation::Restock { units, .. }
                         | halftime_ledger::Operation::Adjust { units, .. }
                         | halftime_ledger::Operation::Give { units, .. }
-                        | halftime_ledger::Operation::Reclaim { units, .. } => skus.extend(units.keys().cloned()),
+                        | halftime_ledger::Operation::Reclaim { units, .. } => {
+                            skus.extend(units.keys().cloned())
+                        }
                         _ => skus.extend(self.ledger.catalog().keys().cloned()),
                     }
                 }
@@ -778,7 +939,13 @@ impl Node {
         if self.orders.iter().any(|o| o.sale_id == rec.id) {
             return;
         }
-        let order = OrderView { sale_id: rec.id, lines: rec.lines.clone(), received_ms: now, done: false, voided: false };
+        let order = OrderView {
+            sale_id: rec.id,
+            lines: rec.lines.clone(),
+            received_ms: now,
+            done: false,
+            voided: false,
+        };
         if self.orders.len() >= KITCHEN_QUEUE_LEN {
             self.orders.pop_front();
         }
@@ -789,7 +956,10 @@ impl Node {
     }
 
     fn publish_peers(&self) {
-        let _ = self.live.send(LiveEvent::Peers { peers: self.connected_replicas(), pool_reachable: self.pool_reachable() });
+        let _ = self.live.send(LiveEvent::Peers {
+            peers: self.connected_replicas(),
+            pool_reachable: self.pool_reachable(),
+        });
     }
 
     fn push_all(&mut self, rid: ReplicaId, seq: u64, c: &SignedChange, except: Option<PeerId>) {
@@ -802,30 +972,71 @@ impl Node {
 
     fn dial_peer(&mut self, peer: PeerId) {
         let key = peer.to_string();
-        if self.last_dial.get(&key).is_some_and(|t| t.elapsed() < Duration::from_millis(REDIAL_INTERVAL_MS)) {
+        if self
+            .last_dial
+            .get(&key)
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(REDIAL_INTERVAL_MS))
+        {
             return;
         }
         self.last_dial.insert(key, Instant::now());
-        let addrs: Vec<Multiaddr> = self.known_addrs.get(&peer).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+        let addrs: Vec<Multiaddr> = self
+            .known_addrs
+            .get(&peer)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
         if addrs.is_empty() {
             return;
         }
-        let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build());
+        let _ = self
+            .swarm
+            .dial(DialOpts::peer_id(peer).addresses(addrs).build());
+    }
+
+    fn heard(&mut self, peer: &PeerId) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.last_heard = Instant::now();
+        }
     }
 
     fn handle_tick(&mut self) {
         let now = now_ms();
+        // A silent cut leaves TCP connections open and closing them waits on the dead link:
+        // drop silent peers now, so the peer list and the pool's reachability are right within
+        // seconds; the redial brings them back once the link heals.
+        let silent: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.last_heard.elapsed() > Duration::from_millis(PEER_SILENCE_TIMEOUT_MS)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in silent {
+            tracing::info!(peer = %id, "peer silent; dropping it");
+            let _ = self.swarm.disconnect_peer_id(id);
+            self.peers.remove(&id);
+            self.publish_peers();
+        }
         for peer in self.peers.values_mut() {
             peer.sync.handle_timeout(&self.ledger, now);
         }
         // Redial static peers and discovered peers that are not connected.
-        let statics: Vec<(Multiaddr, Option<PeerId>)> = self.static_conn.iter().map(|(a, p)| (a.clone(), *p)).collect();
+        let statics: Vec<(Multiaddr, Option<PeerId>)> = self
+            .static_conn
+            .iter()
+            .map(|(a, p)| (a.clone(), *p))
+            .collect();
         for (addr, p) in statics {
             if p.is_some_and(|p| self.peers.contains_key(&p)) {
                 continue;
             }
             let key = addr.to_string();
-            if self.last_dial.get(&key).is_some_and(|t| t.elapsed() < Duration::from_millis(REDIAL_INTERVAL_MS)) {
+            if self
+                .last_dial
+                .get(&key)
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(REDIAL_INTERVAL_MS))
+            {
                 continue;
             }
             self.last_dial.insert(key, Instant::now());
@@ -851,13 +1062,19 @@ impl Node {
     }
 
     fn run_allocation(&mut self, now: u64) {
-        let Some(stand) = self.ledger.stand() else { return };
+        let Some(stand) = self.ledger.stand() else {
+            return;
+        };
         let plans = plan_allocation(&self.ledger, stand.allocation, now);
         if plans.is_empty() {
             return;
         }
-        let changes: Vec<SignedChange> =
-            self.ledger.execute_plans(&plans, now).into_iter().filter_map(Result::ok).collect();
+        let changes: Vec<SignedChange> = self
+            .ledger
+            .execute_plans(&plans, now)
+            .into_iter()
+            .filter_map(Result::ok)
+            .collect();
         if changes.is_empty() {
             return;
         }
@@ -865,15 +1082,24 @@ impl Node {
     }
 
     fn ask_for_rights(&mut self, now: u64) {
-        let Some(stand) = self.ledger.stand() else { return };
+        let Some(stand) = self.ledger.stand() else {
+            return;
+        };
         let me = self.ledger.me();
         let pool = self.ledger.pool();
         let skus: Vec<Sku> = self.ledger.catalog().keys().cloned().collect();
         for sku in skus {
-            if self.rights_asked.get(&sku).is_some_and(|t| now.saturating_sub(*t) < RIGHTS_REQUEST_TIMEOUT_MS) {
+            if self
+                .rights_asked
+                .get(&sku)
+                .is_some_and(|t| now.saturating_sub(*t) < RIGHTS_REQUEST_TIMEOUT_MS)
+            {
                 continue;
             }
-            let target = targets(&self.ledger, stand.allocation, &sku, now).get(&me).copied().unwrap_or(0);
+            let target = targets(&self.ledger, stand.allocation, &sku, now)
+                .get(&me)
+                .copied()
+                .unwrap_or(0);
             let have = self.ledger.rights(me, &sku);
             if target <= 0 || have * 100 >= target * RIGHTS_REQUEST_BELOW_PCT {
                 continue;
@@ -883,7 +1109,13 @@ impl Node {
                 .peers
                 .iter()
                 .filter_map(|(p, peer)| peer.replica.map(|r| (*p, r)))
-                .max_by_key(|(_, r)| if *r == pool { i64::MAX } else { self.ledger.rights(*r, &sku) });
+                .max_by_key(|(_, r)| {
+                    if *r == pool {
+                        i64::MAX
+                    } else {
+                        self.ledger.rights(*r, &sku)
+                    }
+                });
             if let Some((p, r)) = holder {
                 if r != pool && self.ledger.rights(r, &sku) <= 1 {
                     continue;
@@ -903,7 +1135,9 @@ impl Node {
         let mut sends = Vec::new();
         for (p, peer) in self.peers.iter_mut() {
             while peer.inflight < MAX_INFLIGHT_PER_PEER {
-                let Some(m) = peer.sync.poll_transmit() else { break };
+                let Some(m) = peer.sync.poll_transmit() else {
+                    break;
+                };
                 peer.inflight += 1;
                 sends.push((*p, m.encode(&stand)));
             }

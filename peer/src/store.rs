@@ -148,7 +148,11 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.db.begin_write()?;
-        tx.set_durability(if durable { Durability::Immediate } else { Durability::None })?;
+        tx.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
         let mut next = self.next;
         {
             let mut t = tx.open_table(CHANGES)?;

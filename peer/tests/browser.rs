@@ -53,15 +53,24 @@ impl Driver {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
-        let d = Self { child, url: format!("http://127.0.0.1:{port}"), log };
+        let d = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+        };
         let status = format!("{}/status", d.url);
-        eventually(20, &format!("chromedriver ready (log: {})", d.log.display()), || {
-            let status = status.clone();
-            async move {
-                let v: serde_json::Value = client().get(&status).send().await.ok()?.json().await.ok()?;
-                (v["value"]["ready"] == true).then_some(())
-            }
-        })
+        eventually(
+            20,
+            &format!("chromedriver ready (log: {})", d.log.display()),
+            || {
+                let status = status.clone();
+                async move {
+                    let v: serde_json::Value =
+                        client().get(&status).send().await.ok()?.json().await.ok()?;
+                    (v["value"]["ready"] == true).then_some(())
+                }
+            },
+        )
         .await;
         d
     }
@@ -93,13 +102,20 @@ async fn browser(driver: &Driver, chromium: &Path, profile: &Path) -> Client {
         "browserName": "chrome",
         "goog:chromeOptions": { "binary": chromium.to_str().unwrap(), "args": args },
     });
-    let serde_json::Value::Object(caps) = caps else { unreachable!() };
+    let serde_json::Value::Object(caps) = caps else {
+        unreachable!()
+    };
     let connector = hyper_util::client::legacy::connect::HttpConnector::new();
     ClientBuilder::new(connector)
         .capabilities(caps)
         .connect(&driver.url)
         .await
-        .unwrap_or_else(|e| panic!("cannot open a Chromium session: {e} (chromedriver log: {})", driver.log.display()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot open a Chromium session: {e} (chromedriver log: {})",
+                driver.log.display()
+            )
+        })
 }
 
 /// The text of the first element matching `css`, None while there is none (or it was re-rendered).
@@ -108,7 +124,12 @@ async fn text(c: &Client, css: &str) -> Option<String> {
 }
 
 async fn attr(c: &Client, css: &str, name: &str) -> Option<String> {
-    c.find(Locator::Css(css)).await.ok()?.attr(name).await.ok()?
+    c.find(Locator::Css(css))
+        .await
+        .ok()?
+        .attr(name)
+        .await
+        .ok()?
 }
 
 /// Wait for `css`, then click it. The pages re-render on every live event, so a click on an
@@ -130,19 +151,33 @@ async fn scenario(c: &Client, pos: &str, kitchen: &str, shot: &Path) {
         if !b.is_enabled().await.ok()? {
             return None;
         }
-        b.find(Locator::Css(".available")).await.ok()?.text().await.ok()?.trim().parse().ok()
+        b.find(Locator::Css(".available"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     })
     .await;
     assert_eq!(before, 100, "the page shows the starting stock");
     assert!(text(c, HOTDOG).await.unwrap().contains("Hot dog"));
-    assert!(text(c, r#"button.item[data-sku="soda"]"#).await.unwrap().contains("Soda"));
+    assert!(
+        text(c, r#"button.item[data-sku="soda"]"#)
+            .await
+            .unwrap()
+            .contains("Soda")
+    );
 
     // Sell one by clicking; the page says so and the count on the button falls by one.
     click(c, HOTDOG, "clicking the hot dog button").await;
     let message = eventually(10, "the sale message", move || async move {
         let class = attr(c, "#message", "class").await?;
         let t = text(c, "#message").await?;
-        (class.split_whitespace().any(|k| k == "sold") && t.starts_with("Sold Hot dog")).then_some(t)
+        (class.split_whitespace().any(|k| k == "sold") && t.starts_with("Sold Hot dog"))
+            .then_some(t)
     })
     .await;
     let sale_id = message
@@ -152,9 +187,13 @@ async fn scenario(c: &Client, pos: &str, kitchen: &str, shot: &Path) {
         .to_owned();
     let avail = format!("{HOTDOG} .available");
     let avail: &str = &avail;
-    eventually(10, "the button's count to fall by one", move || async move {
-        (text(c, avail).await?.trim().parse::<i64>().ok()? == before - 1).then_some(())
-    })
+    eventually(
+        10,
+        "the button's count to fall by one",
+        move || async move {
+            (text(c, avail).await?.trim().parse::<i64>().ok()? == before - 1).then_some(())
+        },
+    )
     .await;
     // The page agrees with the API.
     assert_eq!(available(pos, "hotdog").await, Some(before - 1));
@@ -167,14 +206,21 @@ async fn scenario(c: &Client, pos: &str, kitchen: &str, shot: &Path) {
     let order = format!(r#".order[data-sale="{sale_id}"]"#);
     let order: &str = &order;
     let sale: &str = &sale_id;
-    eventually(15, &format!("order {sale_id} on the kitchen page"), move || async move {
-        let h = text(c, &format!("{order} h3")).await?;
-        let lines = text(c, &format!("{order} ul")).await?;
-        (h == sale && lines.contains("1 × hotdog")).then_some(())
-    })
+    eventually(
+        15,
+        &format!("order {sale_id} on the kitchen page"),
+        move || async move {
+            let h = text(c, &format!("{order} h3")).await?;
+            let lines = text(c, &format!("{order} ul")).await?;
+            (h == sale && lines.contains("1 × hotdog")).then_some(())
+        },
+    )
     .await;
     let classes = attr(c, order, "class").await.unwrap_or_default();
-    assert!(!classes.split_whitespace().any(|k| k == "done"), "a new order is open: {classes}");
+    assert!(
+        !classes.split_whitespace().any(|k| k == "done"),
+        "a new order is open: {classes}"
+    );
     click(c, &format!("{order} button"), "clicking done").await;
     let is_done = move || async move {
         let class = attr(c, order, "class").await?;
@@ -184,7 +230,11 @@ async fn scenario(c: &Client, pos: &str, kitchen: &str, shot: &Path) {
     assert_eq!(text(c, "#count").await.as_deref(), Some("0 open"));
     c.refresh().await.unwrap();
     eventually(10, "the order still done after a reload", is_done).await;
-    std::fs::write(shot.with_file_name("browser-kitchen.png"), c.screenshot().await.unwrap()).unwrap();
+    std::fs::write(
+        shot.with_file_name("browser-kitchen.png"),
+        c.screenshot().await.unwrap(),
+    )
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,17 +249,33 @@ async fn selling_on_the_pos_page_reaches_the_kitchen_page() {
     for name in ["pool", "t0", "kitchen"] {
         let peers: Vec<String> = procs.iter().map(|p| p.mesh.clone()).collect();
         let mesh = mesh_addr(free_port());
-        procs.push(spawn(name, &stand.dir.path().join(name), &mesh, free_port(), &peers, false, None));
+        procs.push(spawn(
+            name,
+            &stand.dir.path().join(name),
+            &mesh,
+            free_port(),
+            &peers,
+            false,
+            None,
+        ));
     }
     for p in &procs {
         wait_up(p).await;
     }
     for p in &procs[1..] {
         let api = p.api.clone();
-        eventually(20, &format!("the stand document at {} (log: {})", p.name, p.log.display()), || {
-            let api = api.clone();
-            async move { (available(&api, "hotdog").await == Some(100)).then_some(()) }
-        })
+        eventually(
+            20,
+            &format!(
+                "the stand document at {} (log: {})",
+                p.name,
+                p.log.display()
+            ),
+            || {
+                let api = api.clone();
+                async move { (available(&api, "hotdog").await == Some(100)).then_some(()) }
+            },
+        )
         .await;
         eventually(20, &format!("{} connected to both others", p.name), || {
             let api = api.clone();
@@ -222,7 +288,9 @@ async fn selling_on_the_pos_page_reaches_the_kitchen_page() {
     let profile = tempfile::tempdir().unwrap();
     let c = browser(&driver, &chromium, profile.path()).await;
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-pos.png");
-    let outcome = AssertUnwindSafe(scenario(&c, &procs[1].api, &procs[2].api, &shot)).catch_unwind().await;
+    let outcome = AssertUnwindSafe(scenario(&c, &procs[1].api, &procs[2].api, &shot))
+        .catch_unwind()
+        .await;
     // Close the browser even when an assertion failed, so no Chromium outlives the test.
     let _ = c.close().await;
     drop(driver);
@@ -232,5 +300,8 @@ async fn selling_on_the_pos_page_reaches_the_kitchen_page() {
         }
         std::panic::resume_unwind(panic);
     }
-    println!("screenshots: {} and browser-kitchen.png beside it", shot.display());
+    println!(
+        "screenshots: {} and browser-kitchen.png beside it",
+        shot.display()
+    );
 }

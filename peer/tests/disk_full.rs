@@ -20,16 +20,50 @@ async fn a_full_disk_refuses_the_sale_and_loses_nothing_acknowledged() {
     let stand = make_stand(1, false, &["hotdog=Hot dog:400:100000"]);
     let mnt = stand.dir.path().join("small");
     std::fs::create_dir_all(&mnt).unwrap();
-    let out = Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt.to_str().unwrap()]).output().unwrap();
-    assert!(out.status.success(), "mount needs root: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=1m",
+            "tmpfs",
+            mnt.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mount needs root: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _guard = Mount(mnt.clone());
     let t0_small = mnt.join("t0");
     std::fs::create_dir_all(&t0_small).unwrap();
-    std::fs::copy(stand.dir.path().join("t0/replica.redb"), t0_small.join("replica.redb")).unwrap();
+    std::fs::copy(
+        stand.dir.path().join("t0/replica.redb"),
+        t0_small.join("replica.redb"),
+    )
+    .unwrap();
 
     let pool_mesh = format!("/ip4/127.0.0.1/tcp/{}", free_port());
-    let pool = spawn("pool", &stand.dir.path().join("pool"), &pool_mesh, free_port(), &[], false, None);
-    let mut t0 = spawn("t0", &t0_small, &format!("/ip4/127.0.0.1/tcp/{}", free_port()), free_port(), &[pool_mesh.clone()], false, None);
+    let pool = spawn(
+        "pool",
+        &stand.dir.path().join("pool"),
+        &pool_mesh,
+        free_port(),
+        &[],
+        false,
+        None,
+    );
+    let mut t0 = spawn(
+        "t0",
+        &t0_small,
+        &format!("/ip4/127.0.0.1/tcp/{}", free_port()),
+        free_port(),
+        &[pool_mesh.clone()],
+        false,
+        None,
+    );
     wait_up(&pool).await;
     wait_up(&t0).await;
     let api = t0.api.clone();
@@ -56,17 +90,33 @@ async fn a_full_disk_refuses_the_sale_and_loses_nothing_acknowledged() {
         if let Some(s) = t0.child.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "the node kept running on a dead disk");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the node kept running on a dead disk"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(!status.success());
-    assert!(t0.log_text().contains("could not make local changes durable"), "{}", t0.log_text());
+    assert!(
+        t0.log_text()
+            .contains("could not make local changes durable"),
+        "{}",
+        t0.log_text()
+    );
 
     // Move the data to a disk with room and restart: every acknowledged sale is there.
     let moved = stand.dir.path().join("t0-moved");
     std::fs::create_dir_all(&moved).unwrap();
     std::fs::copy(t0_small.join("replica.redb"), moved.join("replica.redb")).unwrap();
-    let t0b = spawn("t0", &moved, &format!("/ip4/127.0.0.1/tcp/{}", free_port()), free_port(), &[pool_mesh.clone()], false, None);
+    let t0b = spawn(
+        "t0",
+        &moved,
+        &format!("/ip4/127.0.0.1/tcp/{}", free_port()),
+        free_port(),
+        &[pool_mesh.clone()],
+        false,
+        None,
+    );
     wait_up(&t0b).await;
     assert_eq!(available(&t0b.api, "hotdog").await, Some(100_000 - acked));
     // It sells again, and the pool converges on the same count.

@@ -15,11 +15,21 @@ fn mesh_addr(port: u16) -> String {
 /// Pool + three terminals, everyone dialling everyone before it.
 fn start(stand: &Stand, n: usize) -> Vec<Proc> {
     let mut procs: Vec<Proc> = Vec::new();
-    let names: Vec<String> = std::iter::once("pool".to_string()).chain((0..n).map(|i| format!("t{i}"))).collect();
+    let names: Vec<String> = std::iter::once("pool".to_string())
+        .chain((0..n).map(|i| format!("t{i}")))
+        .collect();
     for name in names {
         let peers: Vec<String> = procs.iter().map(|p| p.mesh.clone()).collect();
         let mesh = mesh_addr(free_port());
-        procs.push(spawn(&name, &stand.dir.path().join(&name), &mesh, free_port(), &peers, false, None));
+        procs.push(spawn(
+            &name,
+            &stand.dir.path().join(&name),
+            &mesh,
+            free_port(),
+            &peers,
+            false,
+            None,
+        ));
     }
     procs
 }
@@ -40,7 +50,12 @@ async fn a_sale_shows_everywhere_and_in_live_streams() {
         .await;
     }
     // Subscribe to t2's live stream before the sale.
-    let resp = client().get(format!("{}/v1/live", procs[3].api)).timeout(Duration::from_secs(30)).send().await.unwrap();
+    let resp = client()
+        .get(format!("{}/v1/live", procs[3].api))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
     let mut live = resp.bytes_stream();
     let (code, body) = sell(&procs[1].api, "hotdog", 3).await;
     assert_eq!(code, 201, "{body}");
@@ -69,12 +84,31 @@ async fn a_sale_shows_everywhere_and_in_live_streams() {
     let (code, body) = sell(&procs[1].api, "hotdog", 1_000).await;
     assert_eq!(code, 409);
     assert_eq!(body["refusal"]["reason"], "insufficient_rights");
-    let r = client().post(format!("{}/v1/sales", procs[1].api)).body("{not json").header("content-type", "application/json").send().await.unwrap();
+    let r = client()
+        .post(format!("{}/v1/sales", procs[1].api))
+        .body("{not json")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    let r = client().post(format!("{}/v1/sales", procs[1].api)).body(vec![b'x'; 100_000]).header("content-type", "application/json").send().await.unwrap();
+    let r = client()
+        .post(format!("{}/v1/sales", procs[1].api))
+        .body(vec![b'x'; 100_000])
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 413);
     // Metrics are served.
-    let m = client().get(format!("{}/metrics", procs[1].api)).send().await.unwrap().text().await.unwrap();
+    let m = client()
+        .get(format!("{}/metrics", procs[1].api))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(m.contains("halftime_sales_committed_total 1"), "{m}");
 }
 
@@ -102,9 +136,33 @@ async fn a_killed_terminal_keeps_its_acknowledged_sale() {
     procs[1].kill9();
     // Restart everyone; t0 must still have the sale and deliver it.
     let t0_dir = stand.dir.path().join("t0");
-    let pool = spawn("pool", &stand.dir.path().join("pool"), &pool_mesh, free_port(), &[], false, None);
-    let t1 = spawn("t1", &stand.dir.path().join("t1"), &t1_mesh, free_port(), &[pool_mesh.clone()], false, None);
-    let t0 = spawn("t0", &t0_dir, &mesh_addr(free_port()), free_port(), &[pool_mesh.clone(), t1_mesh.clone()], false, None);
+    let pool = spawn(
+        "pool",
+        &stand.dir.path().join("pool"),
+        &pool_mesh,
+        free_port(),
+        &[],
+        false,
+        None,
+    );
+    let t1 = spawn(
+        "t1",
+        &stand.dir.path().join("t1"),
+        &t1_mesh,
+        free_port(),
+        &[pool_mesh.clone()],
+        false,
+        None,
+    );
+    let t0 = spawn(
+        "t0",
+        &t0_dir,
+        &mesh_addr(free_port()),
+        free_port(),
+        &[pool_mesh.clone(), t1_mesh.clone()],
+        false,
+        None,
+    );
     for p in [&pool, &t1, &t0] {
         wait_up(p).await;
     }
@@ -136,24 +194,51 @@ async fn wrong_stand_key_and_unenrolled_replicas_cannot_join() {
     // An enrolled terminal's key (t1's) with the wrong stand key.
     let (secret, settings) = {
         let t1 = Store::open(&stand.dir.path().join("t1/replica.redb")).unwrap();
-        (t1.key().unwrap().unwrap().secret_bytes(), t1.settings().unwrap())
+        (
+            t1.key().unwrap().unwrap().secret_bytes(),
+            t1.settings().unwrap(),
+        )
     };
     let wrong = stand.dir.path().join("wrong-psk");
     std::fs::create_dir_all(&wrong).unwrap();
     {
         let s = Store::open(&wrong.join("replica.redb")).unwrap();
         s.key_or_init(|| secret).unwrap();
-        s.set_settings(&StandSettings { psk: "11".repeat(32), ..settings }).unwrap();
+        s.set_settings(&StandSettings {
+            psk: "11".repeat(32),
+            ..settings
+        })
+        .unwrap();
     }
     // An unenrolled key with the right stand key.
     let stranger_dir = stand.dir.path().join("stranger");
     cli(&["init", "--data", stranger_dir.to_str().unwrap()]);
-    let mut a = vec!["join".to_string(), "--data".into(), stranger_dir.to_str().unwrap().into()];
+    let mut a = vec![
+        "join".to_string(),
+        "--data".into(),
+        stranger_dir.to_str().unwrap().into(),
+    ];
     a.extend(stand.join.iter().cloned());
     let argv: Vec<&str> = a.iter().map(String::as_str).collect();
     cli(&argv);
-    let intruder = spawn("wrong-psk", &wrong, &mesh_addr(free_port()), free_port(), &[pool_mesh.clone()], false, None);
-    let stranger = spawn("stranger", &stranger_dir, &mesh_addr(free_port()), free_port(), &[pool_mesh.clone()], false, None);
+    let intruder = spawn(
+        "wrong-psk",
+        &wrong,
+        &mesh_addr(free_port()),
+        free_port(),
+        &[pool_mesh.clone()],
+        false,
+        None,
+    );
+    let stranger = spawn(
+        "stranger",
+        &stranger_dir,
+        &mesh_addr(free_port()),
+        free_port(),
+        &[pool_mesh.clone()],
+        false,
+        None,
+    );
     wait_up(&intruder).await;
     wait_up(&stranger).await;
     tokio::time::sleep(Duration::from_secs(4)).await;

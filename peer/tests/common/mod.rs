@@ -10,19 +10,33 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_halftime-peer");
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn cli(args: &[&str]) -> String {
     let out = Command::new(BIN).args(args).output().unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
 /// Run `init` and return the public key.
 pub fn init(dir: &Path) -> String {
     let out = cli(&["init", "--data", dir.to_str().unwrap()]);
-    out.lines().find(|l| l.starts_with("public key:")).unwrap().split_whitespace().last().unwrap().to_owned()
+    out.lines()
+        .find(|l| l.starts_with("public key:"))
+        .unwrap()
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_owned()
 }
 
 pub struct Proc {
@@ -51,7 +65,15 @@ impl Drop for Proc {
 }
 
 /// Spawn `halftime-peer run`, optionally inside a network namespace.
-pub fn spawn(name: &str, data: &Path, mesh: &str, api_port: u16, peers: &[String], mdns: bool, netns: Option<&str>) -> Proc {
+pub fn spawn(
+    name: &str,
+    data: &Path,
+    mesh: &str,
+    api_port: u16,
+    peers: &[String],
+    mdns: bool,
+    netns: Option<&str>,
+) -> Proc {
     let log = data.join("peer.log");
     let mut args: Vec<String> = vec![
         "run".into(),
@@ -86,7 +108,14 @@ pub fn spawn(name: &str, data: &Path, mesh: &str, api_port: u16, peers: &[String
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    Proc { name: name.into(), child, api: format!("http://127.0.0.1:{api_port}"), mesh: mesh.into(), data: data.into(), log }
+    Proc {
+        name: name.into(),
+        child,
+        api: format!("http://127.0.0.1:{api_port}"),
+        mesh: mesh.into(),
+        data: data.into(),
+        log,
+    }
 }
 
 pub struct Stand {
@@ -103,8 +132,22 @@ pub fn make_stand(n: usize, kitchen: bool, items: &[&str]) -> Stand {
     let pool = dir.path().join("pool");
     let pool_key = init(&pool);
     let mut keys = Vec::new();
-    let mut args: Vec<String> = vec!["create-stand".into(), "--data".into(), pool.to_str().unwrap().into()];
-    args.extend(["--stand", "north", "--event", "game", "--venue", "Test Field"].map(String::from));
+    let mut args: Vec<String> = vec![
+        "create-stand".into(),
+        "--data".into(),
+        pool.to_str().unwrap().into(),
+    ];
+    args.extend(
+        [
+            "--stand",
+            "north",
+            "--event",
+            "game",
+            "--venue",
+            "Test Field",
+        ]
+        .map(String::from),
+    );
     for it in items {
         args.push("--item".into());
         args.push(it.to_string());
@@ -123,28 +166,62 @@ pub fn make_stand(n: usize, kitchen: bool, items: &[&str]) -> Stand {
     }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = cli(&argv);
-    let line = out.lines().find(|l| l.contains("halftime-peer join")).unwrap();
-    let join: Vec<String> = line.split_whitespace().skip_while(|w| *w != "--stand").map(String::from).collect();
+    let line = out
+        .lines()
+        .find(|l| l.contains("halftime-peer join"))
+        .unwrap();
+    let join: Vec<String> = line
+        .split_whitespace()
+        .skip_while(|w| *w != "--stand")
+        .map(String::from)
+        .collect();
     let psk = join[join.iter().position(|w| w == "--psk").unwrap() + 1].clone();
-    let names: Vec<String> = (0..n).map(|i| format!("t{i}")).chain(kitchen.then(|| "kitchen".to_string())).collect();
+    let names: Vec<String> = (0..n)
+        .map(|i| format!("t{i}"))
+        .chain(kitchen.then(|| "kitchen".to_string()))
+        .collect();
     for name in names {
         let d = dir.path().join(&name);
-        let mut a = vec!["join".to_string(), "--data".into(), d.to_str().unwrap().into()];
+        let mut a = vec![
+            "join".to_string(),
+            "--data".into(),
+            d.to_str().unwrap().into(),
+        ];
         a.extend(join.iter().cloned());
         let argv: Vec<&str> = a.iter().map(String::as_str).collect();
         cli(&argv);
     }
-    Stand { dir, pool_key, psk, keys, join }
+    Stand {
+        dir,
+        pool_key,
+        psk,
+        keys,
+        join,
+    }
 }
 
 /// One shared HTTP client (keeps connections alive between requests).
 pub fn client() -> reqwest::Client {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
-    CLIENT.get_or_init(|| reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap()).clone()
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap()
+        })
+        .clone()
 }
 
 pub async fn get(api: &str, path: &str) -> Value {
-    client().get(format!("{api}{path}")).send().await.unwrap().json().await.unwrap()
+    client()
+        .get(format!("{api}{path}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 pub async fn sell(api: &str, sku: &str, qty: u64) -> (u16, Value) {
@@ -179,19 +256,47 @@ where
 pub async fn wait_up(p: &Proc) {
     let api = p.api.clone();
     let log = p.log.clone();
-    eventually(20, &format!("{} API up (log: {})", p.name, log.display()), || {
-        let api = api.clone();
-        async move { client().get(format!("{api}/v1/status")).send().await.ok().map(|_| ()) }
-    })
+    eventually(
+        20,
+        &format!("{} API up (log: {})", p.name, log.display()),
+        || {
+            let api = api.clone();
+            async move {
+                client()
+                    .get(format!("{api}/v1/status"))
+                    .send()
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        },
+    )
     .await
 }
 
 pub async fn available(api: &str, sku: &str) -> Option<i64> {
-    let v = client().get(format!("{api}/v1/stock")).send().await.ok()?.json::<Value>().await.ok()?;
-    v.as_array()?.iter().find(|r| r["sku"] == sku).and_then(|r| r["available"].as_i64())
+    let v = client()
+        .get(format!("{api}/v1/stock"))
+        .send()
+        .await
+        .ok()?
+        .json::<Value>()
+        .await
+        .ok()?;
+    v.as_array()?
+        .iter()
+        .find(|r| r["sku"] == sku)
+        .and_then(|r| r["available"].as_i64())
 }
 
 pub async fn peers(api: &str) -> Vec<String> {
     let v = get(api, "/v1/status").await;
-    v["peers"].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default()
+    v["peers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
 }
