@@ -600,17 +600,18 @@ impl Ledger {
     ) -> Result<SignedChange, OpError> {
         self.require_role(&[Role::Pool, Role::Terminal])?;
         self.check_units(&units)?;
-        if self.role() != Some(Role::Pool) {
-            for (sku, n) in &units {
-                let have = self.rights(self.me, sku);
-                if have < *n as i64 {
-                    return Err(Refusal::InsufficientRights {
-                        sku: sku.clone(),
-                        have,
-                        want: *n,
-                    }
-                    .into());
+        // Shrink is written where the units are held: the pool can only write off what it has
+        // not allocated (more would leave terminals with rights to units that no longer exist),
+        // a terminal only its own rights.
+        for (sku, n) in &units {
+            let have = self.rights(self.me, sku);
+            if have < *n as i64 {
+                return Err(Refusal::InsufficientRights {
+                    sku: sku.clone(),
+                    have,
+                    want: *n,
                 }
+                .into());
             }
         }
         let writes = self.bump(&units, Field::Out);
@@ -1434,7 +1435,9 @@ impl Ledger {
                     let v = match scalar {
                         Some(ScalarValue::Uint(v)) => *v,
                         _ => {
-                            return Err(invalid(format!("counter {k} must be an unsigned integer")));
+                            return Err(invalid(format!(
+                                "counter {k} must be an unsigned integer"
+                            )));
                         }
                     };
                     if v > MAX_UNITS {
@@ -1506,7 +1509,8 @@ impl Ledger {
                 .unwrap_or_default();
             return Err(Rejection::MessageMismatch { op: op_kind, sku });
         }
-        // Policy floor and no minting, for every non-pool writer. A retired replica's changes
+        // Policy floor for every writer (the pool too: its gives and write-offs may not exceed
+        // what it holds), and no minting by non-pool writers. A retired replica's changes
         // that reach us here were made before it learned of its retirement: its rights were
         // reclaimed, so they are accepted as the oversell the reconciler refunds.
         let retired = self
@@ -1514,7 +1518,7 @@ impl Ledger {
             .replicas
             .get(&actor)
             .is_some_and(|i| i.retired_at_pool_seq.is_some());
-        if !is_pool && !retired {
+        if !retired {
             let skus: HashSet<&Sku> = fx.counters.keys().map(|(s, _)| s).collect();
             for sku in skus {
                 let get = |f: Field| {
@@ -1524,7 +1528,7 @@ impl Ledger {
                         .unwrap_or_else(|| self.state.value(actor, sku, f))
                 };
                 let (i, o) = (get(Field::In), get(Field::Out));
-                if i > o {
+                if !is_pool && i > o {
                     return Err(Rejection::Minting {
                         replica: actor,
                         sku: sku.clone(),

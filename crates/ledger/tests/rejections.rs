@@ -397,3 +397,47 @@ fn dependants_of_a_rejected_change_are_rejected() {
     // Arriving again later, it is dropped at once.
     assert_eq!(st.pool.apply_remote(vec![next], 6_000).duplicates, 1);
 }
+
+#[test]
+fn the_pool_cannot_write_off_stock_it_has_allocated() {
+    // 100 in, 10 given to each of 2 terminals: the pool holds 80.
+    let mut st = stand(Policy::Strict, 2, 100, 10);
+    assert!(matches!(
+        st.pool
+            .adjust(BTreeMap::from([(sku("hotdog"), 81)]), "spoiled", 3_000),
+        Err(OpError::Refused(Refusal::InsufficientRights {
+            have: 80,
+            want: 81,
+            ..
+        }))
+    ));
+    let ok = st
+        .pool
+        .adjust(BTreeMap::from([(sku("hotdog"), 80)]), "spoiled", 3_000)
+        .unwrap();
+    assert!(
+        st.terminals[0]
+            .apply_remote(vec![ok], 3_000)
+            .rejected
+            .is_empty()
+    );
+    // A forged pool change writing off allocated stock is rejected by every receiver.
+    let pool_key = key(1);
+    let p = st.pool.me().to_string();
+    let c = forge(
+        &st.pool,
+        &pool_key,
+        Operation::Adjust {
+            units: BTreeMap::from([(sku("hotdog"), 5)]),
+            reason: "x".into(),
+        },
+        4_000,
+        |tx| {
+            let e = obj(tx, &["stock", &p, "hotdog", "00000000"]);
+            tx.put(&e, "out", 85u64).unwrap();
+        },
+    );
+    let r = st.terminals[0].apply_remote(vec![c], 5_000);
+    assert_eq!(r.rejected.len(), 1, "{r:?}");
+    assert_eq!(r.rejected[0].rule(), "below_floor");
+}
