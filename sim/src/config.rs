@@ -13,22 +13,27 @@ pub const DEFAULT_GAME_MINUTES: u64 = 120;
 pub const DEFAULT_SKUS: usize = 8;
 /// Most terminals a stand may have in the simulator (keys are derived from the index).
 pub const MAX_TERMINALS: usize = 200;
+/// Default largest wall-clock offset of a terminal: each one is set uniformly within ± this.
+pub const DEFAULT_CLOCK_SKEW_MS: u64 = 3 * 60 * 1000;
 
 /// A game-day story: the demand profile and the faults that hit the stand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scenario {
-    /// A steady crowd, no rush, no outage; one admin restock.
+    /// A steady crowd, no rush, no outage; one admin restock, part of it written off as shrink.
     Normal,
-    /// The game-day profile with a 10x halftime rush; one terminal crashes and restarts mid-rush.
+    /// The game-day profile with a 10x halftime rush; one terminal crashes and restarts mid-rush;
+    /// part of the mid-event delivery is written off as shrink.
     Halftime,
     /// The internet is down for two hours (the whole game): the pool is unreachable, the LAN works.
     WanDown,
     /// Everything (LAN and internet) is down for 30 minutes across halftime.
     AllDown,
-    /// Three terminals' Wi-Fi flaps up and down all game; one terminal crashes and restarts.
+    /// Three terminals' Wi-Fi flaps up and down all game; single links between two replicas
+    /// fail while both still reach everyone else; one terminal crashes and restarts.
     Flapping,
-    /// A terminal dies mid-rush and never comes back; the admin reclaims its rights.
+    /// A terminal dies mid-rush and never comes back; the admin reclaims its rights and enrols
+    /// a replacement device, which joins from nothing and sells for the rest of the game.
     TerminalDies,
 }
 
@@ -156,6 +161,9 @@ pub struct SimConfig {
     pub skus: usize,
     /// Deliberate bug, if any.
     pub broken: Option<Broken>,
+    /// Largest wall-clock offset of a terminal (each draws one uniformly within ± this from the
+    /// seed; the pool keeps true time). 0: every clock agrees.
+    pub clock_skew_ms: u64,
 }
 
 impl SimConfig {
@@ -171,6 +179,7 @@ impl SimConfig {
             game_minutes: DEFAULT_GAME_MINUTES,
             skus: DEFAULT_SKUS,
             broken: None,
+            clock_skew_ms: DEFAULT_CLOCK_SKEW_MS,
         }
     }
 
@@ -209,14 +218,15 @@ impl SimConfig {
     /// The command line that replays this run.
     pub fn replay_command(&self) -> String {
         let mut s = format!(
-            "halftime-sim replay --seed {} --scenario {} --policy {} --allocation {} --terminals {} --game-minutes {} --skus {}",
+            "halftime-sim replay --seed {} --scenario {} --policy {} --allocation {} --terminals {} --game-minutes {} --skus {} --clock-skew-ms {}",
             self.seed,
             self.scenario.name(),
             self.policy.name(),
             self.allocation.name(),
             self.terminals,
             self.game_minutes,
-            self.skus
+            self.skus,
+            self.clock_skew_ms
         );
         if self.baseline {
             s.push_str(" --baseline");

@@ -10,25 +10,36 @@
 //! 1. [`World::new`] builds the stand exactly as production does: the pool creates the
 //!    document, sets the catalog (Zipf-skewed popularity, stock sized to run low near the end),
 //!    enrols the terminals, records the opening stock and spreads rights with the allocation
-//!    planner. Every terminal starts holding those changes.
+//!    planner. Every terminal starts holding those changes. Each terminal's clock is off by a
+//!    fixed skew drawn from the seed (± 3 minutes by default, `--clock-skew-ms`): every ledger
+//!    operation sees that device's wall clock, while sync timers, the network and every figure
+//!    run on the virtual clock.
 //! 2. [`World::step`] jumps the clock to the next event and, in a fixed order: fires the
-//!    scenario's faults (WAN/LAN outages, flapping Wi-Fi, crash and restart from durable
-//!    changes, terminal death and admin reclaim, admin restock); delivers due messages, batching
-//!    all changes that reach one replica into one `apply_remote`; runs the anti-entropy timers;
-//!    serves arriving customers (a Poisson process following the game-day profile); lets the
-//!    pool top terminals up and terminals return surplus or ask peers for rights; encodes every
-//!    outgoing [`halftime_ledger::WireMessage`] and hands its bytes to the [`net::Network`]
-//!    (latency, jitter, loss, duplication, stragglers); and finally checks the safety
-//!    invariants of every replica whose state changed.
+//!    scenario's faults (WAN/LAN outages, flapping Wi-Fi, single links cut while both ends
+//!    still reach everyone else, crash and restart from durable changes, terminal death, admin
+//!    reclaim and a replacement device that joins from nothing, admin restock and shrink);
+//!    delivers due messages, batching all changes that reach one replica into one
+//!    `apply_remote` and relaying accepted changes whose author is not linked to the receiver
+//!    (as the peer does); runs the anti-entropy timers; serves arriving customers (a Poisson
+//!    process following the game-day profile); lets the pool top terminals up and terminals
+//!    return surplus or ask peers for rights; encodes every outgoing
+//!    [`halftime_ledger::WireMessage`] and hands its bytes to the [`net::Network`] (latency,
+//!    jitter, loss, duplication, stragglers); and finally checks the safety invariants of every
+//!    replica whose state changed: Σ rights = available, every unit that came in was sold,
+//!    written off as shrink or is still available, no negative rights and no oversell under
+//!    strict, oversell within the granted overdraft under optimistic.
 //! 3. At the end of the game every fault heals; the run continues until all live replicas hold
 //!    the same changes (within [`world::CONVERGENCE_BOUND_MS`]), then checks liveness: every
-//!    acknowledged sale reached the pool and the pool's stock equals the ground truth.
+//!    acknowledged sale of a live terminal (a replacement's included) reached the pool and the
+//!    pool's stock equals the ground truth (opening + deliveries − sales − shrink).
 //! 4. The [`Report`] gives lost sales, stranded stock, oversell and refunds, propagation
 //!    latency, convergence time and traffic; [`plots`] draws it.
 //!
 //! One `u64` seed decides everything through one ChaCha RNG (customer streams are derived from
-//! it per terminal, so policies compared on one seed see the same customers), maps are
-//! `BTreeMap`s, and nothing reads the wall clock: a seed replays bit for bit.
+//! it per terminal, so policies compared on one seed see the same customers; clock skews come
+//! from a second stream of the same seed, so changing `--clock-skew-ms` leaves every other
+//! random draw as it was), maps are `BTreeMap`s, and nothing reads the wall clock: a seed
+//! replays bit for bit.
 //!
 //! ```no_run
 //! use halftime_sim::{Scenario, SimConfig, run};

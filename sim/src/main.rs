@@ -12,7 +12,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 /// Deterministic simulation of a Halftime stand: the real ledger code on a virtual clock and a
-/// seeded virtual network with outages, crashes and rushes. Every run checks the safety
+/// seeded virtual network with outages, partial partitions, crashes, lost devices and their
+/// replacements, shrink, skewed clocks and rushes. Every run checks the safety
 /// invariants at every step and convergence after the final heal; a failure prints the seed and
 /// the command that replays it.
 #[derive(Parser, Debug)]
@@ -45,6 +46,10 @@ struct StandArgs {
     /// Items in the catalog.
     #[arg(long, default_value_t = config::DEFAULT_SKUS)]
     skus: usize,
+    /// Largest wall-clock offset of a terminal's clock, in ms (each terminal draws one within ±
+    /// this from the seed; the pool keeps true time). 0 disables clock skew.
+    #[arg(long, default_value_t = config::DEFAULT_CLOCK_SKEW_MS)]
+    clock_skew_ms: u64,
     /// Deliberately broken terminals (for testing the checks).
     #[arg(long, value_enum, hide = true)]
     broken: Option<Broken>,
@@ -131,6 +136,7 @@ fn base_config(seed: u64, scenario: Scenario, stand: &StandArgs) -> SimConfig {
     c.game_minutes = stand.game_minutes.max(1);
     c.skus = stand.skus.max(1);
     c.broken = stand.broken;
+    c.clock_skew_ms = stand.clock_skew_ms;
     c
 }
 

@@ -52,12 +52,16 @@ fn stock_plot(report: &Report, path: &Path) -> Result<(), String> {
         .y_desc("units (Σ over items)")
         .draw()
         .map_err(err)?;
-    let n = report.samples.first().map_or(0, |s| s.terminal_rights.len());
+    // A replacement terminal appears in the samples from the moment it joins.
+    let n = report.samples.iter().map(|s| s.terminal_rights.len()).max().unwrap_or(0);
     for t in 0..n {
         let color = Palette99::pick(t).to_rgba();
         chart
             .draw_series(LineSeries::new(
-                report.samples.iter().map(|s| (s.t_ms as f64 / 60_000.0, s.terminal_rights[t] as f64)),
+                report
+                    .samples
+                    .iter()
+                    .filter_map(|s| Some((s.t_ms as f64 / 60_000.0, *s.terminal_rights.get(t)? as f64))),
                 color.stroke_width(1),
             ))
             .map_err(err)?

@@ -41,6 +41,8 @@ pub struct SkuReport {
     pub opening: u64,
     /// Delivered mid-event.
     pub restocked: u64,
+    /// Written off by shrink adjustments.
+    pub shrunk: u64,
     /// Units sold (acknowledged to customers).
     pub sold: u64,
     /// Ground-truth units left at the end (negative: oversold).
@@ -123,6 +125,16 @@ pub struct Report {
     pub restocked_units: u64,
     /// Units taken back from lost terminals.
     pub reclaimed_units: u64,
+    /// Units written off by shrink adjustments at the pool.
+    pub shrunk_units: u64,
+    /// Replacement terminals enrolled for lost ones.
+    pub replacement_terminals: u64,
+    /// Sales committed by replacement terminals.
+    pub replacement_sales: u64,
+    /// Received changes a replica passed on because their author was not linked to it.
+    pub relayed_changes: u64,
+    /// Largest offset of a terminal's clock from true time.
+    pub clock_skew_max_ms: u64,
     /// Terminal crashes.
     pub crashes: u64,
     /// Restarts from durable state.
@@ -186,7 +198,15 @@ impl Report {
         row(&mut s, "rights requests / granted", format!("{} / {}", self.rights_requests, self.rights_answers_granted));
         row(&mut s, "gives", self.gives.to_string());
         row(&mut s, "restocked / reclaimed units", format!("{} / {}", self.restocked_units, self.reclaimed_units));
+        row(&mut s, "shrink (units)", self.shrunk_units.to_string());
         row(&mut s, "crashes / restarts / deaths", format!("{} / {} / {}", self.crashes, self.restarts, self.deaths));
+        row(
+            &mut s,
+            "replacement terminals (their sales)",
+            format!("{} ({})", self.replacement_terminals, self.replacement_sales),
+        );
+        row(&mut s, "largest clock skew (ms)", self.clock_skew_max_ms.to_string());
+        row(&mut s, "changes relayed (author not linked)", self.relayed_changes.to_string());
         row(&mut s, "messages sent", self.net.messages_sent.to_string());
         row(&mut s, "bytes sent", format!("{:.1} KB", self.net.bytes_sent as f64 / 1024.0));
         row(
@@ -199,12 +219,16 @@ impl Report {
         );
         row(&mut s, "rejected changes / decode errors", format!("{} / {}", self.rejected_changes, self.decode_errors));
         row(&mut s, "simulation steps", self.steps.to_string());
-        let _ = writeln!(s, "\n  {:<8} {:>7} {:>9} {:>6} {:>6} {:>6} {:>8} {:>8}", "sku", "opening", "restocked", "sold", "left", "lost", "stranded", "oversell");
+        let _ = writeln!(
+            s,
+            "\n  {:<8} {:>7} {:>9} {:>6} {:>6} {:>6} {:>6} {:>8} {:>8}",
+            "sku", "opening", "restocked", "shrunk", "sold", "left", "lost", "stranded", "oversell"
+        );
         for k in &self.per_sku {
             let _ = writeln!(
                 s,
-                "  {:<8} {:>7} {:>9} {:>6} {:>6} {:>6} {:>8} {:>8}",
-                k.sku, k.opening, k.restocked, k.sold, k.left, k.lost_units, k.stranded, k.oversell
+                "  {:<8} {:>7} {:>9} {:>6} {:>6} {:>6} {:>6} {:>8} {:>8}",
+                k.sku, k.opening, k.restocked, k.shrunk, k.sold, k.left, k.lost_units, k.stranded, k.oversell
             );
         }
         s

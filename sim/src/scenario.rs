@@ -64,6 +64,11 @@ pub enum Fault {
     WifiDown(usize),
     /// A terminal's Wi-Fi is back.
     WifiUp(usize),
+    /// The link between two nodes fails while both still reach everyone else (a partial
+    /// partition: a flaky access point, a firewall rule, a relay route).
+    LinkDown(usize, usize),
+    /// That link is back.
+    LinkUp(usize, usize),
     /// A terminal crashes; it keeps its durable changes.
     Crash(usize),
     /// A crashed terminal restarts from its durable changes.
@@ -74,26 +79,43 @@ pub enum Fault {
     Reclaim(usize),
     /// The admin records a delivery at the pool: this percentage of the expected demand.
     Restock(u64),
+    /// The admin records shrink at the pool (spoiled or damaged units in the store room): for
+    /// one or two items, this percentage of their opening stock, at most what the pool holds.
+    Adjust(u64),
+    /// The admin enrols a replacement for a lost terminal: a new device with a new key joins
+    /// from nothing, links to every replica and sells for the rest of the game.
+    Replace(usize),
     /// End of the game: every fault clears, crashed terminals restart.
     Heal,
 }
 
 /// Percentage of the expected demand delivered by the mid-event restock.
 pub const RESTOCK_PCT: u64 = 10;
+/// Percentage of an item's opening stock written off by the shrink adjustment.
+pub const SHRINK_PCT: u64 = 5;
+/// When the mid-event delivery arrives (and the shrink adjustment is recorded), as a fraction of
+/// the game.
+pub const RESTOCK_AT: f64 = 0.45;
 
 /// The faults of `scenario` for a stand of `terminals` (node ids 1..=terminals), sorted by time.
 pub fn schedule(scenario: Scenario, terminals: usize, game_ms: u64, rng: &mut ChaCha8Rng) -> Vec<(u64, Fault)> {
     let at = |f: f64| (game_ms as f64 * f) as u64;
     // Minutes of a two-hour game, scaled to the simulated length.
     let minutes = |m: f64| (game_ms as f64 * m / 120.0) as u64;
-    let mut v = vec![(at(0.45), Fault::Restock(RESTOCK_PCT))];
+    let mut v = vec![(at(RESTOCK_AT), Fault::Restock(RESTOCK_PCT))];
     let t = |i: usize| i.clamp(1, terminals);
     match scenario {
-        Scenario::Normal => {}
+        Scenario::Normal => {
+            // Checking the delivery in, the admin finds spoiled units and writes them off at
+            // once, while the pool still holds them (an instant later the planner spreads them;
+            // by the second half the pool holds nothing of its own to write off).
+            v.push((at(RESTOCK_AT), Fault::Adjust(SHRINK_PCT)));
+        }
         Scenario::Halftime => {
             let c = at(0.55);
             v.push((c, Fault::Crash(t(2))));
             v.push((c + minutes(2.0), Fault::Restart(t(2))));
+            v.push((at(RESTOCK_AT), Fault::Adjust(SHRINK_PCT)));
         }
         Scenario::WanDown => {
             v.push((1, Fault::WanDown));
@@ -122,11 +144,22 @@ pub fn schedule(scenario: Scenario, terminals: usize, game_ms: u64, rng: &mut Ch
             let c = at(0.4);
             v.push((c, Fault::Crash(t(4))));
             v.push((c + minutes(1.0), Fault::Restart(t(4))));
+            // Partial partitions: one link fails while both ends still reach everyone else, so
+            // what crosses it must go round through a third replica.
+            for (a, b, from, mins) in [(0, t(1), 0.2, 10.0), (t(2), t(3), 0.3, 15.0), (0, t(3), 0.75, 6.0)] {
+                if a != b {
+                    v.push((at(from), Fault::LinkDown(a, b)));
+                    v.push((at(from) + minutes(mins), Fault::LinkUp(a, b)));
+                }
+            }
         }
         Scenario::TerminalDies => {
             let d = at((RUSH_START + RUSH_END) / 2.0);
             v.push((d, Fault::Die(t(1))));
+            // The admin retires the lost device and enrols the spare in one go, so the planner
+            // counts the spare among the terminals when it spreads the reclaimed rights.
             v.push((d + minutes(5.0), Fault::Reclaim(t(1))));
+            v.push((d + minutes(5.0), Fault::Replace(t(1))));
         }
     }
     v.push((game_ms, Fault::Heal));

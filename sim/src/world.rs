@@ -35,6 +35,14 @@ pub const SAMPLES_PER_GAME: u64 = 240;
 pub const PRICE_CENTS: u64 = 400;
 /// Most steps printed before the failing step by `replay`.
 pub const TRACE_STEPS_BEFORE: u64 = 3;
+/// Wall-clock time at the start of the game (2025-09-06 19:00 UTC): what the pool's clock reads
+/// at virtual time 0. Each terminal's clock reads this plus the virtual time plus its skew.
+pub const GAME_START_WALL_MS: u64 = 1_757_185_200_000;
+/// Largest clock skew the simulator accepts (one day).
+pub const MAX_CLOCK_SKEW_MS: u64 = 24 * 60 * 60 * 1000;
+/// ChaCha stream of the clock skews (stream 0 is everything else), so that turning skew on or
+/// off leaves customers, faults and the network unchanged.
+const SKEW_STREAM: u64 = 1;
 
 /// A replica of the stand and what the simulator knows about it.
 #[derive(Debug)]
@@ -42,6 +50,8 @@ struct Node {
     key: ReplicaKey,
     id: ReplicaId,
     ledger: Ledger,
+    /// Offset of this device's wall clock from true time (0 for the pool).
+    skew_ms: i64,
     alive: bool,
     dead: bool,
     crashed: bool,
@@ -52,10 +62,36 @@ struct Node {
     next_arrival: u64,
     /// Per sku: until when a rights request is outstanding.
     outstanding: BTreeMap<Sku, u64>,
-    /// Sales of `ledger.sales()` already folded into `overdraft`.
+    /// Sales of `ledger.sales()` already folded into `overdraft` and `sold`.
     overdraft_scanned: usize,
     /// Σ SaleRecord.overdraft per sku over the sales this replica knows.
     overdraft: BTreeMap<Sku, u64>,
+    /// Units per sku of the sales this replica knows.
+    sold: BTreeMap<Sku, u64>,
+    /// Shrink adjustments (a prefix of `World::adjusts`) this replica is known to hold.
+    adjusts_known: usize,
+}
+
+impl Node {
+    fn new(key: ReplicaKey, ledger: Ledger, customers: ChaCha8Rng, skew_ms: i64) -> Self {
+        Node {
+            id: key.replica_id(),
+            key,
+            ledger,
+            skew_ms,
+            alive: true,
+            dead: false,
+            crashed: false,
+            durable: Vec::new(),
+            customers,
+            next_arrival: u64::MAX,
+            outstanding: BTreeMap::new(),
+            overdraft_scanned: 0,
+            overdraft: BTreeMap::new(),
+            sold: BTreeMap::new(),
+            adjusts_known: 0,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -75,6 +111,10 @@ struct Counters {
     deaths: u64,
     restocked_units: u64,
     reclaimed_units: u64,
+    shrunk_units: u64,
+    replacements: u64,
+    replacement_sales: u64,
+    relayed_changes: u64,
 }
 
 /// A violated invariant.
@@ -95,7 +135,13 @@ fn violation(invariant: &'static str, detail: String) -> Violation {
 pub struct World {
     cfg: SimConfig,
     rng: ChaCha8Rng,
+    /// Draws the clock skew of every terminal, replacements included.
+    skew_rng: ChaCha8Rng,
+    /// Terminals the stand opened with (replacements come after them).
+    base_terminals: usize,
     nodes: Vec<Node>,
+    /// Node index of every replica id.
+    by_replica: BTreeMap<ReplicaId, usize>,
     syncs: BTreeMap<(usize, usize), PeerSync>,
     up: BTreeSet<(usize, usize)>,
     net: Network,
@@ -113,9 +159,15 @@ pub struct World {
     sold_units: BTreeMap<Sku, u64>,
     /// Per sku: units the admin took back from lost terminals (the deliberate trade).
     reclaim_allowance: BTreeMap<Sku, u64>,
+    /// Per sku: units written off by shrink adjustments.
+    shrunk: BTreeMap<Sku, u64>,
+    /// Every shrink adjustment: the pool's sequence number of the change and its units.
+    adjusts: Vec<(u64, BTreeMap<Sku, u64>)>,
     wan_up: bool,
     lan_up: bool,
     wifi_up: Vec<bool>,
+    /// Links cut by a partial partition: (lower node, higher node).
+    cut: BTreeSet<(usize, usize)>,
     faults: Vec<(u64, Fault)>,
     next_fault: usize,
     now: u64,
@@ -149,6 +201,12 @@ fn key_for(node: usize) -> ReplicaKey {
 fn exp_sample(rng: &mut ChaCha8Rng, mean: f64) -> f64 {
     let u: f64 = rng.random();
     -(1.0 - u).ln() * mean
+}
+
+/// A terminal's clock offset: uniform within ± `max_ms`.
+fn draw_skew(rng: &mut ChaCha8Rng, max_ms: u64) -> i64 {
+    let max = max_ms.min(MAX_CLOCK_SKEW_MS) as i64;
+    if max == 0 { 0 } else { rng.random_range(-max..=max) }
 }
 
 impl World {
@@ -199,7 +257,12 @@ impl World {
         let want: BTreeMap<Sku, u64> =
             opening.iter().map(|(s, o)| (s.clone(), (*o / terminals as u64 / 2).max(6))).collect();
 
-        let t0 = 0;
+        // Every terminal's clock is off by a fixed amount; the pool keeps true time.
+        let mut skew_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        skew_rng.set_stream(SKEW_STREAM);
+        let skews: Vec<i64> =
+            (0..=terminals).map(|i| if i == 0 { 0 } else { draw_skew(&mut skew_rng, cfg.clock_skew_ms) }).collect();
+        let t0 = GAME_START_WALL_MS;
         let (mut pool, genesis) = Ledger::create_stand(key_for(0), info, "pool", t0).map_err(|e| setup_err(&e))?;
         let mut setup = vec![genesis];
         let items = skus
@@ -224,34 +287,24 @@ impl World {
         }
         let pool_key = key_for(0).public();
         let mut nodes = Vec::with_capacity(terminals + 1);
-        let mk = |key: ReplicaKey, ledger: Ledger, customers: ChaCha8Rng| Node {
-            id: key.replica_id(),
-            key,
-            ledger,
-            alive: true,
-            dead: false,
-            crashed: false,
-            durable: Vec::new(),
-            customers,
-            next_arrival: u64::MAX,
-            outstanding: BTreeMap::new(),
-            overdraft_scanned: 0,
-            overdraft: BTreeMap::new(),
-        };
-        nodes.push(mk(key_for(0), pool, ChaCha8Rng::seed_from_u64(rng.random())));
-        for i in 1..=terminals {
+        nodes.push(Node::new(key_for(0), pool, ChaCha8Rng::seed_from_u64(rng.random()), 0));
+        for (i, skew) in skews.iter().enumerate().skip(1) {
             let mut l = Ledger::join(key_for(i), stand_id.clone(), pool_key);
-            let r = l.apply_remote(setup.clone(), t0);
+            let r = l.apply_remote(setup.clone(), t0.saturating_add_signed(*skew));
             if !r.rejected.is_empty() {
                 return Err(violation("setup", format!("terminal {i} rejected setup: {:?}", r.rejected)));
             }
-            nodes.push(mk(key_for(i), l, ChaCha8Rng::seed_from_u64(rng.random())));
+            nodes.push(Node::new(key_for(i), l, ChaCha8Rng::seed_from_u64(rng.random()), *skew));
         }
+        let by_replica = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
         let faults = scenario::schedule(cfg.scenario, terminals, game_ms, &mut rng);
         let truth = opening.iter().map(|(s, u)| (s.clone(), *u as i64)).collect();
         let mut w = World {
             rng,
+            skew_rng,
+            base_terminals: terminals,
             nodes,
+            by_replica,
             syncs: BTreeMap::new(),
             up: BTreeSet::new(),
             net: Network::default(),
@@ -267,9 +320,12 @@ impl World {
             lost_units: BTreeMap::new(),
             sold_units: BTreeMap::new(),
             reclaim_allowance: BTreeMap::new(),
+            shrunk: BTreeMap::new(),
+            adjusts: Vec::new(),
             wan_up: true,
             lan_up: true,
             wifi_up: vec![true; terminals + 1],
+            cut: BTreeSet::new(),
             faults,
             next_fault: 0,
             now: 0,
@@ -335,8 +391,10 @@ impl World {
         }
     }
 
-    fn terminals(&self) -> usize {
-        self.nodes.len() - 1
+    /// What `node`'s clock reads now: the ledger's idea of wall time. Only ledger operations see
+    /// it; sync timers, the network and every measurement run on the virtual clock.
+    fn wall(&self, node: usize) -> u64 {
+        GAME_START_WALL_MS.saturating_add(self.now).saturating_add_signed(self.nodes[node].skew_ms)
     }
 
     // ---------------------------------------------------------------------------------------
@@ -344,7 +402,7 @@ impl World {
 
     fn connected(&self, a: usize, b: usize) -> bool {
         let (a, b) = (a.min(b), a.max(b));
-        if a == b || !self.nodes[a].alive || !self.nodes[b].alive || !self.lan_up {
+        if a == b || !self.nodes[a].alive || !self.nodes[b].alive || !self.lan_up || self.cut.contains(&(a, b)) {
             return false;
         }
         if a == 0 {
@@ -391,12 +449,17 @@ impl World {
     fn push_local(&mut self, node: usize, change: &SignedChange, except: Option<usize>) {
         let me = self.nodes[node].id;
         let seq = self.nodes[node].ledger.local_seq();
+        self.push(node, me, seq, change, except);
+        self.dirty.insert(node);
+    }
+
+    /// Push change `seq` of `author` from `node` to every connected peer but `except`.
+    fn push(&mut self, node: usize, author: ReplicaId, seq: u64, change: &SignedChange, except: Option<usize>) {
         for ((_, peer), sync) in self.syncs.range_mut((node, 0)..(node + 1, 0)) {
             if Some(*peer) != except {
-                sync.push(me, seq, change);
+                sync.push(author, seq, change);
             }
         }
-        self.dirty.insert(node);
     }
 
     // ---------------------------------------------------------------------------------------
@@ -490,6 +553,12 @@ impl World {
                 Fault::LanUp => self.lan_up = true,
                 Fault::WifiDown(i) => self.wifi_up[i] = false,
                 Fault::WifiUp(i) => self.wifi_up[i] = true,
+                Fault::LinkDown(a, b) => {
+                    self.cut.insert((a.min(b), a.max(b)));
+                }
+                Fault::LinkUp(a, b) => {
+                    self.cut.remove(&(a.min(b), a.max(b)));
+                }
                 Fault::Crash(i) => self.crash(i),
                 Fault::Restart(i) => self.restart(i)?,
                 Fault::Die(i) => {
@@ -502,10 +571,13 @@ impl World {
                 }
                 Fault::Reclaim(i) => self.reclaim(i)?,
                 Fault::Restock(pct) => self.restock(pct)?,
+                Fault::Adjust(pct) => self.adjust(pct)?,
+                Fault::Replace(i) => self.replace(i)?,
                 Fault::Heal => {
                     self.wan_up = true;
                     self.lan_up = true;
                     self.wifi_up.iter_mut().for_each(|w| *w = true);
+                    self.cut.clear();
                     for i in 1..self.nodes.len() {
                         if self.nodes[i].crashed {
                             self.restart(i)?;
@@ -536,6 +608,7 @@ impl World {
 
     fn restart(&mut self, i: usize) -> Result<(), Violation> {
         let now = self.now;
+        let wall = self.wall(i);
         let pool_key = self.nodes[0].key.public();
         let n = &mut self.nodes[i];
         if !n.crashed {
@@ -543,7 +616,7 @@ impl World {
         }
         let durable = std::mem::take(&mut n.durable);
         let held = durable.len();
-        let (ledger, report) = Ledger::restore(n.key.clone(), self.stand_id.clone(), pool_key, durable, now);
+        let (ledger, report) = Ledger::restore(n.key.clone(), self.stand_id.clone(), pool_key, durable, wall);
         if !report.rejected.is_empty() || report.accepted.len() != held {
             return Err(violation(
                 "restore",
@@ -559,6 +632,8 @@ impl World {
         n.crashed = false;
         n.overdraft_scanned = 0;
         n.overdraft.clear();
+        n.sold.clear();
+        n.adjusts_known = 0;
         if n.next_arrival < now {
             self.schedule_arrival(i);
         }
@@ -574,10 +649,10 @@ impl World {
             *self.reclaim_allowance.entry(s.clone()).or_insert(0) += r;
             self.counters.reclaimed_units += r;
         }
-        let now = self.now;
+        let wall = self.wall(0);
         let change = self.nodes[0]
             .ledger
-            .reclaim(rid, now)
+            .reclaim(rid, wall)
             .map_err(|e| violation("reclaim", e.to_string()))?;
         self.push_local(0, &change, None);
         Ok(())
@@ -598,12 +673,84 @@ impl World {
             *self.restocked.entry(s.clone()).or_insert(0) += u;
             self.counters.restocked_units += u;
         }
-        let now = self.now;
+        let wall = self.wall(0);
         let change = self.nodes[0]
             .ledger
-            .restock(units, "delivery", now)
+            .restock(units, "delivery", wall)
             .map_err(|e| violation("restock", e.to_string()))?;
         self.push_local(0, &change, None);
+        Ok(())
+    }
+
+    /// Shrink at the pool: for one or two items the pool holds (drawn from the seed), `pct` of
+    /// their opening stock is written off, never more than the pool holds (the spoiled units are
+    /// in its store room, not in a terminal's hands) nor than the stand really has. The ledger
+    /// lets the pool write off more than it holds; that would leave terminals holding rights to
+    /// units that no longer exist (oversell under strict), so the admin here does not.
+    fn adjust(&mut self, pct: u64) -> Result<(), Violation> {
+        let pool = &self.nodes[0];
+        let mut held: Vec<(i64, Sku)> = self
+            .skus
+            .iter()
+            .map(|s| (pool.ledger.rights(pool.id, s), s.clone()))
+            .filter(|(r, _)| *r > 0)
+            .collect();
+        let how_many = self.rng.random_range(1..=2usize).min(held.len());
+        let mut picked = Vec::with_capacity(how_many);
+        for _ in 0..how_many {
+            let i = self.rng.random_range(0..held.len());
+            picked.push(held.remove(i));
+        }
+        let mut units = BTreeMap::new();
+        for (r, s) in picked {
+            let want = (self.opening.get(&s).copied().unwrap_or(0) * pct).div_ceil(100);
+            let left = self.truth.get(&s).copied().unwrap_or(0).max(0) as u64;
+            let u = want.min(r as u64).min(left);
+            if u > 0 {
+                units.insert(s, u);
+            }
+        }
+        if units.is_empty() {
+            return Ok(());
+        }
+        let wall = self.wall(0);
+        let change = self.nodes[0]
+            .ledger
+            .adjust(units.clone(), "spoiled", wall)
+            .map_err(|e| violation("adjust", e.to_string()))?;
+        for (s, u) in &units {
+            *self.truth.entry(s.clone()).or_insert(0) -= *u as i64;
+            *self.shrunk.entry(s.clone()).or_insert(0) += u;
+            self.counters.shrunk_units += u;
+        }
+        self.adjusts.push((self.nodes[0].ledger.local_seq(), units));
+        self.push_local(0, &change, None);
+        Ok(())
+    }
+
+    /// The admin enrols a replacement for lost terminal `lost`: a new device with a new key
+    /// (from the seed), a fresh `Ledger::join` that holds nothing, links to every replica (opened
+    /// by `update_links`), and its own customers from now on.
+    fn replace(&mut self, lost: usize) -> Result<(), Violation> {
+        let key = ReplicaKey::from_seed(self.rng.random());
+        let new = self.nodes.len();
+        let wall = self.wall(0);
+        let change = self.nodes[0]
+            .ledger
+            .enrol(key.public(), &format!("till {new} (replaces till {lost})"), Role::Terminal, wall)
+            .map_err(|e| violation("enrol", e.to_string()))?;
+        self.push_local(0, &change, None);
+        let pool_key = self.nodes[0].key.public();
+        let ledger = Ledger::join(key.clone(), self.stand_id.clone(), pool_key);
+        let customers = ChaCha8Rng::seed_from_u64(self.rng.random());
+        let skew = draw_skew(&mut self.skew_rng, self.cfg.clock_skew_ms);
+        let node = Node::new(key, ledger, customers, skew);
+        self.by_replica.insert(node.id, new);
+        self.nodes.push(node);
+        self.wifi_up.push(true);
+        self.dirty.insert(new);
+        self.counters.replacements += 1;
+        self.schedule_arrival(new);
         Ok(())
     }
 
@@ -630,6 +777,7 @@ impl World {
         }
         let now = self.now;
         for (to, msgs) in by_to {
+            let wall = self.wall(to);
             let mut batch = Vec::new();
             let mut senders = BTreeSet::new();
             let mut others = Vec::new();
@@ -648,7 +796,10 @@ impl World {
             let mut reports = Vec::new();
             let mut requests = Vec::new();
             if !batch.is_empty() {
-                reports.push(self.nodes[to].ledger.apply_remote(batch, now));
+                // Received changes are applied here, on the receiver's (skewed) wall clock; the
+                // sync states below are driven by the virtual clock and see an empty message.
+                let from = if senders.len() == 1 { senders.first().copied() } else { None };
+                reports.push((from, self.nodes[to].ledger.apply_remote(batch, wall)));
                 // Let each sender's sync state react as if it had applied its own message
                 // (a gap or a newer peer triggers a vector).
                 for from in senders {
@@ -667,10 +818,22 @@ impl World {
                     };
                     self.log(|| format!("deliver {from}->{to} {kind}"));
                 }
+                if !self.syncs.contains_key(&(to, from)) {
+                    continue;
+                }
+                // A rights answer's give is applied on the receiver's wall clock, like any
+                // received change; its sync state only sees the answer.
+                let msg = match msg {
+                    WireMessage::RightsAnswer { sku, granted, change: Some(c) } => {
+                        reports.push((Some(from), self.nodes[to].ledger.apply_remote(vec![c], wall)));
+                        WireMessage::RightsAnswer { sku, granted, change: None }
+                    }
+                    m => m,
+                };
                 let Some(s) = self.syncs.get_mut(&(to, from)) else { continue };
                 for ev in s.handle(&mut self.nodes[to].ledger, msg, now) {
                     match ev {
-                        SyncEvent::Applied(r) => reports.push(r),
+                        SyncEvent::Applied(r) => reports.push((Some(from), r)),
                         SyncEvent::RightsRequested { sku, want } => requests.push((from, sku, want)),
                         SyncEvent::RightsAnswered { sku, granted } => {
                             self.nodes[to].outstanding.remove(&sku);
@@ -681,8 +844,8 @@ impl World {
                     }
                 }
             }
-            for r in reports {
-                self.after_apply(to, &r);
+            for (from, r) in reports {
+                self.after_apply(to, &r, from);
             }
             for (from, sku, want) in requests {
                 self.answer_rights(to, from, sku, want);
@@ -690,11 +853,23 @@ impl World {
         }
     }
 
-    fn after_apply(&mut self, node: usize, r: &ApplyReport) {
+    /// After `node` accepted received changes (from `from`, if one peer sent them all).
+    fn after_apply(&mut self, node: usize, r: &ApplyReport, from: Option<usize>) {
         if r.accepted.is_empty() && r.rejected.is_empty() {
             return;
         }
         self.dirty.insert(node);
+        // Relay what the author could not have pushed to our peers itself, as the peer does
+        // (peer/src/node.rs, `after_remote`): a change whose author is not linked to this node
+        // (a partial partition, a lost or restarting device, a repair) goes on to every other
+        // peer; on a full mesh the author pushes to everyone and nothing is relayed.
+        for ((rid, seq), c) in r.accepted_ids.iter().zip(&r.accepted) {
+            let linked = self.by_replica.get(rid).is_some_and(|a| *a == node || self.link_up(node, *a));
+            if !linked {
+                self.push(node, *rid, *seq, c, from);
+                self.counters.relayed_changes += 1;
+            }
+        }
         self.counters.rejected_changes += r.rejected.len() as u64;
         if !r.rejected.is_empty() {
             let rej = format!("{:?}", r.rejected);
@@ -710,9 +885,9 @@ impl World {
     }
 
     fn answer_rights(&mut self, node: usize, from: usize, sku: Sku, want: u64) {
-        let now = self.now;
+        let wall = self.wall(node);
         let requester = self.nodes[from].id;
-        let answer = self.nodes[node].ledger.answer_rights_request(requester, &sku, want, now);
+        let answer = self.nodes[node].ledger.answer_rights_request(requester, &sku, want, wall);
         let (granted, change) = match answer {
             Ok(Some((units, change))) => (units, Some(change)),
             _ => (0, None),
@@ -786,6 +961,7 @@ impl World {
     /// One customer at terminal `t`.
     fn serve(&mut self, t: usize) {
         let now = self.now;
+        let (wall, pool_wall) = (self.wall(t), self.wall(0));
         let (sku, qty) = self.pick_sku(t);
         self.counters.customers += 1;
         let reachable = self.pool_reachable(t);
@@ -798,12 +974,12 @@ impl World {
                 false
             } else if have < qty as i64 {
                 let short = qty - have.max(0) as u64;
-                match self.nodes[0].ledger.give(me, BTreeMap::from([(sku.clone(), short)]), now) {
+                match self.nodes[0].ledger.give(me, BTreeMap::from([(sku.clone(), short)]), pool_wall) {
                     Ok(change) => {
                         self.counters.gives += 1;
                         // The round trip to the relay is the sale's answer: applied at once.
-                        let r = self.nodes[t].ledger.apply_remote(vec![change.clone()], now);
-                        self.after_apply(t, &r);
+                        let r = self.nodes[t].ledger.apply_remote(vec![change.clone()], wall);
+                        self.after_apply(t, &r, Some(0));
                         self.push_local(0, &change, Some(t));
                         true
                     }
@@ -823,11 +999,14 @@ impl World {
             payment: Payment { method: PaymentMethod::Card, reference: format!("pi_{t}_{now}") },
             pool_reachable,
         };
-        match self.nodes[t].ledger.sell(req, now) {
+        match self.nodes[t].ledger.sell(req, wall) {
             SaleOutcome::Committed { sale_id, change } => {
                 self.log(|| format!("terminal {t} sells {sku} x{qty} ({sale_id:?}, online={reachable})"));
                 self.counters.sales += 1;
                 self.counters.units_sold += qty;
+                if t > self.base_terminals {
+                    self.counters.replacement_sales += 1;
+                }
                 *self.truth.entry(sku.clone()).or_insert(0) -= qty as i64;
                 *self.sold_units.entry(sku.clone()).or_insert(0) += qty;
                 self.in_transit.insert((sale_id.replica, sale_id.seq), now);
@@ -892,8 +1071,9 @@ impl World {
         if now >= self.next_allocation {
             self.next_allocation = now + ALLOCATION_INTERVAL_MS;
             if (1..self.nodes.len()).any(|t| self.link_up(0, t)) {
-                let plans = plan_allocation(&self.nodes[0].ledger, alloc, now);
-                for c in self.nodes[0].ledger.execute_plans(&plans, now).into_iter().flatten() {
+                let wall = self.wall(0);
+                let plans = plan_allocation(&self.nodes[0].ledger, alloc, wall);
+                for c in self.nodes[0].ledger.execute_plans(&plans, wall).into_iter().flatten() {
                     self.counters.gives += 1;
                     self.push_local(0, &c, None);
                 }
@@ -905,8 +1085,9 @@ impl World {
                 if !self.pool_reachable(t) {
                     continue;
                 }
-                let plans = plan_allocation(&self.nodes[t].ledger, alloc, now);
-                for c in self.nodes[t].ledger.execute_plans(&plans, now).into_iter().flatten() {
+                let wall = self.wall(t);
+                let plans = plan_allocation(&self.nodes[t].ledger, alloc, wall);
+                for c in self.nodes[t].ledger.execute_plans(&plans, wall).into_iter().flatten() {
                     self.counters.gives += 1;
                     self.push_local(t, &c, None);
                 }
@@ -966,21 +1147,46 @@ impl World {
     fn check_safety(&mut self) -> Result<(), Violation> {
         let dirty = std::mem::take(&mut self.dirty);
         let policy = self.cfg.checked_policy();
+        let pool_id = self.nodes[0].id;
         for n in dirty {
             if !self.nodes[n].alive {
                 continue;
             }
-            // Fold newly known sales into the overdraft allowance of this view.
+            // Fold newly known sales into the overdraft allowance and the units sold of this view.
             let node = &mut self.nodes[n];
             let sales = node.ledger.sales();
             for e in &sales[node.overdraft_scanned..] {
                 for (s, u) in &e.record.overdraft {
                     *node.overdraft.entry(s.clone()).or_insert(0) += u;
                 }
+                for (s, u) in e.record.units() {
+                    *node.sold.entry(s).or_insert(0) += u;
+                }
             }
             node.overdraft_scanned = sales.len();
             let l = &node.ledger;
+            // Shrink this view knows of: the adjustments up to the pool's last change it holds
+            // (the pool writes them in order, so they are a prefix).
+            if node.adjusts_known < self.adjusts.len() {
+                let pool_seen = l.version_vector().get(&pool_id).copied().unwrap_or(0);
+                node.adjusts_known = self.adjusts.iter().take_while(|(seq, _)| *seq <= pool_seen).count();
+            }
+            let known = &self.adjusts[..node.adjusts_known];
             for s in &self.skus {
+                // Every unit that came in (opening, restocks) either went out with a sale or a
+                // shrink adjustment this view knows of, or is still available.
+                let shrunk: u64 = known.iter().filter_map(|(_, u)| u.get(s)).sum();
+                let sold = node.sold.get(s).copied().unwrap_or(0);
+                let came_in = l.total_in(s);
+                if came_in as i128 - sold as i128 - shrunk as i128 != l.available(s) as i128 {
+                    return Err(violation(
+                        "units-conserved",
+                        format!(
+                            "node {n}: {s} came in {came_in}, sold {sold}, shrunk {shrunk}, but available = {}",
+                            l.available(s)
+                        ),
+                    ));
+                }
                 let avail = l.available(s);
                 let mut sum = 0i64;
                 for (rid, info) in l.replicas() {
@@ -1090,6 +1296,7 @@ impl World {
                 sku: s.to_string(),
                 opening: self.opening.get(s).copied().unwrap_or(0),
                 restocked: self.restocked.get(s).copied().unwrap_or(0),
+                shrunk: self.shrunk.get(s).copied().unwrap_or(0),
                 sold: self.sold_units.get(s).copied().unwrap_or(0),
                 left,
                 lost_units: lost,
@@ -1108,7 +1315,7 @@ impl World {
             seed: self.cfg.seed,
             scenario: self.cfg.scenario.name().to_owned(),
             config: self.cfg.label(),
-            terminals: self.terminals(),
+            terminals: self.base_terminals,
             game_minutes: self.game_ms / 60_000,
             steps: self.step,
             customers: c.customers,
@@ -1134,6 +1341,11 @@ impl World {
             gives: c.gives,
             restocked_units: c.restocked_units,
             reclaimed_units: c.reclaimed_units,
+            shrunk_units: c.shrunk_units,
+            replacement_terminals: c.replacements,
+            replacement_sales: c.replacement_sales,
+            relayed_changes: c.relayed_changes,
+            clock_skew_max_ms: self.nodes.iter().map(|n| n.skew_ms.unsigned_abs()).max().unwrap_or(0),
             crashes: c.crashes,
             restarts: c.restarts,
             deaths: c.deaths,

@@ -1,5 +1,6 @@
 //! Whole-stand simulation tests: a CI-sized sweep over every scenario, the broken variant is
-//! caught and replays to the same step, and a seed replays to a byte-identical report.
+//! caught and replays to the same step, a seed replays to a byte-identical report, and the
+//! shrink, replacement, partial-partition and clock-skew faults take effect.
 
 #![allow(clippy::expect_used)]
 use halftime_sim::{Broken, PolicyChoice, Scenario, SimConfig, run, sweep};
@@ -63,11 +64,15 @@ fn broken_variant_is_caught_and_replays_at_the_same_step() {
 
 #[test]
 fn one_seed_gives_byte_identical_reports() {
-    let cfg = ci_config(42, Scenario::Flapping, PolicyChoice::Optimistic);
-    let a = run(&cfg, &mut |_, _| {}).expect("invariants hold").to_json();
-    let b = run(&cfg, &mut |_, _| {}).expect("invariants hold").to_json();
-    assert!(a.len() > 1000);
-    assert!(a == b, "two runs of one seed differ");
+    // Flapping has partial partitions and relays; terminal-dies enrols a replacement whose key,
+    // customers and clock skew come from the seed.
+    for s in [Scenario::Flapping, Scenario::TerminalDies] {
+        let cfg = ci_config(42, s, PolicyChoice::Optimistic);
+        let a = run(&cfg, &mut |_, _| {}).expect("invariants hold").to_json();
+        let b = run(&cfg, &mut |_, _| {}).expect("invariants hold").to_json();
+        assert!(a.len() > 1000);
+        assert!(a == b, "two runs of one seed differ ({s})");
+    }
 }
 
 #[test]
@@ -78,4 +83,45 @@ fn strict_never_oversells_through_a_long_outage() {
     assert_eq!(r.oversell_units, 0);
     assert!(r.sales > 0);
     assert!(r.convergence_ms.is_some());
+}
+
+#[test]
+fn shrink_replacement_partitions_and_skew_take_effect() {
+    let mut jobs = Vec::new();
+    for seed in 0..2 {
+        for s in [Scenario::Normal, Scenario::Halftime, Scenario::Flapping, Scenario::TerminalDies] {
+            jobs.push(ci_config(seed, s, PolicyChoice::Strict));
+        }
+    }
+    let mut unskewed = ci_config(0, Scenario::Halftime, PolicyChoice::Strict);
+    unskewed.clock_skew_ms = 0;
+    jobs.push(unskewed);
+    let reports: Vec<_> = halftime_sim::run_all(&jobs, threads(), &|| {})
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|f| panic!("{f}")))
+        .collect();
+    for (cfg, r) in jobs.iter().zip(&reports) {
+        let what = format!("seed {} {}", cfg.seed, cfg.scenario);
+        assert!(r.clock_skew_max_ms <= cfg.clock_skew_ms, "{what}: skew {} over the bound", r.clock_skew_max_ms);
+        if cfg.clock_skew_ms == 0 {
+            assert_eq!(r.clock_skew_max_ms, 0, "{what}: skew disabled");
+            continue;
+        }
+        assert!(r.clock_skew_max_ms > 0, "{what}: clocks are skewed by default");
+        match cfg.scenario {
+            Scenario::Normal | Scenario::Halftime => {
+                assert!(r.shrunk_units > 0, "{what}: the shrink adjustment wrote off nothing");
+                let per_sku: u64 = r.per_sku.iter().map(|k| k.shrunk).sum();
+                assert_eq!(per_sku, r.shrunk_units);
+                assert!((1..=2).contains(&r.per_sku.iter().filter(|k| k.shrunk > 0).count()));
+            }
+            Scenario::Flapping => assert!(r.relayed_changes > 0, "{what}: nothing went round a cut link"),
+            Scenario::TerminalDies => {
+                assert_eq!(r.replacement_terminals, 1, "{what}");
+                assert!(r.replacement_sales > 0, "{what}: the replacement terminal never sold");
+                assert_eq!(r.sales_never_at_pool, 0, "{what}: the lost terminal was in sync before it died");
+            }
+            _ => {}
+        }
+    }
 }
