@@ -102,13 +102,21 @@ pub fn sweep(jobs: &[SimConfig], threads: usize, progress: &(dyn Fn() + Sync)) -
         }
     });
     let failure = failure.into_inner().ok().flatten().map(|(_, f)| f);
-    SweepOutcome { runs: done.load(Ordering::SeqCst), failure }
+    SweepOutcome {
+        runs: done.load(Ordering::SeqCst),
+        failure,
+    }
 }
 
 /// Run every config of `jobs` on `threads` threads and return the results in job order.
-pub fn run_all(jobs: &[SimConfig], threads: usize, progress: &(dyn Fn() + Sync)) -> Vec<Result<Report, Box<Failure>>> {
+pub fn run_all(
+    jobs: &[SimConfig],
+    threads: usize,
+    progress: &(dyn Fn() + Sync),
+) -> Vec<Result<Report, Box<Failure>>> {
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<Report, Box<Failure>>>>> = Mutex::new(jobs.iter().map(|_| None).collect());
+    let results: Mutex<Vec<Option<Result<Report, Box<Failure>>>>> =
+        Mutex::new(jobs.iter().map(|_| None).collect());
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| {
@@ -124,7 +132,12 @@ pub fn run_all(jobs: &[SimConfig], threads: usize, progress: &(dyn Fn() + Sync))
             });
         }
     });
-    results.into_inner().unwrap_or_default().into_iter().flatten().collect()
+    results
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// Threads to use: every core.

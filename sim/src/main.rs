@@ -3,8 +3,8 @@
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use halftime_sim::{
-    AllocationChoice, Broken, PolicyChoice, Scenario, SimConfig, config, default_threads, plots, run, run_all,
-    run_traced, sweep, world,
+    AllocationChoice, Broken, PolicyChoice, Scenario, SimConfig, config, default_threads, plots,
+    run, run_all, run_traced, sweep, world,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -158,7 +158,10 @@ fn bar(len: u64, template: &str) -> ProgressBar {
 
 fn cmd_run(a: &RunArgs) -> Result<ExitCode> {
     let cfg = run_config(a);
-    let pb = bar(cfg.game_minutes, "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} game min {msg}");
+    let pb = bar(
+        cfg.game_minutes,
+        "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} game min {msg}",
+    );
     let started = Instant::now();
     let result = run(&cfg, &mut |now, game| {
         pb.set_length(game / 60_000);
@@ -174,7 +177,8 @@ fn cmd_run(a: &RunArgs) -> Result<ExitCode> {
             print!("{}", report.table());
             println!("  wall time: {:.2} s", wall.as_secs_f64());
             if let Some(p) = &a.json {
-                std::fs::write(p, report.to_json()).with_context(|| format!("writing {}", p.display()))?;
+                std::fs::write(p, report.to_json())
+                    .with_context(|| format!("writing {}", p.display()))?;
                 println!("  JSON report: {}", p.display());
             }
             if let Some(dir) = &a.plots {
@@ -223,7 +227,11 @@ fn cmd_replay(a: &RunArgs) -> Result<ExitCode> {
 
 fn cmd_sweep(a: &SweepArgs) -> Result<ExitCode> {
     let scenarios: Vec<Scenario> = a.scenario.map_or(Scenario::ALL.to_vec(), |s| vec![s]);
-    let policies: Vec<PolicyChoice> = a.policy.map_or(vec![PolicyChoice::Strict, PolicyChoice::Optimistic], |p| vec![p]);
+    let policies: Vec<PolicyChoice> = a
+        .policy
+        .map_or(vec![PolicyChoice::Strict, PolicyChoice::Optimistic], |p| {
+            vec![p]
+        });
     let mut jobs = Vec::new();
     for seed in a.first_seed..a.first_seed + a.seeds {
         for s in &scenarios {
@@ -236,7 +244,10 @@ fn cmd_sweep(a: &SweepArgs) -> Result<ExitCode> {
         }
     }
     let threads = a.threads.unwrap_or_else(default_threads);
-    let pb = bar(jobs.len() as u64, "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} runs ({per_sec}, eta {eta})");
+    let pb = bar(
+        jobs.len() as u64,
+        "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} runs ({per_sec}, eta {eta})",
+    );
     let started = Instant::now();
     let out = sweep(&jobs, threads, &|| pb.inc(1));
     pb.finish_and_clear();
@@ -275,12 +286,27 @@ fn cmd_compare(a: &CompareArgs) -> Result<ExitCode> {
         jobs.push(c);
     }
     let threads = a.threads.unwrap_or_else(default_threads);
-    let pb = bar(jobs.len() as u64, "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} runs");
+    let pb = bar(
+        jobs.len() as u64,
+        "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} runs",
+    );
     let results = run_all(&jobs, threads, &|| pb.inc(1));
     pb.finish_and_clear();
     println!(
         "{:<14} {:<24} {:>7} {:>6} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9}",
-        "scenario", "config", "sales", "lost", "lost u", "stranded", "oversell", "refunds$", "p50 ms", "p99 ms", "conv ms", "msgs", "KB"
+        "scenario",
+        "config",
+        "sales",
+        "lost",
+        "lost u",
+        "stranded",
+        "oversell",
+        "refunds$",
+        "p50 ms",
+        "p99 ms",
+        "conv ms",
+        "msgs",
+        "KB"
     );
     let mut reports = Vec::new();
     let mut failed = false;
@@ -307,7 +333,12 @@ fn cmd_compare(a: &CompareArgs) -> Result<ExitCode> {
             }
             Err(f) => {
                 failed = true;
-                println!("{:<14} {:<24} FAILED: {}", cfg.scenario.name(), cfg.label(), f.invariant);
+                println!(
+                    "{:<14} {:<24} FAILED: {}",
+                    cfg.scenario.name(),
+                    cfg.label(),
+                    f.invariant
+                );
                 println!("{f}");
             }
         }

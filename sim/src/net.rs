@@ -114,7 +114,15 @@ fn exp_sample(rng: &mut ChaCha8Rng, mean: f64) -> f64 {
 
 impl Network {
     /// Send `bytes` from `from` to `to` over a link of `model` at `now`.
-    pub fn send(&mut self, rng: &mut ChaCha8Rng, model: &LinkModel, now: u64, from: usize, to: usize, mut bytes: Vec<u8>) {
+    pub fn send(
+        &mut self,
+        rng: &mut ChaCha8Rng,
+        model: &LinkModel,
+        now: u64,
+        from: usize,
+        to: usize,
+        mut bytes: Vec<u8>,
+    ) {
         self.stats.messages_sent += 1;
         self.stats.bytes_sent += bytes.len() as u64;
         if rng.random_bool(model.loss) {
@@ -133,8 +141,18 @@ impl Network {
                 delay += rng.random_range(100..=model.straggle_max_ms) as f64;
             }
             let at = (now + delay.ceil() as u64).div_ceil(TICK_MS) * TICK_MS;
-            let bytes = if i + 1 == copies { std::mem::take(&mut bytes) } else { bytes.clone() };
-            self.queue.push(InFlight { at, seq: self.next_seq, from, to, bytes });
+            let bytes = if i + 1 == copies {
+                std::mem::take(&mut bytes)
+            } else {
+                bytes.clone()
+            };
+            self.queue.push(InFlight {
+                at,
+                seq: self.next_seq,
+                from,
+                to,
+                bytes,
+            });
             self.next_seq += 1;
         }
     }

@@ -11,8 +11,16 @@ fn err(e: impl std::fmt::Display) -> String {
 /// Write `stock.svg` and `propagation_cdf.svg` for `report` into `dir`; returns the paths.
 pub fn write(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, String> {
     std::fs::create_dir_all(dir).map_err(err)?;
-    let stock = dir.join(format!("stock-{}-{}.svg", report.scenario, report.config.replace('/', "-")));
-    let cdf = dir.join(format!("propagation-cdf-{}-{}.svg", report.scenario, report.config.replace('/', "-")));
+    let stock = dir.join(format!(
+        "stock-{}-{}.svg",
+        report.scenario,
+        report.config.replace('/', "-")
+    ));
+    let cdf = dir.join(format!(
+        "propagation-cdf-{}-{}.svg",
+        report.scenario,
+        report.config.replace('/', "-")
+    ));
     stock_plot(report, &stock)?;
     cdf_plot(report, &cdf)?;
     Ok(vec![stock, cdf])
@@ -25,20 +33,33 @@ fn stock_plot(report: &Report, path: &Path) -> Result<(), String> {
     let ymax = report
         .samples
         .iter()
-        .flat_map(|s| s.terminal_rights.iter().copied().chain([s.pool_available, s.truth]))
+        .flat_map(|s| {
+            s.terminal_rights
+                .iter()
+                .copied()
+                .chain([s.pool_available, s.truth])
+        })
         .max()
         .unwrap_or(1)
         .max(1) as f64;
     let ymin = report
         .samples
         .iter()
-        .flat_map(|s| s.terminal_rights.iter().copied().chain([s.pool_available, s.truth]))
+        .flat_map(|s| {
+            s.terminal_rights
+                .iter()
+                .copied()
+                .chain([s.pool_available, s.truth])
+        })
         .min()
         .unwrap_or(0)
         .min(0) as f64;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("Stock over time — {} {} (seed {})", report.scenario, report.config, report.seed),
+            format!(
+                "Stock over time — {} {} (seed {})",
+                report.scenario, report.config, report.seed
+            ),
             ("sans-serif", 20),
         )
         .margin(15)
@@ -53,15 +74,19 @@ fn stock_plot(report: &Report, path: &Path) -> Result<(), String> {
         .draw()
         .map_err(err)?;
     // A replacement terminal appears in the samples from the moment it joins.
-    let n = report.samples.iter().map(|s| s.terminal_rights.len()).max().unwrap_or(0);
+    let n = report
+        .samples
+        .iter()
+        .map(|s| s.terminal_rights.len())
+        .max()
+        .unwrap_or(0);
     for t in 0..n {
         let color = Palette99::pick(t).to_rgba();
         chart
             .draw_series(LineSeries::new(
-                report
-                    .samples
-                    .iter()
-                    .filter_map(|s| Some((s.t_ms as f64 / 60_000.0, *s.terminal_rights.get(t)? as f64))),
+                report.samples.iter().filter_map(|s| {
+                    Some((s.t_ms as f64 / 60_000.0, *s.terminal_rights.get(t)? as f64))
+                }),
                 color.stroke_width(1),
             ))
             .map_err(err)?
@@ -70,7 +95,10 @@ fn stock_plot(report: &Report, path: &Path) -> Result<(), String> {
     }
     chart
         .draw_series(LineSeries::new(
-            report.samples.iter().map(|s| (s.t_ms as f64 / 60_000.0, s.pool_available as f64)),
+            report
+                .samples
+                .iter()
+                .map(|s| (s.t_ms as f64 / 60_000.0, s.pool_available as f64)),
             BLACK.stroke_width(2),
         ))
         .map_err(err)?
@@ -78,7 +106,10 @@ fn stock_plot(report: &Report, path: &Path) -> Result<(), String> {
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], BLACK));
     chart
         .draw_series(LineSeries::new(
-            report.samples.iter().map(|s| (s.t_ms as f64 / 60_000.0, s.truth as f64)),
+            report
+                .samples
+                .iter()
+                .map(|s| (s.t_ms as f64 / 60_000.0, s.truth as f64)),
             RED.stroke_width(2),
         ))
         .map_err(err)?
@@ -100,7 +131,10 @@ fn cdf_plot(report: &Report, path: &Path) -> Result<(), String> {
     let xmax = v.last().copied().unwrap_or(1).max(1) as f64;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("Sale → pool propagation CDF — {} {}", report.scenario, report.config),
+            format!(
+                "Sale → pool propagation CDF — {} {}",
+                report.scenario, report.config
+            ),
             ("sans-serif", 20),
         )
         .margin(15)
@@ -117,7 +151,9 @@ fn cdf_plot(report: &Report, path: &Path) -> Result<(), String> {
     let n = v.len().max(1) as f64;
     chart
         .draw_series(LineSeries::new(
-            v.iter().enumerate().map(|(i, l)| ((*l).max(1) as f64, (i + 1) as f64 / n)),
+            v.iter()
+                .enumerate()
+                .map(|(i, l)| ((*l).max(1) as f64, (i + 1) as f64 / n)),
             BLUE.stroke_width(2),
         ))
         .map_err(err)?;

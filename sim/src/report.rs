@@ -27,8 +27,18 @@ impl Latencies {
         }
         let mut v = samples.to_vec();
         v.sort_unstable();
-        let pct = |p: usize| v[((v.len() * p).div_ceil(100)).saturating_sub(1).min(v.len() - 1)];
-        Self { count: v.len() as u64, p50: pct(50), p90: pct(90), p99: pct(99), max: v[v.len() - 1] }
+        let pct = |p: usize| {
+            v[((v.len() * p).div_ceil(100))
+                .saturating_sub(1)
+                .min(v.len() - 1)]
+        };
+        Self {
+            count: v.len() as u64,
+            p50: pct(50),
+            p90: pct(90),
+            p99: pct(99),
+            max: v[v.len() - 1],
+        }
     }
 }
 
@@ -174,50 +184,115 @@ impl Report {
         );
         let _ = writeln!(s, "  {:-<51}", "");
         row(&mut s, "customers", self.customers.to_string());
-        row(&mut s, "sales / units sold", format!("{} / {}", self.sales, self.units_sold));
-        row(&mut s, "offline sales (at pool)", self.offline_sales_at_pool.to_string());
+        row(
+            &mut s,
+            "sales / units sold",
+            format!("{} / {}", self.sales, self.units_sold),
+        );
+        row(
+            &mut s,
+            "offline sales (at pool)",
+            self.offline_sales_at_pool.to_string(),
+        );
         row(&mut s, "refused customers", self.refused.to_string());
-        row(&mut s, "lost sales (refused, stock left)", format!("{} ({} u)", self.lost_sales, self.lost_units));
-        row(&mut s, "stranded stock at end (units)", self.stranded_units.to_string());
+        row(
+            &mut s,
+            "lost sales (refused, stock left)",
+            format!("{} ({} u)", self.lost_sales, self.lost_units),
+        );
+        row(
+            &mut s,
+            "stranded stock at end (units)",
+            self.stranded_units.to_string(),
+        );
         row(&mut s, "oversell (units)", self.oversell_units.to_string());
         row(
             &mut s,
             "refunds owed",
-            format!("{} (${:.2})", self.refunds_owed, self.refunds_owed_cents as f64 / 100.0),
+            format!(
+                "{} (${:.2})",
+                self.refunds_owed,
+                self.refunds_owed_cents as f64 / 100.0
+            ),
         );
-        row(&mut s, "overdraft granted (units)", self.overdraft_granted_units.to_string());
-        row(&mut s, "sales never at pool (lost terminal)", self.sales_never_at_pool.to_string());
+        row(
+            &mut s,
+            "overdraft granted (units)",
+            self.overdraft_granted_units.to_string(),
+        );
+        row(
+            &mut s,
+            "sales never at pool (lost terminal)",
+            self.sales_never_at_pool.to_string(),
+        );
         let p = &self.propagation_ms;
-        row(&mut s, "propagation to pool p50 / p99 (ms)", format!("{} / {}", p.p50, p.p99));
+        row(
+            &mut s,
+            "propagation to pool p50 / p99 (ms)",
+            format!("{} / {}", p.p50, p.p99),
+        );
         row(&mut s, "propagation to pool max (ms)", p.max.to_string());
         row(
             &mut s,
             "convergence after final heal (ms)",
             self.convergence_ms.map_or("-".into(), |c| c.to_string()),
         );
-        row(&mut s, "rights requests / granted", format!("{} / {}", self.rights_requests, self.rights_answers_granted));
+        row(
+            &mut s,
+            "rights requests / granted",
+            format!("{} / {}", self.rights_requests, self.rights_answers_granted),
+        );
         row(&mut s, "gives", self.gives.to_string());
-        row(&mut s, "restocked / reclaimed units", format!("{} / {}", self.restocked_units, self.reclaimed_units));
+        row(
+            &mut s,
+            "restocked / reclaimed units",
+            format!("{} / {}", self.restocked_units, self.reclaimed_units),
+        );
         row(&mut s, "shrink (units)", self.shrunk_units.to_string());
-        row(&mut s, "crashes / restarts / deaths", format!("{} / {} / {}", self.crashes, self.restarts, self.deaths));
+        row(
+            &mut s,
+            "crashes / restarts / deaths",
+            format!("{} / {} / {}", self.crashes, self.restarts, self.deaths),
+        );
         row(
             &mut s,
             "replacement terminals (their sales)",
-            format!("{} ({})", self.replacement_terminals, self.replacement_sales),
+            format!(
+                "{} ({})",
+                self.replacement_terminals, self.replacement_sales
+            ),
         );
-        row(&mut s, "largest clock skew (ms)", self.clock_skew_max_ms.to_string());
-        row(&mut s, "changes relayed (author not linked)", self.relayed_changes.to_string());
+        row(
+            &mut s,
+            "largest clock skew (ms)",
+            self.clock_skew_max_ms.to_string(),
+        );
+        row(
+            &mut s,
+            "changes relayed (author not linked)",
+            self.relayed_changes.to_string(),
+        );
         row(&mut s, "messages sent", self.net.messages_sent.to_string());
-        row(&mut s, "bytes sent", format!("{:.1} KB", self.net.bytes_sent as f64 / 1024.0));
+        row(
+            &mut s,
+            "bytes sent",
+            format!("{:.1} KB", self.net.bytes_sent as f64 / 1024.0),
+        );
         row(
             &mut s,
             "lost / duplicated / dropped (link down)",
             format!(
                 "{} / {} / {}",
-                self.net.messages_lost, self.net.messages_duplicated, self.net.messages_dropped_link_down
+                self.net.messages_lost,
+                self.net.messages_duplicated,
+                self.net.messages_dropped_link_down
             ),
         );
-        row(&mut s, "rejected changes / decode errors", format!("{} / {}", self.rejected_changes, self.decode_errors));
+        row(
+            &mut s,
+            "rejected changes / decode errors",
+            format!("{} / {}", self.rejected_changes, self.decode_errors),
+        );
         row(&mut s, "simulation steps", self.steps.to_string());
         let _ = writeln!(
             s,
@@ -228,7 +303,15 @@ impl Report {
             let _ = writeln!(
                 s,
                 "  {:<8} {:>7} {:>9} {:>6} {:>6} {:>6} {:>6} {:>8} {:>8}",
-                k.sku, k.opening, k.restocked, k.shrunk, k.sold, k.left, k.lost_units, k.stranded, k.oversell
+                k.sku,
+                k.opening,
+                k.restocked,
+                k.shrunk,
+                k.sold,
+                k.left,
+                k.lost_units,
+                k.stranded,
+                k.oversell
             );
         }
         s

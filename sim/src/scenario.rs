@@ -14,7 +14,11 @@ pub const BASE_RATE_PER_MIN: f64 = 0.6;
 
 /// Customers per minute arriving at one terminal at `frac` of the game.
 pub fn rate_per_min(scenario: Scenario, frac: f64) -> f64 {
-    let rush = if scenario == Scenario::Normal { 1.5 } else { 10.0 };
+    let rush = if scenario == Scenario::Normal {
+        1.5
+    } else {
+        10.0
+    };
     let m = if frac < 0.125 {
         0.5 // quiet: gates just opened
     } else if frac < 0.25 {
@@ -98,7 +102,12 @@ pub const SHRINK_PCT: u64 = 5;
 pub const RESTOCK_AT: f64 = 0.45;
 
 /// The faults of `scenario` for a stand of `terminals` (node ids 1..=terminals), sorted by time.
-pub fn schedule(scenario: Scenario, terminals: usize, game_ms: u64, rng: &mut ChaCha8Rng) -> Vec<(u64, Fault)> {
+pub fn schedule(
+    scenario: Scenario,
+    terminals: usize,
+    game_ms: u64,
+    rng: &mut ChaCha8Rng,
+) -> Vec<(u64, Fault)> {
     let at = |f: f64| (game_ms as f64 * f) as u64;
     // Minutes of a two-hour game, scaled to the simulated length.
     let minutes = |m: f64| (game_ms as f64 * m / 120.0) as u64;
@@ -130,8 +139,10 @@ pub fn schedule(scenario: Scenario, terminals: usize, game_ms: u64, rng: &mut Ch
             for i in 1..=terminals.min(3) {
                 let mut now = minutes(1.0);
                 while now < game_ms {
-                    let up = (-(1.0 - rng.random::<f64>()).ln() * minutes(3.0) as f64) as u64 + 1_000;
-                    let down = (-(1.0 - rng.random::<f64>()).ln() * minutes(0.5) as f64) as u64 + 500;
+                    let up =
+                        (-(1.0 - rng.random::<f64>()).ln() * minutes(3.0) as f64) as u64 + 1_000;
+                    let down =
+                        (-(1.0 - rng.random::<f64>()).ln() * minutes(0.5) as f64) as u64 + 500;
                     now += up;
                     if now >= game_ms {
                         break;
@@ -146,7 +157,11 @@ pub fn schedule(scenario: Scenario, terminals: usize, game_ms: u64, rng: &mut Ch
             v.push((c + minutes(1.0), Fault::Restart(t(4))));
             // Partial partitions: one link fails while both ends still reach everyone else, so
             // what crosses it must go round through a third replica.
-            for (a, b, from, mins) in [(0, t(1), 0.2, 10.0), (t(2), t(3), 0.3, 15.0), (0, t(3), 0.75, 6.0)] {
+            for (a, b, from, mins) in [
+                (0, t(1), 0.2, 10.0),
+                (t(2), t(3), 0.3, 15.0),
+                (0, t(3), 0.75, 6.0),
+            ] {
                 if a != b {
                     v.push((at(from), Fault::LinkDown(a, b)));
                     v.push((at(from) + minutes(mins), Fault::LinkUp(a, b)));

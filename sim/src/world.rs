@@ -9,8 +9,8 @@ use crate::report::{Failure, Latencies, Report, SkuReport, StockSample};
 use crate::scenario::{self, Fault};
 use halftime_ledger::sync::SyncEvent;
 use halftime_ledger::{
-    ApplyReport, CatalogItem, EventId, Ledger, PeerSync, Policy, ReplicaId, ReplicaKey, Role, SaleId,
-    SaleLine, SaleOutcome, SaleRequest, SignedChange, Sku, StandId, StandInfo, WireMessage,
+    ApplyReport, CatalogItem, EventId, Ledger, PeerSync, Policy, ReplicaId, ReplicaKey, Role,
+    SaleId, SaleLine, SaleOutcome, SaleRequest, SignedChange, Sku, StandId, StandInfo, WireMessage,
 };
 use halftime_ledger::{Payment, PaymentMethod, plan_allocation};
 use rand::{Rng, SeedableRng};
@@ -206,7 +206,11 @@ fn exp_sample(rng: &mut ChaCha8Rng, mean: f64) -> f64 {
 /// A terminal's clock offset: uniform within ± `max_ms`.
 fn draw_skew(rng: &mut ChaCha8Rng, max_ms: u64) -> i64 {
     let max = max_ms.min(MAX_CLOCK_SKEW_MS) as i64;
-    if max == 0 { 0 } else { rng.random_range(-max..=max) }
+    if max == 0 {
+        0
+    } else {
+        rng.random_range(-max..=max)
+    }
 }
 
 impl World {
@@ -242,28 +246,41 @@ impl World {
         let skus: Vec<Sku> = (0..nskus)
             .map(|i| Sku::new(format!("item-{i}")).map_err(|e| setup_err(&e)))
             .collect::<Result<_, _>>()?;
-        let customers = scenario::expected_customers_per_terminal(cfg.scenario, game_ms / 60_000) * terminals as f64;
+        let customers = scenario::expected_customers_per_terminal(cfg.scenario, game_ms / 60_000)
+            * terminals as f64;
         let expected_demand: BTreeMap<Sku, f64> = skus
             .iter()
             .zip(&weights)
             .map(|(s, w)| (s.clone(), customers * 2.0 * w / wsum))
             .collect();
-        let opening: BTreeMap<Sku, u64> =
-            expected_demand.iter().map(|(s, d)| (s.clone(), (d * 0.85).ceil() as u64 + 1)).collect();
+        let opening: BTreeMap<Sku, u64> = expected_demand
+            .iter()
+            .map(|(s, d)| (s.clone(), (d * 0.85).ceil() as u64 + 1))
+            .collect();
         let low_water: BTreeMap<Sku, i64> = opening
             .iter()
             .map(|(s, o)| (s.clone(), ((*o / terminals as u64) as i64 / 4).max(3)))
             .collect();
-        let want: BTreeMap<Sku, u64> =
-            opening.iter().map(|(s, o)| (s.clone(), (*o / terminals as u64 / 2).max(6))).collect();
+        let want: BTreeMap<Sku, u64> = opening
+            .iter()
+            .map(|(s, o)| (s.clone(), (*o / terminals as u64 / 2).max(6)))
+            .collect();
 
         // Every terminal's clock is off by a fixed amount; the pool keeps true time.
         let mut skew_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         skew_rng.set_stream(SKEW_STREAM);
-        let skews: Vec<i64> =
-            (0..=terminals).map(|i| if i == 0 { 0 } else { draw_skew(&mut skew_rng, cfg.clock_skew_ms) }).collect();
+        let skews: Vec<i64> = (0..=terminals)
+            .map(|i| {
+                if i == 0 {
+                    0
+                } else {
+                    draw_skew(&mut skew_rng, cfg.clock_skew_ms)
+                }
+            })
+            .collect();
         let t0 = GAME_START_WALL_MS;
-        let (mut pool, genesis) = Ledger::create_stand(key_for(0), info, "pool", t0).map_err(|e| setup_err(&e))?;
+        let (mut pool, genesis) =
+            Ledger::create_stand(key_for(0), info, "pool", t0).map_err(|e| setup_err(&e))?;
         let mut setup = vec![genesis];
         let items = skus
             .iter()
@@ -276,9 +293,20 @@ impl World {
             .collect();
         setup.push(pool.set_catalog(items, t0).map_err(|e| setup_err(&e))?);
         for i in 1..=terminals {
-            setup.push(pool.enrol(key_for(i).public(), &format!("till {i}"), Role::Terminal, t0).map_err(|e| setup_err(&e))?);
+            setup.push(
+                pool.enrol(
+                    key_for(i).public(),
+                    &format!("till {i}"),
+                    Role::Terminal,
+                    t0,
+                )
+                .map_err(|e| setup_err(&e))?,
+            );
         }
-        setup.push(pool.restock(opening.clone(), "opening", t0).map_err(|e| setup_err(&e))?);
+        setup.push(
+            pool.restock(opening.clone(), "opening", t0)
+                .map_err(|e| setup_err(&e))?,
+        );
         if !cfg.baseline {
             let plans = plan_allocation(&pool, cfg.allocation.allocation(), t0);
             for r in pool.execute_plans(&plans, t0) {
@@ -287,18 +315,34 @@ impl World {
         }
         let pool_key = key_for(0).public();
         let mut nodes = Vec::with_capacity(terminals + 1);
-        nodes.push(Node::new(key_for(0), pool, ChaCha8Rng::seed_from_u64(rng.random()), 0));
+        nodes.push(Node::new(
+            key_for(0),
+            pool,
+            ChaCha8Rng::seed_from_u64(rng.random()),
+            0,
+        ));
         for (i, skew) in skews.iter().enumerate().skip(1) {
             let mut l = Ledger::join(key_for(i), stand_id.clone(), pool_key);
             let r = l.apply_remote(setup.clone(), t0.saturating_add_signed(*skew));
             if !r.rejected.is_empty() {
-                return Err(violation("setup", format!("terminal {i} rejected setup: {:?}", r.rejected)));
+                return Err(violation(
+                    "setup",
+                    format!("terminal {i} rejected setup: {:?}", r.rejected),
+                ));
             }
-            nodes.push(Node::new(key_for(i), l, ChaCha8Rng::seed_from_u64(rng.random()), *skew));
+            nodes.push(Node::new(
+                key_for(i),
+                l,
+                ChaCha8Rng::seed_from_u64(rng.random()),
+                *skew,
+            ));
         }
         let by_replica = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
         let faults = scenario::schedule(cfg.scenario, terminals, game_ms, &mut rng);
-        let truth = opening.iter().map(|(s, u)| (s.clone(), *u as i64)).collect();
+        let truth = opening
+            .iter()
+            .map(|(s, u)| (s.clone(), *u as i64))
+            .collect();
         let mut w = World {
             rng,
             skew_rng,
@@ -394,7 +438,9 @@ impl World {
     /// What `node`'s clock reads now: the ledger's idea of wall time. Only ledger operations see
     /// it; sync timers, the network and every measurement run on the virtual clock.
     fn wall(&self, node: usize) -> u64 {
-        GAME_START_WALL_MS.saturating_add(self.now).saturating_add_signed(self.nodes[node].skew_ms)
+        GAME_START_WALL_MS
+            .saturating_add(self.now)
+            .saturating_add_signed(self.nodes[node].skew_ms)
     }
 
     // ---------------------------------------------------------------------------------------
@@ -402,7 +448,12 @@ impl World {
 
     fn connected(&self, a: usize, b: usize) -> bool {
         let (a, b) = (a.min(b), a.max(b));
-        if a == b || !self.nodes[a].alive || !self.nodes[b].alive || !self.lan_up || self.cut.contains(&(a, b)) {
+        if a == b
+            || !self.nodes[a].alive
+            || !self.nodes[b].alive
+            || !self.lan_up
+            || self.cut.contains(&(a, b))
+        {
             return false;
         }
         if a == 0 {
@@ -454,7 +505,14 @@ impl World {
     }
 
     /// Push change `seq` of `author` from `node` to every connected peer but `except`.
-    fn push(&mut self, node: usize, author: ReplicaId, seq: u64, change: &SignedChange, except: Option<usize>) {
+    fn push(
+        &mut self,
+        node: usize,
+        author: ReplicaId,
+        seq: u64,
+        change: &SignedChange,
+        except: Option<usize>,
+    ) {
         for ((_, peer), sync) in self.syncs.range_mut((node, 0)..(node + 1, 0)) {
             if Some(*peer) != except {
                 sync.push(author, seq, change);
@@ -480,7 +538,10 @@ impl World {
                 }
             }
             if !self.cfg.baseline {
-                t = t.min(self.next_allocation).min(self.next_return).min(self.next_rights_check);
+                t = t
+                    .min(self.next_allocation)
+                    .min(self.next_return)
+                    .min(self.next_rights_check);
             }
             t = t.min(self.next_sample);
         }
@@ -523,7 +584,10 @@ impl World {
     pub fn step(&mut self) -> Result<(), Violation> {
         let next = self.next_event();
         if next == u64::MAX {
-            return Err(violation("progress", "nothing left to happen before convergence".to_owned()));
+            return Err(violation(
+                "progress",
+                "nothing left to happen before convergence".to_owned(),
+            ));
         }
         self.now = next;
         self.step += 1;
@@ -616,7 +680,13 @@ impl World {
         }
         let durable = std::mem::take(&mut n.durable);
         let held = durable.len();
-        let (ledger, report) = Ledger::restore(n.key.clone(), self.stand_id.clone(), pool_key, durable, wall);
+        let (ledger, report) = Ledger::restore(
+            n.key.clone(),
+            self.stand_id.clone(),
+            pool_key,
+            durable,
+            wall,
+        );
         if !report.rejected.is_empty() || report.accepted.len() != held {
             return Err(violation(
                 "restore",
@@ -737,7 +807,12 @@ impl World {
         let wall = self.wall(0);
         let change = self.nodes[0]
             .ledger
-            .enrol(key.public(), &format!("till {new} (replaces till {lost})"), Role::Terminal, wall)
+            .enrol(
+                key.public(),
+                &format!("till {new} (replaces till {lost})"),
+                Role::Terminal,
+                wall,
+            )
             .map_err(|e| violation("enrol", e.to_string()))?;
         self.push_local(0, &change, None);
         let pool_key = self.nodes[0].key.public();
@@ -798,13 +873,23 @@ impl World {
             if !batch.is_empty() {
                 // Received changes are applied here, on the receiver's (skewed) wall clock; the
                 // sync states below are driven by the virtual clock and see an empty message.
-                let from = if senders.len() == 1 { senders.first().copied() } else { None };
+                let from = if senders.len() == 1 {
+                    senders.first().copied()
+                } else {
+                    None
+                };
                 reports.push((from, self.nodes[to].ledger.apply_remote(batch, wall)));
                 // Let each sender's sync state react as if it had applied its own message
                 // (a gap or a newer peer triggers a vector).
                 for from in senders {
                     if let Some(s) = self.syncs.get_mut(&(to, from)) {
-                        let _ = s.handle(&mut self.nodes[to].ledger, WireMessage::Changes { changes: Vec::new() }, now);
+                        let _ = s.handle(
+                            &mut self.nodes[to].ledger,
+                            WireMessage::Changes {
+                                changes: Vec::new(),
+                            },
+                            now,
+                        );
                     }
                 }
             }
@@ -812,8 +897,12 @@ impl World {
                 if self.tracing() {
                     let kind = match &msg {
                         WireMessage::Vector { .. } => "vector".to_owned(),
-                        WireMessage::RightsRequest { sku, want } => format!("rights-request {sku} x{want}"),
-                        WireMessage::RightsAnswer { sku, granted, .. } => format!("rights-answer {sku} x{granted}"),
+                        WireMessage::RightsRequest { sku, want } => {
+                            format!("rights-request {sku} x{want}")
+                        }
+                        WireMessage::RightsAnswer { sku, granted, .. } => {
+                            format!("rights-answer {sku} x{granted}")
+                        }
                         WireMessage::Changes { .. } => "changes".to_owned(),
                     };
                     self.log(|| format!("deliver {from}->{to} {kind}"));
@@ -824,17 +913,32 @@ impl World {
                 // A rights answer's give is applied on the receiver's wall clock, like any
                 // received change; its sync state only sees the answer.
                 let msg = match msg {
-                    WireMessage::RightsAnswer { sku, granted, change: Some(c) } => {
-                        reports.push((Some(from), self.nodes[to].ledger.apply_remote(vec![c], wall)));
-                        WireMessage::RightsAnswer { sku, granted, change: None }
+                    WireMessage::RightsAnswer {
+                        sku,
+                        granted,
+                        change: Some(c),
+                    } => {
+                        reports.push((
+                            Some(from),
+                            self.nodes[to].ledger.apply_remote(vec![c], wall),
+                        ));
+                        WireMessage::RightsAnswer {
+                            sku,
+                            granted,
+                            change: None,
+                        }
                     }
                     m => m,
                 };
-                let Some(s) = self.syncs.get_mut(&(to, from)) else { continue };
+                let Some(s) = self.syncs.get_mut(&(to, from)) else {
+                    continue;
+                };
                 for ev in s.handle(&mut self.nodes[to].ledger, msg, now) {
                     match ev {
                         SyncEvent::Applied(r) => reports.push((Some(from), r)),
-                        SyncEvent::RightsRequested { sku, want } => requests.push((from, sku, want)),
+                        SyncEvent::RightsRequested { sku, want } => {
+                            requests.push((from, sku, want))
+                        }
                         SyncEvent::RightsAnswered { sku, granted } => {
                             self.nodes[to].outstanding.remove(&sku);
                             if granted > 0 {
@@ -864,7 +968,10 @@ impl World {
         // (a partial partition, a lost or restarting device, a repair) goes on to every other
         // peer; on a full mesh the author pushes to everyone and nothing is relayed.
         for ((rid, seq), c) in r.accepted_ids.iter().zip(&r.accepted) {
-            let linked = self.by_replica.get(rid).is_some_and(|a| *a == node || self.link_up(node, *a));
+            let linked = self
+                .by_replica
+                .get(rid)
+                .is_some_and(|a| *a == node || self.link_up(node, *a));
             if !linked {
                 self.push(node, *rid, *seq, c, from);
                 self.counters.relayed_changes += 1;
@@ -887,7 +994,9 @@ impl World {
     fn answer_rights(&mut self, node: usize, from: usize, sku: Sku, want: u64) {
         let wall = self.wall(node);
         let requester = self.nodes[from].id;
-        let answer = self.nodes[node].ledger.answer_rights_request(requester, &sku, want, wall);
+        let answer = self.nodes[node]
+            .ledger
+            .answer_rights_request(requester, &sku, want, wall);
         let (granted, change) = match answer {
             Ok(Some((units, change))) => (units, Some(change)),
             _ => (0, None),
@@ -953,7 +1062,11 @@ impl World {
     fn pick_sku(&mut self, t: usize) -> (Sku, u64) {
         let n = &mut self.nodes[t];
         let u: f64 = n.customers.random();
-        let i = self.zipf_cdf.iter().position(|c| u < *c).unwrap_or(self.zipf_cdf.len() - 1);
+        let i = self
+            .zipf_cdf
+            .iter()
+            .position(|c| u < *c)
+            .unwrap_or(self.zipf_cdf.len() - 1);
         let qty = n.customers.random_range(1..=3u64);
         (self.skus[i].clone(), qty)
     }
@@ -974,11 +1087,17 @@ impl World {
                 false
             } else if have < qty as i64 {
                 let short = qty - have.max(0) as u64;
-                match self.nodes[0].ledger.give(me, BTreeMap::from([(sku.clone(), short)]), pool_wall) {
+                match self.nodes[0].ledger.give(
+                    me,
+                    BTreeMap::from([(sku.clone(), short)]),
+                    pool_wall,
+                ) {
                     Ok(change) => {
                         self.counters.gives += 1;
                         // The round trip to the relay is the sale's answer: applied at once.
-                        let r = self.nodes[t].ledger.apply_remote(vec![change.clone()], wall);
+                        let r = self.nodes[t]
+                            .ledger
+                            .apply_remote(vec![change.clone()], wall);
                         self.after_apply(t, &r, Some(0));
                         self.push_local(0, &change, Some(t));
                         true
@@ -993,15 +1112,28 @@ impl World {
                 return;
             }
         }
-        let pool_reachable = if self.cfg.broken == Some(Broken::IgnoreRights) { false } else { reachable };
+        let pool_reachable = if self.cfg.broken == Some(Broken::IgnoreRights) {
+            false
+        } else {
+            reachable
+        };
         let req = SaleRequest {
-            lines: vec![SaleLine { sku: sku.clone(), qty, unit_price_cents: PRICE_CENTS }],
-            payment: Payment { method: PaymentMethod::Card, reference: format!("pi_{t}_{now}") },
+            lines: vec![SaleLine {
+                sku: sku.clone(),
+                qty,
+                unit_price_cents: PRICE_CENTS,
+            }],
+            payment: Payment {
+                method: PaymentMethod::Card,
+                reference: format!("pi_{t}_{now}"),
+            },
             pool_reachable,
         };
         match self.nodes[t].ledger.sell(req, wall) {
             SaleOutcome::Committed { sale_id, change } => {
-                self.log(|| format!("terminal {t} sells {sku} x{qty} ({sale_id:?}, online={reachable})"));
+                self.log(|| {
+                    format!("terminal {t} sells {sku} x{qty} ({sale_id:?}, online={reachable})")
+                });
                 self.counters.sales += 1;
                 self.counters.units_sold += qty;
                 if t > self.base_terminals {
@@ -1038,7 +1170,12 @@ impl World {
         let me = self.nodes[t].id;
         let l = &self.nodes[t].ledger;
         let low = self.low_water.get(sku).copied().unwrap_or(3);
-        if l.rights(me, sku) >= low || self.nodes[t].outstanding.get(sku).is_some_and(|d| *d > self.now) {
+        if l.rights(me, sku) >= low
+            || self.nodes[t]
+                .outstanding
+                .get(sku)
+                .is_some_and(|d| *d > self.now)
+        {
             return;
         }
         // Ask whoever (as far as we know) can spare the most: the pool all it has, a terminal half.
@@ -1047,7 +1184,13 @@ impl World {
             let r = l.rights(self.nodes[*peer].id, sku).max(0);
             // A terminal is asked only when it is well stocked, so rights do not ping-pong
             // between terminals that are all running low.
-            let spare = if *peer == 0 { r } else if r >= 4 * low { r / 2 } else { 0 };
+            let spare = if *peer == 0 {
+                r
+            } else if r >= 4 * low {
+                r / 2
+            } else {
+                0
+            };
             if spare > 0 && best.is_none_or(|(b, _)| spare > b) {
                 best = Some((spare, *peer));
             }
@@ -1056,7 +1199,9 @@ impl World {
         let want = self.want.get(sku).copied().unwrap_or(6);
         if let Some(s) = self.syncs.get_mut(&(t, peer)) {
             s.request_rights(sku.clone(), want);
-            self.nodes[t].outstanding.insert(sku.clone(), self.now + RIGHTS_REQUEST_TIMEOUT_MS);
+            self.nodes[t]
+                .outstanding
+                .insert(sku.clone(), self.now + RIGHTS_REQUEST_TIMEOUT_MS);
             self.counters.rights_requests += 1;
             self.log(|| format!("terminal {t} asks {peer} for {sku} x{want}"));
         }
@@ -1073,7 +1218,12 @@ impl World {
             if (1..self.nodes.len()).any(|t| self.link_up(0, t)) {
                 let wall = self.wall(0);
                 let plans = plan_allocation(&self.nodes[0].ledger, alloc, wall);
-                for c in self.nodes[0].ledger.execute_plans(&plans, wall).into_iter().flatten() {
+                for c in self.nodes[0]
+                    .ledger
+                    .execute_plans(&plans, wall)
+                    .into_iter()
+                    .flatten()
+                {
                     self.counters.gives += 1;
                     self.push_local(0, &c, None);
                 }
@@ -1087,7 +1237,12 @@ impl World {
                 }
                 let wall = self.wall(t);
                 let plans = plan_allocation(&self.nodes[t].ledger, alloc, wall);
-                for c in self.nodes[t].ledger.execute_plans(&plans, wall).into_iter().flatten() {
+                for c in self.nodes[t]
+                    .ledger
+                    .execute_plans(&plans, wall)
+                    .into_iter()
+                    .flatten()
+                {
                     self.counters.gives += 1;
                     self.push_local(t, &c, None);
                 }
@@ -1135,7 +1290,11 @@ impl World {
         self.samples.push(StockSample {
             t_ms: self.now,
             terminal_rights,
-            pool_rights: self.skus.iter().map(|s| pool.ledger.rights(pool.id, s)).sum(),
+            pool_rights: self
+                .skus
+                .iter()
+                .map(|s| pool.ledger.rights(pool.id, s))
+                .sum(),
             pool_available: self.skus.iter().map(|s| pool.ledger.available(s)).sum(),
             truth: self.truth.values().sum(),
         });
@@ -1169,7 +1328,11 @@ impl World {
             // (the pool writes them in order, so they are a prefix).
             if node.adjusts_known < self.adjusts.len() {
                 let pool_seen = l.version_vector().get(&pool_id).copied().unwrap_or(0);
-                node.adjusts_known = self.adjusts.iter().take_while(|(seq, _)| *seq <= pool_seen).count();
+                node.adjusts_known = self
+                    .adjusts
+                    .iter()
+                    .take_while(|(seq, _)| *seq <= pool_seen)
+                    .count();
             }
             let known = &self.adjusts[..node.adjusts_known];
             for s in &self.skus {
@@ -1196,7 +1359,9 @@ impl World {
                     if policy == Policy::Strict && r < 0 && !retired {
                         return Err(violation(
                             "rights-non-negative",
-                            format!("node {n} sees replica {rid} with rights {r} for {s} under strict"),
+                            format!(
+                                "node {n} sees replica {rid} with rights {r} for {s} under strict"
+                            ),
                         ));
                     }
                 }
@@ -1214,8 +1379,14 @@ impl World {
                 };
                 if oversell > allowed {
                     return Err(violation(
-                        if policy == Policy::Strict { "no-oversell" } else { "oversell-bounded" },
-                        format!("node {n}: available {s} = {avail}, oversell {oversell} > allowed {allowed}"),
+                        if policy == Policy::Strict {
+                            "no-oversell"
+                        } else {
+                            "oversell-bounded"
+                        },
+                        format!(
+                            "node {n}: available {s} = {avail}, oversell {oversell} > allowed {allowed}"
+                        ),
                     ));
                 }
             }
@@ -1235,7 +1406,9 @@ impl World {
         let Some(first) = it.next() else { return true };
         let v = first.ledger.version_vector();
         it.all(|n| n.ledger.version_vector() == v)
-            && self.live().all(|n| n.ledger.heads() == first.ledger.heads())
+            && self
+                .live()
+                .all(|n| n.ledger.heads() == first.ledger.heads())
     }
 
     fn vectors_summary(&self) -> String {
@@ -1243,7 +1416,12 @@ impl World {
             .iter()
             .enumerate()
             .filter(|(_, n)| !n.dead)
-            .map(|(i, n)| format!("node {i}: {} changes", n.ledger.version_vector().values().sum::<u64>()))
+            .map(|(i, n)| {
+                format!(
+                    "node {i}: {} changes",
+                    n.ledger.version_vector().values().sum::<u64>()
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -1256,12 +1434,17 @@ impl World {
         for (id, t) in &self.acked {
             if pool.sale(*id).is_none() {
                 if self.nodes[*t].dead {
-                    let Some(e) = self.nodes[*t].ledger.sale(*id) else { continue };
+                    let Some(e) = self.nodes[*t].ledger.sale(*id) else {
+                        continue;
+                    };
                     for (s, u) in e.record.units() {
                         *missing_dead.entry(s).or_insert(0) += u as i64;
                     }
                 } else {
-                    return Err(violation("sale-at-pool", format!("acknowledged sale {id:?} of terminal {t} never reached the pool")));
+                    return Err(violation(
+                        "sale-at-pool",
+                        format!("acknowledged sale {id:?} of terminal {t} never reached the pool"),
+                    ));
                 }
             }
         }
@@ -1272,7 +1455,9 @@ impl World {
             if avail != truth + lost_with_dead {
                 return Err(violation(
                     "pool-matches-truth",
-                    format!("pool available {s} = {avail}, ground truth {truth} + {lost_with_dead} sold by a lost terminal"),
+                    format!(
+                        "pool available {s} = {avail}, ground truth {truth} + {lost_with_dead} sold by a lost terminal"
+                    ),
                 ));
             }
         }
@@ -1330,7 +1515,11 @@ impl World {
             refunds_owed: oversell,
             refunds_owed_cents: oversell * PRICE_CENTS,
             overdraft_granted_units: overdraft_granted,
-            sales_never_at_pool: self.acked.iter().filter(|(id, _)| pool.sale(*id).is_none()).count() as u64,
+            sales_never_at_pool: self
+                .acked
+                .iter()
+                .filter(|(id, _)| pool.sale(*id).is_none())
+                .count() as u64,
             propagation_ms: Latencies::from_samples(&self.latencies),
             convergence_ms: match (self.healed_at, self.converged_at) {
                 (Some(h), Some(c)) => Some(c - h),
@@ -1345,7 +1534,12 @@ impl World {
             replacement_terminals: c.replacements,
             replacement_sales: c.replacement_sales,
             relayed_changes: c.relayed_changes,
-            clock_skew_max_ms: self.nodes.iter().map(|n| n.skew_ms.unsigned_abs()).max().unwrap_or(0),
+            clock_skew_max_ms: self
+                .nodes
+                .iter()
+                .map(|n| n.skew_ms.unsigned_abs())
+                .max()
+                .unwrap_or(0),
             crashes: c.crashes,
             restarts: c.restarts,
             deaths: c.deaths,

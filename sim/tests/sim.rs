@@ -43,13 +43,19 @@ fn ci_sweep_every_scenario_holds_invariants() {
 fn broken_variant_is_caught_and_replays_at_the_same_step() {
     let jobs: Vec<SimConfig> = (0..6)
         .map(|seed| {
-            let mut c = ci_config(seed, Scenario::ALL[seed as usize % Scenario::ALL.len()], PolicyChoice::Strict);
+            let mut c = ci_config(
+                seed,
+                Scenario::ALL[seed as usize % Scenario::ALL.len()],
+                PolicyChoice::Strict,
+            );
             c.broken = Some(Broken::IgnoreRights);
             c
         })
         .collect();
     let out = sweep(&jobs, threads(), &|| {});
-    let failure = out.failure.expect("the sweep must catch terminals that ignore their rights");
+    let failure = out
+        .failure
+        .expect("the sweep must catch terminals that ignore their rights");
     assert!(failure.replay.contains(&format!("--seed {}", failure.seed)));
     assert!(failure.replay.contains("--broken ignore-rights"));
     let cfg = jobs
@@ -58,7 +64,10 @@ fn broken_variant_is_caught_and_replays_at_the_same_step() {
         .expect("the failing seed is one of the jobs")
         .clone();
     let again = run(&cfg, &mut |_, _| {}).expect_err("the printed seed must fail again");
-    assert_eq!((again.step, again.time_ms, &again.invariant), (failure.step, failure.time_ms, &failure.invariant));
+    assert_eq!(
+        (again.step, again.time_ms, &again.invariant),
+        (failure.step, failure.time_ms, &failure.invariant)
+    );
     assert_eq!(again.detail, failure.detail);
 }
 
@@ -68,8 +77,12 @@ fn one_seed_gives_byte_identical_reports() {
     // customers and clock skew come from the seed.
     for s in [Scenario::Flapping, Scenario::TerminalDies] {
         let cfg = ci_config(42, s, PolicyChoice::Optimistic);
-        let a = run(&cfg, &mut |_, _| {}).expect("invariants hold").to_json();
-        let b = run(&cfg, &mut |_, _| {}).expect("invariants hold").to_json();
+        let a = run(&cfg, &mut |_, _| {})
+            .expect("invariants hold")
+            .to_json();
+        let b = run(&cfg, &mut |_, _| {})
+            .expect("invariants hold")
+            .to_json();
         assert!(a.len() > 1000);
         assert!(a == b, "two runs of one seed differ ({s})");
     }
@@ -89,7 +102,12 @@ fn strict_never_oversells_through_a_long_outage() {
 fn shrink_replacement_partitions_and_skew_take_effect() {
     let mut jobs = Vec::new();
     for seed in 0..2 {
-        for s in [Scenario::Normal, Scenario::Halftime, Scenario::Flapping, Scenario::TerminalDies] {
+        for s in [
+            Scenario::Normal,
+            Scenario::Halftime,
+            Scenario::Flapping,
+            Scenario::TerminalDies,
+        ] {
             jobs.push(ci_config(seed, s, PolicyChoice::Strict));
         }
     }
@@ -102,24 +120,43 @@ fn shrink_replacement_partitions_and_skew_take_effect() {
         .collect();
     for (cfg, r) in jobs.iter().zip(&reports) {
         let what = format!("seed {} {}", cfg.seed, cfg.scenario);
-        assert!(r.clock_skew_max_ms <= cfg.clock_skew_ms, "{what}: skew {} over the bound", r.clock_skew_max_ms);
+        assert!(
+            r.clock_skew_max_ms <= cfg.clock_skew_ms,
+            "{what}: skew {} over the bound",
+            r.clock_skew_max_ms
+        );
         if cfg.clock_skew_ms == 0 {
             assert_eq!(r.clock_skew_max_ms, 0, "{what}: skew disabled");
             continue;
         }
-        assert!(r.clock_skew_max_ms > 0, "{what}: clocks are skewed by default");
+        assert!(
+            r.clock_skew_max_ms > 0,
+            "{what}: clocks are skewed by default"
+        );
         match cfg.scenario {
             Scenario::Normal | Scenario::Halftime => {
-                assert!(r.shrunk_units > 0, "{what}: the shrink adjustment wrote off nothing");
+                assert!(
+                    r.shrunk_units > 0,
+                    "{what}: the shrink adjustment wrote off nothing"
+                );
                 let per_sku: u64 = r.per_sku.iter().map(|k| k.shrunk).sum();
                 assert_eq!(per_sku, r.shrunk_units);
                 assert!((1..=2).contains(&r.per_sku.iter().filter(|k| k.shrunk > 0).count()));
             }
-            Scenario::Flapping => assert!(r.relayed_changes > 0, "{what}: nothing went round a cut link"),
+            Scenario::Flapping => assert!(
+                r.relayed_changes > 0,
+                "{what}: nothing went round a cut link"
+            ),
             Scenario::TerminalDies => {
                 assert_eq!(r.replacement_terminals, 1, "{what}");
-                assert!(r.replacement_sales > 0, "{what}: the replacement terminal never sold");
-                assert_eq!(r.sales_never_at_pool, 0, "{what}: the lost terminal was in sync before it died");
+                assert!(
+                    r.replacement_sales > 0,
+                    "{what}: the replacement terminal never sold"
+                );
+                assert_eq!(
+                    r.sales_never_at_pool, 0,
+                    "{what}: the lost terminal was in sync before it died"
+                );
             }
             _ => {}
         }
