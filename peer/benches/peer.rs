@@ -28,27 +28,6 @@ fn report(what: &str, v: &mut [f64]) {
     );
 }
 
-fn start(stand: &Stand, n: usize) -> Vec<Proc> {
-    let mut procs: Vec<Proc> = Vec::new();
-    let names: Vec<String> = std::iter::once("pool".to_string())
-        .chain((0..n).map(|i| format!("t{i}")))
-        .collect();
-    for name in names {
-        let peers: Vec<String> = procs.iter().map(|p| p.mesh.clone()).collect();
-        let mesh = format!("/ip4/127.0.0.1/tcp/{}", free_port());
-        procs.push(spawn(
-            &name,
-            &stand.dir.path().join(&name),
-            &mesh,
-            free_port(),
-            &peers,
-            false,
-            None,
-        ));
-    }
-    procs
-}
-
 async fn ready(procs: &[Proc], n: usize, stock: i64) {
     for p in procs {
         wait_up(p).await;
@@ -78,7 +57,7 @@ async fn durable_ack() {
     report("raw redb commit, Durability::Immediate", &mut raw);
 
     let stand = make_stand(1, false, &["hotdog=Hot dog:400:1000000"]);
-    let procs = start(&stand, 1);
+    let procs = start_chain(&stand, &pool_and_terminals(1));
     ready(&procs, 1, 1_000_000).await;
     let api = procs[1].api.clone();
     let mut acks = Vec::new();
@@ -121,7 +100,7 @@ async fn durable_ack() {
 
 async fn propagation(n: usize) {
     let stand = make_stand(n, false, &["hotdog=Hot dog:400:1000000"]);
-    let procs = start(&stand, n);
+    let procs = start_chain(&stand, &pool_and_terminals(n));
     ready(&procs, n, 1_000_000).await;
     let (a, b) = (procs[1].api.clone(), procs[2].api.clone());
     let resp = client()

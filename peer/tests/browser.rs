@@ -16,10 +16,6 @@ use std::process::{Child, Command, Stdio};
 
 const ITEMS: [&str; 2] = ["hotdog=Hot dog:400:100", "soda=Soda:250:60"];
 
-fn mesh_addr(port: u16) -> String {
-    format!("/ip4/127.0.0.1/tcp/{port}")
-}
-
 /// A binary named by `env`, else found on PATH; a failure that says what to install.
 fn binary(env: &str, name: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env).filter(|p| !p.is_empty()) {
@@ -245,20 +241,7 @@ async fn selling_on_the_pos_page_reaches_the_kitchen_page() {
 
     // Pool, one terminal and a kitchen display, each dialling the ones started before it.
     let stand = make_stand(1, true, &ITEMS);
-    let mut procs: Vec<Proc> = Vec::new();
-    for name in ["pool", "t0", "kitchen"] {
-        let peers: Vec<String> = procs.iter().map(|p| p.mesh.clone()).collect();
-        let mesh = mesh_addr(free_port());
-        procs.push(spawn(
-            name,
-            &stand.dir.path().join(name),
-            &mesh,
-            free_port(),
-            &peers,
-            false,
-            None,
-        ));
-    }
+    let procs = start_chain(&stand, &["pool", "t0", "kitchen"]);
     for p in &procs {
         wait_up(p).await;
     }

@@ -66,12 +66,7 @@ async fn a_full_disk_refuses_the_sale_and_loses_nothing_acknowledged() {
     );
     wait_up(&pool).await;
     wait_up(&t0).await;
-    let api = t0.api.clone();
-    eventually(15, "stand at t0", || {
-        let api = api.clone();
-        async move { (available(&api, "hotdog").await == Some(100_000)).then_some(()) }
-    })
-    .await;
+    wait_available(15, &t0.api, "hotdog", 100_000).await;
     let mut acked = 0i64;
     let refusal = loop {
         let (code, body) = sell(&t0.api, "hotdog", 1).await;
@@ -121,10 +116,5 @@ async fn a_full_disk_refuses_the_sale_and_loses_nothing_acknowledged() {
     assert_eq!(available(&t0b.api, "hotdog").await, Some(100_000 - acked));
     // It sells again, and the pool converges on the same count.
     assert_eq!(sell(&t0b.api, "hotdog", 1).await.0, 201);
-    let api = pool.api.clone();
-    eventually(20, "pool converges", || {
-        let api = api.clone();
-        async move { (available(&api, "hotdog").await == Some(100_000 - acked - 1)).then_some(()) }
-    })
-    .await;
+    wait_available(20, &pool.api, "hotdog", 100_000 - acked - 1).await;
 }

@@ -12,32 +12,10 @@ fn mesh_addr(port: u16) -> String {
     format!("/ip4/127.0.0.1/tcp/{port}")
 }
 
-/// Pool + three terminals, everyone dialling everyone before it.
-fn start(stand: &Stand, n: usize) -> Vec<Proc> {
-    let mut procs: Vec<Proc> = Vec::new();
-    let names: Vec<String> = std::iter::once("pool".to_string())
-        .chain((0..n).map(|i| format!("t{i}")))
-        .collect();
-    for name in names {
-        let peers: Vec<String> = procs.iter().map(|p| p.mesh.clone()).collect();
-        let mesh = mesh_addr(free_port());
-        procs.push(spawn(
-            &name,
-            &stand.dir.path().join(&name),
-            &mesh,
-            free_port(),
-            &peers,
-            false,
-            None,
-        ));
-    }
-    procs
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_shows_everywhere_and_in_live_streams() {
     let stand = make_stand(3, false, &ITEMS);
-    let procs = start(&stand, 3);
+    let procs = start_chain(&stand, &pool_and_terminals(3));
     for p in &procs {
         wait_up(p).await;
     }
@@ -60,12 +38,7 @@ async fn a_sale_shows_everywhere_and_in_live_streams() {
     let (code, body) = sell(&procs[1].api, "hotdog", 3).await;
     assert_eq!(code, 201, "{body}");
     for p in &procs {
-        let api = p.api.clone();
-        eventually(10, "the sale everywhere", || {
-            let api = api.clone();
-            async move { (available(&api, "hotdog").await == Some(97)).then_some(()) }
-        })
-        .await;
+        wait_available(10, &p.api, "hotdog", 97).await;
     }
     // The live stream carried the new stock.
     let mut seen = String::new();
@@ -115,15 +88,10 @@ async fn a_sale_shows_everywhere_and_in_live_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_terminal_keeps_its_acknowledged_sale() {
     let stand = make_stand(2, false, &ITEMS);
-    let mut procs = start(&stand, 2);
+    let mut procs = start_chain(&stand, &pool_and_terminals(2));
     for p in &procs {
         wait_up(p).await;
-        let api = p.api.clone();
-        eventually(15, "the stand document", || {
-            let api = api.clone();
-            async move { (available(&api, "soda").await == Some(60)).then_some(()) }
-        })
-        .await;
+        wait_available(15, &p.api, "soda", 60).await;
     }
     // Cut t0 off first by killing the pool and t1, so the sale can only survive on t0's disk.
     let t1_mesh = procs[2].mesh.clone();
@@ -168,12 +136,7 @@ async fn a_killed_terminal_keeps_its_acknowledged_sale() {
     }
     assert_eq!(available(&t0.api, "soda").await, Some(58));
     for p in [&pool, &t1] {
-        let api = p.api.clone();
-        eventually(15, "the recovered sale at the others", || {
-            let api = api.clone();
-            async move { (available(&api, "soda").await == Some(58)).then_some(()) }
-        })
-        .await;
+        wait_available(15, &p.api, "soda", 58).await;
     }
     // The next sale gets a fresh sequence number.
     let (code, body) = sell(&t0.api, "soda", 1).await;
@@ -186,7 +149,7 @@ async fn wrong_stand_key_and_unenrolled_replicas_cannot_join() {
     use halftime_peer::store::{StandSettings, Store};
     // Two terminals are enrolled; only t0 runs honestly.
     let stand = make_stand(2, false, &ITEMS);
-    let procs = start(&stand, 1);
+    let procs = start_chain(&stand, &pool_and_terminals(1));
     for p in &procs {
         wait_up(p).await;
     }
@@ -250,10 +213,5 @@ async fn wrong_stand_key_and_unenrolled_replicas_cannot_join() {
     assert_eq!(get(&stranger.api, "/v1/status").await["changes"], 0);
     // The honest stand still works.
     assert_eq!(sell(&procs[1].api, "hotdog", 1).await.0, 201);
-    let api = procs[0].api.clone();
-    eventually(10, "sale at pool", || {
-        let api = api.clone();
-        async move { (available(&api, "hotdog").await == Some(99)).then_some(()) }
-    })
-    .await;
+    wait_available(10, &procs[0].api, "hotdog", 99).await;
 }

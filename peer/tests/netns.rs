@@ -113,9 +113,6 @@ impl Lan {
     fn node_ns(&self, i: usize) -> String {
         format!("{}-{i}", self.tag)
     }
-    fn addr(&self, i: usize) -> String {
-        format!("{}.{}", self.subnet, i + 1)
-    }
     fn hard_cut(&self, i: usize, up: bool) {
         ns_ip(
             &self.node_ns(i),

@@ -603,17 +603,7 @@ impl Ledger {
         // Shrink is written where the units are held: the pool can only write off what it has
         // not allocated (more would leave terminals with rights to units that no longer exist),
         // a terminal only its own rights.
-        for (sku, n) in &units {
-            let have = self.rights(self.me, sku);
-            if have < *n as i64 {
-                return Err(Refusal::InsufficientRights {
-                    sku: sku.clone(),
-                    have,
-                    want: *n,
-                }
-                .into());
-            }
-        }
+        self.check_own_rights(&units)?;
         let writes = self.bump(&units, Field::Out);
         self.commit_local_stock(
             Operation::Adjust {
@@ -646,17 +636,7 @@ impl Ledger {
             }
             Some(_) => {}
         }
-        for (sku, n) in &units {
-            let have = self.rights(self.me, sku);
-            if have < *n as i64 {
-                return Err(Refusal::InsufficientRights {
-                    sku: sku.clone(),
-                    have,
-                    want: *n,
-                }
-                .into());
-            }
-        }
+        self.check_own_rights(&units)?;
         let writes = self.bump(&units, Field::Give(to));
         self.commit_local_stock(Operation::Give { to, units }, now_ms, writes)
     }
@@ -1726,6 +1706,22 @@ impl Ledger {
             if *n == 0 || *n > MAX_UNITS {
                 return Err(Refusal::Invalid {
                     why: format!("quantity of {sku} must be 1..{MAX_UNITS}"),
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuse unless this replica holds at least `units` of rights for every sku.
+    fn check_own_rights(&self, units: &BTreeMap<Sku, u64>) -> Result<(), OpError> {
+        for (sku, n) in units {
+            let have = self.rights(self.me, sku);
+            if have < *n as i64 {
+                return Err(Refusal::InsufficientRights {
+                    sku: sku.clone(),
+                    have,
+                    want: *n,
                 }
                 .into());
             }

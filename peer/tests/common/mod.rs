@@ -300,3 +300,42 @@ pub async fn peers(api: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// The pool followed by `n` terminals' names, as `make_stand` lays out their folders.
+pub fn pool_and_terminals(n: usize) -> Vec<String> {
+    std::iter::once("pool".to_string())
+        .chain((0..n).map(|i| format!("t{i}")))
+        .collect()
+}
+
+/// Start the named replicas of `stand` on loopback with static peers, each dialling the ones
+/// started before it.
+pub fn start_chain<S: AsRef<str>>(stand: &Stand, names: &[S]) -> Vec<Proc> {
+    let mut procs: Vec<Proc> = Vec::new();
+    for name in names {
+        let name = name.as_ref();
+        let peers: Vec<String> = procs.iter().map(|p| p.mesh.clone()).collect();
+        let mesh = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+        procs.push(spawn(
+            name,
+            &stand.dir.path().join(name),
+            &mesh,
+            free_port(),
+            &peers,
+            false,
+            None,
+        ));
+    }
+    procs
+}
+
+/// Wait until `api` shows `value` units of `sku` available.
+pub async fn wait_available(secs: u64, api: &str, sku: &str, value: i64) {
+    let api = api.to_owned();
+    let sku = sku.to_owned();
+    eventually(secs, &format!("{sku} = {value} at {api}"), || {
+        let (api, sku) = (api.clone(), sku.clone());
+        async move { (available(&api, &sku).await == Some(value)).then_some(()) }
+    })
+    .await
+}
