@@ -194,6 +194,60 @@ async fn propagation(n: usize) {
     let _ = a;
 }
 
+/// Rights-request round trip: two terminals hold 100 rights each; one sells until its rights
+/// fall below a quarter of its target (target = what the stand has left / 2), then asks the
+/// terminal holding the most, which answers with a signed give. Measured from the 201 of the sale
+/// that crossed the threshold to the moment the seller's own API shows the larger rights (this
+/// includes up to one 200 ms timer tick before the request leaves).
+async fn rights_request(rounds: usize) {
+    let mut rtt = Vec::new();
+    for _ in 0..rounds {
+        let stand = make_stand(2, false, &["hotdog=Hot dog:400:200"]);
+        let procs = start_chain(&stand, &pool_and_terminals(2));
+        ready(&procs, 2, 200).await;
+        let api = procs[1].api.clone();
+        let row = |api: String| async move {
+            let v = get(&api, "/v1/stock").await;
+            (
+                v[0]["rights"].as_i64().unwrap_or(0),
+                v[0]["available"].as_i64().unwrap_or(0),
+            )
+        };
+        let mut crossed = None;
+        for _ in 0..100 {
+            if sell(&api, "hotdog", 1).await.0 != 201 {
+                break;
+            }
+            let (rights, available) = row(api.clone()).await;
+            if rights * 100 < (available / 2) * 25 {
+                crossed = Some((Instant::now(), rights));
+                break;
+            }
+        }
+        let Some((t0, before)) = crossed else {
+            println!("  the threshold was never crossed");
+            continue;
+        };
+        loop {
+            if row(api.clone()).await.0 > before {
+                rtt.push(t0.elapsed().as_secs_f64() * 1e3);
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                println!("  a rights request got no answer within 10 s");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    if !rtt.is_empty() {
+        report(
+            "rights request: threshold crossed → rights arrive",
+            &mut rtt,
+        );
+    }
+}
+
 async fn memory(sales: usize) {
     let stand = make_stand(1, false, &["hotdog=Hot dog:400:100"]);
     // Build a big event in process: the terminal's own 100k sales (rights topped up by gives).
@@ -326,6 +380,9 @@ async fn main() {
     if only("propagation") {
         propagation(4).await;
         propagation(10).await;
+    }
+    if only("rights") {
+        rights_request(10).await;
     }
     if only("memory") {
         memory(100_000).await;

@@ -489,6 +489,10 @@ impl Node {
         for r in replies {
             r(self, err.as_deref());
         }
+        // Ask for rights right after the sale that ran them low, not at the next tick.
+        if err.is_none() && !new_changes.is_empty() && self.ledger.role() == Some(Role::Terminal) {
+            self.ask_for_rights(now_ms());
+        }
     }
 
     fn sale_request(&self, input: SaleInput) -> Result<SaleRequest, ApiError> {
@@ -1104,20 +1108,18 @@ impl Node {
             if target <= 0 || have * 100 >= target * RIGHTS_REQUEST_BELOW_PCT {
                 continue;
             }
-            // The pool first; otherwise the connected terminal with the most rights.
+            // The pool when it holds rights for the item; otherwise the connected replica
+            // holding the most (as far as this replica knows).
             let holder = self
                 .peers
                 .iter()
                 .filter_map(|(p, peer)| peer.replica.map(|r| (*p, r)))
                 .max_by_key(|(_, r)| {
-                    if *r == pool {
-                        i64::MAX
-                    } else {
-                        self.ledger.rights(*r, &sku)
-                    }
+                    let rights = self.ledger.rights(*r, &sku);
+                    (*r == pool && rights > 0, rights)
                 });
             if let Some((p, r)) = holder {
-                if r != pool && self.ledger.rights(r, &sku) <= 1 {
+                if self.ledger.rights(r, &sku) <= 1 {
                     continue;
                 }
                 self.rights_asked.insert(sku.clone(), now);
