@@ -17,7 +17,7 @@
 
 use crate::ids::{ReplicaId, Sku};
 use crate::state::Field;
-use automerge::{ChangeHash, ObjType, ROOT, ReadDoc, ScalarValueRef, ValueRef};
+use automerge::{ChangeHash, ROOT, ReadDoc, ScalarValueRef, ValueRef};
 use std::collections::BTreeMap;
 
 /// Writes into one epoch map before the writer rolls over to a new one.
@@ -123,11 +123,6 @@ pub fn read_counters<D: ReadDoc>(doc: &D, heads: &[ChangeHash]) -> BTreeMap<Sku,
         }
     }
     out
-}
-
-/// Whether a value at `obj` is a map (used when resolving own objects after a restart).
-pub fn is_map(t: ObjType) -> bool {
-    matches!(t, ObjType::Map | ObjType::Table)
 }
 
 fn uint(v: &ValueRef<'_>) -> Option<u64> {

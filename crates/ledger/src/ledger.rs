@@ -103,7 +103,6 @@ pub struct LedgerStats {
 struct Entry {
     signed: SignedChange,
     hash: ChangeHash,
-    actor: ReplicaId,
     at: Hlc,
     /// Highest pool sequence number in this change's causal past (itself included).
     pool_seq_seen: u64,
@@ -286,10 +285,6 @@ impl Ledger {
     /// Sequence number of this replica's latest change (0: none yet).
     pub fn local_seq(&self) -> u64 {
         self.by_actor.get(&self.me).map_or(0, |v| v.len() as u64)
-    }
-    /// Author of a held change, by hash.
-    pub fn author_of(&self, h: &ChangeHash) -> Option<ReplicaId> {
-        self.by_hash.get(h).map(|&i| self.log[i].actor)
     }
     /// The current heads.
     pub fn heads(&self) -> Vec<ChangeHash> {
@@ -805,10 +800,10 @@ impl Ledger {
         }
         report.pending = self.pending.len();
         if !batch.is_empty() {
-            if let Err(e) = self.doc.apply_changes(batch) {
-                // Validation admitted something Automerge refuses: never expected. Rebuild the
-                // state from what the document actually holds so the two agree again.
-                self.rebuild_after_fault(&e.to_string(), now_ms);
+            if self.doc.apply_changes(batch).is_err() {
+                // Validation admitted something Automerge refuses: never expected. Rebuild so
+                // the state and the document agree again.
+                self.rebuild_from_log(now_ms);
             }
         }
         self.stats.accepted += report.accepted.len() as u64;
@@ -1011,7 +1006,6 @@ impl Ledger {
         self.log.push(Entry {
             signed,
             hash,
-            actor,
             at,
             pool_seq_seen,
             deps: change.deps().to_vec(),
@@ -1020,7 +1014,12 @@ impl Ledger {
         self.by_actor.entry(actor).or_default().push(i);
     }
 
-    fn rebuild_after_fault(&mut self, why: &str, now_ms: u64) {
+    /// Rebuild document and state after an internal fault (a change that validation admitted
+    /// but Automerge refused, or an own change that fails validation) by replaying the held
+    /// changes through the receive path: whatever fails again is left out (an own faulty change
+    /// was never recorded or sent). The stats carry over and count the fault; pending changes
+    /// are offered again.
+    fn rebuild_from_log(&mut self, now_ms: u64) {
         let changes: Vec<SignedChange> = self.log.iter().map(|e| e.signed.clone()).collect();
         let pending: Vec<SignedChange> = self.pending.values().map(|c| c.signed.clone()).collect();
         let stats = std::mem::take(&mut self.stats);
@@ -1034,7 +1033,6 @@ impl Ledger {
         fresh.apply_remote(pending, now_ms);
         fresh.stats = stats;
         *fresh.stats.rejected.entry("internal_fault").or_insert(0) += 1;
-        let _ = why;
         *self = fresh;
     }
 
@@ -1825,17 +1823,7 @@ impl Ledger {
                 let why = format!("own {} change fails validation: {r}", msg.op.kind());
                 self.own_objs.clear();
                 let now = self.clock.last().wall_ms();
-                let mut all: Vec<SignedChange> =
-                    self.log.iter().map(|e| e.signed.clone()).collect();
-                all.push(signed);
-                let (fresh, _) = Self::restore(
-                    self.key.clone(),
-                    self.stand_id.clone(),
-                    self.pool_key,
-                    all,
-                    now,
-                );
-                *self = fresh;
+                self.rebuild_from_log(now);
                 Err(OpError::Internal(why))
             }
         }
