@@ -126,6 +126,64 @@ pub enum Rejection {
     /// The change is for another stand, or there is no stand yet and it is not the genesis.
     #[error("not a change of this stand: {0}")]
     WrongStand(String),
+    /// The author's changes are numbered 1, 2, 3…: this one skips a number its author has not
+    /// written in its causal past.
+    #[error("replica {replica}: change {seq} skips a sequence number (holds {held})")]
+    SequenceGap {
+        /// Writer.
+        replica: ReplicaId,
+        /// The change's sequence number.
+        seq: u64,
+        /// How many of its changes are held.
+        held: u64,
+    },
+    /// A second, different change with a sequence number the author already used: the key
+    /// signed two histories (a cloned or compromised device).
+    #[error("replica {replica} signed a second change numbered {seq}")]
+    Equivocation {
+        /// Writer.
+        replica: ReplicaId,
+        /// The reused sequence number.
+        seq: u64,
+    },
+    /// Op ids that are not the next ones after everything in the change's causal past.
+    #[error("replica {replica}: {why}")]
+    BadOpIds {
+        /// Writer.
+        replica: ReplicaId,
+        /// What is wrong.
+        why: String,
+    },
+    /// An op's `pred` is not exactly the op holding the current value it overwrites.
+    #[error("replica {replica}: pred at {target} is not the current value's op")]
+    BadPred {
+        /// Writer.
+        replica: ReplicaId,
+        /// Where.
+        target: String,
+    },
+    /// The change is dated before a change it depends on.
+    #[error("replica {replica}: change dated {at_ms} ms, before its dependency at {dep_ms} ms")]
+    BeforeItsPast {
+        /// Writer.
+        replica: ReplicaId,
+        /// Its wall time.
+        at_ms: u64,
+        /// The latest wall time among its dependencies.
+        dep_ms: u64,
+    },
+    /// Dated further ahead of this replica's clock than any honest clock drifts. Not
+    /// remembered: the same change is taken once the clock has caught up.
+    #[error("replica {replica}: change dated {ahead_ms} ms ahead of this clock")]
+    FromTheFuture {
+        /// Writer.
+        replica: ReplicaId,
+        /// How far ahead.
+        ahead_ms: u64,
+    },
+    /// Automerge refused a change every rule admitted (a fault of this code, not the peer's).
+    #[error("internal fault: {0}")]
+    Internal(String),
 }
 
 impl Rejection {
@@ -149,7 +207,19 @@ impl Rejection {
             Rejection::Retired { .. } => "retired",
             Rejection::DependsOnRejected => "depends_on_rejected",
             Rejection::WrongStand(_) => "wrong_stand",
+            Rejection::SequenceGap { .. } => "sequence_gap",
+            Rejection::Equivocation { .. } => "equivocation",
+            Rejection::BadOpIds { .. } => "bad_op_ids",
+            Rejection::BadPred { .. } => "bad_pred",
+            Rejection::BeforeItsPast { .. } => "before_its_past",
+            Rejection::FromTheFuture { .. } => "from_the_future",
+            Rejection::Internal(_) => "internal_fault",
         }
+    }
+
+    /// Whether the same change may be accepted later (so its hash is not remembered as bad).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Rejection::FromTheFuture { .. })
     }
 }
 

@@ -4,6 +4,7 @@
 use crate::hlc::Hlc;
 use crate::identity::PublicKey;
 use crate::ids::{EventId, ReplicaId, Role, SaleId, Sku, StandId};
+use crate::layout::MAX_UNITS;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -13,6 +14,12 @@ pub const MESSAGE_VERSION: u16 = 1;
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 /// Most lines in one sale, restock or adjustment.
 pub const MAX_LINES: usize = 64;
+/// Most catalog items set by one change.
+pub const MAX_CATALOG_ITEMS: usize = 512;
+/// Highest unit price, in cents.
+pub const MAX_PRICE_CENTS: u64 = 100_000_000;
+/// Longest free-text field (names, notes, reasons, payment references), in bytes.
+pub const MAX_TEXT_BYTES: usize = 256;
 
 /// Selling policy of a stand.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,11 +122,13 @@ pub struct SaleRecord {
 }
 
 impl SaleRecord {
-    /// Total units per sku.
+    /// Total units per sku (saturating; a record that passed [`Operation::check_limits`]
+    /// never comes near).
     pub fn units(&self) -> BTreeMap<Sku, u64> {
-        let mut m = BTreeMap::new();
+        let mut m: BTreeMap<Sku, u64> = BTreeMap::new();
         for l in &self.lines {
-            *m.entry(l.sku.clone()).or_insert(0) += l.qty;
+            let n = m.entry(l.sku.clone()).or_insert(0);
+            *n = n.saturating_add(l.qty);
         }
         m
     }
@@ -170,6 +179,10 @@ pub enum Operation {
         replica: ReplicaId,
         /// Rights taken back per sku.
         units: BTreeMap<Sku, u64>,
+        /// Its gives as the pool saw them (sku → recipient → units): any more it gave out of
+        /// the pool's sight gives its recipient no rights.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        gives: BTreeMap<Sku, BTreeMap<ReplicaId, u64>>,
     },
     /// Units came into being at the writer (pool only).
     Restock {
@@ -203,7 +216,113 @@ pub enum Operation {
     },
 }
 
+fn check_units(units: &BTreeMap<Sku, u64>, what: &str) -> Result<(), String> {
+    if units.is_empty() || units.len() > MAX_LINES {
+        return Err(format!("{what}: 1 to {MAX_LINES} items"));
+    }
+    for (sku, n) in units {
+        if *n == 0 || *n > MAX_UNITS {
+            return Err(format!("{what}: quantity of {sku} must be 1..={MAX_UNITS}"));
+        }
+    }
+    Ok(())
+}
+
+fn check_text(s: &str, what: &str) -> Result<(), String> {
+    if s.len() > MAX_TEXT_BYTES {
+        return Err(format!("{what} is {} bytes, over {MAX_TEXT_BYTES}", s.len()));
+    }
+    Ok(())
+}
+
 impl Operation {
+    /// Every number and string within its bound, and every sum computable without overflow:
+    /// the same check for an operation made here and one received from a peer.
+    pub fn check_limits(&self) -> Result<(), String> {
+        match self {
+            Operation::Genesis { stand, name, .. } => {
+                check_text(&stand.venue, "venue")?;
+                check_text(name, "name")?;
+                if stand.low_stock_pct > 100 {
+                    return Err("low_stock_pct above 100".into());
+                }
+            }
+            Operation::Catalog { items } => {
+                if items.is_empty() || items.len() > MAX_CATALOG_ITEMS {
+                    return Err(format!("1 to {MAX_CATALOG_ITEMS} catalog items"));
+                }
+                for it in items {
+                    check_text(&it.name, "item name")?;
+                    if it.price_cents > MAX_PRICE_CENTS || it.low_stock_at > MAX_UNITS {
+                        return Err(format!("price or low-stock mark of {} too high", it.sku));
+                    }
+                }
+            }
+            Operation::Enrol { name, .. } => check_text(name, "name")?,
+            Operation::Retire { .. } => {}
+            Operation::Reclaim { units, gives, .. } => {
+                if units.len() > MAX_CATALOG_ITEMS || gives.len() > MAX_CATALOG_ITEMS {
+                    return Err("reclaim names too many items".into());
+                }
+                for (sku, n) in units {
+                    if *n == 0 || *n > MAX_UNITS {
+                        return Err(format!("reclaim: quantity of {sku} must be 1..={MAX_UNITS}"));
+                    }
+                }
+                for to in gives.values() {
+                    if to.values().any(|n| *n > MAX_UNITS) {
+                        return Err("reclaim: a give cap is too high".into());
+                    }
+                }
+            }
+            Operation::Restock { units, note } => {
+                check_units(units, "restock")?;
+                check_text(note, "note")?;
+            }
+            Operation::Adjust { units, reason } => {
+                check_units(units, "adjustment")?;
+                check_text(reason, "reason")?;
+            }
+            Operation::Give { units, .. } => check_units(units, "give")?,
+            Operation::Void { units, .. } => check_units(units, "void")?,
+            Operation::Sale(rec) => {
+                if rec.lines.is_empty() || rec.lines.len() > MAX_LINES {
+                    return Err(format!("a sale has 1 to {MAX_LINES} lines"));
+                }
+                check_text(&rec.payment.reference, "payment reference")?;
+                let mut total: u64 = 0;
+                let mut units: BTreeMap<&Sku, u64> = BTreeMap::new();
+                for l in &rec.lines {
+                    if l.qty == 0 || l.qty > MAX_UNITS {
+                        return Err(format!("quantity of {} must be 1..={MAX_UNITS}", l.sku));
+                    }
+                    if l.unit_price_cents > MAX_PRICE_CENTS {
+                        return Err(format!("price of {} above {MAX_PRICE_CENTS}", l.sku));
+                    }
+                    let n = units.entry(&l.sku).or_insert(0);
+                    *n = n
+                        .checked_add(l.qty)
+                        .filter(|n| *n <= MAX_UNITS)
+                        .ok_or_else(|| format!("units of {} above {MAX_UNITS}", l.sku))?;
+                    total = l
+                        .qty
+                        .checked_mul(l.unit_price_cents)
+                        .and_then(|c| total.checked_add(c))
+                        .ok_or("the sale's total overflows")?;
+                }
+                for (sku, od) in &rec.overdraft {
+                    if !units.contains_key(sku) || *od > MAX_UNITS {
+                        return Err(format!("overdraft of {sku} out of bounds"));
+                    }
+                }
+                if !rec.overdraft.is_empty() && !rec.offline {
+                    return Err("an overdraft is only claimed offline".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Short name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

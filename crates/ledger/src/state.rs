@@ -61,11 +61,18 @@ impl Field {
     }
 }
 
+/// An op of the document: (counter, writer).
+pub type OpAddr = (u64, ReplicaId);
+/// An object of the document: the op that made it, or `None` for the root.
+pub type ObjAddr = Option<OpAddr>;
+
 /// One replica's counters for one sku, and where they live in the document.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cell {
     /// Counter values.
     pub values: BTreeMap<Field, u64>,
+    /// Op counter of the put that wrote each current value (a later put must name it as `pred`).
+    pub ops: BTreeMap<Field, u64>,
     /// Sum of the `Give` values.
     pub gave: u64,
     /// Current epoch map, if one exists.
@@ -132,6 +139,8 @@ pub struct State {
     pub by_key: HashMap<[u8; 32], ReplicaId>,
     /// Object id (counter, creator) → layout role.
     pub objects: HashMap<(u64, ReplicaId), Obj>,
+    /// Outside the epoch maps: the op holding the current value of each (object, key).
+    pub current_ops: HashMap<(ObjAddr, String), OpAddr>,
     /// Replicas whose `/stock/<rid>` map exists.
     pub stock_maps: BTreeMap<ReplicaId, ()>,
     /// Per replica and sku.
@@ -142,7 +151,14 @@ pub struct State {
     pub reclaimed: BTreeMap<(ReplicaId, Sku), u64>,
     /// Σ in and Σ out per sku.
     pub totals: BTreeMap<Sku, (u64, u64)>,
-    /// Starting stock per sku: the first restock's units (for the LOW_STOCK default).
+    /// A reclaimed replica's gives as the pool saw them when it reclaimed: (giver, sku, to) →
+    /// the most of that give that counts as rights for `to`.
+    pub give_caps: BTreeMap<(ReplicaId, Sku, ReplicaId), u64>,
+    /// Reclaims in pool order: (pool sequence number, reclaimed replica).
+    pub reclaims: Vec<(u64, ReplicaId)>,
+    /// Active terminals after each pool change that enrolled or retired one: (pool seq, count).
+    pub terminals_at: Vec<(u64, u64)>,
+    /// Every sale known here, in the order this replica learned of them.
     pub sales: Vec<SaleEntry>,
     /// Sale id → index in `sales`.
     pub sale_index: HashMap<SaleId, usize>,
@@ -186,17 +202,99 @@ impl State {
         cell.values.insert(f, new);
         let totals = self.totals.entry(sku.clone()).or_insert((0, 0));
         match f {
-            Field::In => totals.0 += delta,
-            Field::Out => totals.1 += delta,
+            Field::In => totals.0 = totals.0.saturating_add(delta),
+            Field::Out => totals.1 = totals.1.saturating_add(delta),
             Field::Give(to) => {
-                cell.gave += delta;
-                *self.received.entry((to, sku.clone())).or_insert(0) += delta;
+                cell.gave = cell.gave.saturating_add(delta);
+                let counted = match self.give_caps.get(&(r, sku.clone(), to)) {
+                    Some(cap) => new.min(*cap).saturating_sub(old.min(*cap)),
+                    None if self.is_reclaimed(r) => 0,
+                    None => delta,
+                };
+                let recv = self.received.entry((to, sku.clone())).or_insert(0);
+                *recv = recv.saturating_add(counted);
             }
             Field::Reclaim(from) => {
-                *self.received.entry((r, sku.clone())).or_insert(0) += delta;
-                *self.reclaimed.entry((from, sku.clone())).or_insert(0) += delta;
+                let recv = self.received.entry((r, sku.clone())).or_insert(0);
+                *recv = recv.saturating_add(delta);
+                let taken = self.reclaimed.entry((from, sku.clone())).or_insert(0);
+                *taken = taken.saturating_add(delta);
             }
         }
+    }
+
+    /// Whether the pool has reclaimed `r`.
+    pub fn is_reclaimed(&self, r: ReplicaId) -> bool {
+        self.reclaims.iter().any(|(_, x)| *x == r)
+    }
+
+    /// Cap the gives of `giver` at what the pool saw when it reclaimed it (`caps`: sku → to →
+    /// units; a give not named is capped at zero): from now on only that much of each counts
+    /// as rights for its recipient.
+    pub fn cap_gives(
+        &mut self,
+        giver: ReplicaId,
+        pool_seq: u64,
+        caps: &BTreeMap<Sku, BTreeMap<ReplicaId, u64>>,
+    ) {
+        let gives: Vec<(Sku, ReplicaId, u64)> = self
+            .cells
+            .iter()
+            .filter(|((r, _), _)| *r == giver)
+            .flat_map(|((_, sku), c)| {
+                c.values.iter().filter_map(move |(f, v)| match f {
+                    Field::Give(to) => Some((sku.clone(), *to, *v)),
+                    _ => None,
+                })
+            })
+            .collect();
+        for (sku, to, value) in gives {
+            let cap = caps.get(&sku).and_then(|m| m.get(&to)).copied().unwrap_or(0);
+            let excess = value.saturating_sub(cap);
+            if let Some(recv) = self.received.get_mut(&(to, sku.clone())) {
+                *recv = recv.saturating_sub(excess);
+            }
+        }
+        for (sku, m) in caps {
+            for (to, cap) in m {
+                self.give_caps.insert((giver, sku.clone(), *to), *cap);
+            }
+        }
+        self.reclaims.push((pool_seq, giver));
+    }
+
+    /// Units a reclaimed `giver` gave `to` beyond what the pool saw when it reclaimed it: they
+    /// stay in the document but are not rights of `to`.
+    pub fn give_excess(&self, giver: ReplicaId, sku: &Sku, to: ReplicaId) -> u64 {
+        let v = self.value(giver, sku, Field::Give(to));
+        let cap = self
+            .give_caps
+            .get(&(giver, sku.clone(), to))
+            .copied()
+            .unwrap_or(0);
+        v.saturating_sub(cap)
+    }
+
+    /// Σ of every reclaimed replica's give excess for `sku`: the units of `available` that are
+    /// nobody's rights.
+    pub fn unbacked(&self, sku: &Sku) -> u64 {
+        let mut n = 0u64;
+        for (_, giver) in &self.reclaims {
+            if let Some(c) = self.cells.get(&(*giver, sku.clone())) {
+                for f in c.values.keys() {
+                    if let Field::Give(to) = f {
+                        n = n.saturating_add(self.give_excess(*giver, sku, *to));
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    /// Active terminals as of pool change `pool_seq`.
+    pub fn terminals_as_of(&self, pool_seq: u64) -> u64 {
+        let i = self.terminals_at.partition_point(|(s, _)| *s <= pool_seq);
+        if i == 0 { 0 } else { self.terminals_at[i - 1].1 }
     }
 
     /// Active (not retired) terminals.

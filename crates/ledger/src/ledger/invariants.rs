@@ -1,0 +1,42 @@
+//! The core invariants, checked after every change in the test builds
+//! (`--features check-invariants`): the materialised state is what a read of the document
+//! says, and every unit that came in is either out, someone's rights, or a give a reclaim
+//! left unbacked. A failure is a bug of this crate, so it panics with what differs.
+
+use super::*;
+
+impl Ledger {
+    pub(super) fn check_invariants(&mut self) {
+        let now = self.clock.last().wall_ms();
+        self.flush_doc(now);
+        let from_doc = self.counters_at(&self.heads());
+        let from_state = self.counters_from_state();
+        assert_eq!(
+            from_state, from_doc,
+            "replica {}: state and document disagree",
+            self.me
+        );
+        for sku in self.state.totals.keys() {
+            let rights: i128 = self
+                .state
+                .replicas
+                .keys()
+                .map(|r| i128::from(self.state.rights(*r, sku)))
+                .sum();
+            let unbacked = i128::from(self.state.unbacked(sku));
+            let available = i128::from(self.state.available(sku));
+            assert_eq!(
+                rights + unbacked,
+                available,
+                "replica {}: units of {sku} not conserved",
+                self.me
+            );
+        }
+        assert_eq!(
+            self.by_actor.values().map(Vec::len).sum::<usize>(),
+            self.log.len(),
+            "replica {}: log and per-actor index disagree",
+            self.me
+        );
+    }
+}

@@ -1,0 +1,522 @@
+//! The ledger: one replica of a stand document, and what it answers about the stand.
+//!
+//! The rest of the replica lives beside this file, one concern each: `local` (the operations
+//! this replica writes), `receive` (the path every received byte takes, in order of its
+//! checks), `pending` (changes waiting for a dependency or an enrolment), `validate` (the
+//! rules of the layout and the policy, one typed rejection each) and `invariants` (the
+//! consistency checks the test builds run after every change).
+
+mod local;
+mod pending;
+mod receive;
+mod validate;
+#[cfg(feature = "check-invariants")]
+mod invariants;
+
+pub use pending::{
+    MAX_PENDING_BYTES, MAX_PENDING_BYTES_PER_AUTHOR, MAX_UNKNOWN_PENDING_BYTES,
+    MAX_UNKNOWN_PENDING_BYTES_PER_AUTHOR,
+};
+pub use receive::{MAX_OPS_PER_CHANGE, MAX_TRACKED_KEYS};
+
+use crate::error::{OpError, Refusal, Rejection};
+use crate::hlc::{Clock, Hlc};
+use crate::identity::{PublicKey, ReplicaKey, verify_many};
+use crate::ids::{ReplicaId, Role, SaleId, Sku, StandId};
+use crate::layout::{
+    self, CATALOG, EVENT, MAX_EPOCH_WRITES, MAX_UNITS, REPLICAS, ROLLOVER_WRITES, STOCK,
+    SkuCounters, epoch_key, parse_epoch,
+};
+use crate::message::{
+    CatalogItem, ChangeMessage, MAX_CATALOG_ITEMS, MAX_LINES, MAX_MESSAGE_BYTES, MESSAGE_VERSION, Operation, Payment, Policy, SaleLine,
+    SaleRecord, StandInfo,
+};
+use crate::signed::{MAX_CHANGE_BYTES, SignedChange};
+use crate::state::{
+    Cell, Field, ObjAddr, Obj, OpAddr, RATE_HISTORY_LEN, ReplicaInfo, SaleEntry, State,
+};
+use pending::Pending;
+use validate::expand;
+use receive::Causal;
+use automerge::legacy::{Key, ObjectId, OpType};
+use automerge::transaction::{CommitOptions, Transactable, Transaction};
+use automerge::{
+    ActorId, Automerge, Change, ChangeHash, ExpandedChange, ObjId, ObjType, ROOT, ReadDoc,
+    ScalarValue,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+
+/// Hashes of rejected changes remembered (so their duplicates are dropped cheaply).
+pub const MAX_REMEMBERED_REJECTIONS: usize = 10_000;
+
+/// A version vector: per replica, the highest contiguous change sequence number held.
+pub type VersionVector = BTreeMap<ReplicaId, u64>;
+
+/// The status of an item at the stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StockStatus {
+    /// Plenty.
+    Ok,
+    /// Below the LOW_STOCK threshold.
+    Low,
+    /// Nothing left.
+    Out,
+}
+
+/// A sale as asked for by a cashier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaleRequest {
+    /// What.
+    pub lines: Vec<SaleLine>,
+    /// How it is paid.
+    pub payment: Payment,
+    /// Whether the pool (relay) is reachable right now.
+    pub pool_reachable: bool,
+}
+
+/// Result of a sale attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SaleOutcome {
+    /// Durable in memory; persist `change` before acknowledging.
+    Committed {
+        /// The new sale's id.
+        sale_id: SaleId,
+        /// The signed change to persist and send.
+        change: SignedChange,
+    },
+    /// Not sold; nothing written.
+    Refused {
+        /// Why.
+        reason: Refusal,
+    },
+}
+
+/// What became of a batch of received changes.
+#[derive(Debug, Default, Clone)]
+pub struct ApplyReport {
+    /// Newly accepted changes, in application order (persist them; forward them).
+    pub accepted: Vec<SignedChange>,
+    /// Author and sequence number of each accepted change, in the same order.
+    pub accepted_ids: Vec<(ReplicaId, u64)>,
+    /// Already held.
+    pub duplicates: usize,
+    /// Waiting for dependencies or enrolment.
+    pub pending: usize,
+    /// Rejected, with the rule broken.
+    pub rejected: Vec<Rejection>,
+}
+
+/// Counters of what this ledger has seen.
+#[derive(Debug, Default, Clone)]
+pub struct LedgerStats {
+    /// Received changes accepted.
+    pub accepted: u64,
+    /// Duplicates dropped.
+    pub duplicates: u64,
+    /// Rejections by rule.
+    pub rejected: BTreeMap<&'static str, u64>,
+    /// Pending changes dropped because the queue was full.
+    pub pending_dropped: u64,
+    /// Per key that signed them (signature checked): rejections by rule, `equivocation` and
+    /// `pending_full` included. At most [`MAX_TRACKED_KEYS`] keys.
+    pub by_replica: BTreeMap<ReplicaId, BTreeMap<&'static str, u64>>,
+}
+
+impl LedgerStats {
+    /// Changes signed by `replica` that broke a rule.
+    pub fn misbehaviour(&self, replica: ReplicaId) -> u64 {
+        self.by_replica
+            .get(&replica)
+            .map_or(0, |m| m.values().sum())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    signed: SignedChange,
+    hash: ChangeHash,
+    at: Hlc,
+    /// Highest pool sequence number in this change's causal past (itself included).
+    pool_seq_seen: u64,
+    /// Highest op counter in this change's causal past (itself included).
+    max_op: u64,
+    /// Its own last op counter.
+    own_max_op: u64,
+    deps: Vec<ChangeHash>,
+}
+
+/// A received change whose signature by its actor's key has been checked.
+#[derive(Debug)]
+struct Candidate {
+    signed: SignedChange,
+    change: Change,
+    hash: ChangeHash,
+    actor: [u8; 32],
+    key: PublicKey,
+}
+
+/// Effects of one validated change on the state.
+#[derive(Debug, Default)]
+struct Effects {
+    objects: Vec<((u64, ReplicaId), Obj)>,
+    /// Outside the epoch maps: the new current op of each (object, key) written.
+    ops: Vec<((ObjAddr, String), OpAddr)>,
+    /// New counter values with the op counter that wrote each.
+    counters: BTreeMap<(Sku, Field), (u64, u64)>,
+    epochs: BTreeMap<Sku, (Option<u32>, u32)>,
+    new_sku_maps: Vec<Sku>,
+    new_stock_maps: Vec<ReplicaId>,
+}
+
+/// One replica of one stand document.
+#[derive(Debug)]
+pub struct Ledger {
+    key: ReplicaKey,
+    me: ReplicaId,
+    stand_id: StandId,
+    pool_key: PublicKey,
+    doc: Automerge,
+    state: State,
+    clock: Clock,
+    log: Vec<Entry>,
+    by_hash: HashMap<ChangeHash, usize>,
+    by_actor: BTreeMap<ReplicaId, Vec<usize>>,
+    pending: Pending,
+    rejected: HashSet<ChangeHash>,
+    rejected_order: VecDeque<ChangeHash>,
+    own_objs: HashMap<Sku, (ObjId, ObjId)>,
+    stats: LedgerStats,
+    /// Accepted changes not yet applied to the document (applied in one batch per call).
+    unapplied: Vec<Change>,
+    /// Rebuilding: apply each change to the document as it is accepted, so a fault inside
+    /// Automerge is pinned to one change.
+    careful: bool,
+    /// Rebuilding: the change Automerge panicked on.
+    poisoned: Option<ChangeHash>,
+    /// The key enrolled by the change just accepted (its waiting changes are woken).
+    last_enrolled: Option<[u8; 32]>,
+}
+
+fn internal(e: impl std::fmt::Display) -> OpError {
+    OpError::Internal(e.to_string())
+}
+
+impl Ledger {
+    /// A replica that will join `stand`, trusting `pool` as its creator. It holds nothing until
+    /// the pool's changes arrive.
+    pub fn join(key: ReplicaKey, stand_id: StandId, pool_key: PublicKey) -> Self {
+        let me = key.replica_id();
+        let doc = Automerge::new().with_actor(key.public().actor());
+        Self {
+            key,
+            me,
+            stand_id,
+            pool_key,
+            doc,
+            state: State::default(),
+            clock: Clock::new(),
+            log: Vec::new(),
+            by_hash: HashMap::new(),
+            by_actor: BTreeMap::new(),
+            pending: Pending::default(),
+            rejected: HashSet::new(),
+            rejected_order: VecDeque::new(),
+            own_objs: HashMap::new(),
+            stats: LedgerStats::default(),
+            unapplied: Vec::new(),
+            careful: false,
+            poisoned: None,
+            last_enrolled: None,
+        }
+    }
+
+    /// Rebuild a replica from its stored changes (any order). Changes that do not validate are
+    /// reported, not fatal. Every rule is checked again except the future-date bound: each
+    /// stored change was within it when this replica took it, and a clock set back since must
+    /// not lose them (a replica that forgot its own changes would reuse their numbers).
+    pub fn restore(
+        key: ReplicaKey,
+        stand_id: StandId,
+        pool_key: PublicKey,
+        changes: Vec<SignedChange>,
+        now_ms: u64,
+    ) -> (Self, ApplyReport) {
+        let mut l = Self::join(key, stand_id, pool_key);
+        let latest = Hlc::from_packed(u64::MAX).wall_ms();
+        let report = l.apply_remote(changes, latest.max(now_ms));
+        (l, report)
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Accessors and queries.
+
+    /// This replica's id.
+    pub fn me(&self) -> ReplicaId {
+        self.me
+    }
+    /// This replica's key.
+    pub fn key(&self) -> &ReplicaKey {
+        &self.key
+    }
+    /// The stand this ledger belongs to.
+    pub fn stand_id(&self) -> &StandId {
+        &self.stand_id
+    }
+    /// The trusted pool key.
+    pub fn pool_key(&self) -> PublicKey {
+        self.pool_key
+    }
+    /// Event metadata, once the genesis has arrived.
+    pub fn stand(&self) -> Option<&StandInfo> {
+        self.state.stand.as_ref()
+    }
+    /// The pool's replica id.
+    pub fn pool(&self) -> ReplicaId {
+        self.pool_key.replica_id()
+    }
+    /// The catalog.
+    pub fn catalog(&self) -> &BTreeMap<Sku, CatalogItem> {
+        &self.state.catalog
+    }
+    /// The replica registry.
+    pub fn replicas(&self) -> &BTreeMap<ReplicaId, ReplicaInfo> {
+        &self.state.replicas
+    }
+    /// This replica's role, once enrolled.
+    pub fn role(&self) -> Option<Role> {
+        self.state.replicas.get(&self.me).map(|i| i.role)
+    }
+    /// The Automerge document (read only).
+    pub fn doc(&self) -> &Automerge {
+        &self.doc
+    }
+    /// Counters of what has been received.
+    pub fn stats(&self) -> &LedgerStats {
+        &self.stats
+    }
+    /// Changes waiting for dependencies or enrolment.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+    /// Bytes the waiting changes are charged against their quotas.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending.bytes()
+    }
+    /// Number of changes held.
+    pub fn len(&self) -> usize {
+        self.log.len()
+    }
+    /// No changes held.
+    pub fn is_empty(&self) -> bool {
+        self.log.is_empty()
+    }
+    /// Sequence number of this replica's latest change (0: none yet).
+    pub fn local_seq(&self) -> u64 {
+        self.by_actor.get(&self.me).map_or(0, |v| v.len() as u64)
+    }
+    /// The current heads.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+    /// The latest clock value.
+    pub fn clock(&self) -> Hlc {
+        self.clock.last()
+    }
+
+    /// What `replica` may still sell of `sku`.
+    pub fn rights(&self, replica: ReplicaId, sku: &Sku) -> i64 {
+        self.state.rights(replica, sku)
+    }
+    /// What the whole stand has left of `sku`.
+    pub fn available(&self, sku: &Sku) -> i64 {
+        self.state.available(sku)
+    }
+    /// Units of `available` that are nobody's rights: gives a reclaimed replica made beyond
+    /// what the pool saw when it reclaimed it. Σ rights + unbacked = available.
+    pub fn unbacked(&self, sku: &Sku) -> u64 {
+        self.state.unbacked(sku)
+    }
+    /// Σ in of `sku`: all units that ever came into being.
+    pub fn total_in(&self, sku: &Sku) -> u64 {
+        self.state.totals.get(sku).map(|t| t.0).unwrap_or(0)
+    }
+    /// ok | low | out.
+    pub fn status(&self, sku: &Sku) -> StockStatus {
+        let a = self.available(sku);
+        let low = self
+            .state
+            .catalog
+            .get(sku)
+            .map(|c| c.low_stock_at)
+            .unwrap_or(0);
+        if a <= 0 {
+            StockStatus::Out
+        } else if (a as u64) < low {
+            StockStatus::Low
+        } else {
+            StockStatus::Ok
+        }
+    }
+
+    /// The offline overdraft this replica may use for `sku` under the optimistic policy:
+    /// floor(last known available / terminals).
+    pub fn offline_cap(&self, sku: &Sku) -> u64 {
+        let terminals = self.state.active_terminals().count().max(1) as u64;
+        (self.available(sku).max(0) as u64) / terminals
+    }
+
+    /// How many units of `sku` this replica may sell right now under its policy and
+    /// connectivity (0 where it may not sell at all).
+    pub fn sellable_now(&self, sku: &Sku, pool_reachable: bool) -> u64 {
+        if self.role() != Some(Role::Terminal) || self.is_retired(self.me) {
+            return 0;
+        }
+        let rights = self.rights(self.me, sku);
+        let policy = self.policy();
+        let limit = match (policy, pool_reachable) {
+            (Policy::Optimistic, false) => {
+                if self.status(sku) == StockStatus::Low {
+                    return 0;
+                }
+                rights + self.offline_cap(sku) as i64
+            }
+            _ => rights,
+        };
+        limit.max(0) as u64
+    }
+
+    /// The stand's policy (strict until the genesis says otherwise).
+    pub fn policy(&self) -> Policy {
+        self.state
+            .stand
+            .as_ref()
+            .map(|s| s.policy)
+            .unwrap_or_default()
+    }
+
+    /// Whether a replica is retired.
+    pub fn is_retired(&self, r: ReplicaId) -> bool {
+        self.state
+            .replicas
+            .get(&r)
+            .is_some_and(|i| i.retired_at_pool_seq.is_some())
+    }
+
+    /// Units per minute sold by `replica` within the last `window_ms` before `now_ms`. A sale
+    /// dated after `now_ms` counts in no window: a writer's clock cannot steer the rate.
+    pub fn sales_rate(&self, replica: ReplicaId, now_ms: u64, window_ms: u64) -> f64 {
+        let Some(q) = self.state.recent.get(&replica) else {
+            return 0.0;
+        };
+        let since = now_ms.saturating_sub(window_ms);
+        let units: u64 = q
+            .iter()
+            .filter(|(at, _)| (since..=now_ms).contains(&at.wall_ms()))
+            .map(|(_, u)| *u)
+            .fold(0, u64::saturating_add);
+        units as f64 * 60_000.0 / window_ms.max(1) as f64
+    }
+
+    /// Every sale known here, in the order this replica learned of them.
+    pub fn sales(&self) -> &[SaleEntry] {
+        &self.state.sales
+    }
+    /// One sale.
+    pub fn sale(&self, id: SaleId) -> Option<&SaleEntry> {
+        self.state
+            .sale_index
+            .get(&id)
+            .map(|&i| &self.state.sales[i])
+    }
+
+    /// The version vector of what this replica holds.
+    pub fn version_vector(&self) -> VersionVector {
+        self.by_actor
+            .iter()
+            .map(|(r, v)| (*r, v.len() as u64))
+            .collect()
+    }
+
+    /// Changes this replica holds beyond `have`, in an order receivers can apply, at most `max`.
+    pub fn changes_since(&self, have: &VersionVector, max: usize) -> Vec<SignedChange> {
+        let mut idx: Vec<usize> = Vec::new();
+        for (r, entries) in &self.by_actor {
+            let from = have.get(r).copied().unwrap_or(0) as usize;
+            if from < entries.len() {
+                idx.extend_from_slice(&entries[from..]);
+            }
+        }
+        idx.sort_unstable();
+        idx.truncate(max);
+        idx.into_iter()
+            .map(|i| self.log[i].signed.clone())
+            .collect()
+    }
+
+    /// Every change held, in application order (for storage and audit).
+    pub fn all_changes(&self) -> impl Iterator<Item = &SignedChange> {
+        self.log.iter().map(|e| &e.signed)
+    }
+
+    /// The stand's counters read from the document as at `heads`.
+    pub fn counters_at(&self, heads: &[ChangeHash]) -> BTreeMap<Sku, SkuCounters> {
+        layout::read_counters(&self.doc, heads)
+    }
+
+    /// The heads of the document as it was at hybrid-logical time `t`: every change whose time
+    /// is at or before `t`, closed under dependencies by Automerge when read.
+    pub fn heads_at_time(&self, t: Hlc) -> Vec<ChangeHash> {
+        let chosen: Vec<&Entry> = self.log.iter().filter(|e| e.at <= t).collect();
+        let mut referenced: HashSet<ChangeHash> = HashSet::new();
+        for e in &chosen {
+            referenced.extend(e.deps.iter().copied());
+        }
+        chosen
+            .iter()
+            .filter(|e| !referenced.contains(&e.hash))
+            .map(|e| e.hash)
+            .collect()
+    }
+
+    /// Available stock per sku as at time `t` (point-in-time reconstruction).
+    pub fn stock_at_time(&self, t: Hlc) -> BTreeMap<Sku, i64> {
+        let heads = self.heads_at_time(t);
+        if heads.is_empty() {
+            return BTreeMap::new();
+        }
+        self.counters_at(&heads)
+            .into_iter()
+            .map(|(s, c)| (s, c.available()))
+            .collect()
+    }
+
+}
+
+impl Cell {
+    /// Used by tests that compare state with the document.
+    pub fn nonzero(&self) -> BTreeMap<Field, u64> {
+        self.values
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(f, v)| (*f, *v))
+            .collect()
+    }
+}
+
+impl Ledger {
+    /// The counters as the state holds them, in the shape `counters_at` reads from the
+    /// document (for consistency checks).
+    pub fn counters_from_state(&self) -> BTreeMap<Sku, SkuCounters> {
+        let mut out: BTreeMap<Sku, SkuCounters> = BTreeMap::new();
+        for ((r, s), c) in &self.state.cells {
+            if c.epoch.is_some() {
+                out.entry(s.clone())
+                    .or_default()
+                    .by_replica
+                    .insert(*r, c.nonzero());
+            }
+        }
+        out
+    }
+}
