@@ -662,11 +662,25 @@ impl Node {
             "gauge",
             self.ledger.pending_len().to_string(),
         );
+        line(
+            "changes_pending_bytes",
+            "Bytes held by received changes that wait.",
+            "gauge",
+            self.ledger.pending_bytes().to_string(),
+        );
         out.push_str("# HELP halftime_changes_rejected_total Received changes rejected, by rule.\n# TYPE halftime_changes_rejected_total counter\n");
         for (rule, n) in &s.rejected {
             out.push_str(&format!(
                 "halftime_changes_rejected_total{{rule=\"{rule}\"}} {n}\n"
             ));
+        }
+        out.push_str("# HELP halftime_changes_rejected_by_replica_total Received changes rejected, by the replica whose key signed them and rule.\n# TYPE halftime_changes_rejected_by_replica_total counter\n");
+        for (replica, rules) in &s.by_replica {
+            for (rule, n) in rules {
+                out.push_str(&format!(
+                    "halftime_changes_rejected_by_replica_total{{replica=\"{replica}\",rule=\"{rule}\"}} {n}\n"
+                ));
+            }
         }
         out
     }

@@ -1365,10 +1365,14 @@ impl World {
                         ));
                     }
                 }
-                if sum != avail {
+                // Gives a reclaimed replica made out of the pool's sight are nobody's rights.
+                let unbacked = l.unbacked(s) as i64;
+                if sum + unbacked != avail {
                     return Err(violation(
                         "units-conserved",
-                        format!("node {n}: Σ rights of {s} = {sum} but available = {avail}"),
+                        format!(
+                            "node {n}: Σ rights of {s} = {sum} (+{unbacked} unbacked) but available = {avail}"
+                        ),
                     ));
                 }
                 let oversell = (-avail).max(0) as u64;

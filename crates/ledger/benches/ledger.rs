@@ -214,7 +214,7 @@ fn main() {
                 let c = sell(&mut terms[j % TERMINALS], j, 100 + i as u64 + j as u64);
                 all.push(c.clone());
                 let t = Instant::now();
-                let r = pool.apply_remote(vec![c], 0);
+                let r = pool.apply_remote(vec![c], 100 + i as u64 + j as u64);
                 s.push(t.elapsed());
                 assert_eq!(r.accepted.len(), 1);
             }
@@ -235,7 +235,7 @@ fn main() {
     let t = Instant::now();
     let mut fresh = Ledger::join(key(97), StandId::new("s1").unwrap(), key(1).public());
     for chunk in all.chunks(256) {
-        fresh.apply_remote(chunk.to_vec(), 0);
+        fresh.apply_remote(chunk.to_vec(), 100 + all.len() as u64);
     }
     let dt = t.elapsed();
     println!(

@@ -52,6 +52,7 @@
 //! ```
 
 pub mod allocation;
+pub mod chunk;
 pub mod error;
 pub mod hlc;
 pub mod identity;

@@ -1,5 +1,5 @@
-//! The core invariants, checked after every change in the test builds
-//! (`--features check-invariants`): the materialised state is what a read of the document
+//! The core invariants, checked after every change in debug builds (and optimised ones built
+//! with `--features check-invariants`): the materialised state is what a read of the document
 //! says, and every unit that came in is either out, someone's rights, or a give a reclaim
 //! left unbacked. A failure is a bug of this crate, so it panics with what differs.
 

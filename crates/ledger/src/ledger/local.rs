@@ -487,7 +487,7 @@ impl Ledger {
             Ok(fx) => {
                 self.apply_effects(self.me, &msg, fx, change.seq());
                 self.record(signed.clone(), &change, self.me, at, &causal);
-                #[cfg(feature = "check-invariants")]
+                #[cfg(any(debug_assertions, feature = "check-invariants"))]
                 self.check_invariants();
                 Ok(signed)
             }

@@ -10,7 +10,7 @@ mod local;
 mod pending;
 mod receive;
 mod validate;
-#[cfg(feature = "check-invariants")]
+#[cfg(any(debug_assertions, feature = "check-invariants"))]
 mod invariants;
 
 pub use pending::{

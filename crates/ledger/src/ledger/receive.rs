@@ -1,7 +1,8 @@
 //! The receive path: every byte another replica sends passes here, hostile until checked.
 //!
-//! In order, each check before anything costlier: size and chunk kind (only uncompressed
-//! change chunks, so parsed size is bounded by received size) → parse → op count → duplicate
+//! In order, each check before anything costlier: size, chunk kind and op and pred counts read
+//! from the header (only uncompressed change chunks, no run-length bombs: parsed size is
+//! bounded by received size) → parse → duplicate
 //! → signature against the actor's own key (a bad copy is dropped without tainting the change
 //! it claims to be) → dependencies and enrolment (else the bounded pending queue) → sequence
 //! number, op ids and time against the change's causal past → message → the layout and policy
@@ -19,9 +20,6 @@ pub const MAX_OPS_PER_CHANGE: usize = 4_096;
 /// Keys whose misbehaviour is counted one by one; beyond this, only in the totals.
 pub const MAX_TRACKED_KEYS: usize = 1_024;
 
-/// The chunk type byte of an uncompressed Automerge change (after 4 magic and 4 checksum bytes).
-const CHANGE_CHUNK_TYPE: u8 = 1;
-const CHUNK_TYPE_OFFSET: usize = 8;
 
 /// What a change's causal past says about it, folded from its dependencies' entries.
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,7 +46,7 @@ impl Ledger {
         self.flush_doc(now_ms);
         report.pending = self.pending.len();
         self.stats.accepted += report.accepted.len() as u64;
-        #[cfg(feature = "check-invariants")]
+        #[cfg(any(debug_assertions, feature = "check-invariants"))]
         self.check_invariants();
         report
     }
@@ -63,9 +61,9 @@ impl Ledger {
                 self.reject(report, None, None, Rejection::TooLarge { len });
                 continue;
             }
-            if signed.bytes.get(CHUNK_TYPE_OFFSET) != Some(&CHANGE_CHUNK_TYPE) {
-                let why = "not an uncompressed change chunk".to_owned();
-                self.reject(report, None, None, Rejection::Malformed(why));
+            let max_ops = MAX_OPS_PER_CHANGE as u64;
+            if let Err(e) = crate::chunk::check_change_header(&signed.bytes, max_ops, max_ops) {
+                self.reject(report, None, None, Rejection::Malformed(e.to_string()));
                 continue;
             }
             let change = match catch_unwind(|| Change::try_from(&signed.bytes[..])) {
