@@ -322,3 +322,33 @@ fn reclaim_remints_rights_and_late_sales_show_as_oversell() {
         }
     );
 }
+
+#[test]
+fn restore_takes_a_large_store_in_any_order() {
+    // More changes of one author than its pending quota holds, in store order and reversed.
+    let mut st = stand(Policy::Strict, 1, 10_000, 9_000);
+    let t = &mut st.terminals[0];
+    for i in 0..7_000u64 {
+        let SaleOutcome::Committed { .. } = t.sell(sale_req("hotdog", 1, true), 2_000 + i) else {
+            panic!("sale {i}")
+        };
+    }
+    let stored: Vec<SignedChange> = t.all_changes().cloned().collect();
+    for order in ["stored", "reversed"] {
+        let mut changes = stored.clone();
+        if order == "reversed" {
+            changes.reverse();
+        }
+        let (back, rep) = Ledger::restore(
+            key(10),
+            StandId::new("north").unwrap(),
+            key(1).public(),
+            changes,
+            1_000,
+        );
+        assert!(rep.rejected.is_empty(), "{order}: {:?}", rep.rejected);
+        assert_eq!(back.len(), stored.len(), "{order}: every stored change is back");
+        assert_eq!(back.pending_len(), 0, "{order}");
+        assert_eq!(back.heads(), t.heads(), "{order}");
+    }
+}

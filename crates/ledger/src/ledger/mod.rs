@@ -244,7 +244,9 @@ impl Ledger {
     ) -> (Self, ApplyReport) {
         let mut l = Self::join(key, stand_id, pool_key);
         let latest = Hlc::from_packed(u64::MAX).wall_ms();
+        l.pending.trusted = true;
         let report = l.apply_remote(changes, latest.max(now_ms));
+        l.pending.trusted = false;
         (l, report)
     }
 

@@ -38,11 +38,17 @@ impl Ledger {
     pub fn apply_remote(&mut self, changes: Vec<SignedChange>, now_ms: u64) -> ApplyReport {
         let mut report = ApplyReport::default();
         let cands = self.admit(changes, &mut report);
-        let mut ready = VecDeque::new();
+        // One at a time, in the order given: a batch in causal order (a repair, a restore)
+        // never waits, and whatever comes before its dependencies waits in the queue and is
+        // woken as they land.
         for c in cands {
+            let mut ready = VecDeque::new();
             self.route(c, &mut ready, &mut report);
+            self.drain_ready(ready, &mut report, now_ms);
+            if self.poisoned.is_some() {
+                break;
+            }
         }
-        self.drain_ready(ready, &mut report, now_ms);
         self.flush_doc(now_ms);
         report.pending = self.pending.len();
         self.stats.accepted += report.accepted.len() as u64;
@@ -463,6 +469,7 @@ impl Ledger {
         let fresh = loop {
             let mut fresh = Self::join(self.key.clone(), self.stand_id.clone(), self.pool_key);
             fresh.careful = true;
+            fresh.pending.trusted = true;
             for h in &poisoned {
                 fresh.rejected.insert(*h);
             }
@@ -475,6 +482,7 @@ impl Ledger {
         };
         *self = fresh;
         self.careful = false;
+        self.pending.trusted = false;
         self.stats = stats;
     }
 

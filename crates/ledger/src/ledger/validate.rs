@@ -157,7 +157,7 @@ impl Ledger {
         let mut new_objs: HashMap<u64, Obj> = HashMap::new();
         // Ops of this change by (object, key): a second write to a key in one change names
         // the first as its pred.
-        let mut written: HashMap<(ObjAddr, String), u64> = HashMap::new();
+        let mut written: HashMap<(ObjAddr, &str), u64> = HashMap::new();
         let mut epoch_written: BTreeMap<Sku, HashSet<Field>> = BTreeMap::new();
         let start = change.start_op().get();
         for (i, op) in ex.operations.iter().enumerate() {
@@ -202,11 +202,9 @@ impl Ledger {
                     });
                 }
             }
-            let preds: Vec<u64> = op.pred.iter().map(|p| p.counter()).collect();
-            let slot = (obj_addr, k.to_string());
             // `pred` must be exactly the op holding the current value: an empty pred beside a
             // value makes a conflict the state does not see, and a stale one forks the key.
-            let current = match written.get(&slot) {
+            let current = match written.get(&(obj_addr, k.as_str())) {
                 Some(c) => Some(*c),
                 None => match &target {
                     Some(Obj::Epoch(owner, sku, e)) => Field::parse(k).and_then(|f| {
@@ -217,7 +215,7 @@ impl Ledger {
                             .and_then(|c| c.ops.get(&f))
                             .copied()
                     }),
-                    _ => match self.state.current_ops.get(&slot) {
+                    _ => match self.state.current_ops.get(&(obj_addr, k.to_string())) {
                         Some((c, w)) if *w == actor => Some(*c),
                         Some(_) => {
                             return Err(Rejection::BadPred {
@@ -229,15 +227,15 @@ impl Ledger {
                     },
                 },
             };
-            if preds != current.into_iter().collect::<Vec<_>>() {
+            if !op.pred.iter().map(|p| p.counter()).eq(current) {
                 return Err(Rejection::BadPred {
                     replica: actor,
                     target: where_(),
                 });
             }
-            written.insert(slot.clone(), opid);
+            written.insert((obj_addr, k.as_str()), opid);
             if !matches!(target, Some(Obj::Epoch(..))) {
-                fx.ops.push((slot, (opid, actor)));
+                fx.ops.push(((obj_addr, k.to_string()), (opid, actor)));
             }
             let make_map = matches!(op.action, OpType::Make(ObjType::Map));
             let scalar = match &op.action {
