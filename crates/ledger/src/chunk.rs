@@ -159,7 +159,10 @@ fn rle_len(data: &[u8], limit: u64, what: &'static str) -> Result<u64, ChunkErro
         } else {
             c.uleb()?
         };
-        n = n.checked_add(run).filter(|n| *n <= limit).ok_or(ChunkError::OverLimit { what, limit })?;
+        n = n
+            .checked_add(run)
+            .filter(|n| *n <= limit)
+            .ok_or(ChunkError::OverLimit { what, limit })?;
     }
     Ok(n)
 }
@@ -184,7 +187,10 @@ fn rle_sum(data: &[u8], limit: u64, what: &'static str) -> Result<u64, ChunkErro
             c.uleb()?;
             0
         };
-        sum = sum.checked_add(add).filter(|s| *s <= limit).ok_or(over.clone())?;
+        sum = sum
+            .checked_add(add)
+            .filter(|s| *s <= limit)
+            .ok_or(over.clone())?;
     }
     Ok(sum)
 }
@@ -258,7 +264,10 @@ mod tests {
         assert!(bomb.len() < 64);
         assert_eq!(
             check_change_header(&bomb, 4_096, 4_096),
-            Err(ChunkError::OverLimit { what: "ops", limit: 4_096 })
+            Err(ChunkError::OverLimit {
+                what: "ops",
+                limit: 4_096
+            })
         );
         let ok = chunk(&[(ACTION_COLUMN, run(3, 4))]);
         assert_eq!(check_change_header(&ok, 4_096, 4_096), Ok(()));
@@ -286,10 +295,16 @@ mod tests {
         }
         let mut doc = ok.clone();
         doc[8] = 0;
-        assert_eq!(check_change_header(&doc, 4_096, 4_096), Err(ChunkError::NotAChange));
+        assert_eq!(
+            check_change_header(&doc, 4_096, 4_096),
+            Err(ChunkError::NotAChange)
+        );
         let mut deflated = ok;
         deflated[8] = 2;
-        assert_eq!(check_change_header(&deflated, 4_096, 4_096), Err(ChunkError::NotAChange));
+        assert_eq!(
+            check_change_header(&deflated, 4_096, 4_096),
+            Err(ChunkError::NotAChange)
+        );
         // Literal and null runs count too; i64::MIN as a count does not overflow.
         let mut lit = Vec::new();
         sleb(-3, &mut lit);

@@ -230,7 +230,10 @@ fn check_units(units: &BTreeMap<Sku, u64>, what: &str) -> Result<(), String> {
 
 fn check_text(s: &str, what: &str) -> Result<(), String> {
     if s.len() > MAX_TEXT_BYTES {
-        return Err(format!("{what} is {} bytes, over {MAX_TEXT_BYTES}", s.len()));
+        return Err(format!(
+            "{what} is {} bytes, over {MAX_TEXT_BYTES}",
+            s.len()
+        ));
     }
     Ok(())
 }
@@ -266,7 +269,9 @@ impl Operation {
                 }
                 for (sku, n) in units {
                     if *n == 0 || *n > MAX_UNITS {
-                        return Err(format!("reclaim: quantity of {sku} must be 1..={MAX_UNITS}"));
+                        return Err(format!(
+                            "reclaim: quantity of {sku} must be 1..={MAX_UNITS}"
+                        ));
                     }
                 }
                 for to in gives.values() {

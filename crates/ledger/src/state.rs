@@ -249,7 +249,11 @@ impl State {
             })
             .collect();
         for (sku, to, value) in gives {
-            let cap = caps.get(&sku).and_then(|m| m.get(&to)).copied().unwrap_or(0);
+            let cap = caps
+                .get(&sku)
+                .and_then(|m| m.get(&to))
+                .copied()
+                .unwrap_or(0);
             let excess = value.saturating_sub(cap);
             if let Some(recv) = self.received.get_mut(&(to, sku.clone())) {
                 *recv = recv.saturating_sub(excess);
@@ -294,7 +298,11 @@ impl State {
     /// Active terminals as of pool change `pool_seq`.
     pub fn terminals_as_of(&self, pool_seq: u64) -> u64 {
         let i = self.terminals_at.partition_point(|(s, _)| *s <= pool_seq);
-        if i == 0 { 0 } else { self.terminals_at[i - 1].1 }
+        if i == 0 {
+            0
+        } else {
+            self.terminals_at[i - 1].1
+        }
     }
 
     /// Active (not retired) terminals.

@@ -347,7 +347,11 @@ fn restore_takes_a_large_store_in_any_order() {
             1_000,
         );
         assert!(rep.rejected.is_empty(), "{order}: {:?}", rep.rejected);
-        assert_eq!(back.len(), stored.len(), "{order}: every stored change is back");
+        assert_eq!(
+            back.len(),
+            stored.len(),
+            "{order}: every stored change is back"
+        );
         assert_eq!(back.pending_len(), 0, "{order}");
         assert_eq!(back.heads(), t.heads(), "{order}");
     }

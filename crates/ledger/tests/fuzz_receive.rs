@@ -98,7 +98,11 @@ fn apply_mutation(
     match m {
         Mutation::Seq(d) => ex.seq = ex.seq.saturating_add_signed(i64::from(*d)),
         Mutation::StartOp(d) => {
-            let s = ex.start_op.get().saturating_add_signed(i64::from(*d)).max(1);
+            let s = ex
+                .start_op
+                .get()
+                .saturating_add_signed(i64::from(*d))
+                .max(1);
             ex.start_op = std::num::NonZeroU64::new(s).unwrap();
         }
         Mutation::DropDeps => ex.deps.clear(),

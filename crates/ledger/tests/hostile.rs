@@ -48,7 +48,10 @@ fn still_healthy(st: &mut Stand, at: u64) {
     let saved = st.pool.doc().save();
     let loaded = Automerge::load(&saved).expect("the saved document loads");
     assert_eq!(loaded.get_heads(), st.pool.heads());
-    assert_eq!(st.pool.counters_at(&st.pool.heads()), st.pool.counters_from_state());
+    assert_eq!(
+        st.pool.counters_at(&st.pool.heads()),
+        st.pool.counters_from_state()
+    );
     let all: Vec<SignedChange> = st.pool.all_changes().cloned().collect();
     st.terminals[0].apply_remote(all, at);
     let c = sell(&mut st.terminals[0], "soda", 1, at);
@@ -182,7 +185,11 @@ fn a_reclaimed_key_cannot_mint_rights_with_a_give() {
     let mut b_second = Ledger::join(key(11), StandId::new("north").unwrap(), key(1).public());
     b_second.apply_remote(b_first.all_changes().cloned().collect(), 2_100);
     b_first.apply_remote(vec![give.clone()], 2_100);
-    assert_eq!(b_first.rights(b, &sku("hotdog")), 19, "before the reclaim it counts");
+    assert_eq!(
+        b_first.rights(b, &sku("hotdog")),
+        19,
+        "before the reclaim it counts"
+    );
     b_first.apply_remote(vec![rc.clone()], 2_110);
     b_second.apply_remote(vec![rc, give], 2_110);
     for l in [&b_first, &b_second] {
@@ -338,7 +345,12 @@ fn strangers_fill_only_their_own_quota_and_never_push_out_an_honest_change() {
     }
     assert!(st.pool.pending_bytes() <= MAX_UNKNOWN_PENDING_BYTES + MAX_PENDING_BYTES_PER_AUTHOR);
     assert!(st.pool.pending_len() < 1_000, "{}", st.pool.pending_len());
-    assert!(st.pool.stats().pending_dropped > 2_000, "{:?} {}", st.pool.stats(), st.pool.pending_bytes());
+    assert!(
+        st.pool.stats().pending_dropped > 2_000,
+        "{:?} {}",
+        st.pool.stats(),
+        st.pool.pending_bytes()
+    );
     // The honest change is still there and goes in with its dependency.
     let r = st.pool.apply_remote(vec![c1], 2_030);
     assert_eq!(r.accepted.len(), 2, "{:?}", r.rejected);
@@ -389,7 +401,10 @@ fn quantities_that_overflow_are_rejected() {
         rec.lines[0].qty = 1;
     }
     let bad = reforge(&c, &key(10), |ex| set_message(ex, &m));
-    assert_eq!(rules(&st.pool.apply_remote(vec![bad], 2_100)), ["invalid_operation"]);
+    assert_eq!(
+        rules(&st.pool.apply_remote(vec![bad], 2_100)),
+        ["invalid_operation"]
+    );
     assert_eq!(st.pool.apply_remote(vec![c], 2_100).accepted.len(), 1);
 }
 

@@ -39,7 +39,6 @@ impl Ledger {
         Ok((l, change))
     }
 
-
     /// Sell. Refusals are values; a committed sale must be persisted before it is acknowledged.
     pub fn sell(&mut self, req: SaleRequest, now_ms: u64) -> SaleOutcome {
         match self.try_sell(req, now_ms) {
@@ -332,7 +331,6 @@ impl Ledger {
         })
     }
 
-
     fn require_role(&self, roles: &[Role]) -> Result<(), OpError> {
         if self.state.stand.is_none() {
             return Err(Refusal::NoStand.into());
@@ -450,7 +448,10 @@ impl Ledger {
         let text = msg.encode();
         if text.len() > MAX_MESSAGE_BYTES {
             return Err(Refusal::Invalid {
-                why: format!("the change would carry {} bytes, over {MAX_MESSAGE_BYTES}", text.len()),
+                why: format!(
+                    "the change would carry {} bytes, over {MAX_MESSAGE_BYTES}",
+                    text.len()
+                ),
             }
             .into());
         }

@@ -6,12 +6,12 @@
 //! rules of the layout and the policy, one typed rejection each) and `invariants` (the
 //! consistency checks the test builds run after every change).
 
+#[cfg(any(debug_assertions, feature = "check-invariants"))]
+mod invariants;
 mod local;
 mod pending;
 mod receive;
 mod validate;
-#[cfg(any(debug_assertions, feature = "check-invariants"))]
-mod invariants;
 
 pub use pending::{
     MAX_PENDING_BYTES, MAX_PENDING_BYTES_PER_AUTHOR, MAX_UNKNOWN_PENDING_BYTES,
@@ -28,23 +28,23 @@ use crate::layout::{
     SkuCounters, epoch_key, parse_epoch,
 };
 use crate::message::{
-    CatalogItem, ChangeMessage, MAX_CATALOG_ITEMS, MAX_LINES, MAX_MESSAGE_BYTES, MESSAGE_VERSION, Operation, Payment, Policy, SaleLine,
-    SaleRecord, StandInfo,
+    CatalogItem, ChangeMessage, MAX_CATALOG_ITEMS, MAX_LINES, MAX_MESSAGE_BYTES, MESSAGE_VERSION,
+    Operation, Payment, Policy, SaleLine, SaleRecord, StandInfo,
 };
 use crate::signed::{MAX_CHANGE_BYTES, SignedChange};
 use crate::state::{
-    Cell, Field, ObjAddr, Obj, OpAddr, RATE_HISTORY_LEN, ReplicaInfo, SaleEntry, State,
+    Cell, Field, Obj, ObjAddr, OpAddr, RATE_HISTORY_LEN, ReplicaInfo, SaleEntry, State,
 };
-use pending::Pending;
-use validate::expand;
-use receive::Causal;
 use automerge::legacy::{Key, ObjectId, OpType};
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{
     ActorId, Automerge, Change, ChangeHash, ExpandedChange, ObjId, ObjType, ROOT, ReadDoc,
     ScalarValue,
 };
+use pending::Pending;
+use receive::Causal;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use validate::expand;
 
 /// Hashes of rejected changes remembered (so their duplicates are dropped cheaply).
 pub const MAX_REMEMBERED_REJECTIONS: usize = 10_000;
@@ -492,7 +492,6 @@ impl Ledger {
             .map(|(s, c)| (s, c.available()))
             .collect()
     }
-
 }
 
 impl Cell {

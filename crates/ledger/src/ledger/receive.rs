@@ -20,7 +20,6 @@ pub const MAX_OPS_PER_CHANGE: usize = 4_096;
 /// Keys whose misbehaviour is counted one by one; beyond this, only in the totals.
 pub const MAX_TRACKED_KEYS: usize = 1_024;
 
-
 /// What a change's causal past says about it, folded from its dependencies' entries.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Causal {
@@ -474,7 +473,10 @@ impl Ledger {
                 fresh.rejected.insert(*h);
             }
             // The log was checked when it was taken: replay it without the future-date bound.
-            fresh.apply_remote(changes.clone(), Hlc::from_packed(u64::MAX).wall_ms().max(now_ms));
+            fresh.apply_remote(
+                changes.clone(),
+                Hlc::from_packed(u64::MAX).wall_ms().max(now_ms),
+            );
             match fresh.poisoned.take() {
                 Some(h) => poisoned.push(h),
                 None => break fresh,

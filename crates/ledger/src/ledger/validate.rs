@@ -481,9 +481,7 @@ impl Ledger {
             Operation::Void { units, .. } | Operation::Restock { units, .. } => {
                 keyed(units, Field::In)
             }
-            Operation::Reclaim { replica, units, .. } => {
-                keyed(units, Field::Reclaim(*replica))
-            }
+            Operation::Reclaim { replica, units, .. } => keyed(units, Field::Reclaim(*replica)),
             Operation::Adjust { units, .. } => keyed(units, Field::Out),
             Operation::Give { to, units } => keyed(units, Field::Give(*to)),
             _ => BTreeMap::new(),
@@ -632,7 +630,6 @@ impl Ledger {
         }
         self.state.by_key.get(&b).copied()
     }
-
 }
 
 fn clamp_i64(v: i128) -> i64 {
@@ -646,7 +643,6 @@ fn keyed(units: &BTreeMap<Sku, u64>, f: Field) -> BTreeMap<(Sku, Field), u64> {
         .map(|(s, n)| ((s.clone(), f), *n))
         .collect()
 }
-
 
 fn describe(o: Option<&Obj>) -> String {
     match o {
