@@ -184,6 +184,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| "info,libp2p=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.cmd {
@@ -412,9 +413,7 @@ async fn run(
         .await
         .with_context(|| format!("cannot bind the API on {api_addr}"))?;
     tracing::info!(api = %listener.local_addr()?, "local API up");
-    let serve = axum::serve(listener, app).with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-    });
+    let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
     let mut server = tokio::spawn(async move { serve.await });
     tokio::select! {
         r = &mut server => {
@@ -437,6 +436,28 @@ async fn run(
             }
         }
     }
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM (`kill`, a service manager): both stop the node the same way —
+/// the API stops taking requests, the node drains what it was given and makes every change it
+/// holds durable.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C still stops");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let signal = tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        () = term => "SIGTERM",
+    };
+    tracing::info!(signal, "stopping");
 }
 
 /// Time the API gets to deliver its last answers after the node stopped on a storage fault.

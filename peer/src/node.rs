@@ -27,6 +27,9 @@ pub const GROUP_COMMIT_MAX: usize = 128;
 pub const LIVE_QUEUE_LEN: usize = 1_024;
 /// Timer tick.
 pub const TICK_MS: u64 = 200;
+/// Received changes are made durable at most this long after they were stored (a group
+/// commit; a local sale's immediate commit covers them sooner).
+pub const RECEIVED_SYNC_MS: u64 = 100;
 /// Redial a known but unconnected peer this often.
 pub const REDIAL_INTERVAL_MS: u64 = 2_000;
 /// A terminal asks for rights when its rights for an item fall below this share (percent) of
@@ -285,6 +288,8 @@ pub struct Node {
     /// rebuilds it from what is on disk (the unwritten change was never sent anywhere, so its
     /// sequence number is free again).
     fatal: Option<String>,
+    /// When the oldest received change not yet made durable was stored.
+    received_unsynced: Option<Instant>,
 }
 
 impl std::fmt::Debug for Node {
@@ -320,6 +325,7 @@ impl Node {
             metrics: Metrics::default(),
             listen: Vec::new(),
             fatal: None,
+            received_unsynced: None,
         };
         n.refresh_allowlist();
         let now = now_ms();
@@ -359,9 +365,34 @@ impl Node {
             if let Some(e) = self.fatal.take() {
                 return Err(e);
             }
+            self.sync_received(false);
             self.flush();
         }
+        self.sync_received(true);
+        tracing::info!(
+            changes = self.ledger.len(),
+            "stopped; every change held is on disk"
+        );
         Ok(())
+    }
+
+    /// Group-commit received changes: once `RECEIVED_SYNC_MS` after the first unsynced one,
+    /// or now when `force`d (on the way out).
+    fn sync_received(&mut self, force: bool) {
+        let Some(since) = self.received_unsynced else {
+            return;
+        };
+        if !force && since.elapsed() < Duration::from_millis(RECEIVED_SYNC_MS) {
+            return;
+        }
+        match self.store.sync() {
+            Ok(()) => self.received_unsynced = None,
+            Err(e) => {
+                // Not fatal: what is not durable is fetched again by the repair.
+                self.metrics.store_errors += 1;
+                tracing::error!(error = %e, "could not make received changes durable");
+            }
+        }
     }
 
     /// Persist new local changes durably, then push them to every peer. On failure the node
@@ -379,6 +410,8 @@ impl Node {
             self.fatal = Some(msg.clone());
             return Err(msg);
         }
+        // The immediate commit made every received change stored before it durable too.
+        self.received_unsynced = None;
         let me = self.ledger.me();
         let first = self.ledger.local_seq() + 1 - changes.len() as u64;
         for (i, c) in changes.iter().enumerate() {
@@ -889,10 +922,15 @@ impl Node {
         if report.accepted.is_empty() {
             return;
         }
-        if let Err(e) = self.store.append(&report.accepted, false) {
-            // Not fatal: what is not stored is fetched again by the repair after a restart.
-            self.metrics.store_errors += 1;
-            tracing::error!(error = %e, "could not store received changes");
+        match self.store.append(&report.accepted, false) {
+            Ok(()) => {
+                self.received_unsynced.get_or_insert_with(Instant::now);
+            }
+            Err(e) => {
+                // Not fatal: what is not stored is fetched again by the repair after a restart.
+                self.metrics.store_errors += 1;
+                tracing::error!(error = %e, "could not store received changes");
+            }
         }
         // Relay only what the author could not have pushed itself: on a full stand mesh every
         // replica pushes its own changes to everyone, and relaying them again would cost

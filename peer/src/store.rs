@@ -2,9 +2,10 @@
 //! document, in one redb file.
 //!
 //! Local changes are written with `Durability::Immediate` before the sale is acknowledged or
-//! the change is sent anywhere; changes received from peers are written with
-//! `Durability::None` (a crash may lose them, and the version-vector repair fetches them again;
-//! the next immediate commit makes them durable too).
+//! the change is sent anywhere. Changes received from peers are written with
+//! `Durability::None` off the sale path and group-committed by [`Store::sync`] (one immediate
+//! commit makes every non-durable commit before it durable): the node syncs within
+//! `RECEIVED_SYNC_MS` of receiving and before it stops on SIGTERM or SIGINT.
 
 use halftime_ledger::{PublicKey, ReplicaKey, SignedChange, StandId};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -186,6 +187,11 @@ impl Store {
     /// Number of stored changes.
     pub fn len(&self) -> u64 {
         self.next
+    }
+
+    /// Make every change appended so far durable, with one immediate commit.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        self.put_meta("synced", &self.next.to_le_bytes())
     }
 
     /// Raw fsync cost probe for benchmarks: one tiny immediate commit into the meta table.

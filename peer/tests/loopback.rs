@@ -215,3 +215,87 @@ async fn wrong_stand_key_and_unenrolled_replicas_cannot_join() {
     assert_eq!(sell(&procs[1].api, "hotdog", 1).await.0, 201);
     wait_available(10, &procs[0].api, "hotdog", 99).await;
 }
+
+fn sigterm(p: &mut common::Proc) -> std::process::ExitStatus {
+    let pid = p.child.id().to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    p.child.wait().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_or_killed_pool_keeps_every_change_it_received() {
+    let stand = make_stand(1, false, &ITEMS);
+    let mut procs = start_chain(&stand, &pool_and_terminals(1));
+    for p in &procs {
+        wait_up(p).await;
+        wait_available(15, &p.api, "soda", 60).await;
+    }
+    for _ in 0..20 {
+        let (code, body) = sell(&procs[1].api, "soda", 1).await;
+        assert_eq!(code, 201, "{body}");
+    }
+    wait_available(15, &procs[0].api, "soda", 40).await;
+    // The terminal goes first, so nothing can repair the pool afterwards: what the pool had
+    // received must be on its own disk when SIGTERM ends it.
+    let t0 = sigterm(&mut procs[1]);
+    assert!(t0.success(), "SIGTERM is a clean stop: {t0}");
+    let pool_status = sigterm(&mut procs[0]);
+    assert!(pool_status.success(), "{pool_status}");
+    assert!(procs[0].log_text().contains("SIGTERM"));
+    let pool_dir = stand.dir.path().join("pool");
+    let mut pool = spawn(
+        "pool",
+        &pool_dir,
+        &mesh_addr(free_port()),
+        free_port(),
+        &[],
+        false,
+        None,
+    );
+    wait_up(&pool).await;
+    assert_eq!(
+        available(&pool.api, "soda").await,
+        Some(40),
+        "after SIGTERM"
+    );
+
+    // kill -9 (or power loss) a moment after receiving: the group commit has run.
+    let t0_dir = stand.dir.path().join("t0");
+    let t0 = spawn(
+        "t0",
+        &t0_dir,
+        &mesh_addr(free_port()),
+        free_port(),
+        &[pool.mesh.clone()],
+        false,
+        None,
+    );
+    wait_up(&t0).await;
+    for _ in 0..5 {
+        let (code, body) = sell(&t0.api, "soda", 1).await;
+        assert_eq!(code, 201, "{body}");
+    }
+    wait_available(15, &pool.api, "soda", 35).await;
+    drop(t0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pool.kill9();
+    let pool = spawn(
+        "pool",
+        &pool_dir,
+        &mesh_addr(free_port()),
+        free_port(),
+        &[],
+        false,
+        None,
+    );
+    wait_up(&pool).await;
+    assert_eq!(
+        available(&pool.api, "soda").await,
+        Some(35),
+        "after kill -9"
+    );
+}
