@@ -102,6 +102,15 @@ pub fn router(state: AppState) -> Router {
                 refusal: None,
             }
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError {
+                status: 405,
+                error: "method_not_allowed",
+                message: "this route does not take that method (sales are POSTed to /v1/sales)"
+                    .into(),
+                refusal: None,
+            }
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

@@ -30,6 +30,10 @@ pub const TICK_MS: u64 = 200;
 /// Received changes are made durable at most this long after they were stored (a group
 /// commit; a local sale's immediate commit covers them sooner).
 pub const RECEIVED_SYNC_MS: u64 = 100;
+/// A replica that reaches no peer warns why at most this often.
+pub const DIAL_WARNING_INTERVAL_MS: u64 = 10_000;
+/// How long a replica may run before it warns that it has not reached its stand.
+pub const NOT_A_MEMBER_GRACE_MS: u64 = 3_000;
 /// Redial a known but unconnected peer this often.
 pub const REDIAL_INTERVAL_MS: u64 = 2_000;
 /// A terminal asks for rights when its rights for an item fall below this share (percent) of
@@ -75,17 +79,29 @@ pub enum Command {
     Metrics(oneshot::Sender<String>),
 }
 
-/// A sale as the API takes it.
+/// A sale as the API takes it. Unknown fields are refused: a field this version does not know
+/// (`"discount": 100`) must not be silently ignored.
 #[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SaleInput {
-    /// Lines.
     pub lines: Vec<LineInput>,
-    /// Payment.
-    pub payment: halftime_ledger::Payment,
+    pub payment: PaymentInput,
+}
+
+/// How a sale is paid, as the API takes it.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentInput {
+    pub method: halftime_ledger::PaymentMethod,
+    /// The processor's reference (a payment intent id); empty for cash. At most
+    /// `MAX_TEXT_BYTES`, like every text a change carries.
+    #[serde(default)]
+    pub reference: String,
 }
 
 /// One line as the API takes it: the price comes from the catalog.
 #[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LineInput {
     /// Item.
     pub sku: Sku,
@@ -123,14 +139,15 @@ pub struct ApiError {
 
 impl ApiError {
     fn refused(r: Refusal) -> Self {
-        let status = match r {
-            Refusal::UnknownSale { .. } => 404,
-            Refusal::Invalid { .. } | Refusal::UnknownSku { .. } => 422,
-            _ => 409,
+        let (status, error) = match r {
+            Refusal::UnknownSale { .. } => (404, "refused"),
+            Refusal::Invalid { .. } | Refusal::UnknownSku { .. } => (422, "refused"),
+            Refusal::NoStand | Refusal::NotEnrolled => (409, "not_a_member"),
+            _ => (409, "refused"),
         };
         Self {
             status,
-            error: "refused",
+            error,
             message: r.to_string(),
             refusal: Some(r),
         }
@@ -245,6 +262,8 @@ struct Metrics {
     changes_received: u64,
     changes_duplicate: u64,
     frames_rejected: u64,
+    connections_refused: u64,
+    dials_failed: u64,
     frames_sent: u64,
     ack_us_sum: u64,
     ack_count: u64,
@@ -288,6 +307,8 @@ pub struct Node {
     /// rebuilds it from what is on disk (the unwritten change was never sent anywhere, so its
     /// sequence number is free again).
     fatal: Option<String>,
+    last_dial_warning: Option<Instant>,
+    started: Instant,
     /// When the oldest received change not yet made durable was stored.
     received_unsynced: Option<Instant>,
 }
@@ -326,6 +347,8 @@ impl Node {
             listen: Vec::new(),
             fatal: None,
             received_unsynced: None,
+            last_dial_warning: None,
+            started: Instant::now(),
         };
         n.refresh_allowlist();
         let now = now_ms();
@@ -374,6 +397,29 @@ impl Node {
             "stopped; every change held is on disk"
         );
         Ok(())
+    }
+
+    /// A replica that has not reached its stand says so, first after a few seconds, then every
+    /// `DIAL_WARNING_INTERVAL_MS`, with what to check.
+    fn warn_if_outside_the_stand(&mut self) {
+        let member = self.ledger.stand().is_some() && self.ledger.role().is_some();
+        if member || self.started.elapsed() < Duration::from_millis(NOT_A_MEMBER_GRACE_MS) {
+            return;
+        }
+        let quiet = self
+            .last_dial_warning
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(DIAL_WARNING_INTERVAL_MS));
+        if quiet {
+            return;
+        }
+        self.last_dial_warning = Some(Instant::now());
+        tracing::warn!(
+            peers = self.peers.len(),
+            has_stand_document = self.ledger.stand().is_some(),
+            "not a member of any stand yet, cannot reach the stand: check that this device has \
+             the stand's key (`halftime-peer join --psk`, same stand_key_fingerprint as the \
+             pool's log) and that the pool enrolled its public key"
+        );
     }
 
     /// Group-commit received changes: once `RECEIVED_SYNC_MS` after the first unsynced one,
@@ -529,6 +575,14 @@ impl Node {
     }
 
     fn sale_request(&self, input: SaleInput) -> Result<SaleRequest, ApiError> {
+        // Membership first: a replica outside any stand has no catalog, and "unknown sku"
+        // would send the operator looking in the wrong place.
+        if self.ledger.stand().is_none() {
+            return Err(ApiError::refused(Refusal::NoStand));
+        }
+        if self.ledger.role().is_none() {
+            return Err(ApiError::refused(Refusal::NotEnrolled));
+        }
         let mut lines = Vec::new();
         for l in input.lines {
             let item = self
@@ -544,7 +598,10 @@ impl Node {
         }
         Ok(SaleRequest {
             lines,
-            payment: input.payment,
+            payment: halftime_ledger::Payment {
+                method: input.payment.method,
+                reference: input.payment.reference,
+            },
             pool_reachable: self.pool_reachable(),
         })
     }
@@ -646,6 +703,18 @@ impl Node {
             "Frames from peers that did not decode.",
             "counter",
             m.frames_rejected.to_string(),
+        );
+        line(
+            "connections_refused_total",
+            "Incoming connections refused (wrong stand key or not enrolled).",
+            "counter",
+            m.connections_refused.to_string(),
+        );
+        line(
+            "dials_failed_total",
+            "Outgoing connections that failed.",
+            "counter",
+            m.dials_failed.to_string(),
         );
         line(
             "frames_sent_total",
@@ -835,10 +904,33 @@ impl Node {
                 send_back_addr,
                 ..
             } => {
-                tracing::debug!(%send_back_addr, %error, "incoming connection refused");
+                self.metrics.connections_refused += 1;
+                tracing::warn!(
+                    %send_back_addr,
+                    %error,
+                    "refused an incoming connection: not this stand's network key, or a key \
+                     the stand has not enrolled"
+                );
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                tracing::debug!(?peer_id, %error, "dial failed");
+                self.metrics.dials_failed += 1;
+                // A replica that reaches no one says why, now and then: the usual cause is a
+                // stand key that differs, or a key the pool has not enrolled yet.
+                let quiet = self
+                    .last_dial_warning
+                    .is_some_and(|t| t.elapsed() < Duration::from_millis(DIAL_WARNING_INTERVAL_MS));
+                if self.peers.is_empty() && !quiet {
+                    self.last_dial_warning = Some(Instant::now());
+                    tracing::warn!(
+                        ?peer_id,
+                        %error,
+                        member = self.ledger.role().is_some(),
+                        "cannot reach the stand: check that this device has the stand's key \
+                         (`halftime-peer join --psk`) and that the pool enrolled it"
+                    );
+                } else {
+                    tracing::debug!(?peer_id, %error, "dial failed");
+                }
             }
             _ => {}
         }
@@ -1057,6 +1149,7 @@ impl Node {
 
     fn handle_tick(&mut self) {
         let now = now_ms();
+        self.warn_if_outside_the_stand();
         // A silent cut leaves TCP connections open and closing them waits on the dead link:
         // drop silent peers now, so the peer list and the pool's reachability are right within
         // seconds; the redial brings them back once the link heals.

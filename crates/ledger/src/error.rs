@@ -253,7 +253,7 @@ pub enum Refusal {
     #[error("this replica is retired")]
     Retired,
     /// This replica is not (yet) enrolled in the stand document.
-    #[error("this replica is not enrolled in the stand")]
+    #[error("not a member of this stand yet: the pool has not enrolled this replica")]
     NotEnrolled,
     /// The operation is not for this role.
     #[error("a {role:?} replica cannot do this")]
@@ -292,7 +292,10 @@ pub enum Refusal {
         replica: ReplicaId,
     },
     /// The stand document does not exist yet on this replica.
-    #[error("the stand document has not arrived yet")]
+    #[error(
+        "not a member of any stand yet: no replica of the stand has reached this one (check \
+         the stand key and that the pool enrolled this replica)"
+    )]
     NoStand,
 }
 
