@@ -8,6 +8,7 @@
 //! | `GET /v1/live` | server-sent events: stock, order and peer changes |
 //! | `GET /v1/status` | replica, role, policy, peers, pool reachable, repair backlog |
 //! | `GET /v1/orders`, `POST /v1/orders/{id}/done` | the kitchen queue |
+//! | `POST /v1/replicas/{id}/reclaim` | pool: retire a lost replica and take its rights back |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /`, `GET /kitchen` | the POS page and the kitchen page |
 
@@ -20,7 +21,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::Stream;
-use halftime_ledger::SaleId;
+use halftime_ledger::{ReplicaId, SaleId};
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -93,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/live", get(live))
         .route("/v1/orders", get(orders))
         .route("/v1/orders/{id}/done", post(order_done))
+        .route("/v1/replicas/{id}/reclaim", post(reclaim))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError {
@@ -174,6 +176,14 @@ async fn order_done(
     let sale = parse_sale(&id)?;
     ask(&st, |tx| Command::OrderDone(sale, tx)).await??;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn reclaim(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let replica: ReplicaId = id
+        .parse()
+        .map_err(|e: halftime_ledger::InvalidId| bad_request(e.to_string()))?;
+    let r = ask(&st, |tx| Command::Reclaim(replica, tx)).await??;
+    Ok(Json(r).into_response())
 }
 
 async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {

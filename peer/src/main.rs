@@ -84,9 +84,10 @@ enum Cmd {
         #[arg(long, default_value = "terminal")]
         role: String,
     },
-    /// Retire a lost terminal and take its last known rights back to the pool (run on the
-    /// pool's data folder while the pool is stopped). If the terminal was in fact still selling
-    /// offline, those sales show up as oversell for refunds.
+    /// Retire a lost terminal and take its last known rights back to the pool, on the pool's
+    /// data folder while the pool is stopped. A running pool does the same, checked against
+    /// every connected replica's view, at `POST /v1/replicas/{id}/reclaim`: prefer that. If
+    /// the terminal was in fact still selling offline, those sales show up as oversell.
     Reclaim {
         /// Data folder of the pool.
         #[arg(long)]

@@ -77,6 +77,17 @@ pub enum Command {
     OrderDone(SaleId, oneshot::Sender<Result<(), ApiError>>),
     /// Prometheus text.
     Metrics(oneshot::Sender<String>),
+    /// Pool: retire a lost replica and take its rights back, on the stand's latest view of it.
+    Reclaim(ReplicaId, oneshot::Sender<Result<ReclaimResult, ApiError>>),
+}
+
+/// What a reclaim did, and what it was based on.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReclaimResult {
+    #[serde(flatten)]
+    pub view: halftime_ledger::ReclaimView,
+    /// How long before the reclaim the replica made its last change (`None`: never wrote).
+    pub last_change_age_ms: Option<u64>,
 }
 
 /// A sale as the API takes it. Unknown fields are refused: a field this version does not know
@@ -143,6 +154,7 @@ impl ApiError {
             Refusal::UnknownSale { .. } => (404, "refused"),
             Refusal::Invalid { .. } | Refusal::UnknownSku { .. } => (422, "refused"),
             Refusal::NoStand | Refusal::NotEnrolled => (409, "not_a_member"),
+            Refusal::UnknownReplica { .. } => (404, "refused"),
             _ => (409, "refused"),
         };
         Self {
@@ -536,6 +548,44 @@ impl Node {
                 },
                 Command::Stock(reply) => {
                     let _ = reply.send(self.stock_rows(None));
+                }
+                Command::Reclaim(replica, reply) => {
+                    // Every connected replica's last version vector: the pool must not be
+                    // behind any of them on the replica it takes rights from.
+                    let known: Vec<halftime_ledger::VersionVector> = self
+                        .peers
+                        .values()
+                        .map(|p| p.sync.their_vector().clone())
+                        .collect();
+                    match self.ledger.reclaim_checked(replica, &known, now) {
+                        Ok((change, view)) => {
+                            new_changes.push(change);
+                            let age = view.last_change_at.map(|t| now.saturating_sub(t.wall_ms()));
+                            tracing::info!(
+                                %replica,
+                                last_seq = view.last_seq,
+                                last_change_age_ms = age,
+                                peers_consulted = view.peers_consulted,
+                                "reclaimed"
+                            );
+                            let result = ReclaimResult {
+                                view,
+                                last_change_age_ms: age,
+                            };
+                            replies.push(Box::new(move |_: &mut Node, err| {
+                                let _ = match err {
+                                    None => reply.send(Ok(result)),
+                                    Some(e) => reply.send(Err(ApiError::unavailable(e))),
+                                };
+                            }));
+                        }
+                        Err(OpError::Refused(r)) => {
+                            let _ = reply.send(Err(ApiError::refused(r)));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(ApiError::internal(e)));
+                        }
+                    }
                 }
                 Command::Status(reply) => {
                     let _ = reply.send(self.status());

@@ -373,3 +373,58 @@ async fn a_stopped_or_killed_pool_keeps_every_change_it_received() {
         "after kill -9"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_pool_reclaims_what_a_dead_terminal_held_at_its_last_sale() {
+    let stand = make_stand(2, false, &ITEMS);
+    let mut procs = start_chain(&stand, &pool_and_terminals(2));
+    for p in &procs {
+        wait_up(p).await;
+        wait_available(15, &p.api, "soda", 60).await;
+    }
+    let dead = get(&procs[2].api, "/v1/status").await["replica"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..3 {
+        assert_eq!(sell(&procs[2].api, "soda", 1).await.0, 201);
+    }
+    wait_available(15, &procs[0].api, "soda", 57).await;
+    let held: i64 = get(&procs[2].api, "/v1/stock")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["sku"] == "soda")
+        .unwrap()["rights"]
+        .as_i64()
+        .unwrap();
+    procs[2].kill9();
+    let reclaim = |api: String| {
+        let dead = dead.clone();
+        async move {
+            let r = client()
+                .post(format!("{api}/v1/replicas/{dead}/reclaim"))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    // Only the pool reclaims.
+    let (code, body) = reclaim(procs[1].api.clone()).await;
+    assert_eq!(code, 409, "{body}");
+    let (code, body) = reclaim(procs[0].api.clone()).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["last_seq"].as_u64().unwrap() >= 3, true, "{body}");
+    assert_eq!(body["rights"]["soda"], held, "{body}");
+    assert!(body["last_change_age_ms"].as_u64().is_some(), "{body}");
+    assert!(body["peers_consulted"].as_u64().unwrap() >= 1, "{body}");
+    // Its rights are now the pool's, and available did not move.
+    assert_eq!(available(&procs[0].api, "soda").await, Some(57));
+    let (code, body) = reclaim(procs[0].api.clone()).await;
+    assert_eq!(code, 422, "already retired: {body}");
+}

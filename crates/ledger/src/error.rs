@@ -291,6 +291,20 @@ pub enum Refusal {
         /// Replica.
         replica: ReplicaId,
     },
+    /// A reachable replica holds changes of the replica to reclaim that this pool does not:
+    /// reclaiming now would move rights it no longer held.
+    #[error(
+        "the pool is behind on {replica}: it holds {have} of its changes, a reachable replica \
+         holds {known}; wait for the stand to sync"
+    )]
+    PoolBehind {
+        /// The replica to reclaim.
+        replica: ReplicaId,
+        /// Its changes held here.
+        have: u64,
+        /// Its changes held by the best-informed reachable replica.
+        known: u64,
+    },
     /// The stand document does not exist yet on this replica.
     #[error(
         "not a member of any stand yet: no replica of the stand has reached this one (check \

@@ -356,3 +356,39 @@ fn restore_takes_a_large_store_in_any_order() {
         assert_eq!(back.heads(), t.heads(), "{order}");
     }
 }
+
+#[test]
+fn a_live_reclaim_is_refused_while_a_reachable_replica_knows_more() {
+    let mut st = stand(Policy::Strict, 2, 100, 20);
+    let dead = st.terminals[1].me();
+    // The dead terminal sold twice; the pool heard of the first sale only, terminal 0 of both.
+    let mut sold = Vec::new();
+    for at in [2_000, 2_001] {
+        let SaleOutcome::Committed { change, .. } =
+            st.terminals[1].sell(sale_req("hotdog", 5, true), at)
+        else {
+            panic!()
+        };
+        sold.push(change);
+    }
+    st.pool.apply_remote(vec![sold[0].clone()], 2_010);
+    st.terminals[0].apply_remote(sold.clone(), 2_010);
+    let known = vec![st.terminals[0].version_vector()];
+    assert_eq!(
+        st.pool.reclaim_checked(dead, &known, 2_020).unwrap_err(),
+        OpError::Refused(Refusal::PoolBehind {
+            replica: dead,
+            have: 1,
+            known: 2
+        })
+    );
+    assert!(!st.pool.is_retired(dead), "nothing written");
+    // Once synced it moves what the terminal held at its last sale: 20 − 10.
+    st.pool.apply_remote(vec![sold[1].clone()], 2_030);
+    let (_, view) = st.pool.reclaim_checked(dead, &known, 2_040).unwrap();
+    assert_eq!(view.last_seq, 2);
+    assert_eq!(view.rights[&sku("hotdog")], 10);
+    assert_eq!(view.last_change_at.map(|t| t.wall_ms()), Some(2_001));
+    assert_eq!(st.pool.rights(dead, &sku("hotdog")), 0);
+    assert!(st.pool.is_retired(dead));
+}

@@ -295,6 +295,53 @@ impl Ledger {
         })
     }
 
+    /// Reclaim `replica` on a live pool, only if this pool holds the latest of its changes that
+    /// any reachable replica knows of (`known`: their version vectors): the rights moved are
+    /// then what it held at its last change anyone has seen, and the view says how old that is.
+    /// Refused with [`Refusal::PoolBehind`] while a reachable replica holds more of its changes.
+    pub fn reclaim_checked(
+        &mut self,
+        replica: ReplicaId,
+        known: &[VersionVector],
+        now_ms: u64,
+    ) -> Result<(SignedChange, ReclaimView), OpError> {
+        self.check_retirable(replica)?;
+        let have = self.by_actor.get(&replica).map_or(0, |v| v.len() as u64);
+        let best = known
+            .iter()
+            .filter_map(|v| v.get(&replica).copied())
+            .max()
+            .unwrap_or(0);
+        if best > have {
+            return Err(Refusal::PoolBehind {
+                replica,
+                have,
+                known: best,
+            }
+            .into());
+        }
+        let last_change_at = self
+            .by_actor
+            .get(&replica)
+            .and_then(|v| v.last())
+            .map(|&i| self.log[i].at);
+        let rights: BTreeMap<Sku, i64> = self
+            .state
+            .catalog
+            .keys()
+            .map(|s| (s.clone(), self.rights(replica, s)))
+            .collect();
+        let change = self.reclaim(replica, now_ms)?;
+        let view = ReclaimView {
+            replica,
+            last_seq: have,
+            last_change_at,
+            peers_consulted: known.len(),
+            rights,
+        };
+        Ok((change, view))
+    }
+
     /// Retire a lost replica and re-mint its last known rights at the pool (pool). If it was in
     /// fact still selling offline, the difference shows as oversell for the reconciler.
     pub fn reclaim(&mut self, replica: ReplicaId, now_ms: u64) -> Result<SignedChange, OpError> {

@@ -107,6 +107,21 @@ pub struct ApplyReport {
     pub rejected: Vec<Rejection>,
 }
 
+/// What a reclaim on a live pool was based on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReclaimView {
+    /// The reclaimed replica.
+    pub replica: ReplicaId,
+    /// The sequence number of its latest change held (and known anywhere reachable).
+    pub last_seq: u64,
+    /// When it made that change (`None`: it never wrote anything).
+    pub last_change_at: Option<Hlc>,
+    /// How many reachable replicas' version vectors were compared.
+    pub peers_consulted: usize,
+    /// Its rights per sku at that change: what the reclaim moved to the pool where positive.
+    pub rights: BTreeMap<Sku, i64>,
+}
+
 /// Counters of what this ledger has seen.
 #[derive(Debug, Default, Clone)]
 pub struct LedgerStats {
