@@ -260,7 +260,28 @@ fn optimistic_offline_sells_within_the_cap_and_locks_low_stock() {
             reason: Refusal::LockedLowStock { sku: sku("hotdog") }
         }
     );
-    let all: Vec<SignedChange> = t.all_changes().cloned().collect();
+    // Within its own rights a terminal still sells a LOW_STOCK item offline.
+    let mut known: Vec<SignedChange> = st.pool.all_changes().cloned().collect();
+    known.extend(st.terminals[0].all_changes().cloned());
+    let other = &mut st.terminals[1];
+    other.apply_remote(known, 2_003);
+    assert_eq!(other.status(&sku("hotdog")), StockStatus::Low);
+    assert_eq!(other.sellable_now(&sku("hotdog"), false), 10);
+    let SaleOutcome::Committed { change: within, .. } =
+        other.sell(sale_req("hotdog", 10, false), 2_004)
+    else {
+        panic!("a sale within own rights is refused offline")
+    };
+    assert!(other.sales().last().unwrap().record.overdraft.is_empty());
+    assert!(matches!(
+        other.sell(sale_req("hotdog", 1, false), 2_004),
+        SaleOutcome::Refused {
+            reason: Refusal::LockedLowStock { .. }
+        }
+    ));
+    let t = &st.terminals[0];
+    let mut all: Vec<SignedChange> = t.all_changes().cloned().collect();
+    all.push(within);
     assert!(st.pool.apply_remote(all, 2_005).rejected.is_empty());
 }
 

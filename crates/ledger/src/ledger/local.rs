@@ -86,7 +86,9 @@ impl Ledger {
         let mut overdraft = BTreeMap::new();
         for (sku, want) in &units {
             let rights = self.rights(self.me, sku);
-            if optimistic_offline {
+            if optimistic_offline && rights < *want as i64 {
+                // Within its own rights a terminal always sells; only an overdraft is barred
+                // on a LOW_STOCK item.
                 if self.status(sku) == StockStatus::Low || self.status(sku) == StockStatus::Out {
                     return Err(Refusal::LockedLowStock { sku: sku.clone() }.into());
                 }
@@ -100,9 +102,7 @@ impl Ledger {
                     }
                     .into());
                 }
-                if rights < *want as i64 {
-                    overdraft.insert(sku.clone(), cap);
-                }
+                overdraft.insert(sku.clone(), cap);
             } else if rights < *want as i64 {
                 return Err(Refusal::InsufficientRights {
                     sku: sku.clone(),

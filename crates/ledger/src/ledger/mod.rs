@@ -392,12 +392,10 @@ impl Ledger {
         let rights = self.rights(self.me, sku);
         let policy = self.policy();
         let limit = match (policy, pool_reachable) {
-            (Policy::Optimistic, false) => {
-                if self.status(sku) == StockStatus::Low {
-                    return 0;
-                }
-                rights + self.offline_cap(sku) as i64
-            }
+            (Policy::Optimistic, false) => match self.status(sku) {
+                StockStatus::Low | StockStatus::Out => rights,
+                StockStatus::Ok => rights + self.offline_cap(sku) as i64,
+            },
             _ => rights,
         };
         limit.max(0) as u64
