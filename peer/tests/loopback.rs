@@ -290,6 +290,20 @@ async fn wrong_stand_key_and_unenrolled_replicas_cannot_join() {
     wait_available(10, &procs[0].api, "hotdog", 99).await;
 }
 
+/// Start the replica in `stand`'s folder `name` on fresh ports, dialling `peers`.
+fn start_one(stand: &Stand, name: &str, peers: &[String]) -> common::Proc {
+    let dir = stand.dir.path().join(name);
+    spawn(
+        name,
+        &dir,
+        &mesh_addr(free_port()),
+        free_port(),
+        peers,
+        false,
+        None,
+    )
+}
+
 fn sigterm(p: &mut common::Proc) -> std::process::ExitStatus {
     let pid = p.child.id().to_string();
     let ok = std::process::Command::new("kill")
@@ -320,16 +334,7 @@ async fn a_stopped_or_killed_pool_keeps_every_change_it_received() {
     let pool_status = sigterm(&mut procs[0]);
     assert!(pool_status.success(), "{pool_status}");
     assert!(procs[0].log_text().contains("SIGTERM"));
-    let pool_dir = stand.dir.path().join("pool");
-    let mut pool = spawn(
-        "pool",
-        &pool_dir,
-        &mesh_addr(free_port()),
-        free_port(),
-        &[],
-        false,
-        None,
-    );
+    let mut pool = start_one(&stand, "pool", &[]);
     wait_up(&pool).await;
     assert_eq!(
         available(&pool.api, "soda").await,
@@ -338,16 +343,7 @@ async fn a_stopped_or_killed_pool_keeps_every_change_it_received() {
     );
 
     // kill -9 (or power loss) a moment after receiving: the group commit has run.
-    let t0_dir = stand.dir.path().join("t0");
-    let t0 = spawn(
-        "t0",
-        &t0_dir,
-        &mesh_addr(free_port()),
-        free_port(),
-        &[pool.mesh.clone()],
-        false,
-        None,
-    );
+    let t0 = start_one(&stand, "t0", std::slice::from_ref(&pool.mesh));
     wait_up(&t0).await;
     for _ in 0..5 {
         let (code, body) = sell(&t0.api, "soda", 1).await;
@@ -357,15 +353,7 @@ async fn a_stopped_or_killed_pool_keeps_every_change_it_received() {
     drop(t0);
     tokio::time::sleep(Duration::from_millis(500)).await;
     pool.kill9();
-    let pool = spawn(
-        "pool",
-        &pool_dir,
-        &mesh_addr(free_port()),
-        free_port(),
-        &[],
-        false,
-        None,
-    );
+    let pool = start_one(&stand, "pool", &[]);
     wait_up(&pool).await;
     assert_eq!(
         available(&pool.api, "soda").await,

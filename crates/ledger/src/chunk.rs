@@ -30,9 +30,8 @@ pub enum ChunkError {
     /// More ops, or more preds, than the limit.
     #[error("{what} over the limit of {limit}")]
     OverLimit {
-        /// Ops or preds.
+        /// `ops` or `preds`.
         what: &'static str,
-        /// The limit.
         limit: u64,
     },
 }

@@ -130,7 +130,6 @@ pub enum Rejection {
     /// written in its causal past.
     #[error("replica {replica}: change {seq} skips a sequence number (holds {held})")]
     SequenceGap {
-        /// Writer.
         replica: ReplicaId,
         /// The change's sequence number.
         seq: u64,
@@ -141,31 +140,19 @@ pub enum Rejection {
     /// signed two histories (a cloned or compromised device).
     #[error("replica {replica} signed a second change numbered {seq}")]
     Equivocation {
-        /// Writer.
         replica: ReplicaId,
         /// The reused sequence number.
         seq: u64,
     },
     /// Op ids that are not the next ones after everything in the change's causal past.
     #[error("replica {replica}: {why}")]
-    BadOpIds {
-        /// Writer.
-        replica: ReplicaId,
-        /// What is wrong.
-        why: String,
-    },
+    BadOpIds { replica: ReplicaId, why: String },
     /// An op's `pred` is not exactly the op holding the current value it overwrites.
     #[error("replica {replica}: pred at {target} is not the current value's op")]
-    BadPred {
-        /// Writer.
-        replica: ReplicaId,
-        /// Where.
-        target: String,
-    },
+    BadPred { replica: ReplicaId, target: String },
     /// The change is dated before a change it depends on.
     #[error("replica {replica}: change dated {at_ms} ms, before its dependency at {dep_ms} ms")]
     BeforeItsPast {
-        /// Writer.
         replica: ReplicaId,
         /// Its wall time.
         at_ms: u64,
@@ -176,7 +163,6 @@ pub enum Rejection {
     /// remembered: the same change is taken once the clock has caught up.
     #[error("replica {replica}: change dated {ahead_ms} ms ahead of this clock")]
     FromTheFuture {
-        /// Writer.
         replica: ReplicaId,
         /// How far ahead.
         ahead_ms: u64,
