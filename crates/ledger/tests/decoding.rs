@@ -376,6 +376,23 @@ fn restore_takes_a_large_store_in_any_order() {
         assert_eq!(back.pending_len(), 0, "{order}");
         assert_eq!(back.heads(), t.heads(), "{order}");
     }
+    // The replay of its own store skips signature checks; what arrives afterwards does not.
+    let (mut back, _) = Ledger::restore(
+        key(10),
+        StandId::new("north").unwrap(),
+        key(1).public(),
+        stored,
+        1_000,
+    );
+    let SaleOutcome::Committed { mut change, .. } =
+        st.terminals[0].sell(sale_req("hotdog", 1, true), 20_000)
+    else {
+        panic!()
+    };
+    change.signature[3] ^= 1;
+    let r = back.apply_remote(vec![change], 20_000);
+    assert_eq!(r.rejected.len(), 1);
+    assert_eq!(r.rejected[0].rule(), "bad_signature");
 }
 
 #[test]

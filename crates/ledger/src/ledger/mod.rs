@@ -247,9 +247,10 @@ impl Ledger {
     }
 
     /// Rebuild a replica from its stored changes (any order). Changes that do not validate are
-    /// reported, not fatal. Every rule is checked again except the future-date bound: each
-    /// stored change was within it when this replica took it, and a clock set back since must
-    /// not lose them (a replica that forgot its own changes would reuse their numbers).
+    /// reported, not fatal. Every rule is checked again except the signature (each stored
+    /// change was verified when this replica took it) and the future-date bound (a clock set
+    /// back since must not lose them: a replica that forgot its own changes would reuse their
+    /// numbers). Only this replica's own store may be given here.
     pub fn restore(
         key: ReplicaKey,
         stand_id: StandId,

@@ -47,7 +47,8 @@ pub(crate) struct Pending {
     known_bytes: usize,
     unknown_bytes: usize,
     /// Replaying this replica's own store: every change was checked when it was taken, so
-    /// none is turned away for room, whatever order the store gives them in.
+    /// its signature is not checked again and none is turned away for room, whatever order
+    /// the store gives them in.
     pub(crate) trusted: bool,
 }
 
