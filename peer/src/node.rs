@@ -216,7 +216,7 @@ pub struct StatusView {
     pub policy: Policy,
     /// Connected peers (replica ids).
     pub peers: Vec<ReplicaId>,
-    /// Whether the pool is connected.
+    /// Whether the pool is connected (on the pool: whether any replica is connected to it).
     pub pool_reachable: bool,
     /// Sync messages waiting to go out.
     pub repair_backlog: usize,
@@ -693,7 +693,13 @@ impl Node {
             stand: self.ledger.stand_id().to_string(),
             policy: self.ledger.policy(),
             peers: self.connected_replicas(),
-            pool_reachable: self.pool_reachable(),
+            // On the pool itself "reachable" means some replica of the stand is connected to
+            // it: a pool alone must not look like a healthy stand.
+            pool_reachable: if self.ledger.me() == self.ledger.pool() {
+                !self.peers.is_empty()
+            } else {
+                self.pool_reachable()
+            },
             repair_backlog: self.peers.values().map(|p| p.sync.backlog()).sum(),
             pending: self.ledger.pending_len(),
             changes: self.ledger.len(),

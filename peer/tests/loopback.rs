@@ -336,6 +336,8 @@ async fn a_stopped_or_killed_pool_keeps_every_change_it_received() {
     assert!(procs[0].log_text().contains("SIGTERM"));
     let mut pool = start_one(&stand, "pool", &[]);
     wait_up(&pool).await;
+    let status = get(&pool.api, "/v1/status").await;
+    assert_eq!(status["pool_reachable"], false, "a pool alone: {status}");
     assert_eq!(
         available(&pool.api, "soda").await,
         Some(40),
