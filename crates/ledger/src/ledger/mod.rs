@@ -56,18 +56,18 @@ pub type VersionVector = BTreeMap<ReplicaId, u64>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StockStatus {
-    /// Plenty.
+    /// At or above the item's LOW_STOCK mark.
     Ok,
     /// Below the LOW_STOCK threshold.
     Low,
-    /// Nothing left.
+    /// Nothing available, or oversold.
     Out,
 }
 
 /// A sale as asked for by a cashier.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SaleRequest {
-    /// What.
+    /// Items and quantities, each at the price charged.
     pub lines: Vec<SaleLine>,
     /// How it is paid.
     pub payment: Payment,
@@ -87,7 +87,6 @@ pub enum SaleOutcome {
     },
     /// Not sold; nothing written.
     Refused {
-        /// Why.
         reason: Refusal,
     },
 }
@@ -99,7 +98,7 @@ pub struct ApplyReport {
     pub accepted: Vec<SignedChange>,
     /// Author and sequence number of each accepted change, in the same order.
     pub accepted_ids: Vec<(ReplicaId, u64)>,
-    /// Already held.
+    /// Dropped because they were already held, waiting or rejected.
     pub duplicates: usize,
     /// Waiting for dependencies or enrolment.
     pub pending: usize,
