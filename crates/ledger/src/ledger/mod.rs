@@ -86,9 +86,7 @@ pub enum SaleOutcome {
         change: SignedChange,
     },
     /// Not sold; nothing written.
-    Refused {
-        reason: Refusal,
-    },
+    Refused { reason: Refusal },
 }
 
 /// What became of a batch of received changes.
