@@ -112,14 +112,7 @@ async fn a_sale_shows_everywhere_and_in_live_streams() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 413);
     // Metrics are served.
-    let m = client()
-        .get(format!("{}/metrics", procs[1].api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&procs[1].api).await;
     assert!(m.contains("halftime_sales_committed_total 1"), "{m}");
 }
 
@@ -271,14 +264,7 @@ async fn wrong_stand_key_and_unenrolled_replicas_cannot_join() {
             .log_text()
             .contains("refused an incoming connection")
     );
-    let m = client()
-        .get(format!("{}/metrics", procs[0].api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&procs[0].api).await;
     let refused = m
         .lines()
         .find_map(|l| l.strip_prefix("halftime_connections_refused_total "))

@@ -339,3 +339,15 @@ pub async fn wait_available(secs: u64, api: &str, sku: &str, value: i64) {
     })
     .await
 }
+
+/// The Prometheus text of a replica's `/metrics`.
+pub async fn metrics(api: &str) -> String {
+    client()
+        .get(format!("{api}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}

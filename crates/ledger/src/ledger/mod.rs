@@ -124,7 +124,7 @@ pub struct ReclaimView {
 pub struct LedgerStats {
     /// Received changes accepted.
     pub accepted: u64,
-    /// Duplicates dropped.
+    /// Received changes dropped as already held, waiting or rejected.
     pub duplicates: u64,
     /// Rejections by rule.
     pub rejected: BTreeMap<&'static str, u64>,
@@ -290,7 +290,7 @@ impl Ledger {
     pub fn pool(&self) -> ReplicaId {
         self.pool_key.replica_id()
     }
-    /// The catalog.
+    /// The catalog, by sku.
     pub fn catalog(&self) -> &BTreeMap<Sku, CatalogItem> {
         &self.state.catalog
     }
@@ -435,7 +435,7 @@ impl Ledger {
     pub fn sales(&self) -> &[SaleEntry] {
         &self.state.sales
     }
-    /// One sale.
+    /// The sale with this id, if this replica has received it.
     pub fn sale(&self, id: SaleId) -> Option<&SaleEntry> {
         self.state
             .sale_index
