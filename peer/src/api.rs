@@ -55,6 +55,8 @@ fn bad_request(message: String) -> ApiError {
         error: "bad_request",
         message,
         refusal: None,
+        asked: None,
+        waited_ms: None,
     }
 }
 
@@ -68,6 +70,8 @@ async fn ask<T>(
         error: "busy",
         message: "the node is not answering".into(),
         refusal: None,
+        asked: None,
+        waited_ms: None,
     };
     tokio::time::timeout(
         Duration::from_millis(NODE_TIMEOUT_MS),
@@ -102,6 +106,8 @@ pub fn router(state: AppState) -> Router {
                 error: "not_found",
                 message: "no such route".into(),
                 refusal: None,
+                asked: None,
+                waited_ms: None,
             }
         })
         .method_not_allowed_fallback(|| async {
@@ -111,6 +117,8 @@ pub fn router(state: AppState) -> Router {
                 message: "this route does not take that method (sales are POSTed to /v1/sales)"
                     .into(),
                 refusal: None,
+                asked: None,
+                waited_ms: None,
             }
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -138,6 +146,8 @@ async fn sell(
         },
         message: e.body_text(),
         refusal: None,
+        asked: None,
+        waited_ms: None,
     })?;
     if input.lines.is_empty() {
         return Err(bad_request("a sale needs at least one line".into()));

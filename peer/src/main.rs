@@ -131,6 +131,10 @@ enum Cmd {
         /// Version-vector exchange interval.
         #[arg(long, default_value_t = node::DEFAULT_SYNC_INTERVAL_MS)]
         sync_interval_ms: u64,
+        /// Longest a sale waits while this terminal asks other replicas for rights, before it
+        /// is refused (the POS shows "checking stand stock" meanwhile).
+        #[arg(long, default_value_t = halftime_engine::SALE_WAIT_MS)]
+        sale_wait_ms: u64,
     },
 }
 
@@ -346,12 +350,18 @@ fn main() -> Result<()> {
             peers,
             no_mdns,
             sync_interval_ms,
+            sale_wait_ms,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(run(data, listen, api, peers, !no_mdns, sync_interval_ms))
+            let cfg = node::NodeConfig {
+                static_peers: peers,
+                sync_interval_ms,
+                sale_wait_ms,
+            };
+            rt.block_on(run(data, listen, api, cfg, !no_mdns))
         }
     }
 }
@@ -360,9 +370,8 @@ async fn run(
     data: PathBuf,
     listen: Multiaddr,
     api_addr: SocketAddr,
-    peers: Vec<Multiaddr>,
+    cfg: node::NodeConfig,
     mdns: bool,
-    sync_interval_ms: u64,
 ) -> Result<()> {
     let store = store_at(&data)?;
     let key = store
@@ -397,16 +406,7 @@ async fn run(
         .with_context(|| format!("cannot listen on {listen}"))?;
     let (live, _) = broadcast::channel(node::LIVE_QUEUE_LEN);
     let (cmd_tx, cmd_rx) = mpsc::channel(node::COMMAND_QUEUE_LEN);
-    let node = node::Node::new(
-        ledger,
-        store,
-        swarm,
-        node::NodeConfig {
-            static_peers: peers,
-            sync_interval_ms,
-        },
-        live.clone(),
-    );
+    let node = node::Node::new(ledger, store, swarm, cfg, live.clone());
     let (stop_tx, stop_rx) = oneshot::channel();
     let mut node_task = tokio::spawn(node.run(cmd_rx, stop_rx));
     let app = api::router(api::AppState { cmds: cmd_tx, live });

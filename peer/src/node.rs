@@ -1,15 +1,15 @@
-//! The node: one task that owns the ledger, the store and the swarm, driven by commands from
-//! the local API, by the network, and by one timer. The ledger is a pure state machine; this
-//! loop feeds it and drains what it wants sent (quinn's driver pattern).
+//! The node: one task that owns the stand engine, the store and the swarm, driven by commands
+//! from the local API, by the network and by the engine's timer. Every rule of the stand is
+//! the engine's; this loop feeds it, writes what it asks to persist, sends what it wants sent
+//! and answers the API (quinn's driver pattern).
 
 use crate::net::{Behaviour, BehaviourEvent};
 use crate::store::Store;
 use futures::StreamExt;
-use halftime_ledger::allocation::{plan_allocation, targets};
-use halftime_ledger::sync::{ANTI_ENTROPY_INTERVAL_MS, SyncEvent};
+use halftime_engine::{Engine, EngineConfig, Event, SaleOrder, SaleRefusal, Ticket};
+use halftime_ledger::sync::ANTI_ENTROPY_INTERVAL_MS;
 use halftime_ledger::{
-    ApplyReport, Ledger, OpError, PeerSync, Policy, Refusal, ReplicaId, Role, SaleId, SaleOutcome,
-    SaleRequest, SignedChange, Sku, StockStatus, WireMessage,
+    OpError, Policy, Refusal, ReplicaId, Role, SaleId, SignedChange, Sku, StockStatus,
 };
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::DialOpts;
@@ -25,7 +25,7 @@ pub const COMMAND_QUEUE_LEN: usize = 1_024;
 pub const GROUP_COMMIT_MAX: usize = 128;
 /// Live events buffered per subscriber.
 pub const LIVE_QUEUE_LEN: usize = 1_024;
-/// Timer tick.
+/// Housekeeping tick: redials and warnings (the engine's own timer is separate).
 pub const TICK_MS: u64 = 200;
 /// Received changes are made durable at most this long after they were stored (a group
 /// commit; a local sale's immediate commit covers them sooner).
@@ -36,19 +36,8 @@ pub const DIAL_WARNING_INTERVAL_MS: u64 = 10_000;
 pub const NOT_A_MEMBER_GRACE_MS: u64 = 3_000;
 /// Redial a known but unconnected peer this often.
 pub const REDIAL_INTERVAL_MS: u64 = 2_000;
-/// A terminal asks for rights when its rights for an item fall below this share (percent) of
-/// its target.
-pub const RIGHTS_REQUEST_BELOW_PCT: i64 = 25;
-/// At most one rights request per item in this window.
-pub const RIGHTS_REQUEST_TIMEOUT_MS: u64 = 2_000;
-/// The pool re-plans allocation this often.
-pub const ALLOCATION_INTERVAL_MS: u64 = 2_000;
 /// Sync frames in flight to one peer before further ones wait.
 pub const MAX_INFLIGHT_PER_PEER: usize = 64;
-/// A peer not heard from for this long (no frame, no answer, no ping) is dropped: with the
-/// vector exchange every second and pings every second, silence this long means a cut link.
-/// libp2p's own failure path waits for a substream timeout (about 14 s measured on a silent cut).
-pub const PEER_SILENCE_TIMEOUT_MS: u64 = 3_000;
 /// Orders shown on the kitchen page.
 pub const KITCHEN_QUEUE_LEN: usize = 500;
 
@@ -131,6 +120,9 @@ pub struct SaleView {
     pub total_cents: u64,
     /// Voided.
     pub voided: bool,
+    /// How long the sale waited for rights from other replicas before it committed (0: it
+    /// committed at once).
+    pub waited_ms: u64,
 }
 
 /// An API error: status code and body.
@@ -146,6 +138,12 @@ pub struct ApiError {
     /// The structured refusal, when the ledger refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refusal: Option<Refusal>,
+    /// For a refused sale: the replicas asked for rights before giving up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asked: Option<Vec<ReplicaId>>,
+    /// For a refused sale: how long it waited for rights.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
 }
 
 impl ApiError {
@@ -162,6 +160,17 @@ impl ApiError {
             error,
             message: r.to_string(),
             refusal: Some(r),
+            asked: None,
+            waited_ms: None,
+        }
+    }
+    fn sale_refused(r: SaleRefusal) -> Self {
+        let message = r.to_string();
+        Self {
+            message,
+            asked: Some(r.asked),
+            waited_ms: Some(r.waited_ms),
+            ..Self::refused(r.reason)
         }
     }
     fn internal(m: impl std::fmt::Display) -> Self {
@@ -170,6 +179,8 @@ impl ApiError {
             error: "internal",
             message: m.to_string(),
             refusal: None,
+            asked: None,
+            waited_ms: None,
         }
     }
     fn unavailable(m: impl std::fmt::Display) -> Self {
@@ -178,6 +189,8 @@ impl ApiError {
             error: "storage_unavailable",
             message: m.to_string(),
             refusal: None,
+            asked: None,
+            waited_ms: None,
         }
     }
 }
@@ -268,12 +281,7 @@ pub enum LiveEvent {
 
 #[derive(Debug, Default)]
 struct Metrics {
-    sales_committed: u64,
-    sales_refused: u64,
     voids: u64,
-    changes_received: u64,
-    changes_duplicate: u64,
-    frames_rejected: u64,
     connections_refused: u64,
     dials_failed: u64,
     frames_sent: u64,
@@ -282,11 +290,10 @@ struct Metrics {
     store_errors: u64,
 }
 
-struct Peer {
-    replica: Option<ReplicaId>,
-    sync: PeerSync,
+/// A connected peer, as the transport sees it.
+struct Conn {
+    replica: ReplicaId,
     inflight: usize,
-    last_heard: Instant,
 }
 
 /// The node's configuration.
@@ -296,21 +303,23 @@ pub struct NodeConfig {
     pub static_peers: Vec<Multiaddr>,
     /// Anti-entropy interval.
     pub sync_interval_ms: u64,
+    /// Longest a sale waits for rights from other replicas.
+    pub sale_wait_ms: u64,
 }
 
 /// The node state owned by the loop.
 pub struct Node {
-    ledger: Ledger,
+    engine: Engine,
     store: Store,
     swarm: Swarm<Behaviour>,
-    cfg: NodeConfig,
-    peers: BTreeMap<PeerId, Peer>,
+    peers: BTreeMap<PeerId, Conn>,
     peer_of: BTreeMap<PeerId, ReplicaId>,
     known_addrs: BTreeMap<PeerId, BTreeSet<Multiaddr>>,
     static_conn: BTreeMap<Multiaddr, Option<PeerId>>,
     last_dial: BTreeMap<String, Instant>,
-    rights_asked: BTreeMap<Sku, u64>,
-    last_plan_ms: u64,
+    /// Sales the engine has not decided yet: the API's reply and when the sale came in.
+    sales: BTreeMap<Ticket, (oneshot::Sender<Result<SaleView, ApiError>>, Instant)>,
+    next_ticket: u64,
     live: broadcast::Sender<LiveEvent>,
     orders: VecDeque<OrderView>,
     metrics: Metrics,
@@ -327,32 +336,36 @@ pub struct Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Node({})", self.ledger.me())
+        write!(f, "Node({})", self.engine.ledger().me())
     }
 }
 
 impl Node {
     /// A node over a restored ledger.
     pub fn new(
-        ledger: Ledger,
+        ledger: halftime_ledger::Ledger,
         store: Store,
         swarm: Swarm<Behaviour>,
         cfg: NodeConfig,
         live: broadcast::Sender<LiveEvent>,
     ) -> Self {
         let static_conn = cfg.static_peers.iter().map(|a| (a.clone(), None)).collect();
+        let engine_cfg = EngineConfig {
+            sync_interval_ms: cfg.sync_interval_ms,
+            sale_wait_ms: cfg.sale_wait_ms,
+            ..EngineConfig::default()
+        };
         let mut n = Self {
-            ledger,
+            engine: Engine::new(ledger, engine_cfg, now_ms()),
             store,
             swarm,
-            cfg,
             peers: BTreeMap::new(),
             peer_of: BTreeMap::new(),
             known_addrs: BTreeMap::new(),
             static_conn,
             last_dial: BTreeMap::new(),
-            rights_asked: BTreeMap::new(),
-            last_plan_ms: 0,
+            sales: BTreeMap::new(),
+            next_ticket: 0,
             live,
             orders: VecDeque::new(),
             metrics: Metrics::default(),
@@ -364,7 +377,13 @@ impl Node {
         };
         n.refresh_allowlist();
         let now = now_ms();
-        let sales: Vec<_> = n.ledger.sales().iter().map(|e| e.record.clone()).collect();
+        let sales: Vec<_> = n
+            .engine
+            .ledger()
+            .sales()
+            .iter()
+            .map(|e| e.record.clone())
+            .collect();
         for s in sales {
             n.note_order(&s, now, false);
         }
@@ -380,6 +399,7 @@ impl Node {
         let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let engine_wait = self.engine_wait();
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -396,7 +416,11 @@ impl Node {
                 }
                 ev = self.swarm.select_next_some() => self.handle_swarm(ev),
                 _ = tick.tick() => self.handle_tick(),
+                _ = tokio::time::sleep(engine_wait) => {
+                    self.engine.handle_timeout(now_ms());
+                }
             }
+            self.pump();
             if let Some(e) = self.fatal.take() {
                 return Err(e);
             }
@@ -405,7 +429,7 @@ impl Node {
         }
         self.sync_received(true);
         tracing::info!(
-            changes = self.ledger.len(),
+            changes = self.engine.ledger().len(),
             "stopped; every change held is on disk"
         );
         Ok(())
@@ -414,7 +438,8 @@ impl Node {
     /// A replica that has not reached its stand says so, first after a few seconds, then every
     /// `DIAL_WARNING_INTERVAL_MS`, with what to check.
     fn warn_if_outside_the_stand(&mut self) {
-        let member = self.ledger.stand().is_some() && self.ledger.role().is_some();
+        let member =
+            self.engine.ledger().stand().is_some() && self.engine.ledger().role().is_some();
         if member || self.started.elapsed() < Duration::from_millis(NOT_A_MEMBER_GRACE_MS) {
             return;
         }
@@ -427,7 +452,7 @@ impl Node {
         self.last_dial_warning = Some(Instant::now());
         tracing::warn!(
             peers = self.peers.len(),
-            has_stand_document = self.ledger.stand().is_some(),
+            has_stand_document = self.engine.ledger().stand().is_some(),
             "not a member of any stand yet, cannot reach the stand: check that this device has \
              the stand's key (`halftime-peer join --psk`, same stand_key_fingerprint as the \
              pool's log) and that the pool enrolled its public key"
@@ -453,30 +478,102 @@ impl Node {
         }
     }
 
-    /// Persist new local changes durably, then push them to every peer. On failure the node
-    /// stops (see `fatal`); nothing of them has left this replica.
-    fn persist_local(&mut self, changes: &[SignedChange]) -> Result<(), String> {
-        if changes.is_empty() {
-            return Ok(());
+    /// How long until the engine wants `handle_timeout` (at most a tick, so a clock that
+    /// jumps is noticed).
+    fn engine_wait(&self) -> Duration {
+        let wake = self.engine.poll_timeout();
+        Duration::from_millis(wake.saturating_sub(now_ms()).min(TICK_MS))
+    }
+
+    /// Act on everything the engine asks for: local changes are written durably (then the
+    /// engine releases their acknowledgements and frames), received ones stored for the next
+    /// group commit, outcomes answered. A failed durable write stops the node (see `fatal`):
+    /// nothing of those changes has left this replica.
+    fn pump(&mut self) {
+        loop {
+            let mut local: Vec<SignedChange> = Vec::new();
+            while let Some(ev) = self.engine.poll_event() {
+                match ev {
+                    Event::Persist(changes) => local.extend(changes),
+                    Event::Received(changes) => self.store_received(&changes),
+                    Event::Committed {
+                        ticket,
+                        sale_id,
+                        waited_ms,
+                    } => {
+                        let Some((reply, since)) = self.sales.remove(&ticket) else {
+                            continue;
+                        };
+                        self.metrics.ack_us_sum += since.elapsed().as_micros() as u64;
+                        self.metrics.ack_count += 1;
+                        let view = self.sale_view(sale_id).map(|v| SaleView { waited_ms, ..v });
+                        let _ = reply.send(
+                            view.ok_or_else(|| ApiError::internal("sale not found after commit")),
+                        );
+                    }
+                    Event::Refused { ticket, refusal } => {
+                        if let Some((reply, _)) = self.sales.remove(&ticket) {
+                            let _ = reply.send(Err(ApiError::sale_refused(refusal)));
+                        }
+                    }
+                    Event::Rejected { from, rejections } => {
+                        for r in &rejections {
+                            tracing::warn!(?from, rule = r.rule(), error = %r, "rejected a received change");
+                        }
+                    }
+                    Event::PeerGone(replica) => {
+                        // A silent cut leaves TCP connections open and closing them waits on
+                        // the dead link: the engine has dropped the peer, close it here too;
+                        // the redial brings it back once the link heals.
+                        let ids: Vec<PeerId> = self
+                            .peers
+                            .iter()
+                            .filter(|(_, c)| c.replica == replica)
+                            .map(|(p, _)| *p)
+                            .collect();
+                        for id in ids {
+                            tracing::info!(peer = %id, "peer silent; dropping it");
+                            let _ = self.swarm.disconnect_peer_id(id);
+                            self.peers.remove(&id);
+                        }
+                        self.publish_peers();
+                    }
+                }
+            }
+            if local.is_empty() {
+                return;
+            }
+            if let Err(e) = self.store.append(&local, true) {
+                self.metrics.store_errors += 1;
+                let msg = format!(
+                    "could not make local changes durable: {e}; stopping so a restart recovers from disk"
+                );
+                tracing::error!("{msg}");
+                for (_, (reply, _)) in std::mem::take(&mut self.sales) {
+                    let _ = reply.send(Err(ApiError::unavailable(&msg)));
+                }
+                self.fatal = Some(msg);
+                return;
+            }
+            // The immediate commit made every received change stored before it durable too.
+            self.received_unsynced = None;
+            self.engine.persisted();
+            self.after_change(&local);
         }
-        if let Err(e) = self.store.append(changes, true) {
-            self.metrics.store_errors += 1;
-            let msg = format!(
-                "could not make local changes durable: {e}; stopping so a restart recovers from disk"
-            );
-            tracing::error!("{msg}");
-            self.fatal = Some(msg.clone());
-            return Err(msg);
-        }
-        // The immediate commit made every received change stored before it durable too.
-        self.received_unsynced = None;
-        let me = self.ledger.me();
-        let first = self.ledger.local_seq() + 1 - changes.len() as u64;
-        for (i, c) in changes.iter().enumerate() {
-            self.push_all(me, first + i as u64, c, None);
+    }
+
+    fn store_received(&mut self, changes: &[SignedChange]) {
+        match self.store.append(changes, false) {
+            Ok(()) => {
+                self.received_unsynced.get_or_insert_with(Instant::now);
+            }
+            Err(e) => {
+                // Not fatal: what is not stored is fetched again by the repair after a restart.
+                self.metrics.store_errors += 1;
+                tracing::error!(error = %e, "could not store received changes");
+            }
         }
         self.after_change(changes);
-        Ok(())
     }
 
     // ---------------------------------------------------------------------------------------
@@ -484,97 +581,35 @@ impl Node {
 
     fn handle_commands(&mut self, batch: Vec<Command>) {
         let now = now_ms();
-        let started = Instant::now();
-        let mut new_changes: Vec<SignedChange> = Vec::new();
         let mut replies: Vec<Box<dyn FnOnce(&mut Node, Option<&str>)>> = Vec::new();
         for cmd in batch {
             match cmd {
-                Command::Sell(input, reply) => {
-                    let req = self.sale_request(input);
-                    let req = match req {
-                        Ok(r) => r,
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                            continue;
-                        }
-                    };
-                    match self.ledger.sell(req, now) {
-                        SaleOutcome::Committed { sale_id, change } => {
-                            new_changes.push(change);
-                            let view = self.sale_view(sale_id);
-                            replies.push(Box::new(move |n: &mut Node, err| match (err, view) {
-                                (None, Some(v)) => {
-                                    n.metrics.sales_committed += 1;
-                                    let _ = reply.send(Ok(v));
-                                }
-                                (Some(e), _) => {
-                                    let _ = reply.send(Err(ApiError::unavailable(e)));
-                                }
-                                (None, None) => {
-                                    let _ = reply.send(Err(ApiError::internal(
-                                        "sale not found after commit",
-                                    )));
-                                }
-                            }));
-                        }
-                        SaleOutcome::Refused { reason } => {
-                            self.metrics.sales_refused += 1;
-                            let _ = reply.send(Err(ApiError::refused(reason)));
-                        }
-                    }
-                }
-                Command::Void(sale, reply) => match self.ledger.void(sale, now) {
-                    Ok(change) => {
-                        new_changes.push(change);
-                        replies.push(Box::new(move |n: &mut Node, err| {
-                            let _ = match err {
-                                None => {
-                                    n.metrics.voids += 1;
-                                    reply.send(
-                                        n.sale_view(sale)
-                                            .ok_or_else(|| ApiError::internal("void lost")),
-                                    )
-                                }
-                                Some(e) => reply.send(Err(ApiError::unavailable(e))),
-                            };
-                        }));
-                    }
-                    Err(OpError::Refused(r)) => {
-                        let _ = reply.send(Err(ApiError::refused(r)));
+                Command::Sell(input, reply) => match self.sale_order(input) {
+                    Ok(order) => {
+                        let ticket = Ticket(self.next_ticket);
+                        self.next_ticket += 1;
+                        self.sales.insert(ticket, (reply, Instant::now()));
+                        self.engine.sell(ticket, order, now);
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(ApiError::internal(e)));
+                        let _ = reply.send(Err(e));
                     }
                 },
-                Command::Stock(reply) => {
-                    let _ = reply.send(self.stock_rows(None));
-                }
-                Command::Reclaim(replica, reply) => {
-                    // Every connected replica's last version vector: the pool must not be
-                    // behind any of them on the replica it takes rights from.
-                    let known: Vec<halftime_ledger::VersionVector> = self
-                        .peers
-                        .values()
-                        .map(|p| p.sync.their_vector().clone())
-                        .collect();
-                    match self.ledger.reclaim_checked(replica, &known, now) {
-                        Ok((change, view)) => {
-                            new_changes.push(change);
-                            let age = view.last_change_at.map(|t| now.saturating_sub(t.wall_ms()));
-                            tracing::info!(
-                                %replica,
-                                last_seq = view.last_seq,
-                                last_change_age_ms = age,
-                                peers_consulted = view.peers_consulted,
-                                "reclaimed"
-                            );
-                            let result = ReclaimResult {
-                                view,
-                                last_change_age_ms: age,
-                            };
-                            replies.push(Box::new(move |_: &mut Node, err| {
+                Command::Void(sale, reply) => {
+                    match self
+                        .engine
+                        .local_op(now, |l, now| Ok((l.void(sale, now)?, ())))
+                    {
+                        Ok(()) => {
+                            replies.push(Box::new(move |n: &mut Node, err| {
                                 let _ = match err {
-                                    None => reply.send(Ok(result)),
+                                    None => {
+                                        n.metrics.voids += 1;
+                                        reply.send(
+                                            n.sale_view(sale)
+                                                .ok_or_else(|| ApiError::internal("void lost")),
+                                        )
+                                    }
                                     Some(e) => reply.send(Err(ApiError::unavailable(e))),
                                 };
                             }));
@@ -587,6 +622,37 @@ impl Node {
                         }
                     }
                 }
+                Command::Stock(reply) => {
+                    let _ = reply.send(self.stock_rows(None));
+                }
+                Command::Reclaim(replica, reply) => match self.engine.reclaim(replica, now) {
+                    Ok(view) => {
+                        let age = view.last_change_at.map(|t| now.saturating_sub(t.wall_ms()));
+                        tracing::info!(
+                            %replica,
+                            last_seq = view.last_seq,
+                            last_change_age_ms = age,
+                            peers_consulted = view.peers_consulted,
+                            "reclaimed"
+                        );
+                        let result = ReclaimResult {
+                            view,
+                            last_change_age_ms: age,
+                        };
+                        replies.push(Box::new(move |_: &mut Node, err| {
+                            let _ = match err {
+                                None => reply.send(Ok(result)),
+                                Some(e) => reply.send(Err(ApiError::unavailable(e))),
+                            };
+                        }));
+                    }
+                    Err(OpError::Refused(r)) => {
+                        let _ = reply.send(Err(ApiError::refused(r)));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ApiError::internal(e)));
+                    }
+                },
                 Command::Status(reply) => {
                     let _ = reply.send(self.status());
                 }
@@ -608,35 +674,28 @@ impl Node {
                 }
             }
         }
-        // One durable write for the whole batch, then the pushes, then the acknowledgements.
-        let err = self.persist_local(&new_changes).err();
-        if err.is_none() && !new_changes.is_empty() {
-            let us = started.elapsed().as_micros() as u64;
-            self.metrics.ack_us_sum += us * replies.len() as u64;
-            self.metrics.ack_count += replies.len() as u64;
-        }
+        // One durable write for the whole batch, then the acknowledgements.
+        self.pump();
+        let err = self.fatal.clone();
         for r in replies {
             r(self, err.as_deref());
         }
-        // Ask for rights right after the sale that ran them low, not at the next tick.
-        if err.is_none() && !new_changes.is_empty() && self.ledger.role() == Some(Role::Terminal) {
-            self.ask_for_rights(now_ms());
-        }
     }
 
-    fn sale_request(&self, input: SaleInput) -> Result<SaleRequest, ApiError> {
+    fn sale_order(&self, input: SaleInput) -> Result<SaleOrder, ApiError> {
         // Membership first: a replica outside any stand has no catalog, and "unknown sku"
         // would send the operator looking in the wrong place.
-        if self.ledger.stand().is_none() {
+        if self.engine.ledger().stand().is_none() {
             return Err(ApiError::refused(Refusal::NoStand));
         }
-        if self.ledger.role().is_none() {
+        if self.engine.ledger().role().is_none() {
             return Err(ApiError::refused(Refusal::NotEnrolled));
         }
         let mut lines = Vec::new();
         for l in input.lines {
             let item = self
-                .ledger
+                .engine
+                .ledger()
                 .catalog()
                 .get(&l.sku)
                 .ok_or_else(|| ApiError::refused(Refusal::UnknownSku { sku: l.sku.clone() }))?;
@@ -646,30 +705,31 @@ impl Node {
                 unit_price_cents: item.price_cents,
             });
         }
-        Ok(SaleRequest {
+        Ok(SaleOrder {
             lines,
             payment: halftime_ledger::Payment {
                 method: input.payment.method,
                 reference: input.payment.reference,
             },
-            pool_reachable: self.pool_reachable(),
         })
     }
 
     fn sale_view(&self, id: SaleId) -> Option<SaleView> {
-        self.ledger.sale(id).map(|e| SaleView {
+        self.engine.ledger().sale(id).map(|e| SaleView {
             sale_id: id,
             total_cents: e.record.total_cents(),
             sale: e.record.clone(),
             voided: e.voided,
+            waited_ms: 0,
         })
     }
 
     /// Stock rows, for all items or only `only`.
     pub fn stock_rows(&self, only: Option<&BTreeSet<Sku>>) -> Vec<StockRow> {
-        let me = self.ledger.me();
+        let me = self.engine.ledger().me();
         let online = self.pool_reachable();
-        self.ledger
+        self.engine
+            .ledger()
             .catalog()
             .values()
             .filter(|c| only.is_none_or(|o| o.contains(&c.sku)))
@@ -677,49 +737,49 @@ impl Node {
                 sku: c.sku.clone(),
                 name: c.name.clone(),
                 price_cents: c.price_cents,
-                available: self.ledger.available(&c.sku),
-                rights: self.ledger.rights(me, &c.sku),
-                status: self.ledger.status(&c.sku),
-                sellable_now: self.ledger.sellable_now(&c.sku, online),
+                available: self.engine.ledger().available(&c.sku),
+                rights: self.engine.ledger().rights(me, &c.sku),
+                status: self.engine.ledger().status(&c.sku),
+                sellable_now: self.engine.ledger().sellable_now(&c.sku, online),
             })
             .collect()
     }
 
     fn status(&self) -> StatusView {
         StatusView {
-            replica: self.ledger.me(),
+            replica: self.engine.ledger().me(),
             peer_id: self.swarm.local_peer_id().to_string(),
-            role: self.ledger.role(),
-            stand: self.ledger.stand_id().to_string(),
-            policy: self.ledger.policy(),
+            role: self.engine.ledger().role(),
+            stand: self.engine.ledger().stand_id().to_string(),
+            policy: self.engine.ledger().policy(),
             peers: self.connected_replicas(),
             // On the pool itself "reachable" means some replica of the stand is connected to
             // it: a pool alone must not look like a healthy stand.
-            pool_reachable: if self.ledger.me() == self.ledger.pool() {
-                !self.peers.is_empty()
-            } else {
-                self.pool_reachable()
-            },
-            repair_backlog: self.peers.values().map(|p| p.sync.backlog()).sum(),
-            pending: self.ledger.pending_len(),
-            changes: self.ledger.len(),
+            pool_reachable: self.pool_reachable(),
+            repair_backlog: self
+                .peers
+                .values()
+                .map(|c| self.engine.backlog(c.replica))
+                .sum(),
+            pending: self.engine.ledger().pending_len(),
+            changes: self.engine.ledger().len(),
             listen: self.listen.iter().map(|a| a.to_string()).collect(),
         }
     }
 
     fn connected_replicas(&self) -> Vec<ReplicaId> {
-        self.peers.values().filter_map(|p| p.replica).collect()
+        self.engine.peers().collect()
     }
 
-    /// Whether this replica can reach the pool right now (the pool itself always can).
+    /// Whether this replica reaches the pool (on the pool: whether any replica reaches it).
     pub fn pool_reachable(&self) -> bool {
-        let pool = self.ledger.pool();
-        self.ledger.me() == pool || self.peers.values().any(|p| p.replica == Some(pool))
+        self.engine.pool_reachable()
     }
 
     fn metrics_text(&self) -> String {
         let m = &self.metrics;
-        let s = self.ledger.stats();
+        let e = self.engine.stats();
+        let s = self.engine.ledger().stats();
         let mut out = String::new();
         let mut line = |name: &str, help: &str, kind: &str, v: String| {
             out.push_str(&format!("# HELP halftime_{name} {help}\n# TYPE halftime_{name} {kind}\nhalftime_{name} {v}\n"));
@@ -728,13 +788,31 @@ impl Node {
             "sales_committed_total",
             "Sales committed and acknowledged here.",
             "counter",
-            m.sales_committed.to_string(),
+            e.sales_committed.to_string(),
         );
         line(
             "sales_refused_total",
             "Sales refused here.",
             "counter",
-            m.sales_refused.to_string(),
+            e.sales_refused.to_string(),
+        );
+        line(
+            "sales_held_total",
+            "Sales that waited for rights from other replicas before their outcome.",
+            "counter",
+            e.sales_held.to_string(),
+        );
+        line(
+            "rights_requests_sent_total",
+            "Requests for rights sent to other replicas.",
+            "counter",
+            e.rights_requests_sent.to_string(),
+        );
+        line(
+            "gives_total",
+            "Gives of rights made here (answers and allocation plans).",
+            "counter",
+            (e.gives_answered + e.gives_planned).to_string(),
         );
         line(
             "voids_total",
@@ -746,19 +824,19 @@ impl Node {
             "changes_received_total",
             "Received changes accepted.",
             "counter",
-            m.changes_received.to_string(),
+            e.changes_received.to_string(),
         );
         line(
             "changes_duplicate_total",
             "Received duplicates dropped.",
             "counter",
-            m.changes_duplicate.to_string(),
+            e.changes_duplicate.to_string(),
         );
         line(
             "frames_rejected_total",
             "Frames from peers that did not decode.",
             "counter",
-            m.frames_rejected.to_string(),
+            e.frames_rejected.to_string(),
         );
         line(
             "connections_refused_total",
@@ -786,13 +864,13 @@ impl Node {
         );
         line(
             "ack_seconds_sum",
-            "Time from command batch start to durable acknowledgement.",
+            "Time from a sale's arrival to its durable acknowledgement (a sale that waits for rights included).",
             "counter",
             format!("{}", m.ack_us_sum as f64 / 1e6),
         );
         line(
             "ack_seconds_count",
-            "Acknowledged local changes.",
+            "Acknowledged sales.",
             "counter",
             m.ack_count.to_string(),
         );
@@ -812,19 +890,19 @@ impl Node {
             "changes_stored",
             "Changes in the document.",
             "gauge",
-            self.ledger.len().to_string(),
+            self.engine.ledger().len().to_string(),
         );
         line(
             "changes_pending",
             "Received changes waiting for dependencies.",
             "gauge",
-            self.ledger.pending_len().to_string(),
+            self.engine.ledger().pending_len().to_string(),
         );
         line(
             "changes_pending_bytes",
             "Bytes held by received changes that wait.",
             "gauge",
-            self.ledger.pending_bytes().to_string(),
+            self.engine.ledger().pending_bytes().to_string(),
         );
         out.push_str("# HELP halftime_changes_rejected_total Received changes rejected, by rule.\n# TYPE halftime_changes_rejected_total counter\n");
         for (rule, n) in &s.rejected {
@@ -847,12 +925,12 @@ impl Node {
     // Network.
 
     fn refresh_allowlist(&mut self) {
-        let pool_key = self.ledger.pool_key();
+        let pool_key = self.engine.ledger().pool_key();
         let mut allowed: BTreeMap<PeerId, ReplicaId> = BTreeMap::new();
         if let Ok(p) = pool_key.peer_id() {
             allowed.insert(p, pool_key.replica_id());
         }
-        for (rid, info) in self.ledger.replicas() {
+        for (rid, info) in self.engine.ledger().replicas() {
             if info.retired_at_pool_seq.is_none() {
                 if let Ok(p) = info.key.peer_id() {
                     allowed.insert(p, *rid);
@@ -875,11 +953,6 @@ impl Node {
             self.swarm.behaviour_mut().allow.disallow_peer(p);
             let _ = self.swarm.disconnect_peer_id(p);
         }
-        for (p, r) in &allowed {
-            if let Some(peer) = self.peers.get_mut(p) {
-                peer.replica = Some(*r);
-            }
-        }
         self.peer_of = allowed;
     }
 
@@ -899,17 +972,16 @@ impl Node {
                         *slot = Some(peer_id);
                     }
                 }
-                if !self.peers.contains_key(&peer_id) {
-                    tracing::info!(%peer_id, "peer connected");
-                    let sync = PeerSync::new(&self.ledger, now, self.cfg.sync_interval_ms);
-                    let replica = self.peer_of.get(&peer_id).copied();
+                // Only enrolled replicas pass the allowlist, so every connection has one.
+                let replica = self.peer_of.get(&peer_id).copied();
+                if let (false, Some(replica)) = (self.peers.contains_key(&peer_id), replica) {
+                    tracing::info!(%peer_id, %replica, "peer connected");
+                    self.engine.peer_up(replica, now);
                     self.peers.insert(
                         peer_id,
-                        Peer {
+                        Conn {
                             replica,
-                            sync,
                             inflight: 0,
-                            last_heard: Instant::now(),
                         },
                     );
                     self.publish_peers();
@@ -921,9 +993,12 @@ impl Node {
                 cause,
                 ..
             } => {
-                if num_established == 0 && self.peers.remove(&peer_id).is_some() {
-                    tracing::info!(%peer_id, ?cause, "peer disconnected");
-                    self.publish_peers();
+                if num_established == 0 {
+                    if let Some(c) = self.peers.remove(&peer_id) {
+                        tracing::info!(%peer_id, ?cause, "peer disconnected");
+                        self.engine.peer_down(c.replica, now);
+                        self.publish_peers();
+                    }
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
@@ -948,7 +1023,7 @@ impl Node {
                 connection,
                 result,
             })) => match result {
-                Ok(_) => self.heard(&peer),
+                Ok(_) => self.heard(&peer, now),
                 Err(e) => {
                     tracing::info!(%peer, error = %e, "ping failed; closing the connection");
                     self.swarm.close_connection(connection);
@@ -980,7 +1055,7 @@ impl Node {
                     tracing::warn!(
                         ?peer_id,
                         %error,
-                        member = self.ledger.role().is_some(),
+                        member = self.engine.ledger().role().is_some(),
                         "cannot reach the stand: check that this device has the stand's key \
                          (`halftime-peer join --psk`) and that the pool enrolled it"
                     );
@@ -995,18 +1070,17 @@ impl Node {
     fn handle_sync(&mut self, ev: request_response::Event<Vec<u8>, ()>, now: u64) {
         match ev {
             request_response::Event::Message { peer, message, .. } => {
-                self.heard(&peer);
+                self.heard(&peer, now);
                 match message {
                     request_response::Message::Request {
                         request, channel, ..
                     } => {
                         let _ = self.swarm.behaviour_mut().sync.send_response(channel, ());
-                        match WireMessage::decode(&request, self.ledger.stand_id()) {
-                            Ok(msg) => self.handle_wire(peer, msg, now),
-                            Err(e) => {
-                                self.metrics.frames_rejected += 1;
-                                tracing::warn!(%peer, error = %e, "rejected a frame");
-                            }
+                        let Some(replica) = self.peers.get(&peer).map(|c| c.replica) else {
+                            return;
+                        };
+                        if let Err(e) = self.engine.handle_frame(replica, &request, now) {
+                            tracing::warn!(%peer, error = %e, "rejected a frame");
                         }
                     }
                     request_response::Message::Response { .. } => {
@@ -1024,74 +1098,6 @@ impl Node {
             }
             _ => {}
         }
-    }
-
-    fn handle_wire(&mut self, from: PeerId, msg: WireMessage, now: u64) {
-        let Some(peer) = self.peers.get_mut(&from) else {
-            return;
-        };
-        let events = peer.sync.handle(&mut self.ledger, msg, now);
-        let from_replica = peer.replica;
-        for ev in events {
-            match ev {
-                SyncEvent::Applied(report) => self.after_remote(report, Some(from)),
-                SyncEvent::RightsRequested { sku, want } => {
-                    let Some(asker) = from_replica else { continue };
-                    let answer = match self.ledger.answer_rights_request(asker, &sku, want, now) {
-                        Ok(Some((units, change))) => {
-                            match self.persist_local(std::slice::from_ref(&change)) {
-                                Ok(()) => (units, Some(change)),
-                                Err(_) => return,
-                            }
-                        }
-                        Ok(None) | Err(_) => (0, None),
-                    };
-                    if let Some(p) = self.peers.get_mut(&from) {
-                        p.sync.answer_rights(sku, answer.0, answer.1);
-                    }
-                }
-                SyncEvent::RightsAnswered { sku, granted } => {
-                    tracing::debug!(%sku, granted, "rights answer");
-                    if granted == 0 {
-                        // Ask someone else at the next tick.
-                        self.rights_asked.remove(&sku);
-                    }
-                }
-            }
-        }
-    }
-
-    fn after_remote(&mut self, report: ApplyReport, from: Option<PeerId>) {
-        self.metrics.changes_received += report.accepted.len() as u64;
-        self.metrics.changes_duplicate += report.duplicates as u64;
-        for r in &report.rejected {
-            tracing::warn!(rule = r.rule(), error = %r, "rejected a received change");
-        }
-        if report.accepted.is_empty() {
-            return;
-        }
-        match self.store.append(&report.accepted, false) {
-            Ok(()) => {
-                self.received_unsynced.get_or_insert_with(Instant::now);
-            }
-            Err(e) => {
-                // Not fatal: what is not stored is fetched again by the repair after a restart.
-                self.metrics.store_errors += 1;
-                tracing::error!(error = %e, "could not store received changes");
-            }
-        }
-        // Relay only what the author could not have pushed itself: on a full stand mesh every
-        // replica pushes its own changes to everyone, and relaying them again would cost
-        // N² frames per sale. Changes whose author is not connected to us (a partial partition,
-        // or a repair) are relayed; the vector exchange covers the rest.
-        let connected: BTreeSet<ReplicaId> =
-            self.peers.values().filter_map(|p| p.replica).collect();
-        for ((rid, seq), c) in report.accepted_ids.iter().zip(&report.accepted) {
-            if !connected.contains(rid) {
-                self.push_all(*rid, *seq, c, from);
-            }
-        }
-        self.after_change(&report.accepted);
     }
 
     /// Registry, live feed and kitchen after changes were applied.
@@ -1125,7 +1131,7 @@ impl Node {
                         | halftime_ledger::Operation::Reclaim { units, .. } => {
                             skus.extend(units.keys().cloned())
                         }
-                        _ => skus.extend(self.ledger.catalog().keys().cloned()),
+                        _ => skus.extend(self.engine.ledger().catalog().keys().cloned()),
                     }
                 }
             }
@@ -1166,14 +1172,6 @@ impl Node {
         });
     }
 
-    fn push_all(&mut self, rid: ReplicaId, seq: u64, c: &SignedChange, except: Option<PeerId>) {
-        for (p, peer) in self.peers.iter_mut() {
-            if Some(*p) != except {
-                peer.sync.push(rid, seq, c);
-            }
-        }
-    }
-
     fn dial_peer(&mut self, peer: PeerId) {
         let key = peer.to_string();
         if self
@@ -1197,35 +1195,14 @@ impl Node {
             .dial(DialOpts::peer_id(peer).addresses(addrs).build());
     }
 
-    fn heard(&mut self, peer: &PeerId) {
-        if let Some(p) = self.peers.get_mut(peer) {
-            p.last_heard = Instant::now();
+    fn heard(&mut self, peer: &PeerId, now: u64) {
+        if let Some(c) = self.peers.get(peer) {
+            self.engine.heard(c.replica, now);
         }
     }
 
     fn handle_tick(&mut self) {
-        let now = now_ms();
         self.warn_if_outside_the_stand();
-        // A silent cut leaves TCP connections open and closing them waits on the dead link:
-        // drop silent peers now, so the peer list and the pool's reachability are right within
-        // seconds; the redial brings them back once the link heals.
-        let silent: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| {
-                p.last_heard.elapsed() > Duration::from_millis(PEER_SILENCE_TIMEOUT_MS)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in silent {
-            tracing::info!(peer = %id, "peer silent; dropping it");
-            let _ = self.swarm.disconnect_peer_id(id);
-            self.peers.remove(&id);
-            self.publish_peers();
-        }
-        for peer in self.peers.values_mut() {
-            peer.sync.handle_timeout(&self.ledger, now);
-        }
         // Redial static peers and discovered peers that are not connected.
         let statics: Vec<(Multiaddr, Option<PeerId>)> = self
             .static_conn
@@ -1256,92 +1233,18 @@ impl Node {
         for p in discovered {
             self.dial_peer(p);
         }
-        match self.ledger.role() {
-            Some(Role::Pool) if now.saturating_sub(self.last_plan_ms) >= ALLOCATION_INTERVAL_MS => {
-                self.last_plan_ms = now;
-                self.run_allocation(now);
-            }
-            Some(Role::Terminal) => self.ask_for_rights(now),
-            _ => {}
-        }
     }
 
-    fn run_allocation(&mut self, now: u64) {
-        let Some(stand) = self.ledger.stand() else {
-            return;
-        };
-        let plans = plan_allocation(&self.ledger, stand.allocation, now);
-        if plans.is_empty() {
-            return;
-        }
-        let changes: Vec<SignedChange> = self
-            .ledger
-            .execute_plans(&plans, now)
-            .into_iter()
-            .filter_map(Result::ok)
-            .collect();
-        if changes.is_empty() {
-            return;
-        }
-        let _ = self.persist_local(&changes);
-    }
-
-    fn ask_for_rights(&mut self, now: u64) {
-        let Some(stand) = self.ledger.stand() else {
-            return;
-        };
-        let me = self.ledger.me();
-        let pool = self.ledger.pool();
-        let skus: Vec<Sku> = self.ledger.catalog().keys().cloned().collect();
-        for sku in skus {
-            if self
-                .rights_asked
-                .get(&sku)
-                .is_some_and(|t| now.saturating_sub(*t) < RIGHTS_REQUEST_TIMEOUT_MS)
-            {
-                continue;
-            }
-            let target = targets(&self.ledger, stand.allocation, &sku, now)
-                .get(&me)
-                .copied()
-                .unwrap_or(0);
-            let have = self.ledger.rights(me, &sku);
-            if target <= 0 || have * 100 >= target * RIGHTS_REQUEST_BELOW_PCT {
-                continue;
-            }
-            // The pool when it holds rights for the item; otherwise the connected replica
-            // holding the most (as far as this replica knows).
-            let holder = self
-                .peers
-                .iter()
-                .filter_map(|(p, peer)| peer.replica.map(|r| (*p, r)))
-                .max_by_key(|(_, r)| {
-                    let rights = self.ledger.rights(*r, &sku);
-                    (*r == pool && rights > 0, rights)
-                });
-            if let Some((p, r)) = holder {
-                if self.ledger.rights(r, &sku) <= 1 {
-                    continue;
-                }
-                self.rights_asked.insert(sku.clone(), now);
-                let want = (target - have).max(1) as u64;
-                if let Some(peer) = self.peers.get_mut(&p) {
-                    peer.sync.request_rights(sku, want);
-                }
-            }
-        }
-    }
-
-    /// Send what every peer's sync state wants sent, within the in-flight cap.
+    /// Send what the engine wants sent to each peer, within the in-flight cap.
     fn flush(&mut self) {
-        let stand = self.ledger.stand_id().clone();
+        let stand = self.engine.ledger().stand_id().clone();
         let mut sends = Vec::new();
-        for (p, peer) in self.peers.iter_mut() {
-            while peer.inflight < MAX_INFLIGHT_PER_PEER {
-                let Some(m) = peer.sync.poll_transmit() else {
+        for (p, c) in self.peers.iter_mut() {
+            while c.inflight < MAX_INFLIGHT_PER_PEER {
+                let Some(m) = self.engine.poll_transmit_to(c.replica) else {
                     break;
                 };
-                peer.inflight += 1;
+                c.inflight += 1;
                 sends.push((*p, m.encode(&stand)));
             }
         }

@@ -404,3 +404,67 @@ async fn a_live_pool_reclaims_what_a_dead_terminal_held_at_its_last_sale() {
     let (code, body) = reclaim(procs[0].api.clone()).await;
     assert_eq!(code, 422, "already retired: {body}");
 }
+
+/// This replica's own rights for `sku`, from its stock view.
+async fn own_rights(api: &str, sku: &str) -> i64 {
+    get(api, "/v1/stock")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["sku"] == sku)
+        .and_then(|r| r["rights"].as_i64())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_short_of_rights_sells_by_asking_a_holder() {
+    let stand = make_stand(2, false, &ITEMS);
+    let procs = start_chain(&stand, &pool_and_terminals(2));
+    for p in &procs {
+        wait_up(p).await;
+    }
+    for p in &procs {
+        let api = p.api.clone();
+        eventually(20, "full mesh", || {
+            let api = api.clone();
+            async move { (peers(&api).await.len() == 2).then_some(()) }
+        })
+        .await;
+    }
+    // The pool spreads the 60 sodas: 30 to each terminal.
+    for p in &procs[1..] {
+        let api = p.api.clone();
+        eventually(20, "rights allocated", || {
+            let api = api.clone();
+            async move { (own_rights(&api, "soda").await == 30).then_some(()) }
+        })
+        .await;
+    }
+    // 31 sodas at t0, which holds 30: the sale waits while t0 asks t1, and is acknowledged
+    // once t1's give has landed.
+    let (code, body) = sell(&procs[1].api, "soda", 31).await;
+    assert_eq!(code, 201, "{body}");
+    let waited = body["waited_ms"].as_u64().unwrap();
+    assert!(waited > 0 && waited <= TEST_SALE_WAIT_MS, "{body}");
+    let m = metrics(&procs[1].api).await;
+    assert!(m.contains("halftime_sales_held_total 1"), "{m}");
+    // Nothing oversold: every replica sees 29 left, and the rights add up to exactly that.
+    for p in &procs {
+        wait_available(15, &p.api, "soda", 29).await;
+    }
+    let apis: Vec<String> = procs.iter().map(|p| p.api.clone()).collect();
+    eventually(15, "rights add up to what is left", || {
+        let apis = apis.clone();
+        async move {
+            let mut sum = 0;
+            for a in &apis {
+                let r = own_rights(a, "soda").await;
+                assert!(r >= 0, "negative rights at {a}");
+                sum += r;
+            }
+            (sum == 29).then_some(())
+        }
+    })
+    .await;
+}

@@ -131,6 +131,10 @@ pub struct Report {
     pub rights_answers_granted: u64,
     /// Give changes written (top-ups, returns, answers).
     pub gives: u64,
+    /// Sales that waited for rights before their outcome.
+    pub held_sales: u64,
+    /// How long those customers waited.
+    pub sale_wait_ms: Latencies,
     /// Units delivered by admin restocks.
     pub restocked_units: u64,
     /// Units taken back from lost terminals.
@@ -243,6 +247,17 @@ impl Report {
             format!("{} / {}", self.rights_requests, self.rights_answers_granted),
         );
         row(&mut s, "gives", self.gives.to_string());
+        row(
+            &mut s,
+            "sales that waited for rights",
+            format!(
+                "{} (wait p50 {} ms, p99 {} ms, max {} ms)",
+                self.held_sales,
+                self.sale_wait_ms.p50,
+                self.sale_wait_ms.p99,
+                self.sale_wait_ms.max
+            ),
+        );
         row(
             &mut s,
             "restocked / reclaimed units",

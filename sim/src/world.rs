@@ -1,32 +1,24 @@
-//! The simulated stand: the pool and the terminals as real [`Ledger`]s, a [`PeerSync`] per
-//! direction of every live link, the virtual network, the customers and the faults. One
-//! [`World::step`] advances the virtual clock to the next event and handles everything due,
-//! then checks the invariants of every replica whose state changed.
+//! The simulated stand: the pool and the terminals as real stand [`Engine`]s over real
+//! [`Ledger`]s, the virtual network, the customers and the faults. The world only moves bytes,
+//! keeps the clocks and plays the customers and the admin: every rule of the stand (when a sale
+//! waits, whom to ask, allocation, relays, vectors) is the engine's, exactly as on a terminal.
+//! One [`World::step`] advances the virtual clock to the next event and handles everything
+//! due, then checks the invariants of every replica whose state changed.
 
 use crate::config::{Broken, SimConfig};
 use crate::net::{LAN, Network, TICK_MS, WAN};
 use crate::report::{Failure, Latencies, Report, SkuReport, StockSample};
 use crate::scenario::{self, Fault};
-use halftime_ledger::sync::SyncEvent;
+use halftime_engine::{Engine, EngineConfig, EngineStats, Event, PlantedBug, SaleOrder, Ticket};
 use halftime_ledger::{
-    ApplyReport, CatalogItem, EventId, Ledger, PeerSync, Policy, ReplicaId, ReplicaKey, Role,
-    SaleId, SaleLine, SaleOutcome, SaleRequest, SignedChange, Sku, StandId, StandInfo, WireMessage,
+    CatalogItem, EventId, Ledger, Policy, ReplicaId, ReplicaKey, Role, SaleId, SaleLine,
+    SignedChange, Sku, StandId, StandInfo, WireMessage,
 };
 use halftime_ledger::{Payment, PaymentMethod, plan_allocation};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Interval between version-vector exchanges on every link.
-pub const ANTI_ENTROPY_INTERVAL_MS: u64 = 1_000;
-/// The pool plans and executes top-ups this often while terminals reach it.
-pub const ALLOCATION_INTERVAL_MS: u64 = 5_000;
-/// Terminals return surplus (their side of the plan) this often while they reach the pool.
-pub const RETURN_INTERVAL_MS: u64 = 10_000;
-/// Terminals look at their rights this often (besides after every sale).
-pub const RIGHTS_CHECK_INTERVAL_MS: u64 = 5_000;
-/// A rights request unanswered for this long may be sent again.
-pub const RIGHTS_REQUEST_TIMEOUT_MS: u64 = 3_000;
 /// After the final heal every live replica must hold the same changes within this bound.
 pub const CONVERGENCE_BOUND_MS: u64 = 120_000;
 /// Stock is sampled for the plots this many times per game.
@@ -49,7 +41,7 @@ const SKEW_STREAM: u64 = 1;
 struct Node {
     key: ReplicaKey,
     id: ReplicaId,
-    ledger: Ledger,
+    engine: Engine,
     /// Offset of this device's wall clock from true time (0 for the pool).
     skew_ms: i64,
     alive: bool,
@@ -60,8 +52,6 @@ struct Node {
     /// Customer stream of this terminal (its own RNG, so policies see the same customers).
     customers: ChaCha8Rng,
     next_arrival: u64,
-    /// Per sku: until when a rights request is outstanding.
-    outstanding: BTreeMap<Sku, u64>,
     /// Sales of `ledger.sales()` already folded into `overdraft` and `sold`.
     overdraft_scanned: usize,
     /// Σ SaleRecord.overdraft per sku over the sales this replica knows.
@@ -73,11 +63,11 @@ struct Node {
 }
 
 impl Node {
-    fn new(key: ReplicaKey, ledger: Ledger, customers: ChaCha8Rng, skew_ms: i64) -> Self {
+    fn new(key: ReplicaKey, engine: Engine, customers: ChaCha8Rng, skew_ms: i64) -> Self {
         Node {
             id: key.replica_id(),
             key,
-            ledger,
+            engine,
             skew_ms,
             alive: true,
             dead: false,
@@ -85,7 +75,6 @@ impl Node {
             durable: Vec::new(),
             customers,
             next_arrival: u64::MAX,
-            outstanding: BTreeMap::new(),
             overdraft_scanned: 0,
             overdraft: BTreeMap::new(),
             sold: BTreeMap::new(),
@@ -101,9 +90,8 @@ struct Counters {
     units_sold: u64,
     refused: u64,
     lost_sales: u64,
-    rights_requests: u64,
-    rights_answers_granted: u64,
-    gives: u64,
+    /// Gives the central baseline's pool made to decide online sales.
+    baseline_gives: u64,
     decode_errors: u64,
     rejected_changes: u64,
     crashes: u64,
@@ -114,7 +102,8 @@ struct Counters {
     shrunk_units: u64,
     replacements: u64,
     replacement_sales: u64,
-    relayed_changes: u64,
+    /// Figures of engines replaced by a restart.
+    engines_before_restart: EngineStats,
 }
 
 /// A violated invariant.
@@ -142,7 +131,7 @@ pub struct World {
     nodes: Vec<Node>,
     /// Node index of every replica id.
     by_replica: BTreeMap<ReplicaId, usize>,
-    syncs: BTreeMap<(usize, usize), PeerSync>,
+    engine_cfg: EngineConfig,
     up: BTreeSet<(usize, usize)>,
     net: Network,
     stand_id: StandId,
@@ -151,8 +140,6 @@ pub struct World {
     expected_demand: BTreeMap<Sku, f64>,
     opening: BTreeMap<Sku, u64>,
     restocked: BTreeMap<Sku, u64>,
-    low_water: BTreeMap<Sku, i64>,
-    want: BTreeMap<Sku, u64>,
     /// Ground truth per sku: units that exist minus every unit sold anywhere.
     truth: BTreeMap<Sku, i64>,
     lost_units: BTreeMap<Sku, u64>,
@@ -175,13 +162,15 @@ pub struct World {
     game_ms: u64,
     healed_at: Option<u64>,
     converged_at: Option<u64>,
-    next_allocation: u64,
-    next_return: u64,
-    next_rights_check: u64,
     next_sample: u64,
     sample_every: u64,
-    /// Committed sales not yet seen at the pool: (replica, seq) → commit time.
-    in_transit: BTreeMap<(ReplicaId, u64), u64>,
+    /// Committed sales not yet seen at the pool: per replica, seq → commit time.
+    in_transit: BTreeMap<ReplicaId, BTreeMap<u64, u64>>,
+    /// Customers whose sale the engine has not decided yet: terminal, item, units.
+    tickets: BTreeMap<Ticket, (usize, Sku, u64)>,
+    next_ticket: u64,
+    /// How long each customer whose sale waited for rights waited (committed or refused).
+    waits: Vec<u64>,
     acked: Vec<(SaleId, usize)>,
     latencies: Vec<u64>,
     counters: Counters,
@@ -257,14 +246,14 @@ impl World {
             .iter()
             .map(|(s, d)| (s.clone(), (d * 0.85).ceil() as u64 + 1))
             .collect();
-        let low_water: BTreeMap<Sku, i64> = opening
-            .iter()
-            .map(|(s, o)| (s.clone(), ((*o / terminals as u64) as i64 / 4).max(3)))
-            .collect();
-        let want: BTreeMap<Sku, u64> = opening
-            .iter()
-            .map(|(s, o)| (s.clone(), (*o / terminals as u64 / 2).max(6)))
-            .collect();
+        let engine_cfg = EngineConfig {
+            auto_rights: !cfg.baseline,
+            planted_bug: match cfg.broken {
+                Some(Broken::IgnoreRights) => Some(PlantedBug::IgnoreRights),
+                None => None,
+            },
+            ..EngineConfig::default()
+        };
 
         // Every terminal's clock is off by a fixed amount; the pool keeps true time.
         let mut skew_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
@@ -317,13 +306,14 @@ impl World {
         let mut nodes = Vec::with_capacity(terminals + 1);
         nodes.push(Node::new(
             key_for(0),
-            pool,
+            Engine::new(pool, engine_cfg.clone(), t0),
             ChaCha8Rng::seed_from_u64(rng.random()),
             0,
         ));
         for (i, skew) in skews.iter().enumerate().skip(1) {
+            let wall = t0.saturating_add_signed(*skew);
             let mut l = Ledger::join(key_for(i), stand_id.clone(), pool_key);
-            let r = l.apply_remote(setup.clone(), t0.saturating_add_signed(*skew));
+            let r = l.apply_remote(setup.clone(), wall);
             if !r.rejected.is_empty() {
                 return Err(violation(
                     "setup",
@@ -332,7 +322,7 @@ impl World {
             }
             nodes.push(Node::new(
                 key_for(i),
-                l,
+                Engine::new(l, engine_cfg.clone(), wall),
                 ChaCha8Rng::seed_from_u64(rng.random()),
                 *skew,
             ));
@@ -349,7 +339,7 @@ impl World {
             base_terminals: terminals,
             nodes,
             by_replica,
-            syncs: BTreeMap::new(),
+            engine_cfg,
             up: BTreeSet::new(),
             net: Network::default(),
             stand_id,
@@ -358,8 +348,6 @@ impl World {
             expected_demand,
             opening,
             restocked: BTreeMap::new(),
-            low_water,
-            want,
             truth,
             lost_units: BTreeMap::new(),
             sold_units: BTreeMap::new(),
@@ -377,12 +365,12 @@ impl World {
             game_ms,
             healed_at: None,
             converged_at: None,
-            next_allocation: ALLOCATION_INTERVAL_MS,
-            next_return: RETURN_INTERVAL_MS,
-            next_rights_check: RIGHTS_CHECK_INTERVAL_MS,
             next_sample: 0,
             sample_every: (game_ms / SAMPLES_PER_GAME).max(1),
             in_transit: BTreeMap::new(),
+            tickets: BTreeMap::new(),
+            next_ticket: 0,
+            waits: Vec::new(),
             acked: Vec::new(),
             latencies: Vec::new(),
             counters: Counters::default(),
@@ -467,7 +455,7 @@ impl World {
         self.up.contains(&(a.min(b), a.max(b)))
     }
 
-    /// Open (fresh sync state, vectors first) or close links whose state changed.
+    /// Tell both engines of every link whose state changed.
     fn update_links(&mut self) {
         let n = self.nodes.len();
         for a in 0..n {
@@ -476,52 +464,115 @@ impl World {
                 let was_up = self.up.contains(&(a, b));
                 if now_up && !was_up {
                     self.up.insert((a, b));
-                    let now = self.now;
-                    let sa = PeerSync::new(&self.nodes[a].ledger, now, ANTI_ENTROPY_INTERVAL_MS);
-                    let sb = PeerSync::new(&self.nodes[b].ledger, now, ANTI_ENTROPY_INTERVAL_MS);
-                    self.syncs.insert((a, b), sa);
-                    self.syncs.insert((b, a), sb);
+                    self.link_event(a, b, true);
                     self.log(|| format!("link {a}<->{b} up"));
                 } else if !now_up && was_up {
                     self.up.remove(&(a, b));
-                    self.syncs.remove(&(a, b));
-                    self.syncs.remove(&(b, a));
+                    self.link_event(a, b, false);
                     self.log(|| format!("link {a}<->{b} down"));
                 }
             }
         }
     }
 
-    fn pool_reachable(&self, t: usize) -> bool {
-        self.link_up(0, t)
-    }
-
-    /// Push a change this node just wrote (or gave) to every connected peer.
-    fn push_local(&mut self, node: usize, change: &SignedChange, except: Option<usize>) {
-        let me = self.nodes[node].id;
-        let seq = self.nodes[node].ledger.local_seq();
-        self.push(node, me, seq, change, except);
-        self.dirty.insert(node);
-    }
-
-    /// Push change `seq` of `author` from `node` to every connected peer but `except`.
-    fn push(
-        &mut self,
-        node: usize,
-        author: ReplicaId,
-        seq: u64,
-        change: &SignedChange,
-        except: Option<usize>,
-    ) {
-        for ((_, peer), sync) in self.syncs.range_mut((node, 0)..(node + 1, 0)) {
-            if Some(*peer) != except {
-                sync.push(author, seq, change);
+    fn link_event(&mut self, a: usize, b: usize, up: bool) {
+        for (x, y) in [(a, b), (b, a)] {
+            if !self.nodes[x].alive {
+                continue;
             }
+            let (wall, peer) = (self.wall(x), self.nodes[y].id);
+            let e = &mut self.nodes[x].engine;
+            if up {
+                e.peer_up(peer, wall);
+            } else {
+                e.peer_down(peer, wall);
+            }
+            self.drain(x);
         }
+    }
+
+    /// Act on everything `node`'s engine asks for: persist (a simulated device's disk never
+    /// fails; a crash keeps everything persisted), settle customers, count rejections.
+    fn drain(&mut self, node: usize) {
+        loop {
+            let mut persist = false;
+            while let Some(ev) = self.nodes[node].engine.poll_event() {
+                match ev {
+                    Event::Persist(_) => {
+                        persist = true;
+                        self.dirty.insert(node);
+                    }
+                    Event::Received(_) => {
+                        self.dirty.insert(node);
+                    }
+                    Event::Committed {
+                        ticket,
+                        sale_id,
+                        waited_ms,
+                    } => self.committed(ticket, sale_id, waited_ms),
+                    Event::Refused { ticket, refusal } => {
+                        if let Some((t, sku, qty)) = self.tickets.remove(&ticket) {
+                            if refusal.waited_ms > 0 {
+                                self.waits.push(refusal.waited_ms);
+                            }
+                            let why = refusal.to_string();
+                            self.refused(t, &sku, qty, &why);
+                        }
+                    }
+                    Event::Rejected { rejections, .. } => {
+                        self.counters.rejected_changes += rejections.len() as u64;
+                        self.log(|| format!("node {node} rejected {rejections:?}"));
+                    }
+                    Event::PeerGone(peer) => {
+                        // The driver redials at once; the link is still up in the world.
+                        let wall = self.wall(node);
+                        self.nodes[node].engine.peer_up(peer, wall);
+                    }
+                }
+            }
+            if !persist {
+                return;
+            }
+            self.nodes[node].engine.persisted();
+        }
+    }
+
+    fn committed(&mut self, ticket: Ticket, sale_id: SaleId, waited_ms: u64) {
+        let Some((t, sku, qty)) = self.tickets.remove(&ticket) else {
+            return;
+        };
+        let now = self.now;
+        self.log(|| {
+            format!("terminal {t} sells {sku} x{qty} ({sale_id:?}, waited {waited_ms} ms)")
+        });
+        if waited_ms > 0 {
+            self.waits.push(waited_ms);
+        }
+        self.counters.sales += 1;
+        self.counters.units_sold += qty;
+        if t > self.base_terminals {
+            self.counters.replacement_sales += 1;
+        }
+        *self.truth.entry(sku.clone()).or_insert(0) -= qty as i64;
+        *self.sold_units.entry(sku).or_insert(0) += qty;
+        self.in_transit
+            .entry(sale_id.replica)
+            .or_default()
+            .insert(sale_id.seq, now);
+        self.acked.push((sale_id, t));
     }
 
     // ---------------------------------------------------------------------------------------
     // The main loop.
+
+    /// The virtual time at which `node`'s clock reads `wall`.
+    fn virtual_at(&self, node: usize, wall: u64) -> u64 {
+        if wall == u64::MAX {
+            return u64::MAX;
+        }
+        let start = GAME_START_WALL_MS.saturating_add_signed(self.nodes[node].skew_ms);
+        wall.saturating_sub(start)
+    }
 
     fn next_event(&self) -> u64 {
         let mut t = u64::MAX;
@@ -537,16 +588,12 @@ impl World {
                     t = t.min(n.next_arrival);
                 }
             }
-            if !self.cfg.baseline {
-                t = t
-                    .min(self.next_allocation)
-                    .min(self.next_return)
-                    .min(self.next_rights_check);
-            }
             t = t.min(self.next_sample);
         }
-        for s in self.syncs.values() {
-            t = t.min(s.poll_timeout());
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.alive {
+                t = t.min(self.virtual_at(i, n.engine.poll_timeout()));
+            }
         }
         t.max(self.now)
     }
@@ -595,7 +642,6 @@ impl World {
         self.deliver();
         self.timers();
         self.customers();
-        self.periodic();
         self.flush();
         self.sample();
         self.check_safety()
@@ -663,11 +709,22 @@ impl World {
             return;
         }
         // Everything applied was persisted before it was acknowledged.
-        n.durable = n.ledger.all_changes().cloned().collect();
+        n.durable = n.engine.ledger().all_changes().cloned().collect();
         n.alive = false;
         n.crashed = true;
-        n.outstanding.clear();
         self.counters.crashes += 1;
+        // Customers waiting at the crashed terminal leave unserved.
+        let waiting: Vec<Ticket> = self
+            .tickets
+            .iter()
+            .filter(|(_, (t, _, _))| *t == i)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in waiting {
+            if let Some((t, sku, qty)) = self.tickets.remove(&k) {
+                self.refused(t, &sku, qty, "terminal crashed");
+            }
+        }
     }
 
     fn restart(&mut self, i: usize) -> Result<(), Violation> {
@@ -697,7 +754,8 @@ impl World {
                 ),
             ));
         }
-        n.ledger = ledger;
+        add_stats(&mut self.counters.engines_before_restart, n.engine.stats());
+        n.engine = Engine::new(ledger, self.engine_cfg.clone(), wall);
         n.alive = true;
         n.crashed = false;
         n.overdraft_scanned = 0;
@@ -715,16 +773,16 @@ impl World {
     fn reclaim(&mut self, i: usize) -> Result<(), Violation> {
         let rid = self.nodes[i].id;
         for s in &self.skus {
-            let r = self.nodes[0].ledger.rights(rid, s).max(0) as u64;
+            let r = self.nodes[0].engine.ledger().rights(rid, s).max(0) as u64;
             *self.reclaim_allowance.entry(s.clone()).or_insert(0) += r;
             self.counters.reclaimed_units += r;
         }
         let wall = self.wall(0);
-        let change = self.nodes[0]
-            .ledger
-            .reclaim(rid, wall)
+        self.nodes[0]
+            .engine
+            .local_op(wall, |l, now| Ok((l.reclaim(rid, now)?, ())))
             .map_err(|e| violation("reclaim", e.to_string()))?;
-        self.push_local(0, &change, None);
+        self.drain(0);
         Ok(())
     }
 
@@ -744,11 +802,11 @@ impl World {
             self.counters.restocked_units += u;
         }
         let wall = self.wall(0);
-        let change = self.nodes[0]
-            .ledger
-            .restock(units, "delivery", wall)
+        self.nodes[0]
+            .engine
+            .local_op(wall, |l, now| Ok((l.restock(units, "delivery", now)?, ())))
             .map_err(|e| violation("restock", e.to_string()))?;
-        self.push_local(0, &change, None);
+        self.drain(0);
         Ok(())
     }
 
@@ -762,7 +820,7 @@ impl World {
         let mut held: Vec<(i64, Sku)> = self
             .skus
             .iter()
-            .map(|s| (pool.ledger.rights(pool.id, s), s.clone()))
+            .map(|s| (pool.engine.ledger().rights(pool.id, s), s.clone()))
             .filter(|(r, _)| *r > 0)
             .collect();
         let how_many = self.rng.random_range(1..=2usize).min(held.len());
@@ -784,17 +842,19 @@ impl World {
             return Ok(());
         }
         let wall = self.wall(0);
-        let change = self.nodes[0]
-            .ledger
-            .adjust(units.clone(), "spoiled", wall)
+        let shrink = units.clone();
+        self.nodes[0]
+            .engine
+            .local_op(wall, |l, now| Ok((l.adjust(shrink, "spoiled", now)?, ())))
             .map_err(|e| violation("adjust", e.to_string()))?;
         for (s, u) in &units {
             *self.truth.entry(s.clone()).or_insert(0) -= *u as i64;
             *self.shrunk.entry(s.clone()).or_insert(0) += u;
             self.counters.shrunk_units += u;
         }
-        self.adjusts.push((self.nodes[0].ledger.local_seq(), units));
-        self.push_local(0, &change, None);
+        self.adjusts
+            .push((self.nodes[0].engine.ledger().local_seq(), units));
+        self.drain(0);
         Ok(())
     }
 
@@ -805,21 +865,24 @@ impl World {
         let key = ReplicaKey::from_seed(self.rng.random());
         let new = self.nodes.len();
         let wall = self.wall(0);
-        let change = self.nodes[0]
-            .ledger
-            .enrol(
-                key.public(),
-                &format!("till {new} (replaces till {lost})"),
-                Role::Terminal,
-                wall,
-            )
+        let name = format!("till {new} (replaces till {lost})");
+        let public = key.public();
+        self.nodes[0]
+            .engine
+            .local_op(wall, |l, now| {
+                Ok((l.enrol(public, &name, Role::Terminal, now)?, ()))
+            })
             .map_err(|e| violation("enrol", e.to_string()))?;
-        self.push_local(0, &change, None);
+        self.drain(0);
         let pool_key = self.nodes[0].key.public();
         let ledger = Ledger::join(key.clone(), self.stand_id.clone(), pool_key);
         let customers = ChaCha8Rng::seed_from_u64(self.rng.random());
         let skew = draw_skew(&mut self.skew_rng, self.cfg.clock_skew_ms);
-        let node = Node::new(key, ledger, customers, skew);
+        let now_wall = GAME_START_WALL_MS
+            .saturating_add(self.now)
+            .saturating_add_signed(skew);
+        let engine = Engine::new(ledger, self.engine_cfg.clone(), now_wall);
+        let node = Node::new(key, engine, customers, skew);
         self.by_replica.insert(node.id, new);
         self.nodes.push(node);
         self.wifi_up.push(true);
@@ -829,14 +892,14 @@ impl World {
         Ok(())
     }
 
-    /// Deliver every message due, batching the changes that reach one replica in this tick
-    /// into one `apply_remote`.
+    /// Deliver every message due; what reaches one replica in this tick is handed to its
+    /// engine together, so the changes in it are applied as one batch.
     fn deliver(&mut self) {
         let due = self.net.due(self.now);
         if due.is_empty() {
             return;
         }
-        let mut by_to: BTreeMap<usize, Vec<(usize, WireMessage)>> = BTreeMap::new();
+        let mut by_to: BTreeMap<usize, Vec<(ReplicaId, WireMessage)>> = BTreeMap::new();
         for m in due {
             if !self.link_up(m.from, m.to) {
                 self.net.stats.messages_dropped_link_down += 1;
@@ -845,177 +908,63 @@ impl World {
             match WireMessage::decode(&m.bytes, &self.stand_id) {
                 Ok(msg) => {
                     self.net.stats.messages_delivered += 1;
-                    by_to.entry(m.to).or_default().push((m.from, msg));
+                    if self.tracing() {
+                        let (from, to) = (m.from, m.to);
+                        let kind = match &msg {
+                            WireMessage::Vector { .. } => "vector".to_owned(),
+                            WireMessage::RightsRequest { sku, want, urgent } => {
+                                format!("rights-request {sku} x{want} urgent={urgent}")
+                            }
+                            WireMessage::RightsAnswer { sku, granted, .. } => {
+                                format!("rights-answer {sku} x{granted}")
+                            }
+                            WireMessage::Changes { changes } => {
+                                format!("changes x{}", changes.len())
+                            }
+                        };
+                        self.log(|| format!("deliver {from}->{to} {kind}"));
+                    }
+                    by_to
+                        .entry(m.to)
+                        .or_default()
+                        .push((self.nodes[m.from].id, msg));
                 }
                 Err(_) => self.counters.decode_errors += 1,
             }
         }
-        let now = self.now;
         for (to, msgs) in by_to {
             let wall = self.wall(to);
-            let mut batch = Vec::new();
-            let mut senders = BTreeSet::new();
-            let mut others = Vec::new();
-            for (from, msg) in msgs {
-                match msg {
-                    WireMessage::Changes { changes } => {
-                        if self.tracing() {
-                            self.log(|| format!("deliver {from}->{to} changes x{}", changes.len()));
-                        }
-                        batch.extend(changes);
-                        senders.insert(from);
-                    }
-                    other => others.push((from, other)),
-                }
-            }
-            let mut reports = Vec::new();
-            let mut requests = Vec::new();
-            if !batch.is_empty() {
-                // Received changes are applied here, on the receiver's (skewed) wall clock; the
-                // sync states below are driven by the virtual clock and see an empty message.
-                let from = if senders.len() == 1 {
-                    senders.first().copied()
-                } else {
-                    None
-                };
-                reports.push((from, self.nodes[to].ledger.apply_remote(batch, wall)));
-                // Let each sender's sync state react as if it had applied its own message
-                // (a gap or a newer peer triggers a vector).
-                for from in senders {
-                    if let Some(s) = self.syncs.get_mut(&(to, from)) {
-                        let _ = s.handle(
-                            &mut self.nodes[to].ledger,
-                            WireMessage::Changes {
-                                changes: Vec::new(),
-                            },
-                            now,
-                        );
-                    }
-                }
-            }
-            for (from, msg) in others {
-                if self.tracing() {
-                    let kind = match &msg {
-                        WireMessage::Vector { .. } => "vector".to_owned(),
-                        WireMessage::RightsRequest { sku, want } => {
-                            format!("rights-request {sku} x{want}")
-                        }
-                        WireMessage::RightsAnswer { sku, granted, .. } => {
-                            format!("rights-answer {sku} x{granted}")
-                        }
-                        WireMessage::Changes { .. } => "changes".to_owned(),
-                    };
-                    self.log(|| format!("deliver {from}->{to} {kind}"));
-                }
-                if !self.syncs.contains_key(&(to, from)) {
-                    continue;
-                }
-                // A rights answer's give is applied on the receiver's wall clock, like any
-                // received change; its sync state only sees the answer.
-                let msg = match msg {
-                    WireMessage::RightsAnswer {
-                        sku,
-                        granted,
-                        change: Some(c),
-                    } => {
-                        reports.push((
-                            Some(from),
-                            self.nodes[to].ledger.apply_remote(vec![c], wall),
-                        ));
-                        WireMessage::RightsAnswer {
-                            sku,
-                            granted,
-                            change: None,
-                        }
-                    }
-                    m => m,
-                };
-                let Some(s) = self.syncs.get_mut(&(to, from)) else {
-                    continue;
-                };
-                for ev in s.handle(&mut self.nodes[to].ledger, msg, now) {
-                    match ev {
-                        SyncEvent::Applied(r) => reports.push((Some(from), r)),
-                        SyncEvent::RightsRequested { sku, want } => {
-                            requests.push((from, sku, want))
-                        }
-                        SyncEvent::RightsAnswered { sku, granted } => {
-                            self.nodes[to].outstanding.remove(&sku);
-                            if granted > 0 {
-                                self.counters.rights_answers_granted += 1;
-                            }
-                        }
-                    }
-                }
-            }
-            for (from, r) in reports {
-                self.after_apply(to, &r, from);
-            }
-            for (from, sku, want) in requests {
-                self.answer_rights(to, from, sku, want);
+            self.nodes[to].engine.handle_messages(msgs, wall);
+            self.drain(to);
+            if to == 0 {
+                self.arrived_at_pool();
             }
         }
     }
 
-    /// After `node` accepted received changes (from `from`, if one peer sent them all).
-    fn after_apply(&mut self, node: usize, r: &ApplyReport, from: Option<usize>) {
-        if r.accepted.is_empty() && r.rejected.is_empty() {
-            return;
-        }
-        self.dirty.insert(node);
-        // Relay what the author could not have pushed to our peers itself, as the peer does
-        // (peer/src/node.rs, `after_remote`): a change whose author is not linked to this node
-        // (a partial partition, a lost or restarting device, a repair) goes on to every other
-        // peer; on a full mesh the author pushes to everyone and nothing is relayed.
-        for ((rid, seq), c) in r.accepted_ids.iter().zip(&r.accepted) {
-            let linked = self
-                .by_replica
-                .get(rid)
-                .is_some_and(|a| *a == node || self.link_up(node, *a));
-            if !linked {
-                self.push(node, *rid, *seq, c, from);
-                self.counters.relayed_changes += 1;
+    /// Propagation: committed sales the pool now holds.
+    fn arrived_at_pool(&mut self) {
+        let now = self.now;
+        let vv = self.nodes[0].engine.ledger().version_vector();
+        for (rid, waiting) in self.in_transit.iter_mut() {
+            let held = vv.get(rid).copied().unwrap_or(0);
+            let later = waiting.split_off(&(held + 1));
+            for at in waiting.values() {
+                self.latencies.push(now - at);
             }
-        }
-        self.counters.rejected_changes += r.rejected.len() as u64;
-        if !r.rejected.is_empty() {
-            let rej = format!("{:?}", r.rejected);
-            self.log(|| format!("node {node} rejected {rej}"));
-        }
-        if node == 0 {
-            for id in &r.accepted_ids {
-                if let Some(at) = self.in_transit.remove(id) {
-                    self.latencies.push(self.now - at);
-                }
-            }
-        }
-    }
-
-    fn answer_rights(&mut self, node: usize, from: usize, sku: Sku, want: u64) {
-        let wall = self.wall(node);
-        let requester = self.nodes[from].id;
-        let answer = self.nodes[node]
-            .ledger
-            .answer_rights_request(requester, &sku, want, wall);
-        let (granted, change) = match answer {
-            Ok(Some((units, change))) => (units, Some(change)),
-            _ => (0, None),
-        };
-        self.log(|| format!("node {node} answers {from}: {sku} x{granted}"));
-        if let Some(c) = &change {
-            self.counters.gives += 1;
-            self.push_local(node, c, Some(from));
-        }
-        if let Some(s) = self.syncs.get_mut(&(node, from)) {
-            s.answer_rights(sku, granted, change);
+            *waiting = later;
         }
     }
 
     fn timers(&mut self) {
-        let now = self.now;
-        for ((a, _), s) in self.syncs.iter_mut() {
-            if s.poll_timeout() <= now {
-                s.handle_timeout(&self.nodes[*a].ledger, now);
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].alive {
+                continue;
+            }
+            let wall = self.wall(i);
+            if self.nodes[i].engine.poll_timeout() <= wall {
+                self.nodes[i].engine.handle_timeout(wall);
+                self.drain(i);
             }
         }
     }
@@ -1077,29 +1026,35 @@ impl World {
         let (wall, pool_wall) = (self.wall(t), self.wall(0));
         let (sku, qty) = self.pick_sku(t);
         self.counters.customers += 1;
-        let reachable = self.pool_reachable(t);
         let me = self.nodes[t].id;
-        if self.cfg.baseline && reachable {
+        if self.cfg.baseline && self.link_up(0, t) {
             // The central design: an online sale is decided by the pool.
-            let pool_has = self.nodes[0].ledger.available(&sku);
-            let have = self.nodes[t].ledger.rights(me, &sku);
+            let pool_has = self.nodes[0].engine.ledger().available(&sku);
+            let have = self.nodes[t].engine.ledger().rights(me, &sku);
             let ok = if pool_has < qty as i64 {
                 false
             } else if have < qty as i64 {
                 let short = qty - have.max(0) as u64;
-                match self.nodes[0].ledger.give(
-                    me,
-                    BTreeMap::from([(sku.clone(), short)]),
-                    pool_wall,
-                ) {
+                let units = BTreeMap::from([(sku.clone(), short)]);
+                let give = self.nodes[0].engine.local_op(pool_wall, |l, now| {
+                    let c = l.give(me, units, now)?;
+                    Ok((c.clone(), c))
+                });
+                match give {
                     Ok(change) => {
-                        self.counters.gives += 1;
-                        // The round trip to the relay is the sale's answer: applied at once.
-                        let r = self.nodes[t]
-                            .ledger
-                            .apply_remote(vec![change.clone()], wall);
-                        self.after_apply(t, &r, Some(0));
-                        self.push_local(0, &change, Some(t));
+                        self.counters.baseline_gives += 1;
+                        self.drain(0);
+                        // The round trip to the relay is the sale's answer: the give is
+                        // handed to the terminal at once.
+                        let pool_id = self.nodes[0].id;
+                        self.nodes[t].engine.handle_message(
+                            pool_id,
+                            WireMessage::Changes {
+                                changes: vec![change],
+                            },
+                            wall,
+                        );
+                        self.drain(t);
                         true
                     }
                     Err(_) => false,
@@ -1112,14 +1067,12 @@ impl World {
                 return;
             }
         }
-        let pool_reachable = if self.cfg.broken == Some(Broken::IgnoreRights) {
-            false
-        } else {
-            reachable
-        };
-        let req = SaleRequest {
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        self.tickets.insert(ticket, (t, sku.clone(), qty));
+        let order = SaleOrder {
             lines: vec![SaleLine {
-                sku: sku.clone(),
+                sku,
                 qty,
                 unit_price_cents: PRICE_CENTS,
             }],
@@ -1127,30 +1080,9 @@ impl World {
                 method: PaymentMethod::Card,
                 reference: format!("pi_{t}_{now}"),
             },
-            pool_reachable,
         };
-        match self.nodes[t].ledger.sell(req, wall) {
-            SaleOutcome::Committed { sale_id, change } => {
-                self.log(|| {
-                    format!("terminal {t} sells {sku} x{qty} ({sale_id:?}, online={reachable})")
-                });
-                self.counters.sales += 1;
-                self.counters.units_sold += qty;
-                if t > self.base_terminals {
-                    self.counters.replacement_sales += 1;
-                }
-                *self.truth.entry(sku.clone()).or_insert(0) -= qty as i64;
-                *self.sold_units.entry(sku.clone()).or_insert(0) += qty;
-                self.in_transit.insert((sale_id.replica, sale_id.seq), now);
-                self.acked.push((sale_id, t));
-                self.push_local(t, &change, None);
-            }
-            SaleOutcome::Refused { reason } => {
-                let why = reason.to_string();
-                self.refused(t, &sku, qty, &why);
-            }
-        }
-        self.maybe_request_rights(t, &sku);
+        self.nodes[t].engine.sell(ticket, order, wall);
+        self.drain(t);
     }
 
     fn refused(&mut self, t: usize, sku: &Sku, qty: u64, why: &str) {
@@ -1163,110 +1095,20 @@ impl World {
         self.log(|| format!("terminal {t} refuses {sku} x{qty}: {why} (stand has {left})"));
     }
 
-    fn maybe_request_rights(&mut self, t: usize, sku: &Sku) {
-        if self.cfg.baseline || self.now >= self.game_ms || !self.nodes[t].alive {
-            return;
-        }
-        let me = self.nodes[t].id;
-        let l = &self.nodes[t].ledger;
-        let low = self.low_water.get(sku).copied().unwrap_or(3);
-        if l.rights(me, sku) >= low
-            || self.nodes[t]
-                .outstanding
-                .get(sku)
-                .is_some_and(|d| *d > self.now)
-        {
-            return;
-        }
-        // Ask whoever (as far as we know) can spare the most: the pool all it has, a terminal half.
-        let mut best: Option<(i64, usize)> = None;
-        for ((_, peer), _) in self.syncs.range((t, 0)..(t + 1, 0)) {
-            let r = l.rights(self.nodes[*peer].id, sku).max(0);
-            // A terminal is asked only when it is well stocked, so rights do not ping-pong
-            // between terminals that are all running low.
-            let spare = if *peer == 0 {
-                r
-            } else if r >= 4 * low {
-                r / 2
-            } else {
-                0
-            };
-            if spare > 0 && best.is_none_or(|(b, _)| spare > b) {
-                best = Some((spare, *peer));
-            }
-        }
-        let Some((_, peer)) = best else { return };
-        let want = self.want.get(sku).copied().unwrap_or(6);
-        if let Some(s) = self.syncs.get_mut(&(t, peer)) {
-            s.request_rights(sku.clone(), want);
-            self.nodes[t]
-                .outstanding
-                .insert(sku.clone(), self.now + RIGHTS_REQUEST_TIMEOUT_MS);
-            self.counters.rights_requests += 1;
-            self.log(|| format!("terminal {t} asks {peer} for {sku} x{want}"));
-        }
-    }
-
-    fn periodic(&mut self) {
-        if self.now >= self.game_ms || self.cfg.baseline {
-            return;
-        }
-        let now = self.now;
-        let alloc = self.cfg.allocation.allocation();
-        if now >= self.next_allocation {
-            self.next_allocation = now + ALLOCATION_INTERVAL_MS;
-            if (1..self.nodes.len()).any(|t| self.link_up(0, t)) {
-                let wall = self.wall(0);
-                let plans = plan_allocation(&self.nodes[0].ledger, alloc, wall);
-                for c in self.nodes[0]
-                    .ledger
-                    .execute_plans(&plans, wall)
-                    .into_iter()
-                    .flatten()
-                {
-                    self.counters.gives += 1;
-                    self.push_local(0, &c, None);
-                }
-            }
-        }
-        if now >= self.next_return {
-            self.next_return = now + RETURN_INTERVAL_MS;
-            for t in 1..self.nodes.len() {
-                if !self.pool_reachable(t) {
-                    continue;
-                }
-                let wall = self.wall(t);
-                let plans = plan_allocation(&self.nodes[t].ledger, alloc, wall);
-                for c in self.nodes[t]
-                    .ledger
-                    .execute_plans(&plans, wall)
-                    .into_iter()
-                    .flatten()
-                {
-                    self.counters.gives += 1;
-                    self.push_local(t, &c, None);
-                }
-            }
-        }
-        if now >= self.next_rights_check {
-            self.next_rights_check = now + RIGHTS_CHECK_INTERVAL_MS;
-            let skus = self.skus.clone();
-            for t in 1..self.nodes.len() {
-                for s in &skus {
-                    self.maybe_request_rights(t, s);
-                }
-            }
-        }
-    }
-
-    /// Drain every sync's outbox onto the network.
+    /// Put every frame the engines want sent on the network.
     fn flush(&mut self) {
         let now = self.now;
-        for ((a, b), s) in self.syncs.iter_mut() {
-            let model = if *a == 0 || *b == 0 { &WAN } else { &LAN };
-            while let Some(msg) = s.poll_transmit() {
+        for a in 0..self.nodes.len() {
+            if !self.nodes[a].alive {
+                continue;
+            }
+            while let Some((to, msg)) = self.nodes[a].engine.poll_transmit() {
+                let Some(&b) = self.by_replica.get(&to) else {
+                    continue;
+                };
+                let model = if a == 0 || b == 0 { &WAN } else { &LAN };
                 let bytes = msg.encode(&self.stand_id);
-                self.net.send(&mut self.rng, model, now, *a, *b, bytes);
+                self.net.send(&mut self.rng, model, now, a, b, bytes);
             }
         }
     }
@@ -1280,7 +1122,10 @@ impl World {
             .iter()
             .map(|n| {
                 if n.alive {
-                    self.skus.iter().map(|s| n.ledger.rights(n.id, s)).sum()
+                    self.skus
+                        .iter()
+                        .map(|s| n.engine.ledger().rights(n.id, s))
+                        .sum()
                 } else {
                     0
                 }
@@ -1293,9 +1138,13 @@ impl World {
             pool_rights: self
                 .skus
                 .iter()
-                .map(|s| pool.ledger.rights(pool.id, s))
+                .map(|s| pool.engine.ledger().rights(pool.id, s))
                 .sum(),
-            pool_available: self.skus.iter().map(|s| pool.ledger.available(s)).sum(),
+            pool_available: self
+                .skus
+                .iter()
+                .map(|s| pool.engine.ledger().available(s))
+                .sum(),
             truth: self.truth.values().sum(),
         });
     }
@@ -1313,7 +1162,7 @@ impl World {
             }
             // Fold newly known sales into the overdraft allowance and the units sold of this view.
             let node = &mut self.nodes[n];
-            let sales = node.ledger.sales();
+            let sales = node.engine.ledger().sales();
             for e in &sales[node.overdraft_scanned..] {
                 for (s, u) in &e.record.overdraft {
                     *node.overdraft.entry(s.clone()).or_insert(0) += u;
@@ -1323,7 +1172,7 @@ impl World {
                 }
             }
             node.overdraft_scanned = sales.len();
-            let l = &node.ledger;
+            let l = node.engine.ledger();
             // Shrink this view knows of: the adjustments up to the pool's last change it holds
             // (the pool writes them in order, so they are a prefix).
             if node.adjusts_known < self.adjusts.len() {
@@ -1408,11 +1257,11 @@ impl World {
         }
         let mut it = self.live();
         let Some(first) = it.next() else { return true };
-        let v = first.ledger.version_vector();
-        it.all(|n| n.ledger.version_vector() == v)
+        let v = first.engine.ledger().version_vector();
+        it.all(|n| n.engine.ledger().version_vector() == v)
             && self
                 .live()
-                .all(|n| n.ledger.heads() == first.ledger.heads())
+                .all(|n| n.engine.ledger().heads() == first.engine.ledger().heads())
     }
 
     fn vectors_summary(&self) -> String {
@@ -1423,7 +1272,7 @@ impl World {
             .map(|(i, n)| {
                 format!(
                     "node {i}: {} changes",
-                    n.ledger.version_vector().values().sum::<u64>()
+                    n.engine.ledger().version_vector().values().sum::<u64>()
                 )
             })
             .collect::<Vec<_>>()
@@ -1433,12 +1282,12 @@ impl World {
     /// After convergence: every acknowledged sale of a live terminal is at the pool, and the
     /// pool's stock equals the ground truth less what died unsynced with a lost terminal.
     fn check_liveness(&self) -> Result<(), Violation> {
-        let pool = &self.nodes[0].ledger;
+        let pool = self.nodes[0].engine.ledger();
         let mut missing_dead: BTreeMap<Sku, i64> = BTreeMap::new();
         for (id, t) in &self.acked {
             if pool.sale(*id).is_none() {
                 if self.nodes[*t].dead {
-                    let Some(e) = self.nodes[*t].ledger.sale(*id) else {
+                    let Some(e) = self.nodes[*t].engine.ledger().sale(*id) else {
                         continue;
                     };
                     for (s, u) in e.record.units() {
@@ -1470,7 +1319,7 @@ impl World {
 
     /// The report of a finished run.
     pub fn report(&self) -> Report {
-        let pool = &self.nodes[0].ledger;
+        let pool = self.nodes[0].engine.ledger();
         let mut per_sku = Vec::new();
         let (mut stranded, mut oversell, mut lost_units) = (0, 0, 0);
         for s in &self.skus {
@@ -1500,6 +1349,10 @@ impl World {
             .sum();
         let offline_sales = pool.sales().iter().filter(|e| e.record.offline).count() as u64;
         let c = &self.counters;
+        let mut engines = c.engines_before_restart.clone();
+        for n in &self.nodes {
+            add_stats(&mut engines, n.engine.stats());
+        }
         Report {
             seed: self.cfg.seed,
             scenario: self.cfg.scenario.name().to_owned(),
@@ -1529,15 +1382,17 @@ impl World {
                 (Some(h), Some(c)) => Some(c - h),
                 _ => None,
             },
-            rights_requests: c.rights_requests,
-            rights_answers_granted: c.rights_answers_granted,
-            gives: c.gives,
+            rights_requests: engines.rights_requests_sent,
+            rights_answers_granted: engines.gives_answered,
+            gives: engines.gives_answered + engines.gives_planned + c.baseline_gives,
+            held_sales: engines.sales_held,
+            sale_wait_ms: Latencies::from_samples(&self.waits),
             restocked_units: c.restocked_units,
             reclaimed_units: c.reclaimed_units,
             shrunk_units: c.shrunk_units,
             replacement_terminals: c.replacements,
             replacement_sales: c.replacement_sales,
-            relayed_changes: c.relayed_changes,
+            relayed_changes: engines.changes_relayed,
             clock_skew_max_ms: self
                 .nodes
                 .iter()
@@ -1609,3 +1464,11 @@ pub fn run_traced(cfg: &SimConfig, from_step: u64) -> Result<Report, Box<Failure
 
 #[allow(dead_code)]
 const _: () = assert!(TICK_MS > 0);
+
+fn add_stats(sum: &mut EngineStats, s: &EngineStats) {
+    sum.rights_requests_sent += s.rights_requests_sent;
+    sum.gives_answered += s.gives_answered;
+    sum.gives_planned += s.gives_planned;
+    sum.changes_relayed += s.changes_relayed;
+    sum.sales_held += s.sales_held;
+}

@@ -125,27 +125,4 @@ impl Ledger {
             .map(|(to, units)| self.give(to, units, now_ms))
             .collect()
     }
-
-    /// Answer a peer's request for rights: the pool gives what it can, a terminal up to half of
-    /// its own rights. `Ok(None)` when there is nothing to spare.
-    pub fn answer_rights_request(
-        &mut self,
-        from: ReplicaId,
-        sku: &Sku,
-        want: u64,
-        now_ms: u64,
-    ) -> Result<Option<(u64, SignedChange)>, OpError> {
-        let have = self.rights(self.me(), sku).max(0) as u64;
-        let spare = if self.role() == Some(Role::Pool) {
-            have
-        } else {
-            have / 2
-        };
-        let units = spare.min(want);
-        if units == 0 || from == self.me() {
-            return Ok(None);
-        }
-        let change = self.give(from, BTreeMap::from([(sku.clone(), units)]), now_ms)?;
-        Ok(Some((units, change)))
-    }
 }

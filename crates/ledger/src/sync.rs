@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
 /// Wire format version.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Largest frame accepted, in bytes.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 /// Most changes sent in one message.
@@ -41,12 +41,15 @@ pub enum WireMessage {
         /// Signed changes.
         changes: Vec<SignedChange>,
     },
-    /// I am running low on `sku`: please give me up to `want`.
+    /// Please give me up to `want` of `sku`. `urgent`: a customer is waiting for them now;
+    /// otherwise a top-up ahead of demand.
     RightsRequest {
         /// Item.
         sku: Sku,
         /// Units wanted.
         want: u64,
+        /// A sale waits on the answer.
+        urgent: bool,
     },
     /// Answer to a rights request; the give change (if any) comes along.
     RightsAnswer {
@@ -132,6 +135,8 @@ pub enum SyncEvent {
         sku: Sku,
         /// Units wanted.
         want: u64,
+        /// A sale waits on the answer.
+        urgent: bool,
     },
     /// The peer answered our rights request.
     RightsAnswered {
@@ -198,8 +203,8 @@ impl PeerSync {
     }
 
     /// Ask the peer for rights.
-    pub fn request_rights(&mut self, sku: Sku, want: u64) {
-        self.enqueue(WireMessage::RightsRequest { sku, want });
+    pub fn request_rights(&mut self, sku: Sku, want: u64, urgent: bool) {
+        self.enqueue(WireMessage::RightsRequest { sku, want, urgent });
     }
 
     /// Answer a rights request.
@@ -250,8 +255,8 @@ impl PeerSync {
                 }
                 events.push(SyncEvent::Applied(report));
             }
-            WireMessage::RightsRequest { sku, want } => {
-                events.push(SyncEvent::RightsRequested { sku, want })
+            WireMessage::RightsRequest { sku, want, urgent } => {
+                events.push(SyncEvent::RightsRequested { sku, want, urgent })
             }
             WireMessage::RightsAnswer {
                 sku,
@@ -265,6 +270,14 @@ impl PeerSync {
             }
         }
         events
+    }
+
+    /// After changes from this peer were applied (by the caller, in a batch with other
+    /// peers'): ask for what is missing when something waits or the peer holds more.
+    pub fn after_apply(&mut self, ledger: &Ledger, pending: bool, now_ms: u64) {
+        if pending || self.they_have_more(ledger) {
+            self.send_vector(ledger, now_ms);
+        }
     }
 
     fn they_have_more(&self, ledger: &Ledger) -> bool {

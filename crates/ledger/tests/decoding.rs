@@ -199,34 +199,6 @@ fn peer_sync_repairs_a_lossy_link() {
 }
 
 #[test]
-fn rights_request_moves_rights_between_terminals() {
-    let mut st = stand(Policy::Strict, 2, 100, 10);
-    let (mut a, mut b) = (st.terminals.remove(0), st.terminals.remove(0));
-    let (units, give) = b
-        .answer_rights_request(a.me(), &sku("soda"), 8, 1_500)
-        .unwrap()
-        .unwrap();
-    assert_eq!(units, 5, "a terminal gives at most half of its rights");
-    a.apply_remote(vec![give], 1_501);
-    assert_eq!(a.rights(a.me(), &sku("soda")), 15);
-    assert_eq!(a.rights(b.me(), &sku("soda")), 5);
-    assert!(matches!(
-        a.sell(sale_req("soda", 15, false), 1_600),
-        SaleOutcome::Committed { .. }
-    ));
-    assert!(matches!(
-        a.sell(sale_req("soda", 1, false), 1_601),
-        SaleOutcome::Refused {
-            reason: Refusal::InsufficientRights {
-                have: 0,
-                want: 1,
-                ..
-            }
-        }
-    ));
-}
-
-#[test]
 fn optimistic_offline_sells_within_the_cap_and_locks_low_stock() {
     let mut st = stand(Policy::Optimistic, 2, 100, 10);
     let t = &mut st.terminals[0];

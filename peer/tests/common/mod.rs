@@ -64,6 +64,9 @@ impl Drop for Proc {
     }
 }
 
+/// How long a test replica's sale may wait for rights.
+pub const TEST_SALE_WAIT_MS: u64 = 5_000;
+
 /// Spawn `halftime-peer run`, optionally inside a network namespace.
 pub fn spawn(
     name: &str,
@@ -85,6 +88,9 @@ pub fn spawn(
         format!("127.0.0.1:{api_port}"),
         "--sync-interval-ms".into(),
         "500".into(),
+        // A loaded test machine must not turn a sale that waits for a give into a refusal.
+        "--sale-wait-ms".into(),
+        TEST_SALE_WAIT_MS.to_string(),
     ];
     if !mdns {
         args.push("--no-mdns".into());

@@ -1,0 +1,697 @@
+//! # halftime-engine
+//!
+//! Every rule of a stand replica in one sans-I/O state machine: when a sale commits or waits
+//! while rights are asked for, whom to ask, how much a holder gives, when the pool re-plans
+//! allocation and a terminal returns surplus, what is pushed and relayed, when vectors go out,
+//! when a peer counts as gone. The terminal daemon, the relay and the simulator are drivers:
+//! they move bytes, keep time and write to disk; none of them decides anything the engine does,
+//! so the simulator judges exactly what terminals do.
+//!
+//! The shape is quinn-proto's `Endpoint`: feed it what happened, drain what it wants done.
+//!
+//! ```text
+//! driver                                engine
+//!   sell(ticket, order, now)       ──►  commit, or hold and ask holders in parallel
+//!   handle_frame(peer, bytes, now) ──►  validate, apply, answer, relay
+//!   peer_up / peer_down / heard    ──►  who is reachable
+//!   handle_timeout(now)            ──►  deadlines, vectors, allocation, silence
+//!   ◄── poll_event()     Persist(local changes) → write durably, then persisted()
+//!                        Received(changes), Committed(ticket), Refused(ticket), PeerGone …
+//!   ◄── poll_transmit()  (peer, message): nothing leaves before our own changes are durable
+//!   ◄── poll_timeout()   when to call handle_timeout next
+//! ```
+//!
+//! ```
+//! use halftime_engine::*;
+//! use halftime_ledger::*;
+//! use std::collections::BTreeMap;
+//!
+//! let pool_key = ReplicaKey::from_seed([1; 32]);
+//! let till_key = ReplicaKey::from_seed([2; 32]);
+//! let info = StandInfo {
+//!     event: EventId::new("game-1").unwrap(), venue: "North High".into(),
+//!     stand: StandId::new("north").unwrap(), policy: Policy::Strict,
+//!     allocation: Allocation::Proportional, low_stock_pct: 10,
+//! };
+//! let soda = Sku::new("soda").unwrap();
+//! let (mut pool, genesis) = Ledger::create_stand(pool_key.clone(), info, "pool", 1_000).unwrap();
+//! let mut setup = vec![genesis];
+//! setup.push(pool.set_catalog(vec![CatalogItem {
+//!     sku: soda.clone(), name: "Soda".into(), price_cents: 300, low_stock_at: 0,
+//! }], 1_000).unwrap());
+//! setup.push(pool.enrol(till_key.public(), "till", Role::Terminal, 1_000).unwrap());
+//! setup.push(pool.restock(BTreeMap::from([(soda.clone(), 10)]), "opening", 1_000).unwrap());
+//! let mut till = Ledger::join(till_key, StandId::new("north").unwrap(), pool_key.public());
+//! till.apply_remote(setup, 1_000);
+//!
+//! // The till holds no rights yet: the sale waits while it asks the pool.
+//! let (mut p, mut t) = (Engine::new(pool, EngineConfig::default(), 1_000),
+//!                       Engine::new(till, EngineConfig::default(), 1_000));
+//! let (pid, tid) = (p.ledger().me(), t.ledger().me());
+//! p.peer_up(tid, 1_000);
+//! t.peer_up(pid, 1_000);
+//! let order = SaleOrder {
+//!     lines: vec![SaleLine { sku: soda.clone(), qty: 1, unit_price_cents: 300 }],
+//!     payment: Payment { method: PaymentMethod::Cash, reference: String::new() },
+//! };
+//! t.sell(Ticket(7), order, 1_001);
+//! // Wire the two engines by hand (a driver would use sockets and a disk).
+//! let mut committed = false;
+//! for _ in 0..4 {
+//!     for e in [&mut p, &mut t] {
+//!         while let Some(ev) = e.poll_event() {
+//!             match ev {
+//!                 Event::Persist(_changes) => e.persisted(), // after an fsync
+//!                 Event::Committed { ticket: Ticket(7), .. } => committed = true,
+//!                 _ => {}
+//!             }
+//!         }
+//!     }
+//!     while let Some((_, m)) = t.poll_transmit() { p.handle_message(tid, m, 1_002); }
+//!     while let Some((_, m)) = p.poll_transmit() { t.handle_message(pid, m, 1_002); }
+//! }
+//! assert!(committed);
+//! assert_eq!(t.ledger().available(&soda), 9);
+//! ```
+
+mod rights;
+
+use halftime_ledger::sync::{ANTI_ENTROPY_INTERVAL_MS, SyncEvent};
+use halftime_ledger::{
+    ApplyReport, Ledger, OpError, PeerSync, Refusal, ReplicaId, Role, SaleId, SaleLine,
+    SignedChange, Sku, VersionVector, WireError, WireMessage,
+};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+pub use rights::{
+    ALLOCATION_INTERVAL_MS, ASK_BELOW_TARGET_PCT, MAX_HELD_SALES, PARALLEL_ASKS,
+    RETURN_INTERVAL_MS, RIGHTS_CHECK_INTERVAL_MS, SALE_WAIT_MS, TOP_UP_REQUEST_TIMEOUT_MS,
+};
+
+/// A peer not heard from for this long (no frame, no ping the driver reports) counts as gone:
+/// with vectors every second, silence this long means a cut link. A silent cut leaves TCP
+/// connections open for many seconds; the driver closes the connection when told.
+pub const PEER_SILENCE_TIMEOUT_MS: u64 = 3_000;
+
+/// The driver's handle on one sale, chosen by the driver and returned in the sale's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ticket(pub u64);
+
+/// A sale as the cashier rang it up: lines at the prices charged, and the payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaleOrder {
+    pub lines: Vec<SaleLine>,
+    pub payment: halftime_ledger::Payment,
+}
+
+/// A bug planted on purpose, so that the simulator's checks are shown to catch it.
+/// Never set outside the simulator's planted-bug sweeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// Every sale is made as if the pool were out of reach (optimistic overdraft online).
+    IgnoreRights,
+}
+
+/// How a replica's engine runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Interval of the periodic version-vector exchange with every peer.
+    pub sync_interval_ms: u64,
+    /// Longest a sale waits for rights from other replicas before it is refused.
+    pub sale_wait_ms: u64,
+    /// Whether rights move by themselves: the pool's allocation, terminals' top-ups, surplus
+    /// returns and asking holders for a waiting sale. Off only for the simulator's central
+    /// baseline, where the pool decides each online sale.
+    pub auto_rights: bool,
+    pub planted_bug: Option<PlantedBug>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            sync_interval_ms: ANTI_ENTROPY_INTERVAL_MS,
+            sale_wait_ms: SALE_WAIT_MS,
+            auto_rights: true,
+            planted_bug: None,
+        }
+    }
+}
+
+/// Why a sale was not made, and whom the engine asked for rights before giving up.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SaleRefusal {
+    #[serde(flatten)]
+    pub reason: Refusal,
+    /// Replicas asked for rights for this sale (empty: none was reachable and held any).
+    pub asked: Vec<ReplicaId>,
+    /// How long the sale waited before the refusal.
+    pub waited_ms: u64,
+}
+
+impl std::fmt::Display for SaleRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.reason)?;
+        if !matches!(
+            self.reason,
+            Refusal::InsufficientRights { .. } | Refusal::LockedLowStock { .. }
+        ) {
+            return Ok(());
+        }
+        if self.asked.is_empty() {
+            write!(f, "; the replicas in reach do not hold enough to give")
+        } else {
+            let asked: Vec<String> = self.asked.iter().map(ToString::to_string).collect();
+            write!(
+                f,
+                "; asked {} and none could give within {} ms",
+                asked.join(", "),
+                self.waited_ms
+            )
+        }
+    }
+}
+
+/// Something the driver must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// New changes written here. Make them durable, then call [`Engine::persisted`]: until
+    /// then no frame leaves and no sale is acknowledged.
+    Persist(Vec<SignedChange>),
+    /// Received changes the ledger accepted. Store them; they may be made durable lazily
+    /// (a group commit): what is lost in a crash is fetched again by the repair.
+    Received(Vec<SignedChange>),
+    /// A sale is durable: acknowledge it.
+    Committed {
+        ticket: Ticket,
+        sale_id: SaleId,
+        /// From `sell` to the commit (0 unless the sale waited for rights).
+        waited_ms: u64,
+    },
+    /// A sale was not made; nothing of it was written.
+    Refused {
+        ticket: Ticket,
+        refusal: SaleRefusal,
+    },
+    /// Received changes broke a rule and were rejected (the stand document is unchanged).
+    Rejected {
+        from: Option<ReplicaId>,
+        rejections: Vec<halftime_ledger::Rejection>,
+    },
+    /// A peer was silent too long and is dropped: close its connection.
+    PeerGone(ReplicaId),
+}
+
+/// Figures of what the engine did, for metrics and the simulator's report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub sales_committed: u64,
+    pub sales_refused: u64,
+    /// Sales that waited for rights before their outcome.
+    pub sales_held: u64,
+    pub rights_requests_sent: u64,
+    pub rights_requests_answered: u64,
+    /// Answers that gave at least one unit (ours to others).
+    pub gives_answered: u64,
+    /// Gives from the pool's allocation plan or a terminal's surplus return.
+    pub gives_planned: u64,
+    pub changes_received: u64,
+    pub changes_duplicate: u64,
+    pub changes_rejected: u64,
+    pub changes_relayed: u64,
+    pub frames_rejected: u64,
+}
+
+#[derive(Debug)]
+struct Peer {
+    sync: PeerSync,
+    last_heard_ms: u64,
+}
+
+/// The stand engine of one replica.
+#[derive(Debug)]
+pub struct Engine {
+    ledger: Ledger,
+    cfg: EngineConfig,
+    peers: BTreeMap<ReplicaId, Peer>,
+    rights: rights::Rights,
+    events: VecDeque<Event>,
+    /// Our highest sequence number known durable.
+    persisted_seq: u64,
+    /// Outcomes released once the change they acknowledge is durable: (its seq, event).
+    after_persist: VecDeque<(u64, Event)>,
+    stats: EngineStats,
+}
+
+impl Engine {
+    /// An engine over a ledger restored from durable storage (or freshly joined) at `now_ms`.
+    pub fn new(ledger: Ledger, cfg: EngineConfig, now_ms: u64) -> Self {
+        let persisted_seq = ledger.local_seq();
+        Self {
+            rights: rights::Rights::new(now_ms),
+            ledger,
+            cfg,
+            peers: BTreeMap::new(),
+            events: VecDeque::new(),
+            persisted_seq,
+            after_persist: VecDeque::new(),
+            stats: EngineStats::default(),
+        }
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Connected peers, in order.
+    pub fn peers(&self) -> impl Iterator<Item = ReplicaId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    pub fn is_connected(&self, peer: ReplicaId) -> bool {
+        self.peers.contains_key(&peer)
+    }
+
+    /// Whether this replica reaches the pool right now (the pool itself: whether any replica
+    /// reaches it). Decides the offline flag of a sale and the optimistic policy's overdraft.
+    pub fn pool_reachable(&self) -> bool {
+        if self.ledger.role() == Some(Role::Pool) {
+            !self.peers.is_empty()
+        } else {
+            self.peers.contains_key(&self.ledger.pool())
+        }
+    }
+
+    /// Sales waiting for rights.
+    pub fn held_sales(&self) -> usize {
+        self.rights.held_len()
+    }
+
+    /// Frames queued for `peer`.
+    pub fn backlog(&self, peer: ReplicaId) -> usize {
+        self.peers.get(&peer).map_or(0, |p| p.sync.backlog())
+    }
+
+    /// Pushes dropped because a peer's queue was full, over all peers.
+    pub fn dropped_pushes(&self) -> u64 {
+        self.peers.values().map(|p| p.sync.dropped()).sum()
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Connectivity.
+
+    /// A connection to `peer` opened (or reopened): exchange vectors from scratch.
+    pub fn peer_up(&mut self, peer: ReplicaId, now_ms: u64) {
+        if peer == self.ledger.me() || self.peers.contains_key(&peer) {
+            return;
+        }
+        let sync = PeerSync::new(&self.ledger, now_ms, self.cfg.sync_interval_ms);
+        self.peers.insert(
+            peer,
+            Peer {
+                sync,
+                last_heard_ms: now_ms,
+            },
+        );
+    }
+
+    /// The last connection to `peer` closed.
+    pub fn peer_down(&mut self, peer: ReplicaId, now_ms: u64) {
+        if self.peers.remove(&peer).is_some() {
+            self.rights.peer_down(peer);
+            self.progress(now_ms);
+        }
+    }
+
+    /// The driver heard from `peer` outside a frame (a transport ping).
+    pub fn heard(&mut self, peer: ReplicaId, now_ms: u64) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.last_heard_ms = p.last_heard_ms.max(now_ms);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Input.
+
+    /// Decode and handle one frame from `peer`. Every byte is hostile until checked: a frame
+    /// that does not decode is counted and returned as an error for the driver to log.
+    pub fn handle_frame(
+        &mut self,
+        peer: ReplicaId,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<(), WireError> {
+        let msg = match WireMessage::decode(bytes, self.ledger.stand_id()) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.frames_rejected += 1;
+                return Err(e);
+            }
+        };
+        self.handle_messages(vec![(peer, msg)], now_ms);
+        Ok(())
+    }
+
+    /// Handle one decoded message from `peer`.
+    pub fn handle_message(&mut self, peer: ReplicaId, msg: WireMessage, now_ms: u64) {
+        self.handle_messages(vec![(peer, msg)], now_ms);
+    }
+
+    /// Handle several decoded messages that arrived together: the changes of all of them are
+    /// applied in one batch (much cheaper than one by one), then the rest in order.
+    pub fn handle_messages(&mut self, msgs: Vec<(ReplicaId, WireMessage)>, now_ms: u64) {
+        let mut batch = Vec::new();
+        let mut senders = BTreeSet::new();
+        let mut others = Vec::new();
+        for (from, msg) in msgs {
+            let Some(p) = self.peers.get_mut(&from) else {
+                continue; // not connected (a frame that raced the close)
+            };
+            p.last_heard_ms = p.last_heard_ms.max(now_ms);
+            match msg {
+                WireMessage::Changes { changes } => {
+                    batch.extend(changes);
+                    senders.insert(from);
+                }
+                other => others.push((from, other)),
+            }
+        }
+        if !batch.is_empty() {
+            let from = if senders.len() == 1 {
+                senders.first().copied()
+            } else {
+                None
+            };
+            let report = self.ledger.apply_remote(batch, now_ms);
+            let pending = report.pending > 0;
+            self.after_apply(report, from);
+            for s in senders {
+                if let Some(p) = self.peers.get_mut(&s) {
+                    p.sync.after_apply(&self.ledger, pending, now_ms);
+                }
+            }
+        }
+        for (from, msg) in others {
+            match msg {
+                WireMessage::RightsAnswer {
+                    sku,
+                    granted,
+                    change,
+                } => {
+                    if let Some(c) = change {
+                        let report = self.ledger.apply_remote(vec![c], now_ms);
+                        self.after_apply(report, Some(from));
+                    }
+                    self.rights.answered(from, &sku, granted);
+                }
+                msg => {
+                    let Some(p) = self.peers.get_mut(&from) else {
+                        continue;
+                    };
+                    for ev in p.sync.handle(&mut self.ledger, msg, now_ms) {
+                        match ev {
+                            SyncEvent::Applied(report) => self.after_apply(report, Some(from)),
+                            SyncEvent::RightsRequested { sku, want, urgent } => {
+                                self.answer_rights(from, sku, want, urgent, now_ms)
+                            }
+                            SyncEvent::RightsAnswered { sku, granted } => {
+                                self.rights.answered(from, &sku, granted)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.progress(now_ms);
+    }
+
+    /// Sell: commits at once when this replica may, otherwise waits (at most
+    /// [`EngineConfig::sale_wait_ms`]) while it asks the best holders in parallel. The outcome
+    /// comes back as [`Event::Committed`] or [`Event::Refused`] with `ticket`.
+    pub fn sell(&mut self, ticket: Ticket, order: SaleOrder, now_ms: u64) {
+        self.rights.sell(
+            &mut Ctx {
+                ledger: &mut self.ledger,
+                cfg: &self.cfg,
+                peers: &mut self.peers,
+                events: &mut self.events,
+                after_persist: &mut self.after_persist,
+                stats: &mut self.stats,
+            },
+            ticket,
+            order,
+            now_ms,
+        );
+        self.progress(now_ms);
+    }
+
+    /// A local operation other than a sale (void, restock, adjust, give, enrol, retire,
+    /// catalog): `op` makes the change on the ledger; the engine has it persisted and pushed.
+    pub fn local_op<T>(
+        &mut self,
+        now_ms: u64,
+        op: impl FnOnce(&mut Ledger, u64) -> Result<(SignedChange, T), OpError>,
+    ) -> Result<T, OpError> {
+        let (change, out) = op(&mut self.ledger, now_ms)?;
+        self.record_local(change, None);
+        self.progress(now_ms);
+        Ok(out)
+    }
+
+    /// Pool: retire a lost replica and take its rights back, refused while any reachable
+    /// replica holds more of that replica's changes than the pool does.
+    pub fn reclaim(
+        &mut self,
+        replica: ReplicaId,
+        now_ms: u64,
+    ) -> Result<halftime_ledger::ReclaimView, OpError> {
+        let known: Vec<VersionVector> = self
+            .peers
+            .values()
+            .map(|p| p.sync.their_vector().clone())
+            .collect();
+        self.local_op(now_ms, |l, now| l.reclaim_checked(replica, &known, now))
+    }
+
+    /// Every change of every [`Event::Persist`] drained so far is durable.
+    pub fn persisted(&mut self) {
+        self.persisted_seq = self.ledger.local_seq();
+        while self
+            .after_persist
+            .front()
+            .is_some_and(|(seq, _)| *seq <= self.persisted_seq)
+        {
+            if let Some((_, ev)) = self.after_persist.pop_front() {
+                self.events.push_back(ev);
+            }
+        }
+    }
+
+    /// Timers: sale deadlines, vectors, allocation, surplus returns, silent peers.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        let silent: Vec<ReplicaId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| now_ms.saturating_sub(p.last_heard_ms) > PEER_SILENCE_TIMEOUT_MS)
+            .map(|(r, _)| *r)
+            .collect();
+        for r in silent {
+            self.peers.remove(&r);
+            self.rights.peer_down(r);
+            self.events.push_back(Event::PeerGone(r));
+        }
+        for p in self.peers.values_mut() {
+            p.sync.handle_timeout(&self.ledger, now_ms);
+        }
+        self.rights.handle_timeout(
+            &mut Ctx {
+                ledger: &mut self.ledger,
+                cfg: &self.cfg,
+                peers: &mut self.peers,
+                events: &mut self.events,
+                after_persist: &mut self.after_persist,
+                stats: &mut self.stats,
+            },
+            now_ms,
+        );
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Output.
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The next frame to send, to any peer. None while a change of ours is not yet durable:
+    /// a change sent and then lost in a crash would have its sequence number reused.
+    pub fn poll_transmit(&mut self) -> Option<(ReplicaId, WireMessage)> {
+        if !self.durable() {
+            return None;
+        }
+        for (r, p) in self.peers.iter_mut() {
+            if let Some(m) = p.sync.poll_transmit() {
+                return Some((*r, m));
+            }
+        }
+        None
+    }
+
+    /// The next frame for `peer` (for drivers that cap what is in flight per peer).
+    pub fn poll_transmit_to(&mut self, peer: ReplicaId) -> Option<WireMessage> {
+        if !self.durable() {
+            return None;
+        }
+        self.peers.get_mut(&peer)?.sync.poll_transmit()
+    }
+
+    /// When to call [`Engine::handle_timeout`] next (milliseconds on the driver's clock).
+    pub fn poll_timeout(&self) -> u64 {
+        let mut t = self.rights.poll_timeout(&self.ledger, &self.cfg);
+        for p in self.peers.values() {
+            t = t
+                .min(p.sync.poll_timeout())
+                .min(p.last_heard_ms.saturating_add(PEER_SILENCE_TIMEOUT_MS + 1));
+        }
+        t
+    }
+
+    fn durable(&self) -> bool {
+        self.persisted_seq >= self.ledger.local_seq()
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Internals.
+
+    fn record_local(&mut self, change: SignedChange, except: Option<ReplicaId>) {
+        record_local(
+            &mut self.ledger,
+            &mut self.peers,
+            &mut self.events,
+            change,
+            except,
+        );
+    }
+
+    /// Received changes were applied: report them, relay what their authors could not have
+    /// pushed themselves.
+    fn after_apply(&mut self, report: ApplyReport, from: Option<ReplicaId>) {
+        self.stats.changes_received += report.accepted.len() as u64;
+        self.stats.changes_duplicate += report.duplicates as u64;
+        self.stats.changes_rejected += report.rejected.len() as u64;
+        if !report.rejected.is_empty() {
+            self.events.push_back(Event::Rejected {
+                from,
+                rejections: report.rejected,
+            });
+        }
+        if report.accepted.is_empty() {
+            return;
+        }
+        // On a full stand mesh every replica pushes its own changes to everyone; relaying
+        // them again would cost N² frames per sale. A change whose author is not connected to
+        // us (a partial partition, a lost device, a repair) goes on to every other peer.
+        let me = self.ledger.me();
+        for ((rid, seq), c) in report.accepted_ids.iter().zip(&report.accepted) {
+            if *rid == me || self.peers.contains_key(rid) {
+                continue;
+            }
+            self.stats.changes_relayed += 1;
+            for (p, peer) in self.peers.iter_mut() {
+                if Some(*p) != from {
+                    peer.sync.push(*rid, *seq, c);
+                }
+            }
+        }
+        self.events.push_back(Event::Received(report.accepted));
+    }
+
+    /// After any input: held sales that can now commit, or must give up, do.
+    fn progress(&mut self, now_ms: u64) {
+        self.rights.progress(
+            &mut Ctx {
+                ledger: &mut self.ledger,
+                cfg: &self.cfg,
+                peers: &mut self.peers,
+                events: &mut self.events,
+                after_persist: &mut self.after_persist,
+                stats: &mut self.stats,
+            },
+            now_ms,
+        );
+    }
+
+    fn answer_rights(&mut self, from: ReplicaId, sku: Sku, want: u64, urgent: bool, now_ms: u64) {
+        self.rights.answer(
+            &mut Ctx {
+                ledger: &mut self.ledger,
+                cfg: &self.cfg,
+                peers: &mut self.peers,
+                events: &mut self.events,
+                after_persist: &mut self.after_persist,
+                stats: &mut self.stats,
+            },
+            from,
+            sku,
+            want,
+            urgent,
+            now_ms,
+        );
+    }
+}
+
+/// What the rights logic may touch: everything but itself.
+struct Ctx<'a> {
+    ledger: &'a mut Ledger,
+    cfg: &'a EngineConfig,
+    peers: &'a mut BTreeMap<ReplicaId, Peer>,
+    events: &'a mut VecDeque<Event>,
+    after_persist: &'a mut VecDeque<(u64, Event)>,
+    stats: &'a mut EngineStats,
+}
+
+impl Ctx<'_> {
+    fn pool_reachable(&self) -> bool {
+        if self.ledger.role() == Some(Role::Pool) {
+            !self.peers.is_empty()
+        } else {
+            self.peers.contains_key(&self.ledger.pool())
+        }
+    }
+
+    fn record_local(&mut self, change: SignedChange, except: Option<ReplicaId>) {
+        record_local(self.ledger, self.peers, self.events, change, except);
+    }
+}
+
+/// A change made here: to disk first, then to every peer (held back by `poll_transmit`
+/// until durable).
+fn record_local(
+    ledger: &mut Ledger,
+    peers: &mut BTreeMap<ReplicaId, Peer>,
+    events: &mut VecDeque<Event>,
+    change: SignedChange,
+    except: Option<ReplicaId>,
+) {
+    let me = ledger.me();
+    let seq = ledger.local_seq();
+    for (p, peer) in peers.iter_mut() {
+        if Some(*p) != except {
+            peer.sync.push(me, seq, &change);
+        }
+    }
+    match events.back_mut() {
+        Some(Event::Persist(v)) => v.push(change),
+        _ => events.push_back(Event::Persist(vec![change])),
+    }
+}
+
+#[cfg(test)]
+mod tests;

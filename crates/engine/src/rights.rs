@@ -1,0 +1,449 @@
+//! Where selling rights go: a sale waits while holders are asked, holders answer, terminals
+//! top up ahead of demand and return surplus, the pool re-plans allocation.
+
+use crate::{Ctx, Event, PlantedBug, SaleOrder, SaleRefusal, Ticket};
+use halftime_ledger::allocation::targets;
+use halftime_ledger::{
+    Ledger, Refusal, ReplicaId, Role, SaleId, SaleOutcome, SaleRequest, SignedChange, Sku,
+    plan_allocation,
+};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// Default bound on how long a sale waits for rights from other replicas.
+pub const SALE_WAIT_MS: u64 = 250;
+/// Holders asked at once for one item of a waiting sale.
+pub const PARALLEL_ASKS: usize = 3;
+/// Sales waiting for rights at once; more are refused at once.
+pub const MAX_HELD_SALES: usize = 256;
+/// A terminal asks for a top-up when its rights for an item fall below this share (percent)
+/// of its allocation target.
+pub const ASK_BELOW_TARGET_PCT: i64 = 25;
+/// At most one top-up request per item in this window.
+pub const TOP_UP_REQUEST_TIMEOUT_MS: u64 = 2_000;
+/// A terminal looks at its rights for every item this often (besides after every sale).
+pub const RIGHTS_CHECK_INTERVAL_MS: u64 = 2_000;
+/// The pool re-plans allocation this often while any replica reaches it.
+pub const ALLOCATION_INTERVAL_MS: u64 = 2_000;
+/// A terminal that reaches the pool returns the surplus it will not sell this often.
+pub const RETURN_INTERVAL_MS: u64 = 10_000;
+
+/// A sale waiting for rights.
+#[derive(Debug)]
+struct Held {
+    ticket: Ticket,
+    order: SaleOrder,
+    since_ms: u64,
+    deadline_ms: u64,
+    /// Per (holder, item): `None` while the answer is awaited, else the units granted.
+    asks: BTreeMap<(ReplicaId, Sku), Option<u64>>,
+}
+
+impl Held {
+    fn units(&self) -> BTreeMap<Sku, u64> {
+        let mut u = BTreeMap::new();
+        for l in &self.order.lines {
+            let e = u.entry(l.sku.clone()).or_insert(0u64);
+            *e = e.saturating_add(l.qty);
+        }
+        u
+    }
+
+    fn asked(&self) -> Vec<ReplicaId> {
+        let set: BTreeSet<ReplicaId> = self.asks.keys().map(|(r, _)| *r).collect();
+        set.into_iter().collect()
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Rights {
+    held: VecDeque<Held>,
+    /// Per item: when the last top-up request went out.
+    topup_asked: BTreeMap<Sku, u64>,
+    next_check_ms: u64,
+    next_plan_ms: u64,
+    next_return_ms: u64,
+}
+
+/// Why a sale may wait instead of being refused: this replica lacks the rights.
+fn lacks_rights(r: &Refusal) -> bool {
+    matches!(
+        r,
+        Refusal::InsufficientRights { .. } | Refusal::LockedLowStock { .. }
+    )
+}
+
+impl Rights {
+    pub(crate) fn new(now_ms: u64) -> Self {
+        Self {
+            held: VecDeque::new(),
+            topup_asked: BTreeMap::new(),
+            next_check_ms: now_ms.saturating_add(RIGHTS_CHECK_INTERVAL_MS),
+            next_plan_ms: now_ms.saturating_add(ALLOCATION_INTERVAL_MS),
+            next_return_ms: now_ms.saturating_add(RETURN_INTERVAL_MS),
+        }
+    }
+
+    pub(crate) fn held_len(&self) -> usize {
+        self.held.len()
+    }
+
+    fn request(ctx: &Ctx<'_>, order: &SaleOrder) -> SaleRequest {
+        SaleRequest {
+            lines: order.lines.clone(),
+            payment: order.payment.clone(),
+            pool_reachable: ctx.pool_reachable()
+                && ctx.cfg.planted_bug != Some(PlantedBug::IgnoreRights),
+        }
+    }
+
+    pub(crate) fn sell(&mut self, ctx: &mut Ctx<'_>, ticket: Ticket, order: SaleOrder, now: u64) {
+        let req = Self::request(ctx, &order);
+        match ctx.ledger.sell(req, now) {
+            SaleOutcome::Committed { sale_id, change } => {
+                self.commit(ctx, ticket, sale_id, change, 0, now)
+            }
+            SaleOutcome::Refused { reason }
+                if lacks_rights(&reason)
+                    && ctx.cfg.auto_rights
+                    && self.held.len() < MAX_HELD_SALES =>
+            {
+                let mut h = Held {
+                    ticket,
+                    order,
+                    since_ms: now,
+                    deadline_ms: now.saturating_add(ctx.cfg.sale_wait_ms),
+                    asks: BTreeMap::new(),
+                };
+                if self.ask_for(ctx, &mut h) {
+                    ctx.stats.sales_held += 1;
+                    self.held.push_back(h);
+                } else {
+                    Self::refuse(ctx, ticket, reason, Vec::new(), 0);
+                }
+            }
+            SaleOutcome::Refused { reason } => Self::refuse(ctx, ticket, reason, Vec::new(), 0),
+        }
+    }
+
+    /// Ask the best reachable holders, in parallel, for what `h` lacks: the largest holders
+    /// first, each for the part of the shortfall it can cover. A holder is asked again only
+    /// after it gave something. False when nobody could be asked, or when everything the
+    /// reachable replicas hold would not cover the sale (moving rights would not serve it).
+    fn ask_for(&self, ctx: &mut Ctx<'_>, h: &mut Held) -> bool {
+        let me = ctx.ledger.me();
+        let pool = ctx.ledger.pool();
+        let reachable = ctx.pool_reachable();
+        let mut plan: Vec<(ReplicaId, Sku, u64)> = Vec::new();
+        for (sku, want) in h.units() {
+            let can = ctx.ledger.sellable_now(&sku, reachable);
+            let mut short = want.saturating_sub(can);
+            if short == 0 {
+                continue;
+            }
+            let awaited: u64 = h
+                .asks
+                .iter()
+                .filter(|((_, s), a)| *s == sku && a.is_none())
+                .count() as u64;
+            let mut holders: Vec<(u64, bool, ReplicaId)> = ctx
+                .peers
+                .keys()
+                .filter(|p| **p != me)
+                .filter(|p| !matches!(h.asks.get(&(**p, sku.clone())), Some(None) | Some(Some(0))))
+                .map(|p| (ctx.ledger.rights(*p, &sku).max(0) as u64, *p == pool, *p))
+                .filter(|(r, _, _)| *r > 0)
+                .collect();
+            let in_reach: u64 = holders
+                .iter()
+                .map(|(r, _, _)| *r)
+                .fold(0, u64::saturating_add);
+            if in_reach < short && awaited == 0 {
+                return false;
+            }
+            // Most rights first; the pool first among equals (it gives all it holds).
+            holders.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+            for (r, _, p) in holders.into_iter().take(PARALLEL_ASKS) {
+                if short == 0 {
+                    break;
+                }
+                let ask = short.min(r);
+                short -= ask;
+                plan.push((p, sku.clone(), ask));
+            }
+        }
+        for (p, sku, want) in &plan {
+            if let Some(peer) = ctx.peers.get_mut(p) {
+                peer.sync.request_rights(sku.clone(), *want, true);
+                ctx.stats.rights_requests_sent += 1;
+                h.asks.insert((*p, sku.clone()), None);
+            }
+        }
+        !plan.is_empty()
+    }
+
+    fn commit(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        ticket: Ticket,
+        sale_id: SaleId,
+        change: SignedChange,
+        waited_ms: u64,
+        now: u64,
+    ) {
+        ctx.stats.sales_committed += 1;
+        let seq = ctx.ledger.local_seq();
+        ctx.record_local(change, None);
+        ctx.after_persist.push_back((
+            seq,
+            Event::Committed {
+                ticket,
+                sale_id,
+                waited_ms,
+            },
+        ));
+        // Ask for more right after the sale that ran an item low, not at the next check.
+        let skus: BTreeSet<Sku> = ctx
+            .ledger
+            .sale(sale_id)
+            .map(|e| e.record.units().into_keys().collect())
+            .unwrap_or_default();
+        self.top_up(ctx, Some(&skus), now);
+    }
+
+    fn refuse(
+        ctx: &mut Ctx<'_>,
+        ticket: Ticket,
+        reason: Refusal,
+        asked: Vec<ReplicaId>,
+        waited_ms: u64,
+    ) {
+        ctx.stats.sales_refused += 1;
+        ctx.events.push_back(Event::Refused {
+            ticket,
+            refusal: SaleRefusal {
+                reason,
+                asked,
+                waited_ms,
+            },
+        });
+    }
+
+    /// A holder answered for `sku`.
+    pub(crate) fn answered(&mut self, from: ReplicaId, sku: &Sku, granted: u64) {
+        for h in &mut self.held {
+            if let Some(a) = h.asks.get_mut(&(from, sku.clone())) {
+                a.get_or_insert(granted);
+            }
+        }
+        if granted == 0 {
+            // Ask someone else at the next check.
+            self.topup_asked.remove(sku);
+        }
+    }
+
+    /// No answer will come from `peer`.
+    pub(crate) fn peer_down(&mut self, peer: ReplicaId) {
+        for h in &mut self.held {
+            for ((p, _), a) in h.asks.iter_mut() {
+                if *p == peer {
+                    a.get_or_insert(0);
+                }
+            }
+        }
+    }
+
+    /// Waiting sales that can commit now do; those past their deadline, or whose every holder
+    /// answered without enough and nobody new can be asked, are refused.
+    pub(crate) fn progress(&mut self, ctx: &mut Ctx<'_>, now: u64) {
+        if self.held.is_empty() {
+            return;
+        }
+        let mut waiting = VecDeque::with_capacity(self.held.len());
+        while let Some(mut h) = self.held.pop_front() {
+            let req = Self::request(ctx, &h.order);
+            let waited = now.saturating_sub(h.since_ms);
+            match ctx.ledger.sell(req, now) {
+                SaleOutcome::Committed { sale_id, change } => {
+                    self.commit(ctx, h.ticket, sale_id, change, waited, now);
+                }
+                SaleOutcome::Refused { reason } if lacks_rights(&reason) => {
+                    let answered = h.asks.values().all(Option::is_some);
+                    if now >= h.deadline_ms || (answered && !self.ask_for(ctx, &mut h)) {
+                        let asked = h.asked();
+                        Self::refuse(ctx, h.ticket, reason, asked, waited);
+                    } else {
+                        waiting.push_back(h);
+                    }
+                }
+                SaleOutcome::Refused { reason } => {
+                    let asked = h.asked();
+                    Self::refuse(ctx, h.ticket, reason, asked, waited);
+                }
+            }
+        }
+        self.held = waiting;
+    }
+
+    /// Answer `from`'s request for `sku`: the pool gives what it holds; a terminal gives what
+    /// its own waiting sales do not need, all of it when a customer waits at the asker (so the
+    /// stand's last units always reach the customer in front of them) and half otherwise.
+    pub(crate) fn answer(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        from: ReplicaId,
+        sku: Sku,
+        want: u64,
+        urgent: bool,
+        now: u64,
+    ) {
+        ctx.stats.rights_requests_answered += 1;
+        let me = ctx.ledger.me();
+        let have = ctx.ledger.rights(me, &sku).max(0) as u64;
+        let needed: u64 = self
+            .held
+            .iter()
+            .map(|h| h.units().get(&sku).copied().unwrap_or(0))
+            .fold(0, u64::saturating_add);
+        let free = have.saturating_sub(needed);
+        let spare = match ctx.ledger.role() {
+            Some(Role::Pool) => free,
+            Some(Role::Terminal) if urgent => free,
+            Some(Role::Terminal) if ctx.cfg.auto_rights => free / 2,
+            _ => 0,
+        };
+        let units = spare.min(want);
+        let mut change = None;
+        if units > 0 && from != me {
+            if let Ok(c) = ctx
+                .ledger
+                .give(from, BTreeMap::from([(sku.clone(), units)]), now)
+            {
+                ctx.stats.gives_answered += 1;
+                // The answer carries the give to the asker; everyone else gets it pushed.
+                ctx.record_local(c.clone(), Some(from));
+                change = Some(c);
+            }
+        }
+        let granted = if change.is_some() { units } else { 0 };
+        if let Some(p) = ctx.peers.get_mut(&from) {
+            p.sync.answer_rights(sku, granted, change);
+        }
+    }
+
+    /// A terminal low on an item (below `ASK_BELOW_TARGET_PCT` of its allocation target) asks
+    /// the best holder it reaches for the difference: the pool when it holds any, else the
+    /// terminal holding most.
+    fn top_up(&mut self, ctx: &mut Ctx<'_>, only: Option<&BTreeSet<Sku>>, now: u64) {
+        if !ctx.cfg.auto_rights || ctx.ledger.role() != Some(Role::Terminal) {
+            return;
+        }
+        let Some(allocation) = ctx.ledger.stand().map(|s| s.allocation) else {
+            return;
+        };
+        let me = ctx.ledger.me();
+        let pool = ctx.ledger.pool();
+        let skus: Vec<Sku> = match only {
+            Some(s) => s.iter().cloned().collect(),
+            None => ctx.ledger.catalog().keys().cloned().collect(),
+        };
+        for sku in skus {
+            if self
+                .topup_asked
+                .get(&sku)
+                .is_some_and(|t| now.saturating_sub(*t) < TOP_UP_REQUEST_TIMEOUT_MS)
+            {
+                continue;
+            }
+            let target = targets(ctx.ledger, allocation, &sku, now)
+                .get(&me)
+                .copied()
+                .unwrap_or(0);
+            let have = ctx.ledger.rights(me, &sku);
+            if target <= 0
+                || have.saturating_mul(100) >= target.saturating_mul(ASK_BELOW_TARGET_PCT)
+            {
+                continue;
+            }
+            let holder = ctx
+                .peers
+                .keys()
+                .map(|p| (*p, ctx.ledger.rights(*p, &sku)))
+                .max_by_key(|(p, r)| (*p == pool && *r > 0, *r));
+            let Some((p, r)) = holder else { continue };
+            if r <= 1 {
+                continue;
+            }
+            let want = target.saturating_sub(have).max(1) as u64;
+            if let Some(peer) = ctx.peers.get_mut(&p) {
+                peer.sync.request_rights(sku.clone(), want, false);
+                ctx.stats.rights_requests_sent += 1;
+                self.topup_asked.insert(sku, now);
+            }
+        }
+    }
+
+    /// The pool's allocation plan, or this terminal's surplus returns.
+    fn execute_plan(ctx: &mut Ctx<'_>, now: u64) {
+        let Some(allocation) = ctx.ledger.stand().map(|s| s.allocation) else {
+            return;
+        };
+        let plans = plan_allocation(ctx.ledger, allocation, now);
+        if plans.is_empty() {
+            return;
+        }
+        let changes: Vec<SignedChange> = ctx
+            .ledger
+            .execute_plans(&plans, now)
+            .into_iter()
+            .filter_map(Result::ok)
+            .collect();
+        for c in changes {
+            ctx.stats.gives_planned += 1;
+            ctx.record_local(c, None);
+        }
+    }
+
+    pub(crate) fn handle_timeout(&mut self, ctx: &mut Ctx<'_>, now: u64) {
+        if ctx.cfg.auto_rights {
+            match ctx.ledger.role() {
+                Some(Role::Pool) if now >= self.next_plan_ms => {
+                    self.next_plan_ms = now.saturating_add(ALLOCATION_INTERVAL_MS);
+                    if !ctx.peers.is_empty() {
+                        Self::execute_plan(ctx, now);
+                    }
+                }
+                Some(Role::Terminal) => {
+                    if now >= self.next_return_ms {
+                        self.next_return_ms = now.saturating_add(RETURN_INTERVAL_MS);
+                        if ctx.pool_reachable() {
+                            Self::execute_plan(ctx, now);
+                        }
+                    }
+                    if now >= self.next_check_ms {
+                        self.next_check_ms = now.saturating_add(RIGHTS_CHECK_INTERVAL_MS);
+                        self.top_up(ctx, None, now);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.progress(ctx, now);
+    }
+
+    pub(crate) fn poll_timeout(&self, ledger: &Ledger, cfg: &crate::EngineConfig) -> u64 {
+        let mut t = self
+            .held
+            .iter()
+            .map(|h| h.deadline_ms)
+            .min()
+            .unwrap_or(u64::MAX);
+        if cfg.auto_rights {
+            match ledger.role() {
+                Some(Role::Pool) => t = t.min(self.next_plan_ms),
+                Some(Role::Terminal) => t = t.min(self.next_check_ms).min(self.next_return_ms),
+                _ => {}
+            }
+        }
+        t
+    }
+}

@@ -1,0 +1,368 @@
+//! Engines wired by an in-memory network with a manual clock (quinn-proto's `Pair`, for a
+//! whole stand): every frame goes through the real encoding and the durability barrier.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use halftime_ledger::{
+    Allocation, CatalogItem, EventId, Payment, PaymentMethod, Policy, ReplicaKey, StandId,
+    StandInfo,
+};
+
+const T0: u64 = 1_000_000;
+
+fn sku(s: &str) -> Sku {
+    Sku::new(s).unwrap()
+}
+
+struct Stand {
+    engines: Vec<Engine>,
+    /// Frames in flight: (from, to, bytes, deliver at).
+    wire: Vec<(usize, usize, Vec<u8>, u64)>,
+    now: u64,
+    latency_ms: u64,
+    /// Node pairs whose link is cut.
+    cut: BTreeSet<(usize, usize)>,
+    outcomes: Vec<(usize, Event)>,
+}
+
+/// A pool and `rights.len()` terminals; terminal i holds `rights[i]` sodas, the pool `pool`.
+fn stand(pool_units: u64, rights: &[u64], cfg: EngineConfig) -> Stand {
+    let info = StandInfo {
+        event: EventId::new("game").unwrap(),
+        venue: "v".into(),
+        stand: StandId::new("north").unwrap(),
+        policy: Policy::Strict,
+        allocation: Allocation::Proportional,
+        low_stock_pct: 10,
+    };
+    let pool_key = ReplicaKey::from_seed([1; 32]);
+    let (mut pool, genesis) = Ledger::create_stand(pool_key.clone(), info, "pool", T0).unwrap();
+    let mut setup = vec![genesis];
+    setup.push(
+        pool.set_catalog(
+            vec![CatalogItem {
+                sku: sku("soda"),
+                name: "Soda".into(),
+                price_cents: 300,
+                low_stock_at: 0,
+            }],
+            T0,
+        )
+        .unwrap(),
+    );
+    let keys: Vec<ReplicaKey> = (0..rights.len())
+        .map(|i| ReplicaKey::from_seed([10 + i as u8; 32]))
+        .collect();
+    for (i, k) in keys.iter().enumerate() {
+        setup.push(
+            pool.enrol(k.public(), &format!("till {i}"), Role::Terminal, T0)
+                .unwrap(),
+        );
+    }
+    let total = pool_units + rights.iter().sum::<u64>();
+    if total > 0 {
+        setup.push(
+            pool.restock(BTreeMap::from([(sku("soda"), total)]), "opening", T0)
+                .unwrap(),
+        );
+    }
+    for (k, r) in keys.iter().zip(rights) {
+        if *r > 0 {
+            setup.push(
+                pool.give(k.replica_id(), BTreeMap::from([(sku("soda"), *r)]), T0)
+                    .unwrap(),
+            );
+        }
+    }
+    let mut engines = vec![Engine::new(pool, cfg.clone(), T0)];
+    for k in keys {
+        let mut l = Ledger::join(k, StandId::new("north").unwrap(), pool_key.public());
+        let r = l.apply_remote(setup.clone(), T0);
+        assert!(r.rejected.is_empty());
+        engines.push(Engine::new(l, cfg.clone(), T0));
+    }
+    let mut s = Stand {
+        engines,
+        wire: Vec::new(),
+        now: T0,
+        latency_ms: 1,
+        cut: BTreeSet::new(),
+        outcomes: Vec::new(),
+    };
+    s.connect_all();
+    s
+}
+
+impl Stand {
+    fn id(&self, i: usize) -> ReplicaId {
+        self.engines[i].ledger().me()
+    }
+
+    fn connect_all(&mut self) {
+        for a in 0..self.engines.len() {
+            for b in 0..self.engines.len() {
+                if a != b && !self.cut.contains(&(a.min(b), a.max(b))) {
+                    let id = self.id(b);
+                    self.engines[a].peer_up(id, self.now);
+                }
+            }
+        }
+    }
+
+    fn cut(&mut self, a: usize, b: usize) {
+        self.cut.insert((a.min(b), a.max(b)));
+        let (ia, ib) = (self.id(a), self.id(b));
+        self.engines[a].peer_down(ib, self.now);
+        self.engines[b].peer_down(ia, self.now);
+    }
+
+    fn sell(&mut self, t: usize, ticket: u64, qty: u64) {
+        let order = SaleOrder {
+            lines: vec![SaleLine {
+                sku: sku("soda"),
+                qty,
+                unit_price_cents: 300,
+            }],
+            payment: Payment {
+                method: PaymentMethod::Cash,
+                reference: String::new(),
+            },
+        };
+        let now = self.now;
+        self.engines[t].sell(Ticket(ticket), order, now);
+    }
+
+    /// Drain events (persisting at once), then frames onto the wire.
+    fn pump(&mut self) {
+        for i in 0..self.engines.len() {
+            loop {
+                let mut persist = false;
+                while let Some(ev) = self.engines[i].poll_event() {
+                    match ev {
+                        Event::Persist(_) => persist = true,
+                        Event::Committed { .. } | Event::Refused { .. } => {
+                            self.outcomes.push((i, ev))
+                        }
+                        _ => {}
+                    }
+                }
+                if !persist {
+                    break;
+                }
+                self.engines[i].persisted();
+            }
+            while let Some((to, m)) = self.engines[i].poll_transmit() {
+                let j = (0..self.engines.len()).find(|j| self.id(*j) == to).unwrap();
+                let bytes = m.encode(self.engines[i].ledger().stand_id());
+                self.wire.push((i, j, bytes, self.now + self.latency_ms));
+            }
+        }
+    }
+
+    /// Advance the clock to `until`, delivering frames and firing timers on the way.
+    fn run_until(&mut self, until: u64) {
+        loop {
+            self.pump();
+            let next_frame = self.wire.iter().map(|f| f.3).min().unwrap_or(u64::MAX);
+            let next_timer = self
+                .engines
+                .iter()
+                .map(Engine::poll_timeout)
+                .min()
+                .unwrap_or(u64::MAX);
+            let next = next_frame.min(next_timer);
+            if next > until {
+                self.now = until;
+                return;
+            }
+            self.now = next.max(self.now);
+            let now = self.now;
+            let (due, rest): (Vec<_>, Vec<_>) = self.wire.drain(..).partition(|f| f.3 <= now);
+            self.wire = rest;
+            for (from, to, bytes, _) in due {
+                if self.cut.contains(&(from.min(to), from.max(to))) {
+                    continue;
+                }
+                let id = self.id(from);
+                self.engines[to].handle_frame(id, &bytes, now).unwrap();
+            }
+            for e in &mut self.engines {
+                if e.poll_timeout() <= now {
+                    e.handle_timeout(now);
+                }
+            }
+        }
+    }
+
+    fn outcome(&self, ticket: u64) -> Option<&Event> {
+        self.outcomes.iter().map(|(_, e)| e).find(|e| match e {
+            Event::Committed { ticket: t, .. } | Event::Refused { ticket: t, .. } => {
+                *t == Ticket(ticket)
+            }
+            _ => false,
+        })
+    }
+
+    fn rights(&self, i: usize) -> i64 {
+        self.engines[i].ledger().rights(self.id(i), &sku("soda"))
+    }
+}
+
+fn quiet() -> EngineConfig {
+    // Timers far away, so a test sees only what the sale itself causes.
+    EngineConfig {
+        sync_interval_ms: 60_000,
+        ..EngineConfig::default()
+    }
+}
+
+#[test]
+fn a_terminal_without_rights_sells_by_asking_and_commits_after_the_give() {
+    let mut s = stand(10, &[0, 0], quiet());
+    s.sell(1, 1, 2);
+    s.pump();
+    assert!(s.outcome(1).is_none(), "the sale waits for the give");
+    assert_eq!(s.engines[1].held_sales(), 1);
+    s.run_until(T0 + 100);
+    match s.outcome(1) {
+        Some(Event::Committed { waited_ms, .. }) => {
+            assert!(*waited_ms >= 2 && *waited_ms <= SALE_WAIT_MS, "{waited_ms}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.engines[1].ledger().available(&sku("soda")), 8);
+    assert!(s.rights(1) >= 0);
+}
+
+#[test]
+fn the_last_unit_reaches_the_customer_in_front_of_it() {
+    // Terminal 2 holds the stand's last soda; the pool has none. The old rule (a terminal
+    // gives at most half of its rights) kept it stuck there.
+    let mut s = stand(0, &[0, 1], quiet());
+    s.sell(1, 1, 1);
+    s.run_until(T0 + 100);
+    assert!(
+        matches!(s.outcome(1), Some(Event::Committed { .. })),
+        "{:?}",
+        s.outcome(1)
+    );
+    assert_eq!(s.rights(2), 0);
+    assert_eq!(s.engines[1].ledger().available(&sku("soda")), 0);
+}
+
+#[test]
+fn a_sale_nobody_can_serve_is_refused_at_once_and_says_so() {
+    let mut s = stand(0, &[0, 0], quiet());
+    s.sell(1, 1, 1);
+    s.pump();
+    match s.outcome(1) {
+        Some(Event::Refused { refusal, .. }) => {
+            assert!(refusal.asked.is_empty());
+            assert_eq!(refusal.waited_ms, 0);
+            assert!(
+                refusal.to_string().contains("do not hold enough"),
+                "{refusal}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_holder_that_never_answers_costs_at_most_the_wait_bound() {
+    let mut s = stand(10, &[0], quiet());
+    s.latency_ms = 10_000; // the answer cannot arrive in time
+    s.sell(1, 1, 1);
+    s.run_until(T0 + 1_000);
+    match s.outcome(1) {
+        Some(Event::Refused { refusal, .. }) => {
+            assert_eq!(refusal.asked, vec![s.id(0)]);
+            assert_eq!(refusal.waited_ms, SALE_WAIT_MS);
+            assert!(refusal.to_string().contains("none could give"), "{refusal}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn holders_short_of_the_whole_sale_are_asked_in_parallel() {
+    // Needs 5: terminal 2 holds 3, terminal 3 holds 3, pool none.
+    let mut s = stand(0, &[0, 3, 3], quiet());
+    s.sell(1, 1, 5);
+    s.run_until(T0 + 100);
+    assert!(
+        matches!(s.outcome(1), Some(Event::Committed { .. })),
+        "{:?}",
+        s.outcome(1)
+    );
+    assert_eq!(s.engines[1].stats().rights_requests_sent, 2);
+    assert_eq!(
+        s.rights(1),
+        0,
+        "each holder was asked for its share, no more"
+    );
+    assert_eq!(s.rights(2) + s.rights(3), 1);
+}
+
+#[test]
+fn a_sale_the_stand_cannot_cover_moves_no_rights() {
+    let mut s = stand(2, &[0, 3], quiet());
+    s.sell(1, 1, 10);
+    s.run_until(T0 + 100);
+    assert!(matches!(s.outcome(1), Some(Event::Refused { .. })));
+    assert_eq!((s.rights(1), s.rights(2)), (0, 3));
+    assert_eq!(s.engines[1].stats().rights_requests_sent, 0);
+}
+
+#[test]
+fn nothing_leaves_and_nothing_is_acknowledged_before_the_change_is_durable() {
+    let mut s = stand(0, &[5], quiet());
+    s.sell(1, 1, 1);
+    let e = &mut s.engines[1];
+    assert!(matches!(e.poll_event(), Some(Event::Persist(_))));
+    assert!(
+        e.poll_event().is_none(),
+        "no acknowledgement before persisted()"
+    );
+    assert!(e.poll_transmit().is_none(), "no frame before persisted()");
+    e.persisted();
+    assert!(matches!(e.poll_event(), Some(Event::Committed { .. })));
+    assert!(e.poll_transmit().is_some());
+}
+
+#[test]
+fn a_change_from_an_author_we_do_not_reach_is_repaired_and_relayed() {
+    // 1 and 2 cannot reach each other; 3 reaches only 2. Terminal 1's sale reaches the pool
+    // by push, terminal 2 by the pool's repair, and terminal 3 only because terminal 2,
+    // which does not reach the author, relays it.
+    let mut s = stand(0, &[5, 0, 0], EngineConfig::default());
+    s.cut(1, 2);
+    s.cut(1, 3);
+    s.cut(0, 3);
+    s.sell(1, 1, 1);
+    s.run_until(T0 + 100);
+    assert_eq!(s.engines[0].ledger().available(&sku("soda")), 4);
+    s.run_until(T0 + 2_500);
+    assert_eq!(s.engines[2].ledger().available(&sku("soda")), 4);
+    assert!(s.engines[2].stats().changes_relayed >= 1);
+    assert_eq!(s.engines[3].ledger().available(&sku("soda")), 4);
+}
+
+#[test]
+fn a_silent_peer_is_dropped_and_reported() {
+    let mut s = stand(0, &[1], EngineConfig::default());
+    let pool = s.id(0);
+    s.cut.insert((0, 1)); // frames are lost, nobody is told
+    s.run_until(T0 + PEER_SILENCE_TIMEOUT_MS + 1_500);
+    assert!(!s.engines[1].is_connected(pool));
+    assert!(!s.engines[1].pool_reachable());
+}
+
+#[test]
+fn the_pool_tops_up_terminals_it_reaches() {
+    let mut s = stand(40, &[0, 0], EngineConfig::default());
+    s.run_until(T0 + ALLOCATION_INTERVAL_MS + 100);
+    assert_eq!(s.rights(1), 20);
+    assert_eq!(s.rights(2), 20);
+}
