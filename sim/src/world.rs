@@ -19,6 +19,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet};
 
+/// The simulated transport's keepalive on every live link (libp2p's ping on a terminal): it
+/// tells both engines the peer is alive without a frame.
+pub const TRANSPORT_PING_MS: u64 = 1_000;
 /// After the final heal every live replica must hold the same changes within this bound.
 pub const CONVERGENCE_BOUND_MS: u64 = 120_000;
 /// Stock is sampled for the plots this many times per game.
@@ -162,6 +165,7 @@ pub struct World {
     game_ms: u64,
     healed_at: Option<u64>,
     converged_at: Option<u64>,
+    next_ping: u64,
     next_sample: u64,
     sample_every: u64,
     /// Committed sales not yet seen at the pool: per replica, seq → commit time.
@@ -365,6 +369,7 @@ impl World {
             game_ms,
             healed_at: None,
             converged_at: None,
+            next_ping: TRANSPORT_PING_MS,
             next_sample: 0,
             sample_every: (game_ms / SAMPLES_PER_GAME).max(1),
             in_transit: BTreeMap::new(),
@@ -582,6 +587,7 @@ impl World {
         if let Some(d) = self.net.next_delivery() {
             t = t.min(d);
         }
+        t = t.min(self.next_ping);
         if self.now < self.game_ms {
             for n in &self.nodes[1..] {
                 if n.alive {
@@ -957,6 +963,16 @@ impl World {
     }
 
     fn timers(&mut self) {
+        if self.now >= self.next_ping {
+            self.next_ping = self.now + TRANSPORT_PING_MS;
+            let links: Vec<(usize, usize)> = self.up.iter().copied().collect();
+            for (a, b) in links {
+                let (ida, idb) = (self.nodes[a].id, self.nodes[b].id);
+                let (wa, wb) = (self.wall(a), self.wall(b));
+                self.nodes[a].engine.heard(idb, wa);
+                self.nodes[b].engine.heard(ida, wb);
+            }
+        }
         for i in 0..self.nodes.len() {
             if !self.nodes[i].alive {
                 continue;

@@ -24,6 +24,9 @@ struct Stand {
     /// Node pairs whose link is cut.
     cut: BTreeSet<(usize, usize)>,
     outcomes: Vec<(usize, Event)>,
+    vectors_sent: usize,
+    /// The transport's keepalive (libp2p's ping on a terminal) on every link not cut.
+    next_ping: u64,
 }
 
 /// A pool and `rights.len()` terminals; terminal i holds `rights[i]` sodas, the pool `pool`.
@@ -89,6 +92,8 @@ fn stand(pool_units: u64, rights: &[u64], cfg: EngineConfig) -> Stand {
         latency_ms: 1,
         cut: BTreeSet::new(),
         outcomes: Vec::new(),
+        vectors_sent: 0,
+        next_ping: T0 + 1_000,
     };
     s.connect_all();
     s
@@ -153,6 +158,7 @@ impl Stand {
                 self.engines[i].persisted();
             }
             while let Some((to, m)) = self.engines[i].poll_transmit() {
+                self.vectors_sent += usize::from(matches!(m, WireMessage::Vector { .. }));
                 let j = (0..self.engines.len()).find(|j| self.id(*j) == to).unwrap();
                 let bytes = m.encode(self.engines[i].ledger().stand_id());
                 self.wire.push((i, j, bytes, self.now + self.latency_ms));
@@ -171,13 +177,24 @@ impl Stand {
                 .map(Engine::poll_timeout)
                 .min()
                 .unwrap_or(u64::MAX);
-            let next = next_frame.min(next_timer);
+            let next = next_frame.min(next_timer).min(self.next_ping);
             if next > until {
                 self.now = until;
                 return;
             }
             self.now = next.max(self.now);
             let now = self.now;
+            if now >= self.next_ping {
+                self.next_ping = now + 1_000;
+                for a in 0..self.engines.len() {
+                    for b in 0..self.engines.len() {
+                        if a != b && !self.cut.contains(&(a.min(b), a.max(b))) {
+                            let id = self.id(b);
+                            self.engines[a].heard(id, now);
+                        }
+                    }
+                }
+            }
             let (due, rest): (Vec<_>, Vec<_>) = self.wire.drain(..).partition(|f| f.3 <= now);
             self.wire = rest;
             for (from, to, bytes, _) in due {
@@ -365,4 +382,31 @@ fn the_pool_tops_up_terminals_it_reaches() {
     s.run_until(T0 + ALLOCATION_INTERVAL_MS + 100);
     assert_eq!(s.rights(1), 20);
     assert_eq!(s.rights(2), 20);
+}
+
+#[test]
+fn an_idle_link_carries_a_vector_only_now_and_then() {
+    // All stock at the one terminal: no allocation or top-up changes to announce.
+    let mut s = stand(0, &[5], EngineConfig::default());
+    s.run_until(T0 + 500);
+    let after_connect = s.vectors_sent;
+    assert!(after_connect >= 2, "each side announces itself on connect");
+    s.run_until(T0 + 9_000);
+    assert!(
+        s.engines[1].pool_reachable(),
+        "the ping keeps the quiet link alive"
+    );
+    assert_eq!(s.vectors_sent, after_connect, "nothing new, nothing said");
+    s.run_until(T0 + 10_600);
+    assert!(
+        s.vectors_sent > after_connect,
+        "a refresh repairs what a lost frame missed"
+    );
+    let before_sale = s.vectors_sent;
+    s.sell(1, 1, 1);
+    s.run_until(T0 + 11_700);
+    assert!(
+        s.vectors_sent > before_sale,
+        "a new change is announced within a second"
+    );
 }

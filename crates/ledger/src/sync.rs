@@ -23,8 +23,12 @@ pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 pub const MAX_CHANGES_PER_MESSAGE: usize = 256;
 /// Most replicas in a version vector.
 pub const MAX_VECTOR_LEN: usize = 4096;
-/// Default interval between version-vector exchanges.
+/// Default interval between version-vector checks: a vector goes out at this pace while this
+/// replica holds changes it has not announced.
 pub const ANTI_ENTROPY_INTERVAL_MS: u64 = 1_000;
+/// A vector goes out at least this often even when nothing changed, so that a lost vector or
+/// a lost push is repaired on a quiet stand too.
+pub const VECTOR_REFRESH_MS: u64 = 10_000;
 /// Messages queued for one peer before older pushes are dropped (repair resends them).
 pub const PEER_OUTBOX_LEN: usize = 1_024;
 
@@ -154,6 +158,9 @@ pub struct PeerSync {
     outbox: VecDeque<WireMessage>,
     next_vector_ms: u64,
     interval_ms: u64,
+    /// Changes held when the last vector went out, and when one must go out regardless.
+    announced_len: usize,
+    next_refresh_ms: u64,
     dropped: u64,
 }
 
@@ -165,6 +172,8 @@ impl PeerSync {
             outbox: VecDeque::new(),
             next_vector_ms: now_ms + interval_ms,
             interval_ms: interval_ms.max(1),
+            announced_len: 0,
+            next_refresh_ms: 0,
             dropped: 0,
         };
         s.send_vector(ledger, now_ms);
@@ -232,6 +241,8 @@ impl PeerSync {
             vector: ledger.version_vector(),
         });
         self.next_vector_ms = now_ms + self.interval_ms;
+        self.announced_len = ledger.len();
+        self.next_refresh_ms = now_ms.saturating_add(VECTOR_REFRESH_MS);
     }
 
     /// Handle one message from the peer.
@@ -297,10 +308,17 @@ impl PeerSync {
         self.next_vector_ms
     }
 
-    /// Periodic repair: send our vector.
+    /// Periodic repair: send our vector when we hold changes not yet announced to this peer,
+    /// and at least every `VECTOR_REFRESH_MS`. On an idle stand most vectors would say nothing
+    /// new (they were 96 % of all frames in a simulated game).
     pub fn handle_timeout(&mut self, ledger: &Ledger, now_ms: u64) {
-        if now_ms >= self.next_vector_ms {
+        if now_ms < self.next_vector_ms {
+            return;
+        }
+        if ledger.len() != self.announced_len || now_ms >= self.next_refresh_ms {
             self.send_vector(ledger, now_ms);
+        } else {
+            self.next_vector_ms = now_ms + self.interval_ms;
         }
     }
 }
