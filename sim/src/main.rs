@@ -114,6 +114,13 @@ struct CompareArgs {
     /// Seed shared by every configuration (same customers everywhere).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Run this many seeds from `--seed` on and report the totals over them.
+    #[arg(long, default_value_t = 1)]
+    seeds: u64,
+    /// Compare only the default policy and allocation (strict/proportional) with the central
+    /// baseline.
+    #[arg(long)]
+    default_only: bool,
     /// Only this scenario (default: all).
     #[arg(long, value_enum)]
     scenario: Option<Scenario>,
@@ -269,21 +276,49 @@ fn cmd_sweep(a: &SweepArgs) -> Result<ExitCode> {
     }
 }
 
+/// Totals of one configuration over every seed of a comparison.
+#[derive(Default)]
+struct Totals {
+    runs: u64,
+    customers: u64,
+    sales: u64,
+    lost: u64,
+    lost_units: u64,
+    stranded: u64,
+    oversell: u64,
+    refunds_cents: u64,
+    held: u64,
+    waits: Vec<u64>,
+    lost_at: Vec<u64>,
+    messages: u64,
+    game_minutes: u64,
+}
+
 fn cmd_compare(a: &CompareArgs) -> Result<ExitCode> {
     let scenarios: Vec<Scenario> = a.scenario.map_or(Scenario::ALL.to_vec(), |s| vec![s]);
+    let configs: Vec<(PolicyChoice, AllocationChoice)> = if a.default_only {
+        vec![(PolicyChoice::Strict, AllocationChoice::Proportional)]
+    } else {
+        vec![
+            (PolicyChoice::Strict, AllocationChoice::Proportional),
+            (PolicyChoice::Strict, AllocationChoice::Velocity),
+            (PolicyChoice::Optimistic, AllocationChoice::Proportional),
+            (PolicyChoice::Optimistic, AllocationChoice::Velocity),
+        ]
+    };
     let mut jobs = Vec::new();
-    for s in &scenarios {
-        for p in [PolicyChoice::Strict, PolicyChoice::Optimistic] {
-            for al in [AllocationChoice::Proportional, AllocationChoice::Velocity] {
-                let mut c = base_config(a.seed, *s, &a.stand);
-                c.policy = p;
-                c.allocation = al;
+    for seed in a.seed..a.seed.saturating_add(a.seeds.max(1)) {
+        for s in &scenarios {
+            for (p, al) in &configs {
+                let mut c = base_config(seed, *s, &a.stand);
+                c.policy = *p;
+                c.allocation = *al;
                 jobs.push(c);
             }
+            let mut c = base_config(seed, *s, &a.stand);
+            c.baseline = true;
+            jobs.push(c);
         }
-        let mut c = base_config(a.seed, *s, &a.stand);
-        c.baseline = true;
-        jobs.push(c);
     }
     let threads = a.threads.unwrap_or_else(default_threads);
     let pb = bar(
@@ -292,43 +327,30 @@ fn cmd_compare(a: &CompareArgs) -> Result<ExitCode> {
     );
     let results = run_all(&jobs, threads, &|| pb.inc(1));
     pb.finish_and_clear();
-    println!(
-        "{:<14} {:<24} {:>7} {:>6} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9}",
-        "scenario",
-        "config",
-        "sales",
-        "lost",
-        "lost u",
-        "stranded",
-        "oversell",
-        "refunds$",
-        "p50 ms",
-        "p99 ms",
-        "conv ms",
-        "msgs",
-        "KB"
-    );
     let mut reports = Vec::new();
     let mut failed = false;
+    let mut totals: std::collections::BTreeMap<(usize, String), Totals> = Default::default();
     for (cfg, r) in jobs.iter().zip(results) {
         match r {
             Ok(r) => {
-                println!(
-                    "{:<14} {:<24} {:>7} {:>6} {:>9} {:>9} {:>9} {:>8.2} {:>8} {:>9} {:>9} {:>8} {:>9.0}",
-                    r.scenario,
-                    r.config,
-                    r.sales,
-                    r.lost_sales,
-                    r.lost_units,
-                    r.stranded_units,
-                    r.oversell_units,
-                    r.refunds_owed_cents as f64 / 100.0,
-                    r.propagation_ms.p50,
-                    r.propagation_ms.p99,
-                    r.convergence_ms.map_or("-".into(), |c| c.to_string()),
-                    r.net.messages_sent,
-                    r.net.bytes_sent as f64 / 1024.0
-                );
+                let order = scenarios
+                    .iter()
+                    .position(|s| *s == cfg.scenario)
+                    .unwrap_or(0);
+                let t = totals.entry((order, r.config.clone())).or_default();
+                t.runs += 1;
+                t.customers += r.customers;
+                t.sales += r.sales;
+                t.lost += r.lost_sales;
+                t.lost_units += r.lost_units;
+                t.stranded += r.stranded_units;
+                t.oversell += r.oversell_units;
+                t.refunds_cents += r.refunds_owed_cents;
+                t.held += r.held_sales;
+                t.waits.extend(&r.sale_waits_ms);
+                t.lost_at.extend(&r.lost_sale_times_ms);
+                t.messages += r.net.messages_sent;
+                t.game_minutes = r.game_minutes;
                 reports.push(r);
             }
             Err(f) => {
@@ -343,13 +365,103 @@ fn cmd_compare(a: &CompareArgs) -> Result<ExitCode> {
             }
         }
     }
+    println!(
+        "{} seed(s) from {}, totals over them; 'refused w/ stock' = customers refused while the stand still had what they wanted",
+        a.seeds.max(1),
+        a.seed
+    );
+    println!(
+        "{:<14} {:<24} {:>9} {:>8} {:>16} {:>8} {:>9} {:>9} {:>9} {:>7} {:>11} {:>11} {:>10}",
+        "scenario",
+        "config",
+        "customers",
+        "sales",
+        "refused w/ stock",
+        "% cust",
+        "lost u",
+        "stranded",
+        "oversell",
+        "waited",
+        "wait p50 ms",
+        "wait p99 ms",
+        "msgs/run"
+    );
+    for ((order, config), t) in &totals {
+        let w = halftime_sim::report::Latencies::from_samples(&t.waits);
+        println!(
+            "{:<14} {:<24} {:>9} {:>8} {:>16} {:>7.2}% {:>9} {:>9} {:>9} {:>7} {:>11} {:>11} {:>10}",
+            scenarios[*order].name(),
+            config,
+            t.customers,
+            t.sales,
+            t.lost,
+            100.0 * t.lost as f64 / t.customers.max(1) as f64,
+            t.lost_units,
+            t.stranded,
+            t.oversell,
+            t.held,
+            w.p50,
+            w.p99,
+            t.messages / t.runs.max(1)
+        );
+    }
+    // The targets: with the network up, refusals while stock was left at most the baseline's
+    // plus 0.5 % of customers; with the WAN down, at most half the baseline's lost sales;
+    // stranded stock never above the baseline's.
+    println!();
+    for (order, s) in scenarios.iter().enumerate() {
+        let Some(base) = totals.get(&(order, "baseline".to_string())) else {
+            continue;
+        };
+        for ((o, config), t) in &totals {
+            if *o != order || config == "baseline" {
+                continue;
+            }
+            let (bound, rule) = match s {
+                Scenario::WanDown => (base.lost / 2, "≤ baseline / 2"),
+                Scenario::AllDown => (u64::MAX, "no target (stand LAN down too)"),
+                _ => (
+                    base.lost + (t.customers as f64 * 0.005).floor() as u64,
+                    "≤ baseline + 0.5 % of customers",
+                ),
+            };
+            let lost_ok = t.lost <= bound;
+            let stranded_ok = t.stranded <= base.stranded;
+            println!(
+                "target {:<14} {:<24} refused w/ stock {} {} (baseline {}): {}; stranded {} ≤ baseline {}: {}",
+                s.name(),
+                config,
+                t.lost,
+                rule,
+                base.lost,
+                if lost_ok { "met" } else { "NOT met" },
+                t.stranded,
+                base.stranded,
+                if stranded_ok { "met" } else { "NOT met" },
+            );
+        }
+    }
     if let Some(p) = &a.json {
         let json = serde_json::to_string_pretty(&reports)?;
         std::fs::write(p, json).with_context(|| format!("writing {}", p.display()))?;
     }
     if let Some(dir) = &a.plots {
-        for r in &reports {
-            plots::write(r, dir).map_err(anyhow::Error::msg)?;
+        if a.seeds <= 1 {
+            for r in &reports {
+                plots::write(r, dir).map_err(anyhow::Error::msg)?;
+            }
+        }
+        for (order, s) in scenarios.iter().enumerate() {
+            let series: Vec<plots::RefusalSeries> = totals
+                .iter()
+                .filter(|((o, _), _)| *o == order)
+                .map(|((_, c), t)| (c.clone(), t.lost_at.clone()))
+                .collect();
+            let minutes = totals
+                .iter()
+                .find(|((o, _), _)| *o == order)
+                .map_or(1, |(_, t)| t.game_minutes);
+            plots::write_refusals(s.name(), minutes, &series, dir).map_err(anyhow::Error::msg)?;
         }
     }
     if failed {

@@ -1,4 +1,5 @@
-//! SVG plots of a run: stock per terminal over time and the propagation latency CDF.
+//! SVG plots of a run (stock per terminal over time, the propagation latency CDF) and of a
+//! comparison (customers refused while the stand had stock, over the game, per configuration).
 
 use crate::report::Report;
 use plotters::prelude::*;
@@ -158,4 +159,77 @@ fn cdf_plot(report: &Report, path: &Path) -> Result<(), String> {
         ))
         .map_err(err)?;
     root.present().map_err(err)
+}
+
+/// One line of the refusals plot: a configuration and the times (ms) of its refusals.
+pub type RefusalSeries = (String, Vec<u64>);
+
+/// Write `refusals-<scenario>.svg`: per configuration, the cumulative number of customers
+/// refused while the stand still had what they wanted, over the game (all seeds together).
+pub fn write_refusals(
+    scenario: &str,
+    game_minutes: u64,
+    series: &[RefusalSeries],
+    dir: &Path,
+) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let path = dir.join(format!("refusals-{scenario}.svg"));
+    let root = SVGBackend::new(&path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let ymax = series
+        .iter()
+        .map(|(_, v)| v.len())
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let minutes = game_minutes.max(1) as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("Customers refused while stock was left — {scenario}"),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..minutes, 0.0..ymax * 1.05)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("game time (min)")
+        .y_desc("refused, cumulative (all seeds)")
+        .draw()
+        .map_err(err)?;
+    for (i, (label, times)) in series.iter().enumerate() {
+        let mut t = times.clone();
+        t.sort_unstable();
+        let colour = Palette99::pick(i).stroke_width(2);
+        let mut points = vec![(0.0, 0.0)];
+        for (n, ms) in t.iter().enumerate() {
+            let x = *ms as f64 / 60_000.0;
+            points.push((x, n as f64));
+            points.push((x, (n + 1) as f64));
+        }
+        points.push((minutes, t.len() as f64));
+        chart
+            .draw_series(LineSeries::new(points, colour))
+            .map_err(err)?
+            .label(label.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(
+                    vec![(x, y), (x + 20, y)],
+                    Palette99::pick(i).stroke_width(2),
+                )
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    drop(chart);
+    drop(root);
+    Ok(path)
 }

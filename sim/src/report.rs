@@ -167,6 +167,10 @@ pub struct Report {
     pub samples: Vec<StockSample>,
     /// Every propagation latency, sorted (for the CDF).
     pub latencies_ms: Vec<u64>,
+    /// Virtual time of every customer refused while the stand still had what they wanted.
+    pub lost_sale_times_ms: Vec<u64>,
+    /// Every wait of a sale that waited for rights (committed or refused), in order.
+    pub sale_waits_ms: Vec<u64>,
 }
 
 impl Report {

@@ -175,6 +175,8 @@ pub struct World {
     next_ticket: u64,
     /// How long each customer whose sale waited for rights waited (committed or refused).
     waits: Vec<u64>,
+    /// When each customer refused while the stand had stock was refused.
+    lost_at: Vec<u64>,
     acked: Vec<(SaleId, usize)>,
     latencies: Vec<u64>,
     counters: Counters,
@@ -376,6 +378,7 @@ impl World {
             tickets: BTreeMap::new(),
             next_ticket: 0,
             waits: Vec::new(),
+            lost_at: Vec::new(),
             acked: Vec::new(),
             latencies: Vec::new(),
             counters: Counters::default(),
@@ -1106,6 +1109,7 @@ impl World {
         let left = self.truth.get(sku).copied().unwrap_or(0);
         if left >= qty as i64 {
             self.counters.lost_sales += 1;
+            self.lost_at.push(self.now);
             *self.lost_units.entry(sku.clone()).or_insert(0) += qty;
         }
         self.log(|| format!("terminal {t} refuses {sku} x{qty}: {why} (stand has {left})"));
@@ -1423,6 +1427,8 @@ impl World {
             net: self.net.stats.clone(),
             per_sku,
             samples: self.samples.clone(),
+            lost_sale_times_ms: self.lost_at.clone(),
+            sale_waits_ms: self.waits.clone(),
             latencies_ms: {
                 let mut v = self.latencies.clone();
                 v.sort_unstable();
