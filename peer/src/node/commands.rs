@@ -1,0 +1,202 @@
+//! The API's commands, handled in group-commit batches, and the views they read.
+
+use super::*;
+
+impl Node {
+    pub(super) fn handle_commands(&mut self, batch: Vec<Command>) {
+        let now = now_ms();
+        let mut replies: Vec<Box<dyn FnOnce(&mut Node, Option<&str>)>> = Vec::new();
+        for cmd in batch {
+            match cmd {
+                Command::Sell(input, reply) => match self.sale_order(input) {
+                    Ok(order) => {
+                        let ticket = Ticket(self.next_ticket);
+                        self.next_ticket += 1;
+                        self.sales.insert(ticket, (reply, Instant::now()));
+                        self.engine.sell(ticket, order, now);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Command::Void(sale, reply) => {
+                    match self
+                        .engine
+                        .local_op(now, |l, now| Ok((l.void(sale, now)?, ())))
+                    {
+                        Ok(()) => {
+                            replies.push(Box::new(move |n: &mut Node, err| {
+                                let _ = match err {
+                                    None => {
+                                        n.metrics.voids += 1;
+                                        reply.send(
+                                            n.sale_view(sale)
+                                                .ok_or_else(|| ApiError::internal("void lost")),
+                                        )
+                                    }
+                                    Some(e) => reply.send(Err(ApiError::unavailable(e))),
+                                };
+                            }));
+                        }
+                        Err(OpError::Refused(r)) => {
+                            let _ = reply.send(Err(ApiError::refused(r)));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(ApiError::internal(e)));
+                        }
+                    }
+                }
+                Command::Stock(reply) => {
+                    let _ = reply.send(self.stock_rows(None));
+                }
+                Command::Reclaim(replica, reply) => match self.engine.reclaim(replica, now) {
+                    Ok(view) => {
+                        let age = view.last_change_at.map(|t| now.saturating_sub(t.wall_ms()));
+                        tracing::info!(
+                            %replica,
+                            last_seq = view.last_seq,
+                            last_change_age_ms = age,
+                            peers_consulted = view.peers_consulted,
+                            "reclaimed"
+                        );
+                        let result = ReclaimResult {
+                            view,
+                            last_change_age_ms: age,
+                        };
+                        replies.push(Box::new(move |_: &mut Node, err| {
+                            let _ = match err {
+                                None => reply.send(Ok(result)),
+                                Some(e) => reply.send(Err(ApiError::unavailable(e))),
+                            };
+                        }));
+                    }
+                    Err(OpError::Refused(r)) => {
+                        let _ = reply.send(Err(ApiError::refused(r)));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ApiError::internal(e)));
+                    }
+                },
+                Command::Status(reply) => {
+                    let _ = reply.send(self.status());
+                }
+                Command::Orders(reply) => {
+                    let _ = reply.send(self.orders.iter().cloned().collect());
+                }
+                Command::OrderDone(sale, reply) => {
+                    let r = match self.orders.iter_mut().find(|o| o.sale_id == sale) {
+                        Some(o) => {
+                            o.done = true;
+                            Ok(())
+                        }
+                        None => Err(ApiError::refused(Refusal::UnknownSale { sale })),
+                    };
+                    let _ = reply.send(r);
+                }
+                Command::Metrics(reply) => {
+                    let _ = reply.send(self.metrics_text());
+                }
+            }
+        }
+        // One durable write for the whole batch, then the acknowledgements.
+        self.pump();
+        let err = self.fatal.clone();
+        for r in replies {
+            r(self, err.as_deref());
+        }
+    }
+
+    pub(super) fn sale_order(&self, input: SaleInput) -> Result<SaleOrder, ApiError> {
+        // Membership first: a replica outside any stand has no catalog, and "unknown sku"
+        // would send the operator looking in the wrong place.
+        if self.engine.ledger().stand().is_none() {
+            return Err(ApiError::refused(Refusal::NoStand));
+        }
+        if self.engine.ledger().role().is_none() {
+            return Err(ApiError::refused(Refusal::NotEnrolled));
+        }
+        let mut lines = Vec::new();
+        for l in input.lines {
+            let item = self
+                .engine
+                .ledger()
+                .catalog()
+                .get(&l.sku)
+                .ok_or_else(|| ApiError::refused(Refusal::UnknownSku { sku: l.sku.clone() }))?;
+            lines.push(halftime_ledger::SaleLine {
+                sku: l.sku,
+                qty: l.qty,
+                unit_price_cents: item.price_cents,
+            });
+        }
+        Ok(SaleOrder {
+            lines,
+            payment: halftime_ledger::Payment {
+                method: input.payment.method,
+                reference: input.payment.reference,
+            },
+        })
+    }
+
+    pub(super) fn sale_view(&self, id: SaleId) -> Option<SaleView> {
+        self.engine.ledger().sale(id).map(|e| SaleView {
+            sale_id: id,
+            total_cents: e.record.total_cents(),
+            sale: e.record.clone(),
+            voided: e.voided,
+            waited_ms: 0,
+        })
+    }
+
+    /// Stock rows, for all items or only `only`.
+    pub fn stock_rows(&self, only: Option<&BTreeSet<Sku>>) -> Vec<StockRow> {
+        let me = self.engine.ledger().me();
+        let online = self.pool_reachable();
+        self.engine
+            .ledger()
+            .catalog()
+            .values()
+            .filter(|c| only.is_none_or(|o| o.contains(&c.sku)))
+            .map(|c| StockRow {
+                sku: c.sku.clone(),
+                name: c.name.clone(),
+                price_cents: c.price_cents,
+                available: self.engine.ledger().available(&c.sku),
+                rights: self.engine.ledger().rights(me, &c.sku),
+                status: self.engine.ledger().status(&c.sku),
+                sellable_now: self.engine.ledger().sellable_now(&c.sku, online),
+            })
+            .collect()
+    }
+
+    pub(super) fn status(&self) -> StatusView {
+        StatusView {
+            replica: self.engine.ledger().me(),
+            peer_id: self.swarm.local_peer_id().to_string(),
+            role: self.engine.ledger().role(),
+            stand: self.engine.ledger().stand_id().to_string(),
+            policy: self.engine.ledger().policy(),
+            peers: self.connected_replicas(),
+            // On the pool itself "reachable" means some replica of the stand is connected to
+            // it: a pool alone must not look like a healthy stand.
+            pool_reachable: self.pool_reachable(),
+            repair_backlog: self
+                .peers
+                .values()
+                .map(|c| self.engine.backlog(c.replica))
+                .sum(),
+            pending: self.engine.ledger().pending_len(),
+            changes: self.engine.ledger().len(),
+            listen: self.listen.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    pub(super) fn connected_replicas(&self) -> Vec<ReplicaId> {
+        self.engine.peers().collect()
+    }
+
+    /// Whether this replica reaches the pool (on the pool: whether any replica reaches it).
+    pub fn pool_reachable(&self) -> bool {
+        self.engine.pool_reachable()
+    }
+}

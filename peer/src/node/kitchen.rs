@@ -1,0 +1,75 @@
+//! What changes mean for the screens: the registry, the live feed and the kitchen queue.
+
+use super::*;
+
+impl Node {
+    /// Registry, live feed and kitchen after changes were applied.
+    pub(super) fn after_change(&mut self, changes: &[SignedChange]) {
+        let now = now_ms();
+        let before = self.peer_of.len();
+        self.refresh_allowlist();
+        if self.peer_of.len() != before {
+            self.publish_peers();
+        }
+        let mut skus = BTreeSet::new();
+        let mut new_sales = Vec::new();
+        for c in changes {
+            if let Ok(ch) = automerge::Change::try_from(&c.bytes[..]) {
+                if let Ok(m) = halftime_ledger::ChangeMessage::decode(ch.message()) {
+                    match &m.op {
+                        halftime_ledger::Operation::Sale(rec) => {
+                            skus.extend(rec.units().into_keys());
+                            new_sales.push(rec.clone());
+                        }
+                        halftime_ledger::Operation::Void { sale, units } => {
+                            skus.extend(units.keys().cloned());
+                            if let Some(o) = self.orders.iter_mut().find(|o| o.sale_id == *sale) {
+                                o.voided = true;
+                                let _ = self.live.send(LiveEvent::Order { order: o.clone() });
+                            }
+                        }
+                        halftime_ledger::Operation::Restock { units, .. }
+                        | halftime_ledger::Operation::Adjust { units, .. }
+                        | halftime_ledger::Operation::Give { units, .. }
+                        | halftime_ledger::Operation::Reclaim { units, .. } => {
+                            skus.extend(units.keys().cloned())
+                        }
+                        _ => skus.extend(self.engine.ledger().catalog().keys().cloned()),
+                    }
+                }
+            }
+        }
+        for s in &new_sales {
+            self.note_order(s, now, true);
+        }
+        if !skus.is_empty() {
+            let rows = self.stock_rows(Some(&skus));
+            let _ = self.live.send(LiveEvent::Stock { rows });
+        }
+    }
+
+    pub(super) fn note_order(
+        &mut self,
+        rec: &halftime_ledger::SaleRecord,
+        now: u64,
+        publish: bool,
+    ) {
+        if self.orders.iter().any(|o| o.sale_id == rec.id) {
+            return;
+        }
+        let order = OrderView {
+            sale_id: rec.id,
+            lines: rec.lines.clone(),
+            received_ms: now,
+            done: false,
+            voided: false,
+        };
+        if self.orders.len() >= KITCHEN_QUEUE_LEN {
+            self.orders.pop_front();
+        }
+        self.orders.push_back(order.clone());
+        if publish {
+            let _ = self.live.send(LiveEvent::Order { order });
+        }
+    }
+}

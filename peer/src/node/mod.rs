@@ -1,0 +1,327 @@
+//! The node: one task that owns the stand engine, the store and the swarm, driven by commands
+//! from the local API, by the network and by the engine's timer. Every rule of the stand is
+//! the engine's; this loop feeds it, writes what it asks to persist, sends what it wants sent
+//! and answers the API (quinn's driver pattern).
+//!
+//! Here: the node, its loop and its disk (what the engine asks to persist). `commands.rs`: the
+//! API's commands and the views they read; `requests.rs`: their types; `mesh.rs`: connections,
+//! frames, redials; `kitchen.rs`: what changes mean for the live feed and the kitchen queue;
+//! `metrics.rs`: the Prometheus text.
+
+use crate::net::{Behaviour, BehaviourEvent};
+use crate::store::Store;
+use futures::StreamExt;
+use halftime_engine::{Engine, EngineConfig, Event, SaleOrder, Ticket};
+use halftime_ledger::sync::ANTI_ENTROPY_INTERVAL_MS;
+use halftime_ledger::{OpError, Refusal, ReplicaId, SaleId, SignedChange, Sku};
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::{Multiaddr, PeerId, Swarm, mdns, ping, request_response};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+mod commands;
+mod kitchen;
+mod mesh;
+mod metrics;
+mod requests;
+
+use metrics::Metrics;
+pub use requests::*;
+
+/// Commands queued from the API.
+pub const COMMAND_QUEUE_LEN: usize = 1_024;
+/// Commands handled per group commit.
+pub const GROUP_COMMIT_MAX: usize = 128;
+/// Live events buffered per subscriber.
+pub const LIVE_QUEUE_LEN: usize = 1_024;
+/// Housekeeping tick: redials and warnings (the engine's own timer is separate).
+pub const TICK_MS: u64 = 200;
+/// Received changes are made durable at most this long after they were stored (a group
+/// commit; a local sale's immediate commit covers them sooner).
+pub const RECEIVED_SYNC_MS: u64 = 100;
+/// A replica that reaches no peer warns why at most this often.
+pub const DIAL_WARNING_INTERVAL_MS: u64 = 10_000;
+/// How long a replica may run before it warns that it has not reached its stand.
+pub const NOT_A_MEMBER_GRACE_MS: u64 = 3_000;
+/// Redial a known but unconnected peer this often.
+pub const REDIAL_INTERVAL_MS: u64 = 2_000;
+/// Sync frames in flight to one peer before further ones wait.
+pub const MAX_INFLIGHT_PER_PEER: usize = 64;
+/// Orders shown on the kitchen page.
+pub const KITCHEN_QUEUE_LEN: usize = 500;
+
+/// Wall-clock milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A connected peer, as the transport sees it.
+struct Conn {
+    replica: ReplicaId,
+    inflight: usize,
+}
+
+/// The node's configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Static peers to dial (for networks that block multicast).
+    pub static_peers: Vec<Multiaddr>,
+    /// Anti-entropy interval.
+    pub sync_interval_ms: u64,
+    /// Longest a sale waits for rights from other replicas.
+    pub sale_wait_ms: u64,
+}
+
+/// The node state owned by the loop.
+pub struct Node {
+    engine: Engine,
+    store: Store,
+    swarm: Swarm<Behaviour>,
+    peers: BTreeMap<PeerId, Conn>,
+    peer_of: BTreeMap<PeerId, ReplicaId>,
+    known_addrs: BTreeMap<PeerId, BTreeSet<Multiaddr>>,
+    static_conn: BTreeMap<Multiaddr, Option<PeerId>>,
+    last_dial: BTreeMap<String, Instant>,
+    /// Sales the engine has not decided yet: the API's reply and when the sale came in.
+    sales: BTreeMap<Ticket, (oneshot::Sender<Result<SaleView, ApiError>>, Instant)>,
+    next_ticket: u64,
+    live: broadcast::Sender<LiveEvent>,
+    orders: VecDeque<OrderView>,
+    metrics: Metrics,
+    listen: Vec<Multiaddr>,
+    /// Set when a local change could not be made durable: the node stops so that a restart
+    /// rebuilds it from what is on disk (the unwritten change was never sent anywhere, so its
+    /// sequence number is free again).
+    fatal: Option<String>,
+    last_dial_warning: Option<Instant>,
+    started: Instant,
+    /// When the oldest received change not yet made durable was stored.
+    received_unsynced: Option<Instant>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Node({})", self.engine.ledger().me())
+    }
+}
+
+impl Node {
+    /// A node over a restored ledger.
+    pub fn new(
+        ledger: halftime_ledger::Ledger,
+        store: Store,
+        swarm: Swarm<Behaviour>,
+        cfg: NodeConfig,
+        live: broadcast::Sender<LiveEvent>,
+    ) -> Self {
+        let static_conn = cfg.static_peers.iter().map(|a| (a.clone(), None)).collect();
+        let engine_cfg = EngineConfig {
+            sync_interval_ms: cfg.sync_interval_ms,
+            sale_wait_ms: cfg.sale_wait_ms,
+            ..EngineConfig::default()
+        };
+        let mut n = Self {
+            engine: Engine::new(ledger, engine_cfg, now_ms()),
+            store,
+            swarm,
+            peers: BTreeMap::new(),
+            peer_of: BTreeMap::new(),
+            known_addrs: BTreeMap::new(),
+            static_conn,
+            last_dial: BTreeMap::new(),
+            sales: BTreeMap::new(),
+            next_ticket: 0,
+            live,
+            orders: VecDeque::new(),
+            metrics: Metrics::default(),
+            listen: Vec::new(),
+            fatal: None,
+            received_unsynced: None,
+            last_dial_warning: None,
+            started: Instant::now(),
+        };
+        n.refresh_allowlist();
+        let now = now_ms();
+        let sales: Vec<_> = n
+            .engine
+            .ledger()
+            .sales()
+            .iter()
+            .map(|e| e.record.clone())
+            .collect();
+        for s in sales {
+            n.note_order(&s, now, false);
+        }
+        n
+    }
+
+    /// Run until `shutdown` fires; an error when the store failed and the node had to stop.
+    pub async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Command>,
+        mut shutdown: oneshot::Receiver<()>,
+    ) -> Result<(), String> {
+        let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let engine_wait = self.engine_wait();
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                cmd = cmds.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    let mut batch = vec![cmd];
+                    while batch.len() < GROUP_COMMIT_MAX {
+                        match cmds.try_recv() {
+                            Ok(c) => batch.push(c),
+                            Err(_) => break,
+                        }
+                    }
+                    self.handle_commands(batch);
+                }
+                ev = self.swarm.select_next_some() => self.handle_swarm(ev),
+                _ = tick.tick() => self.handle_tick(),
+                _ = tokio::time::sleep(engine_wait) => {
+                    self.engine.handle_timeout(now_ms());
+                }
+            }
+            self.pump();
+            if let Some(e) = self.fatal.take() {
+                return Err(e);
+            }
+            self.sync_received(false);
+            self.flush();
+        }
+        self.sync_received(true);
+        tracing::info!(
+            changes = self.engine.ledger().len(),
+            "stopped; every change held is on disk"
+        );
+        Ok(())
+    }
+
+    /// Group-commit received changes: once `RECEIVED_SYNC_MS` after the first unsynced one,
+    /// or now when `force`d (on the way out).
+    fn sync_received(&mut self, force: bool) {
+        let Some(since) = self.received_unsynced else {
+            return;
+        };
+        if !force && since.elapsed() < Duration::from_millis(RECEIVED_SYNC_MS) {
+            return;
+        }
+        match self.store.sync() {
+            Ok(()) => self.received_unsynced = None,
+            Err(e) => {
+                // Not fatal: what is not durable is fetched again by the repair.
+                self.metrics.store_errors += 1;
+                tracing::error!(error = %e, "could not make received changes durable");
+            }
+        }
+    }
+
+    /// How long until the engine wants `handle_timeout` (at most a tick, so a clock that
+    /// jumps is noticed).
+    fn engine_wait(&self) -> Duration {
+        let wake = self.engine.poll_timeout();
+        Duration::from_millis(wake.saturating_sub(now_ms()).min(TICK_MS))
+    }
+
+    /// Act on everything the engine asks for: local changes are written durably (then the
+    /// engine releases their acknowledgements and frames), received ones stored for the next
+    /// group commit, outcomes answered. A failed durable write stops the node (see `fatal`):
+    /// nothing of those changes has left this replica.
+    fn pump(&mut self) {
+        loop {
+            let mut local: Vec<SignedChange> = Vec::new();
+            while let Some(ev) = self.engine.poll_event() {
+                match ev {
+                    Event::Persist(changes) => local.extend(changes),
+                    Event::Received(changes) => self.store_received(&changes),
+                    Event::Committed {
+                        ticket,
+                        sale_id,
+                        waited_ms,
+                    } => {
+                        let Some((reply, since)) = self.sales.remove(&ticket) else {
+                            continue;
+                        };
+                        self.metrics.ack_us_sum += since.elapsed().as_micros() as u64;
+                        self.metrics.ack_count += 1;
+                        let view = self.sale_view(sale_id).map(|v| SaleView { waited_ms, ..v });
+                        let _ = reply.send(
+                            view.ok_or_else(|| ApiError::internal("sale not found after commit")),
+                        );
+                    }
+                    Event::Refused { ticket, refusal } => {
+                        if let Some((reply, _)) = self.sales.remove(&ticket) {
+                            let _ = reply.send(Err(ApiError::sale_refused(refusal)));
+                        }
+                    }
+                    Event::Rejected { from, rejections } => {
+                        for r in &rejections {
+                            tracing::warn!(?from, rule = r.rule(), error = %r, "rejected a received change");
+                        }
+                    }
+                    Event::PeerGone(replica) => {
+                        // A silent cut leaves TCP connections open and closing them waits on
+                        // the dead link: the engine has dropped the peer, close it here too;
+                        // the redial brings it back once the link heals.
+                        let ids: Vec<PeerId> = self
+                            .peers
+                            .iter()
+                            .filter(|(_, c)| c.replica == replica)
+                            .map(|(p, _)| *p)
+                            .collect();
+                        for id in ids {
+                            tracing::info!(peer = %id, "peer silent; dropping it");
+                            let _ = self.swarm.disconnect_peer_id(id);
+                            self.peers.remove(&id);
+                        }
+                        self.publish_peers();
+                    }
+                }
+            }
+            if local.is_empty() {
+                return;
+            }
+            if let Err(e) = self.store.append(&local, true) {
+                self.metrics.store_errors += 1;
+                let msg = format!(
+                    "could not make local changes durable: {e}; stopping so a restart recovers from disk"
+                );
+                tracing::error!("{msg}");
+                for (_, (reply, _)) in std::mem::take(&mut self.sales) {
+                    let _ = reply.send(Err(ApiError::unavailable(&msg)));
+                }
+                self.fatal = Some(msg);
+                return;
+            }
+            // The immediate commit made every received change stored before it durable too.
+            self.received_unsynced = None;
+            self.engine.persisted();
+            self.after_change(&local);
+        }
+    }
+
+    fn store_received(&mut self, changes: &[SignedChange]) {
+        match self.store.append(changes, false) {
+            Ok(()) => {
+                self.received_unsynced.get_or_insert_with(Instant::now);
+            }
+            Err(e) => {
+                // Not fatal: what is not stored is fetched again by the repair after a restart.
+                self.metrics.store_errors += 1;
+                tracing::error!(error = %e, "could not store received changes");
+            }
+        }
+        self.after_change(changes);
+    }
+}
+
+/// Default anti-entropy interval for the peer.
+pub const DEFAULT_SYNC_INTERVAL_MS: u64 = ANTI_ENTROPY_INTERVAL_MS;
