@@ -1,0 +1,170 @@
+//! The invariants: safety after every step, liveness after the final heal.
+
+use super::*;
+
+impl World {
+    pub(super) fn check_safety(&mut self) -> Result<(), Violation> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let policy = self.cfg.checked_policy();
+        let pool_id = self.nodes[0].id;
+        for n in dirty {
+            if !self.nodes[n].alive {
+                continue;
+            }
+            // Fold newly known sales into the overdraft allowance and the units sold of this view.
+            let node = &mut self.nodes[n];
+            let sales = node.engine.ledger().sales();
+            for e in &sales[node.overdraft_scanned..] {
+                for (s, u) in &e.record.overdraft {
+                    *node.overdraft.entry(s.clone()).or_insert(0) += u;
+                }
+                for (s, u) in e.record.units() {
+                    *node.sold.entry(s).or_insert(0) += u;
+                }
+            }
+            node.overdraft_scanned = sales.len();
+            let l = node.engine.ledger();
+            // Shrink this view knows of: the adjustments up to the pool's last change it holds
+            // (the pool writes them in order, so they are a prefix).
+            if node.adjusts_known < self.adjusts.len() {
+                let pool_seen = l.version_vector().get(&pool_id).copied().unwrap_or(0);
+                node.adjusts_known = self
+                    .adjusts
+                    .iter()
+                    .take_while(|(seq, _)| *seq <= pool_seen)
+                    .count();
+            }
+            let known = &self.adjusts[..node.adjusts_known];
+            for s in &self.skus {
+                // Every unit that came in (opening, restocks) either went out with a sale or a
+                // shrink adjustment this view knows of, or is still available.
+                let shrunk: u64 = known.iter().filter_map(|(_, u)| u.get(s)).sum();
+                let sold = node.sold.get(s).copied().unwrap_or(0);
+                let came_in = l.total_in(s);
+                if came_in as i128 - sold as i128 - shrunk as i128 != l.available(s) as i128 {
+                    return Err(violation(
+                        "units-conserved",
+                        format!(
+                            "node {n}: {s} came in {came_in}, sold {sold}, shrunk {shrunk}, but available = {}",
+                            l.available(s)
+                        ),
+                    ));
+                }
+                let avail = l.available(s);
+                let mut sum = 0i64;
+                for (rid, info) in l.replicas() {
+                    let r = l.rights(*rid, s);
+                    sum += r;
+                    let retired = info.retired_at_pool_seq.is_some();
+                    if policy == Policy::Strict && r < 0 && !retired {
+                        return Err(violation(
+                            "rights-non-negative",
+                            format!(
+                                "node {n} sees replica {rid} with rights {r} for {s} under strict"
+                            ),
+                        ));
+                    }
+                }
+                // Gives a reclaimed replica made out of the pool's sight are nobody's rights.
+                let unbacked = l.unbacked(s) as i64;
+                if sum + unbacked != avail {
+                    return Err(violation(
+                        "units-conserved",
+                        format!(
+                            "node {n}: Σ rights of {s} = {sum} (+{unbacked} unbacked) but available = {avail}"
+                        ),
+                    ));
+                }
+                let oversell = (-avail).max(0) as u64;
+                let reclaimed = self.reclaim_allowance.get(s).copied().unwrap_or(0);
+                let allowed = match policy {
+                    Policy::Strict => reclaimed,
+                    Policy::Optimistic => reclaimed + node.overdraft.get(s).copied().unwrap_or(0),
+                };
+                if oversell > allowed {
+                    return Err(violation(
+                        if policy == Policy::Strict {
+                            "no-oversell"
+                        } else {
+                            "oversell-bounded"
+                        },
+                        format!(
+                            "node {n}: available {s} = {avail}, oversell {oversell} > allowed {allowed}"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn live(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().filter(|n| !n.dead)
+    }
+
+    pub(super) fn converged(&self) -> bool {
+        if self.live().any(|n| !n.alive) {
+            return false;
+        }
+        let mut it = self.live();
+        let Some(first) = it.next() else { return true };
+        let v = first.engine.ledger().version_vector();
+        it.all(|n| n.engine.ledger().version_vector() == v)
+            && self
+                .live()
+                .all(|n| n.engine.ledger().heads() == first.engine.ledger().heads())
+    }
+
+    pub(super) fn vectors_summary(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| !n.dead)
+            .map(|(i, n)| {
+                format!(
+                    "node {i}: {} changes",
+                    n.engine.ledger().version_vector().values().sum::<u64>()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// After convergence: every acknowledged sale of a live terminal is at the pool, and the
+    /// pool's stock equals the ground truth less what died unsynced with a lost terminal.
+    pub(super) fn check_liveness(&self) -> Result<(), Violation> {
+        let pool = self.nodes[0].engine.ledger();
+        let mut missing_dead: BTreeMap<Sku, i64> = BTreeMap::new();
+        for (id, t) in &self.acked {
+            if pool.sale(*id).is_none() {
+                if self.nodes[*t].dead {
+                    let Some(e) = self.nodes[*t].engine.ledger().sale(*id) else {
+                        continue;
+                    };
+                    for (s, u) in e.record.units() {
+                        *missing_dead.entry(s).or_insert(0) += u as i64;
+                    }
+                } else {
+                    return Err(violation(
+                        "sale-at-pool",
+                        format!("acknowledged sale {id:?} of terminal {t} never reached the pool"),
+                    ));
+                }
+            }
+        }
+        for s in &self.skus {
+            let truth = self.truth.get(s).copied().unwrap_or(0);
+            let lost_with_dead = missing_dead.get(s).copied().unwrap_or(0);
+            let avail = pool.available(s);
+            if avail != truth + lost_with_dead {
+                return Err(violation(
+                    "pool-matches-truth",
+                    format!(
+                        "pool available {s} = {avail}, ground truth {truth} + {lost_with_dead} sold by a lost terminal"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,631 @@
+//! The simulated stand: the pool and the terminals as real stand [`Engine`]s over real
+//! [`Ledger`]s, the virtual network, the customers and the faults. The world only moves bytes,
+//! keeps the clocks and plays the customers and the admin: every rule of the stand (when a sale
+//! waits, whom to ask, allocation, relays, vectors) is the engine's, exactly as on a terminal.
+//! One [`World::step`] advances the virtual clock to the next event and handles everything
+//! due, then checks the invariants of every replica whose state changed.
+//!
+//! Here: the world, its main loop and what it does with each engine's events. `links.rs`: the
+//! network side; `customers.rs`: arrivals and the oracle of units served; `faults.rs`: outages,
+//! crashes and the admin; `checks.rs`: the invariants; `summary.rs`: samples and the report.
+
+use crate::config::{Broken, SimConfig};
+use crate::net::{LAN, Network, TICK_MS, WAN};
+use crate::report::{Failure, Latencies, Report, SkuReport, StockSample};
+use crate::scenario::{self, Fault};
+use halftime_engine::{Engine, EngineConfig, EngineStats, Event, PlantedBug, SaleOrder, Ticket};
+use halftime_ledger::{
+    CatalogItem, EventId, Ledger, Policy, ReplicaId, ReplicaKey, Role, SaleId, SaleLine,
+    SignedChange, Sku, StandId, StandInfo, WireMessage,
+};
+use halftime_ledger::{Payment, PaymentMethod, plan_allocation};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The simulated transport's keepalive on every live link (libp2p's ping on a terminal): it
+/// tells both engines the peer is alive without a frame.
+pub const TRANSPORT_PING_MS: u64 = 1_000;
+/// After the final heal every live replica must hold the same changes within this bound.
+pub const CONVERGENCE_BOUND_MS: u64 = 120_000;
+/// Stock is sampled for the plots this many times per game.
+pub const SAMPLES_PER_GAME: u64 = 240;
+/// Price of every item (the simulator does not model prices).
+pub const PRICE_CENTS: u64 = 400;
+/// Most steps printed before the failing step by `replay`.
+pub const TRACE_STEPS_BEFORE: u64 = 3;
+/// Wall-clock time at the start of the game (2025-09-06 19:00 UTC): what the pool's clock reads
+/// at virtual time 0. Each terminal's clock reads this plus the virtual time plus its skew.
+pub const GAME_START_WALL_MS: u64 = 1_757_185_200_000;
+/// Largest clock skew the simulator accepts (one day).
+pub const MAX_CLOCK_SKEW_MS: u64 = 24 * 60 * 60 * 1000;
+/// ChaCha stream of the clock skews (stream 0 is everything else), so that turning skew on or
+/// off leaves customers, faults and the network unchanged.
+const SKEW_STREAM: u64 = 1;
+
+mod checks;
+mod customers;
+mod faults;
+mod links;
+mod summary;
+
+use summary::add_stats;
+
+/// A replica of the stand and what the simulator knows about it.
+#[derive(Debug)]
+struct Node {
+    key: ReplicaKey,
+    id: ReplicaId,
+    engine: Engine,
+    /// Offset of this device's wall clock from true time (0 for the pool).
+    skew_ms: i64,
+    alive: bool,
+    dead: bool,
+    crashed: bool,
+    /// Written at the crash: everything the replica had acknowledged (committed or accepted).
+    durable: Vec<SignedChange>,
+    /// Customer stream of this terminal (its own RNG, so policies see the same customers).
+    customers: ChaCha8Rng,
+    next_arrival: u64,
+    /// Sales of `ledger.sales()` already folded into `overdraft` and `sold`.
+    overdraft_scanned: usize,
+    /// Σ SaleRecord.overdraft per sku over the sales this replica knows.
+    overdraft: BTreeMap<Sku, u64>,
+    /// Units per sku of the sales this replica knows.
+    sold: BTreeMap<Sku, u64>,
+    /// Shrink adjustments (a prefix of `World::adjusts`) this replica is known to hold.
+    adjusts_known: usize,
+}
+
+impl Node {
+    fn new(key: ReplicaKey, engine: Engine, customers: ChaCha8Rng, skew_ms: i64) -> Self {
+        Node {
+            id: key.replica_id(),
+            key,
+            engine,
+            skew_ms,
+            alive: true,
+            dead: false,
+            crashed: false,
+            durable: Vec::new(),
+            customers,
+            next_arrival: u64::MAX,
+            overdraft_scanned: 0,
+            overdraft: BTreeMap::new(),
+            sold: BTreeMap::new(),
+            adjusts_known: 0,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    customers: u64,
+    sales: u64,
+    units_sold: u64,
+    refused: u64,
+    lost_sales: u64,
+    /// Gives the central baseline's pool made to decide online sales.
+    baseline_gives: u64,
+    decode_errors: u64,
+    rejected_changes: u64,
+    crashes: u64,
+    restarts: u64,
+    deaths: u64,
+    restocked_units: u64,
+    reclaimed_units: u64,
+    shrunk_units: u64,
+    replacements: u64,
+    replacement_sales: u64,
+    /// Figures of engines replaced by a restart.
+    engines_before_restart: EngineStats,
+}
+
+/// A violated invariant.
+#[derive(Debug, Clone)]
+pub struct Violation {
+    /// Which invariant.
+    pub invariant: &'static str,
+    /// The figures.
+    pub detail: String,
+}
+
+fn violation(invariant: &'static str, detail: String) -> Violation {
+    Violation { invariant, detail }
+}
+
+/// The whole simulated stand.
+#[derive(Debug)]
+pub struct World {
+    cfg: SimConfig,
+    rng: ChaCha8Rng,
+    /// Draws the clock skew of every terminal, replacements included.
+    skew_rng: ChaCha8Rng,
+    /// Terminals the stand opened with (replacements come after them).
+    base_terminals: usize,
+    nodes: Vec<Node>,
+    /// Node index of every replica id.
+    by_replica: BTreeMap<ReplicaId, usize>,
+    engine_cfg: EngineConfig,
+    up: BTreeSet<(usize, usize)>,
+    net: Network,
+    stand_id: StandId,
+    skus: Vec<Sku>,
+    zipf_cdf: Vec<f64>,
+    expected_demand: BTreeMap<Sku, f64>,
+    opening: BTreeMap<Sku, u64>,
+    restocked: BTreeMap<Sku, u64>,
+    /// Ground truth per sku: units that exist minus every unit sold anywhere.
+    truth: BTreeMap<Sku, i64>,
+    lost_units: BTreeMap<Sku, u64>,
+    sold_units: BTreeMap<Sku, u64>,
+    /// Per sku: units the admin took back from lost terminals (the deliberate trade).
+    reclaim_allowance: BTreeMap<Sku, u64>,
+    /// Per sku: units written off by shrink adjustments.
+    shrunk: BTreeMap<Sku, u64>,
+    /// Every shrink adjustment: the pool's sequence number of the change and its units.
+    adjusts: Vec<(u64, BTreeMap<Sku, u64>)>,
+    wan_up: bool,
+    lan_up: bool,
+    wifi_up: Vec<bool>,
+    /// Links cut by a partial partition: (lower node, higher node).
+    cut: BTreeSet<(usize, usize)>,
+    faults: Vec<(u64, Fault)>,
+    next_fault: usize,
+    now: u64,
+    step: u64,
+    game_ms: u64,
+    healed_at: Option<u64>,
+    converged_at: Option<u64>,
+    next_ping: u64,
+    next_sample: u64,
+    sample_every: u64,
+    /// Committed sales not yet seen at the pool: per replica, seq → commit time.
+    in_transit: BTreeMap<ReplicaId, BTreeMap<u64, u64>>,
+    /// Customers whose sale the engine has not decided yet: terminal, item, units.
+    tickets: BTreeMap<Ticket, (usize, Sku, u64)>,
+    next_ticket: u64,
+    /// How long each customer whose sale waited for rights waited (committed or refused).
+    waits: Vec<u64>,
+    /// When each customer refused while the stand had stock was refused.
+    lost_at: Vec<u64>,
+    acked: Vec<(SaleId, usize)>,
+    latencies: Vec<u64>,
+    counters: Counters,
+    dirty: BTreeSet<usize>,
+    samples: Vec<StockSample>,
+    trace_from: Option<u64>,
+    trace: Vec<String>,
+}
+
+fn key_for(node: usize) -> ReplicaKey {
+    let mut seed = [0u8; 32];
+    seed[0] = 0x4a;
+    seed[1..9].copy_from_slice(&(node as u64).to_le_bytes());
+    ReplicaKey::from_seed(seed)
+}
+
+fn exp_sample(rng: &mut ChaCha8Rng, mean: f64) -> f64 {
+    let u: f64 = rng.random();
+    -(1.0 - u).ln() * mean
+}
+
+/// A terminal's clock offset: uniform within ± `max_ms`.
+fn draw_skew(rng: &mut ChaCha8Rng, max_ms: u64) -> i64 {
+    let max = max_ms.min(MAX_CLOCK_SKEW_MS) as i64;
+    if max == 0 {
+        0
+    } else {
+        rng.random_range(-max..=max)
+    }
+}
+
+impl World {
+    /// Build the stand: the pool creates it, enrols the terminals, records the opening stock and
+    /// (unless running the central baseline) spreads rights; every terminal starts with all of it.
+    pub fn new(cfg: &SimConfig) -> Result<Self, Violation> {
+        let cfg = cfg.clone();
+        let terminals = cfg.terminals.clamp(1, crate::config::MAX_TERMINALS);
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let game_ms = cfg.game_ms().max(60_000);
+        let setup_err = |e: &dyn std::fmt::Display| violation("setup", e.to_string());
+        let stand_id = StandId::new("north").map_err(|e| setup_err(&e))?;
+        let info = StandInfo {
+            event: EventId::new("game").map_err(|e| setup_err(&e))?,
+            venue: "North High".into(),
+            stand: stand_id.clone(),
+            policy: cfg.ledger_policy(),
+            allocation: cfg.allocation.allocation(),
+            low_stock_pct: 10,
+        };
+        // Zipf popularity (s = 1.1) and stock sized to run low near the end of the game.
+        let nskus = cfg.skus.clamp(1, 64);
+        let weights: Vec<f64> = (1..=nskus).map(|i| 1.0 / (i as f64).powf(1.1)).collect();
+        let wsum: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let zipf_cdf: Vec<f64> = weights
+            .iter()
+            .map(|w| {
+                acc += w / wsum;
+                acc
+            })
+            .collect();
+        let skus: Vec<Sku> = (0..nskus)
+            .map(|i| Sku::new(format!("item-{i}")).map_err(|e| setup_err(&e)))
+            .collect::<Result<_, _>>()?;
+        let customers = scenario::expected_customers_per_terminal(cfg.scenario, game_ms / 60_000)
+            * terminals as f64;
+        let expected_demand: BTreeMap<Sku, f64> = skus
+            .iter()
+            .zip(&weights)
+            .map(|(s, w)| (s.clone(), customers * 2.0 * w / wsum))
+            .collect();
+        let opening: BTreeMap<Sku, u64> = expected_demand
+            .iter()
+            .map(|(s, d)| (s.clone(), (d * 0.85).ceil() as u64 + 1))
+            .collect();
+        let engine_cfg = EngineConfig {
+            auto_rights: !cfg.baseline,
+            planted_bug: match cfg.broken {
+                Some(Broken::IgnoreRights) => Some(PlantedBug::IgnoreRights),
+                None => None,
+            },
+            ..EngineConfig::default()
+        };
+
+        // Every terminal's clock is off by a fixed amount; the pool keeps true time.
+        let mut skew_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        skew_rng.set_stream(SKEW_STREAM);
+        let skews: Vec<i64> = (0..=terminals)
+            .map(|i| {
+                if i == 0 {
+                    0
+                } else {
+                    draw_skew(&mut skew_rng, cfg.clock_skew_ms)
+                }
+            })
+            .collect();
+        let t0 = GAME_START_WALL_MS;
+        let (mut pool, genesis) =
+            Ledger::create_stand(key_for(0), info, "pool", t0).map_err(|e| setup_err(&e))?;
+        let mut setup = vec![genesis];
+        let items = skus
+            .iter()
+            .map(|s| CatalogItem {
+                sku: s.clone(),
+                name: s.to_string(),
+                price_cents: PRICE_CENTS,
+                low_stock_at: opening.get(s).copied().unwrap_or(0) / 10,
+            })
+            .collect();
+        setup.push(pool.set_catalog(items, t0).map_err(|e| setup_err(&e))?);
+        for i in 1..=terminals {
+            setup.push(
+                pool.enrol(
+                    key_for(i).public(),
+                    &format!("till {i}"),
+                    Role::Terminal,
+                    t0,
+                )
+                .map_err(|e| setup_err(&e))?,
+            );
+        }
+        setup.push(
+            pool.restock(opening.clone(), "opening", t0)
+                .map_err(|e| setup_err(&e))?,
+        );
+        if !cfg.baseline {
+            let plans = plan_allocation(&pool, cfg.allocation.allocation(), t0);
+            for r in pool.execute_plans(&plans, t0) {
+                setup.push(r.map_err(|e| setup_err(&e))?);
+            }
+        }
+        let pool_key = key_for(0).public();
+        let mut nodes = Vec::with_capacity(terminals + 1);
+        nodes.push(Node::new(
+            key_for(0),
+            Engine::new(pool, engine_cfg.clone(), t0),
+            ChaCha8Rng::seed_from_u64(rng.random()),
+            0,
+        ));
+        for (i, skew) in skews.iter().enumerate().skip(1) {
+            let wall = t0.saturating_add_signed(*skew);
+            let mut l = Ledger::join(key_for(i), stand_id.clone(), pool_key);
+            let r = l.apply_remote(setup.clone(), wall);
+            if !r.rejected.is_empty() {
+                return Err(violation(
+                    "setup",
+                    format!("terminal {i} rejected setup: {:?}", r.rejected),
+                ));
+            }
+            nodes.push(Node::new(
+                key_for(i),
+                Engine::new(l, engine_cfg.clone(), wall),
+                ChaCha8Rng::seed_from_u64(rng.random()),
+                *skew,
+            ));
+        }
+        let by_replica = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
+        let faults = scenario::schedule(cfg.scenario, terminals, game_ms, &mut rng);
+        let truth = opening
+            .iter()
+            .map(|(s, u)| (s.clone(), *u as i64))
+            .collect();
+        let mut w = World {
+            rng,
+            skew_rng,
+            base_terminals: terminals,
+            nodes,
+            by_replica,
+            engine_cfg,
+            up: BTreeSet::new(),
+            net: Network::default(),
+            stand_id,
+            skus,
+            zipf_cdf,
+            expected_demand,
+            opening,
+            restocked: BTreeMap::new(),
+            truth,
+            lost_units: BTreeMap::new(),
+            sold_units: BTreeMap::new(),
+            reclaim_allowance: BTreeMap::new(),
+            shrunk: BTreeMap::new(),
+            adjusts: Vec::new(),
+            wan_up: true,
+            lan_up: true,
+            wifi_up: vec![true; terminals + 1],
+            cut: BTreeSet::new(),
+            faults,
+            next_fault: 0,
+            now: 0,
+            step: 0,
+            game_ms,
+            healed_at: None,
+            converged_at: None,
+            next_ping: TRANSPORT_PING_MS,
+            next_sample: 0,
+            sample_every: (game_ms / SAMPLES_PER_GAME).max(1),
+            in_transit: BTreeMap::new(),
+            tickets: BTreeMap::new(),
+            next_ticket: 0,
+            waits: Vec::new(),
+            lost_at: Vec::new(),
+            acked: Vec::new(),
+            latencies: Vec::new(),
+            counters: Counters::default(),
+            dirty: (0..=terminals).collect(),
+            samples: Vec::new(),
+            trace_from: None,
+            trace: Vec::new(),
+            cfg,
+        };
+        for t in 1..=terminals {
+            w.schedule_arrival(t);
+        }
+        w.update_links();
+        Ok(w)
+    }
+
+    /// Record a step-by-step trace from `step` on.
+    pub fn trace_from(&mut self, step: u64) {
+        self.trace_from = Some(step);
+    }
+
+    /// The trace recorded so far.
+    pub fn trace(&self) -> &[String] {
+        &self.trace
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Virtual time.
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// Length of the game.
+    pub fn game_ms(&self) -> u64 {
+        self.game_ms
+    }
+
+    fn tracing(&self) -> bool {
+        self.trace_from.is_some_and(|s| self.step >= s)
+    }
+
+    fn log(&mut self, f: impl FnOnce() -> String) {
+        if self.tracing() {
+            let line = format!("step {} t={}ms {}", self.step, self.now, f());
+            self.trace.push(line);
+        }
+    }
+
+    /// What `node`'s clock reads now: the ledger's idea of wall time. Only ledger operations see
+    /// it; sync timers, the network and every measurement run on the virtual clock.
+    fn wall(&self, node: usize) -> u64 {
+        GAME_START_WALL_MS
+            .saturating_add(self.now)
+            .saturating_add_signed(self.nodes[node].skew_ms)
+    }
+
+    /// Act on everything `node`'s engine asks for: persist (a simulated device's disk never
+    /// fails; a crash keeps everything persisted), settle customers, count rejections.
+    fn drain(&mut self, node: usize) {
+        loop {
+            let mut persist = false;
+            while let Some(ev) = self.nodes[node].engine.poll_event() {
+                match ev {
+                    Event::Persist(_) => {
+                        persist = true;
+                        self.dirty.insert(node);
+                    }
+                    Event::Received(_) => {
+                        self.dirty.insert(node);
+                    }
+                    Event::Committed {
+                        ticket,
+                        sale_id,
+                        waited_ms,
+                    } => self.committed(ticket, sale_id, waited_ms),
+                    Event::Refused { ticket, refusal } => {
+                        if let Some((t, sku, qty)) = self.tickets.remove(&ticket) {
+                            if refusal.waited_ms > 0 {
+                                self.waits.push(refusal.waited_ms);
+                            }
+                            let why = refusal.to_string();
+                            self.refused(t, &sku, qty, &why);
+                        }
+                    }
+                    Event::Rejected { rejections, .. } => {
+                        self.counters.rejected_changes += rejections.len() as u64;
+                        self.log(|| format!("node {node} rejected {rejections:?}"));
+                    }
+                    Event::PeerGone(peer) => {
+                        // The driver redials at once; the link is still up in the world.
+                        let wall = self.wall(node);
+                        self.nodes[node].engine.peer_up(peer, wall);
+                    }
+                }
+            }
+            if !persist {
+                return;
+            }
+            self.nodes[node].engine.persisted();
+        }
+    }
+
+    /// The virtual time at which `node`'s clock reads `wall`.
+    fn virtual_at(&self, node: usize, wall: u64) -> u64 {
+        if wall == u64::MAX {
+            return u64::MAX;
+        }
+        let start = GAME_START_WALL_MS.saturating_add_signed(self.nodes[node].skew_ms);
+        wall.saturating_sub(start)
+    }
+
+    fn next_event(&self) -> u64 {
+        let mut t = u64::MAX;
+        if let Some((ft, _)) = self.faults.get(self.next_fault) {
+            t = t.min(*ft);
+        }
+        if let Some(d) = self.net.next_delivery() {
+            t = t.min(d);
+        }
+        t = t.min(self.next_ping);
+        if self.now < self.game_ms {
+            for n in &self.nodes[1..] {
+                if n.alive {
+                    t = t.min(n.next_arrival);
+                }
+            }
+            t = t.min(self.next_sample);
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.alive {
+                t = t.min(self.virtual_at(i, n.engine.poll_timeout()));
+            }
+        }
+        t.max(self.now)
+    }
+
+    /// Run to the end: the game, the final heal and convergence. `progress` is told the virtual
+    /// time now and then.
+    pub fn run(&mut self, progress: &mut dyn FnMut(u64)) -> Result<(), Violation> {
+        loop {
+            self.step()?;
+            if self.step.is_multiple_of(4096) {
+                progress(self.now);
+            }
+            if let Some(h) = self.healed_at {
+                if self.converged() {
+                    self.converged_at = Some(self.now);
+                    self.check_liveness()?;
+                    progress(self.now);
+                    return Ok(());
+                }
+                if self.now > h + CONVERGENCE_BOUND_MS {
+                    return Err(violation(
+                        "convergence",
+                        format!(
+                            "replicas still differ {} ms after the final heal: {}",
+                            self.now - h,
+                            self.vectors_summary()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// One step: advance to the next event and handle everything due, then check.
+    pub fn step(&mut self) -> Result<(), Violation> {
+        let next = self.next_event();
+        if next == u64::MAX {
+            return Err(violation(
+                "progress",
+                "nothing left to happen before convergence".to_owned(),
+            ));
+        }
+        self.now = next;
+        self.step += 1;
+        self.run_faults()?;
+        self.deliver();
+        self.timers();
+        self.customers();
+        self.flush();
+        self.sample();
+        self.check_safety()
+    }
+}
+
+/// Run one configuration to the end.
+pub fn run(cfg: &SimConfig, progress: &mut dyn FnMut(u64, u64)) -> Result<Report, Box<Failure>> {
+    let fail = |w: Option<&World>, v: Violation| {
+        Box::new(Failure {
+            seed: cfg.seed,
+            scenario: cfg.scenario.name().to_owned(),
+            config: cfg.label(),
+            step: w.map_or(0, |w| w.steps()),
+            time_ms: w.map_or(0, |w| w.now()),
+            invariant: v.invariant.to_owned(),
+            detail: v.detail,
+            replay: cfg.replay_command(),
+            trace: w.map(|w| w.trace().to_vec()).unwrap_or_default(),
+        })
+    };
+    let mut w = World::new(cfg).map_err(|v| fail(None, v))?;
+    let game = w.game_ms();
+    match w.run(&mut |now| progress(now, game)) {
+        Ok(()) => Ok(w.report()),
+        Err(v) => Err(fail(Some(&w), v)),
+    }
+}
+
+/// Run one configuration, recording a step-by-step trace from `from_step` on.
+pub fn run_traced(cfg: &SimConfig, from_step: u64) -> Result<Report, Box<Failure>> {
+    let fail = |w: Option<&World>, v: Violation| {
+        Box::new(Failure {
+            seed: cfg.seed,
+            scenario: cfg.scenario.name().to_owned(),
+            config: cfg.label(),
+            step: w.map_or(0, |w| w.steps()),
+            time_ms: w.map_or(0, |w| w.now()),
+            invariant: v.invariant.to_owned(),
+            detail: v.detail,
+            replay: cfg.replay_command(),
+            trace: w.map(|w| w.trace().to_vec()).unwrap_or_default(),
+        })
+    };
+    let mut w = World::new(cfg).map_err(|v| fail(None, v))?;
+    w.trace_from(from_step);
+    match w.run(&mut |_| {}) {
+        Ok(()) => Ok(w.report()),
+        Err(v) => Err(fail(Some(&w), v)),
+    }
+}
+
+#[allow(dead_code)]
+const _: () = assert!(TICK_MS > 0);
