@@ -128,6 +128,9 @@ pub enum Broken {
     /// Terminals sell past their own rights (the stand is run optimistic and every sale is
     /// made as if offline) while the checks hold the run to the strict policy's invariants.
     IgnoreRights,
+    /// Inside the ledger: a writer's new epoch map drops the counters its change does not
+    /// write (the carry-forward at rollover is lost).
+    DropCarryForward,
 }
 
 impl Broken {
@@ -135,6 +138,7 @@ impl Broken {
     pub fn name(self) -> &'static str {
         match self {
             Broken::IgnoreRights => "ignore-rights",
+            Broken::DropCarryForward => "drop-carry-forward",
         }
     }
 }

@@ -39,8 +39,34 @@ fn ci_sweep_every_scenario_holds_invariants() {
     assert_eq!(out.runs, jobs.len());
 }
 
+/// A sweep over `jobs` (all with one planted bug) must fail, and its printed seed must fail
+/// again at the same step with the same figures.
+fn assert_caught_and_replayed(jobs: &[SimConfig], flag: &str) {
+    let out = sweep(jobs, threads(), &|| {});
+    let failure = out
+        .failure
+        .unwrap_or_else(|| panic!("the sweep must catch --broken {flag}"));
+    assert!(failure.replay.contains(&format!("--seed {}", failure.seed)));
+    assert!(failure.replay.contains(&format!("--broken {flag}")));
+    let cfg = jobs
+        .iter()
+        .find(|c| {
+            c.seed == failure.seed
+                && c.scenario.name() == failure.scenario
+                && c.label() == failure.config
+        })
+        .expect("the failing run is one of the jobs")
+        .clone();
+    let again = run(&cfg, &mut |_, _| {}).expect_err("the printed seed must fail again");
+    assert_eq!(
+        (again.step, again.time_ms, &again.invariant),
+        (failure.step, failure.time_ms, &failure.invariant)
+    );
+    assert_eq!(again.detail, failure.detail);
+}
+
 #[test]
-fn broken_variant_is_caught_and_replays_at_the_same_step() {
+fn terminals_that_ignore_their_rights_are_caught() {
     let jobs: Vec<SimConfig> = (0..6)
         .map(|seed| {
             let mut c = ci_config(
@@ -52,23 +78,26 @@ fn broken_variant_is_caught_and_replays_at_the_same_step() {
             c
         })
         .collect();
-    let out = sweep(&jobs, threads(), &|| {});
-    let failure = out
-        .failure
-        .expect("the sweep must catch terminals that ignore their rights");
-    assert!(failure.replay.contains(&format!("--seed {}", failure.seed)));
-    assert!(failure.replay.contains("--broken ignore-rights"));
-    let cfg = jobs
-        .iter()
-        .find(|c| c.seed == failure.seed)
-        .expect("the failing seed is one of the jobs")
-        .clone();
-    let again = run(&cfg, &mut |_, _| {}).expect_err("the printed seed must fail again");
-    assert_eq!(
-        (again.step, again.time_ms, &again.invariant),
-        (failure.step, failure.time_ms, &failure.invariant)
-    );
-    assert_eq!(again.detail, failure.detail);
+    assert_caught_and_replayed(&jobs, "ignore-rights");
+}
+
+#[test]
+fn a_ledger_that_drops_its_carry_forward_is_caught() {
+    // Two terminals and one item over a whole game: their cells roll over to new epochs, and
+    // gives between them leave counters a broken rollover would drop.
+    let jobs: Vec<SimConfig> = (0..4)
+        .flat_map(|seed| {
+            Scenario::ALL.into_iter().map(move |s| {
+                let mut c = SimConfig::new(seed, s);
+                c.terminals = 2;
+                c.game_minutes = 120;
+                c.skus = 1;
+                c.broken = Some(Broken::DropCarryForward);
+                c
+            })
+        })
+        .collect();
+    assert_caught_and_replayed(&jobs, "drop-carry-forward");
 }
 
 #[test]

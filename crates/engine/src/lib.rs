@@ -110,6 +110,9 @@ pub struct SaleOrder {
 pub enum PlantedBug {
     /// Every sale is made as if the pool were out of reach (optimistic overdraft online).
     IgnoreRights,
+    /// The ledger's new epoch maps drop the counters the change does not write.
+    #[cfg(feature = "planted-bugs")]
+    DropCarryForward,
 }
 
 /// How a replica's engine runs.
@@ -199,6 +202,9 @@ pub enum Event {
     },
     /// A peer was silent too long and is dropped: close its connection.
     PeerGone(ReplicaId),
+    /// An operation the engine made on its own (an allocation give, an answer) failed inside
+    /// the ledger: a bug, never a refusal. Nothing of it was written.
+    Fault(String),
 }
 
 /// Figures of what the engine did, for metrics and the simulator's report.
@@ -245,6 +251,14 @@ pub struct Engine {
 impl Engine {
     /// An engine over a ledger restored from durable storage (or freshly joined) at `now_ms`.
     pub fn new(ledger: Ledger, cfg: EngineConfig, now_ms: u64) -> Self {
+        #[cfg(feature = "planted-bugs")]
+        let ledger = {
+            let mut ledger = ledger;
+            if cfg.planted_bug == Some(PlantedBug::DropCarryForward) {
+                ledger.plant_bug(halftime_ledger::LedgerBug::DropCarryForward);
+            }
+            ledger
+        };
         let persisted_seq = ledger.local_seq();
         Self {
             rights: rights::Rights::new(now_ms),

@@ -4,7 +4,7 @@
 use crate::{Ctx, Event, PlantedBug, SaleOrder, SaleRefusal, Ticket};
 use halftime_ledger::allocation::targets;
 use halftime_ledger::{
-    Ledger, Refusal, ReplicaId, Role, SaleId, SaleOutcome, SaleRequest, SignedChange, Sku,
+    Ledger, OpError, Refusal, ReplicaId, Role, SaleId, SaleOutcome, SaleRequest, SignedChange, Sku,
     plan_allocation,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -314,14 +314,18 @@ impl Rights {
         let units = spare.min(want);
         let mut change = None;
         if units > 0 && from != me {
-            if let Ok(c) = ctx
+            match ctx
                 .ledger
                 .give(from, BTreeMap::from([(sku.clone(), units)]), now)
             {
-                ctx.stats.gives_answered += 1;
-                // The answer carries the give to the asker; everyone else gets it pushed.
-                ctx.record_local(c.clone(), Some(from));
-                change = Some(c);
+                Ok(c) => {
+                    ctx.stats.gives_answered += 1;
+                    // The answer carries the give to the asker; everyone else gets it pushed.
+                    ctx.record_local(c.clone(), Some(from));
+                    change = Some(c);
+                }
+                Err(OpError::Refused(_)) => {}
+                Err(OpError::Internal(e)) => ctx.events.push_back(Event::Fault(e)),
             }
         }
         let granted = if change.is_some() { units } else { 0 };
@@ -391,15 +395,16 @@ impl Rights {
         if plans.is_empty() {
             return;
         }
-        let changes: Vec<SignedChange> = ctx
-            .ledger
-            .execute_plans(&plans, now)
-            .into_iter()
-            .filter_map(Result::ok)
-            .collect();
-        for c in changes {
-            ctx.stats.gives_planned += 1;
-            ctx.record_local(c, None);
+        for r in ctx.ledger.execute_plans(&plans, now) {
+            match r {
+                Ok(c) => {
+                    ctx.stats.gives_planned += 1;
+                    ctx.record_local(c, None);
+                }
+                // A plan raced a sale and no longer fits: the next plan sees the new rights.
+                Err(OpError::Refused(_)) => {}
+                Err(OpError::Internal(e)) => ctx.events.push_back(Event::Fault(e)),
+            }
         }
     }
 

@@ -267,6 +267,9 @@ impl Node {
                             tracing::warn!(?from, rule = r.rule(), error = %r, "rejected a received change");
                         }
                     }
+                    Event::Fault(why) => {
+                        tracing::error!(%why, "an operation of this replica's own failed (a bug); nothing of it was written");
+                    }
                     Event::PeerGone(replica) => {
                         // A silent cut leaves TCP connections open and closing them waits on
                         // the dead link: the engine has dropped the peer, close it here too;

@@ -3,7 +3,33 @@
 use super::*;
 
 impl World {
+    /// The cached state of one replica (round robin) against a read of its document: the
+    /// counters the ledger keeps must be what the document says.
+    pub(super) fn check_document(&mut self) -> Result<(), Violation> {
+        let n = self.next_doc_check % self.nodes.len();
+        self.next_doc_check = self.next_doc_check.wrapping_add(1);
+        self.document_matches(n)
+    }
+
+    fn document_matches(&self, n: usize) -> Result<(), Violation> {
+        let node = &self.nodes[n];
+        if !node.alive {
+            return Ok(());
+        }
+        let l = node.engine.ledger();
+        if l.counters_from_state() != l.counters_at(&l.heads()) {
+            return Err(violation(
+                "state-matches-document",
+                format!("node {n}: the cached counters differ from a read of the document"),
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) fn check_safety(&mut self) -> Result<(), Violation> {
+        if let Some((invariant, detail)) = self.bug_seen.take() {
+            return Err(violation(invariant, detail));
+        }
         let dirty = std::mem::take(&mut self.dirty);
         let policy = self.cfg.checked_policy();
         let pool_id = self.nodes[0].id;
@@ -11,12 +37,17 @@ impl World {
             if !self.nodes[n].alive {
                 continue;
             }
-            // Fold newly known sales into the overdraft allowance and the units sold of this view.
+            // Fold newly known sales into the caps in force and the units sold of this view.
             let node = &mut self.nodes[n];
             let sales = node.engine.ledger().sales();
             for e in &sales[node.overdraft_scanned..] {
-                for (s, u) in &e.record.overdraft {
-                    *node.overdraft.entry(s.clone()).or_insert(0) += u;
+                let seller = e.record.id.replica;
+                for (s, cap) in &e.record.overdraft {
+                    let m = node.max_cap.entry((seller, s.clone())).or_insert(0);
+                    if *cap > *m {
+                        *node.cap_sum.entry(s.clone()).or_insert(0) += cap - *m;
+                        *m = *cap;
+                    }
                 }
                 for (s, u) in e.record.units() {
                     *node.sold.entry(s).or_insert(0) += u;
@@ -53,6 +84,18 @@ impl World {
                 let avail = l.available(s);
                 let mut sum = 0i64;
                 for (rid, info) in l.replicas() {
+                    // The oracle: what this view says a replica sold never exceeds what it
+                    // served, and a replica's view of itself is exact.
+                    let out = l.counter(*rid, s, Field::Out);
+                    let served = self.served.get(&(*rid, s.clone())).copied().unwrap_or(0);
+                    if out > served || (*rid == node.id && out != served) {
+                        return Err(violation(
+                            "oracle-units-served",
+                            format!(
+                                "node {n} sees replica {rid} with {out} of {s} out, but it served {served}"
+                            ),
+                        ));
+                    }
                     let r = l.rights(*rid, s);
                     sum += r;
                     let retired = info.retired_at_pool_seq.is_some();
@@ -79,7 +122,8 @@ impl World {
                 let reclaimed = self.reclaim_allowance.get(s).copied().unwrap_or(0);
                 let allowed = match policy {
                     Policy::Strict => reclaimed,
-                    Policy::Optimistic => reclaimed + node.overdraft.get(s).copied().unwrap_or(0),
+                    // Each seller's rights stay above minus the largest cap it was ever allowed.
+                    Policy::Optimistic => reclaimed + node.cap_sum.get(s).copied().unwrap_or(0),
                 };
                 if oversell > allowed {
                     return Err(violation(
@@ -163,6 +207,39 @@ impl World {
                         "pool available {s} = {avail}, ground truth {truth} + {lost_with_dead} sold by a lost terminal"
                     ),
                 ));
+            }
+        }
+        // Every live replica agrees with the pool on every replica's rights and on stock, and
+        // its cached state is what its document says.
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.dead {
+                continue;
+            }
+            self.document_matches(i)?;
+            let l = n.engine.ledger();
+            for s in &self.skus {
+                if l.available(s) != pool.available(s) {
+                    return Err(violation(
+                        "replicas-agree",
+                        format!(
+                            "node {i} sees {} of {s} available, the pool {}",
+                            l.available(s),
+                            pool.available(s)
+                        ),
+                    ));
+                }
+                for r in pool.replicas().keys() {
+                    if l.rights(*r, s) != pool.rights(*r, s) {
+                        return Err(violation(
+                            "replicas-agree",
+                            format!(
+                                "node {i} sees {r} with {} rights to {s}, the pool {}",
+                                l.rights(*r, s),
+                                pool.rights(*r, s)
+                            ),
+                        ));
+                    }
+                }
             }
         }
         Ok(())

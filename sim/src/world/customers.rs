@@ -21,6 +21,10 @@ impl World {
             self.counters.replacement_sales += 1;
         }
         *self.truth.entry(sku.clone()).or_insert(0) -= qty as i64;
+        *self
+            .served
+            .entry((sale_id.replica, sku.clone()))
+            .or_insert(0) += qty;
         *self.sold_units.entry(sku).or_insert(0) += qty;
         self.in_transit
             .entry(sale_id.replica)

@@ -116,7 +116,8 @@ impl World {
         n.alive = true;
         n.crashed = false;
         n.overdraft_scanned = 0;
-        n.overdraft.clear();
+        n.max_cap.clear();
+        n.cap_sum.clear();
         n.sold.clear();
         n.adjusts_known = 0;
         if n.next_arrival < now {
@@ -207,6 +208,10 @@ impl World {
         for (s, u) in &units {
             *self.truth.entry(s.clone()).or_insert(0) -= *u as i64;
             *self.shrunk.entry(s.clone()).or_insert(0) += u;
+            *self
+                .served
+                .entry((self.nodes[0].id, s.clone()))
+                .or_insert(0) += u;
             self.counters.shrunk_units += u;
         }
         self.adjusts

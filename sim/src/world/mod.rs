@@ -14,8 +14,9 @@ use crate::net::{LAN, Network, TICK_MS, WAN};
 use crate::report::{Failure, Latencies, Report, SkuReport, StockSample};
 use crate::scenario::{self, Fault};
 use halftime_engine::{Engine, EngineConfig, EngineStats, Event, PlantedBug, SaleOrder, Ticket};
+use halftime_ledger::state::Field;
 use halftime_ledger::{
-    CatalogItem, EventId, Ledger, Policy, ReplicaId, ReplicaKey, Role, SaleId, SaleLine,
+    CatalogItem, EventId, Ledger, Policy, Refusal, ReplicaId, ReplicaKey, Role, SaleId, SaleLine,
     SignedChange, Sku, StandId, StandInfo, WireMessage,
 };
 use halftime_ledger::{Payment, PaymentMethod, plan_allocation};
@@ -67,10 +68,13 @@ struct Node {
     /// Customer stream of this terminal (its own RNG, so policies see the same customers).
     customers: ChaCha8Rng,
     next_arrival: u64,
-    /// Sales of `ledger.sales()` already folded into `overdraft` and `sold`.
+    /// Sales of `ledger.sales()` already folded into `max_cap` and `sold`.
     overdraft_scanned: usize,
-    /// Σ SaleRecord.overdraft per sku over the sales this replica knows.
-    overdraft: BTreeMap<Sku, u64>,
+    /// Per (seller, sku): the largest offline cap any of the seller's sales was allowed, over
+    /// the sales this replica knows. A seller's rights never go below the cap in force.
+    max_cap: BTreeMap<(ReplicaId, Sku), u64>,
+    /// Per sku: Σ over sellers of `max_cap`.
+    cap_sum: BTreeMap<Sku, u64>,
     /// Units per sku of the sales this replica knows.
     sold: BTreeMap<Sku, u64>,
     /// Shrink adjustments (a prefix of `World::adjusts`) this replica is known to hold.
@@ -91,7 +95,8 @@ impl Node {
             customers,
             next_arrival: u64::MAX,
             overdraft_scanned: 0,
-            overdraft: BTreeMap::new(),
+            max_cap: BTreeMap::new(),
+            cap_sum: BTreeMap::new(),
             sold: BTreeMap::new(),
             adjusts_known: 0,
         }
@@ -185,6 +190,14 @@ pub struct World {
     /// Customers whose sale the engine has not decided yet: terminal, item, units.
     tickets: BTreeMap<Ticket, (usize, Sku, u64)>,
     next_ticket: u64,
+    /// The oracle: units each replica served (sales, and the pool's shrink), counted from the
+    /// customers and the admin as the world saw them, never from a ledger.
+    served: BTreeMap<(ReplicaId, Sku), u64>,
+    /// The first sign of a bug that no invariant of the stand would show: a change of an
+    /// honest replica rejected, or an operation of a replica's own failing inside its ledger.
+    bug_seen: Option<(&'static str, String)>,
+    /// Round-robin over replicas for comparing cached state with a read of the document.
+    next_doc_check: usize,
     /// How long each customer whose sale waited for rights waited (committed or refused).
     waits: Vec<u64>,
     /// When each customer refused while the stand had stock was refused.
@@ -268,6 +281,7 @@ impl World {
             auto_rights: !cfg.baseline,
             planted_bug: match cfg.broken {
                 Some(Broken::IgnoreRights) => Some(PlantedBug::IgnoreRights),
+                Some(Broken::DropCarryForward) => Some(PlantedBug::DropCarryForward),
                 None => None,
             },
             ..EngineConfig::default()
@@ -390,6 +404,9 @@ impl World {
             tickets: BTreeMap::new(),
             next_ticket: 0,
             waits: Vec::new(),
+            served: BTreeMap::new(),
+            bug_seen: None,
+            next_doc_check: 0,
             lost_at: Vec::new(),
             acked: Vec::new(),
             latencies: Vec::new(),
@@ -471,6 +488,16 @@ impl World {
                         waited_ms,
                     } => self.committed(ticket, sale_id, waited_ms),
                     Event::Refused { ticket, refusal } => {
+                        // The simulator only rings up valid sales: "invalid" here is the
+                        // ledger failing its own change, a bug.
+                        if let Refusal::Invalid { why } = &refusal.reason {
+                            self.bug_seen.get_or_insert_with(|| {
+                                (
+                                    "internal-fault",
+                                    format!("node {node} failed its own sale: {why}"),
+                                )
+                            });
+                        }
                         if let Some((t, sku, qty)) = self.tickets.remove(&ticket) {
                             if refusal.waited_ms > 0 {
                                 self.waits.push(refusal.waited_ms);
@@ -479,9 +506,27 @@ impl World {
                             self.refused(t, &sku, qty, &why);
                         }
                     }
-                    Event::Rejected { rejections, .. } => {
+                    Event::Rejected { rejections, from } => {
                         self.counters.rejected_changes += rejections.len() as u64;
+                        // Every replica here is honest: a rejection that is not a wait for a
+                        // clock or a dependency is a bug in the writer or the receiver.
+                        if let Some(r) = rejections.iter().find(|r| !r.is_transient()) {
+                            self.bug_seen.get_or_insert_with(|| {
+                                (
+                                    "honest-change-rejected",
+                                    format!("node {node} rejected a change from {from:?}: {r}"),
+                                )
+                            });
+                        }
                         self.log(|| format!("node {node} rejected {rejections:?}"));
+                    }
+                    Event::Fault(why) => {
+                        self.bug_seen.get_or_insert_with(|| {
+                            (
+                                "internal-fault",
+                                format!("node {node} failed an operation of its own: {why}"),
+                            )
+                        });
                     }
                     Event::PeerGone(peer) => {
                         // The driver redials at once; the link is still up in the world.
@@ -576,7 +621,9 @@ impl World {
         self.timers();
         self.customers();
         self.flush();
-        self.sample();
+        if self.sample() {
+            self.check_document()?;
+        }
         self.check_safety()
     }
 }

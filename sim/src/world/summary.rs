@@ -3,9 +3,10 @@
 use super::*;
 
 impl World {
-    pub(super) fn sample(&mut self) {
+    /// Take a stock sample when one is due; true when it did.
+    pub(super) fn sample(&mut self) -> bool {
         if self.now < self.next_sample || self.now > self.game_ms {
-            return;
+            return false;
         }
         self.next_sample = self.now - self.now % self.sample_every + self.sample_every;
         let terminal_rights = self.nodes[1..]
@@ -37,6 +38,7 @@ impl World {
                 .sum(),
             truth: self.truth.values().sum(),
         });
+        true
     }
 
     /// The report of a finished run.

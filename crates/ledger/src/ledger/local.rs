@@ -503,10 +503,15 @@ impl Ledger {
             .into());
         }
         let mut tx = self.doc.transaction();
+        #[cfg(feature = "planted-bugs")]
+        let drop_carry = self.planted == Some(LedgerBug::DropCarryForward);
+        #[cfg(not(feature = "planted-bugs"))]
+        let drop_carry = false;
         let mut writer = Writer {
             me: self.me,
             state: &self.state,
             objs: &mut self.own_objs,
+            drop_carry,
         };
         if let Err(e) = f(&mut tx, &mut writer) {
             tx.rollback();
@@ -557,6 +562,8 @@ struct Writer<'a> {
     me: ReplicaId,
     state: &'a State,
     objs: &'a mut HashMap<Sku, (ObjId, ObjId)>,
+    /// Planted bug: roll over without carrying the other counters forward.
+    drop_carry: bool,
 }
 
 impl Writer<'_> {
@@ -602,7 +609,11 @@ impl Writer<'_> {
             if cell.epoch_writes as usize + fields.len() > ROLLOVER_WRITES as usize {
                 let next = cell.epoch.map_or(0, |e| e + 1);
                 let em = tx.put_object(&sku_map, epoch_key(next), ObjType::Map)?;
-                let mut values: BTreeMap<Field, u64> = cell.values.clone();
+                let mut values: BTreeMap<Field, u64> = if self.drop_carry {
+                    BTreeMap::new()
+                } else {
+                    cell.values.clone()
+                };
                 for (f, v) in &fields {
                     values.insert(*f, *v);
                 }

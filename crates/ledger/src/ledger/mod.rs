@@ -208,6 +208,16 @@ pub struct Ledger {
     poisoned: Option<ChangeHash>,
     /// The key enrolled by the change just accepted (its waiting changes are woken).
     last_enrolled: Option<[u8; 32]>,
+    #[cfg(feature = "planted-bugs")]
+    planted: Option<LedgerBug>,
+}
+
+/// A bug planted on purpose in the ledger, so that the simulator's checks are shown to catch it.
+#[cfg(feature = "planted-bugs")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerBug {
+    /// A new epoch map carries only the counters the change writes, dropping the others.
+    DropCarryForward,
 }
 
 fn internal(e: impl std::fmt::Display) -> OpError {
@@ -240,7 +250,15 @@ impl Ledger {
             careful: false,
             poisoned: None,
             last_enrolled: None,
+            #[cfg(feature = "planted-bugs")]
+            planted: None,
         }
+    }
+
+    /// Plant a bug (the simulator's planted-bug sweeps only).
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_bug(&mut self, bug: LedgerBug) {
+        self.planted = Some(bug);
     }
 
     /// Rebuild a replica from its stored changes (any order). Changes that do not validate are
@@ -352,6 +370,14 @@ impl Ledger {
     pub fn unbacked(&self, sku: &Sku) -> u64 {
         self.state.unbacked(sku)
     }
+    /// One counter of `replica` for `sku` as this replica knows it (0 when never written).
+    pub fn counter(&self, replica: ReplicaId, sku: &Sku, field: Field) -> u64 {
+        self.state
+            .cells
+            .get(&(replica, sku.clone()))
+            .map_or(0, |c| c.get(field))
+    }
+
     /// Σ in of `sku`: all units that ever came into being.
     pub fn total_in(&self, sku: &Sku) -> u64 {
         self.state.totals.get(sku).map(|t| t.0).unwrap_or(0)
