@@ -8,6 +8,22 @@ use std::time::Duration;
 
 const ITEMS: [&str; 2] = ["hotdog=Hot dog:400:100", "soda=Soda:250:60"];
 
+/// Wait until every replica is up and connected to every other.
+async fn wait_full_mesh(procs: &[Proc]) {
+    for p in procs {
+        wait_up(p).await;
+    }
+    for p in procs {
+        let api = p.api.clone();
+        let others = procs.len() - 1;
+        eventually(20, "full mesh", || {
+            let api = api.clone();
+            async move { (peers(&api).await.len() == others).then_some(()) }
+        })
+        .await;
+    }
+}
+
 fn mesh_addr(port: u16) -> String {
     format!("/ip4/127.0.0.1/tcp/{port}")
 }
@@ -16,17 +32,7 @@ fn mesh_addr(port: u16) -> String {
 async fn a_sale_shows_everywhere_and_in_live_streams() {
     let stand = make_stand(3, false, &ITEMS);
     let procs = start_chain(&stand, &pool_and_terminals(3));
-    for p in &procs {
-        wait_up(p).await;
-    }
-    for p in &procs {
-        let api = p.api.clone();
-        eventually(20, "full mesh", || {
-            let api = api.clone();
-            async move { (peers(&api).await.len() == 3).then_some(()) }
-        })
-        .await;
-    }
+    wait_full_mesh(&procs).await;
     // Subscribe to t2's live stream before the sale.
     let resp = client()
         .get(format!("{}/v1/live", procs[3].api))
@@ -421,17 +427,7 @@ async fn own_rights(api: &str, sku: &str) -> i64 {
 async fn a_terminal_short_of_rights_sells_by_asking_a_holder() {
     let stand = make_stand(2, false, &ITEMS);
     let procs = start_chain(&stand, &pool_and_terminals(2));
-    for p in &procs {
-        wait_up(p).await;
-    }
-    for p in &procs {
-        let api = p.api.clone();
-        eventually(20, "full mesh", || {
-            let api = api.clone();
-            async move { (peers(&api).await.len() == 2).then_some(()) }
-        })
-        .await;
-    }
+    wait_full_mesh(&procs).await;
     // The pool spreads the 60 sodas: 30 to each terminal.
     for p in &procs[1..] {
         let api = p.api.clone();

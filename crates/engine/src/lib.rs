@@ -79,7 +79,7 @@ mod rights;
 use halftime_ledger::sync::{ANTI_ENTROPY_INTERVAL_MS, SyncEvent};
 use halftime_ledger::{
     ApplyReport, Ledger, OpError, PeerSync, Refusal, ReplicaId, Role, SaleId, SaleLine,
-    SignedChange, Sku, VersionVector, WireError, WireMessage,
+    SignedChange, VersionVector, WireError, WireMessage,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -413,32 +413,18 @@ impl Engine {
             }
         }
         for (from, msg) in others {
-            match msg {
-                WireMessage::RightsAnswer {
-                    sku,
-                    granted,
-                    change,
-                } => {
-                    if let Some(c) = change {
-                        let report = self.ledger.apply_remote(vec![c], now_ms);
-                        self.after_apply(report, Some(from));
+            let Some(p) = self.peers.get_mut(&from) else {
+                continue;
+            };
+            for ev in p.sync.handle(&mut self.ledger, msg, now_ms) {
+                match ev {
+                    SyncEvent::Applied(report) => self.after_apply(report, Some(from)),
+                    SyncEvent::RightsRequested { sku, want, urgent } => {
+                        let (rights, mut ctx) = self.split();
+                        rights.answer(&mut ctx, from, sku, want, urgent, now_ms);
                     }
-                    self.rights.answered(from, &sku, granted);
-                }
-                msg => {
-                    let Some(p) = self.peers.get_mut(&from) else {
-                        continue;
-                    };
-                    for ev in p.sync.handle(&mut self.ledger, msg, now_ms) {
-                        match ev {
-                            SyncEvent::Applied(report) => self.after_apply(report, Some(from)),
-                            SyncEvent::RightsRequested { sku, want, urgent } => {
-                                self.answer_rights(from, sku, want, urgent, now_ms)
-                            }
-                            SyncEvent::RightsAnswered { sku, granted } => {
-                                self.rights.answered(from, &sku, granted)
-                            }
-                        }
+                    SyncEvent::RightsAnswered { sku, granted } => {
+                        self.rights.answered(from, &sku, granted)
                     }
                 }
             }
@@ -450,19 +436,8 @@ impl Engine {
     /// [`EngineConfig::sale_wait_ms`]) while it asks the best holders in parallel. The outcome
     /// comes back as [`Event::Committed`] or [`Event::Refused`] with `ticket`.
     pub fn sell(&mut self, ticket: Ticket, order: SaleOrder, now_ms: u64) {
-        self.rights.sell(
-            &mut Ctx {
-                ledger: &mut self.ledger,
-                cfg: &self.cfg,
-                peers: &mut self.peers,
-                events: &mut self.events,
-                after_persist: &mut self.after_persist,
-                stats: &mut self.stats,
-            },
-            ticket,
-            order,
-            now_ms,
-        );
+        let (rights, mut ctx) = self.split();
+        rights.sell(&mut ctx, ticket, order, now_ms);
         self.progress(now_ms);
     }
 
@@ -524,17 +499,8 @@ impl Engine {
         for p in self.peers.values_mut() {
             p.sync.handle_timeout(&self.ledger, now_ms);
         }
-        self.rights.handle_timeout(
-            &mut Ctx {
-                ledger: &mut self.ledger,
-                cfg: &self.cfg,
-                peers: &mut self.peers,
-                events: &mut self.events,
-                after_persist: &mut self.after_persist,
-                stats: &mut self.stats,
-            },
-            now_ms,
-        );
+        let (rights, mut ctx) = self.split();
+        rights.handle_timeout(&mut ctx, now_ms);
     }
 
     // -----------------------------------------------------------------------------------
@@ -594,6 +560,21 @@ impl Engine {
         );
     }
 
+    /// The rights logic and everything it may touch, borrowed apart.
+    fn split(&mut self) -> (&mut rights::Rights, Ctx<'_>) {
+        (
+            &mut self.rights,
+            Ctx {
+                ledger: &mut self.ledger,
+                cfg: &self.cfg,
+                peers: &mut self.peers,
+                events: &mut self.events,
+                after_persist: &mut self.after_persist,
+                stats: &mut self.stats,
+            },
+        )
+    }
+
     /// Received changes were applied: report them, relay what their authors could not have
     /// pushed themselves.
     fn after_apply(&mut self, report: ApplyReport, from: Option<ReplicaId>) {
@@ -629,35 +610,8 @@ impl Engine {
 
     /// After any input: held sales that can now commit, or must give up, do.
     fn progress(&mut self, now_ms: u64) {
-        self.rights.progress(
-            &mut Ctx {
-                ledger: &mut self.ledger,
-                cfg: &self.cfg,
-                peers: &mut self.peers,
-                events: &mut self.events,
-                after_persist: &mut self.after_persist,
-                stats: &mut self.stats,
-            },
-            now_ms,
-        );
-    }
-
-    fn answer_rights(&mut self, from: ReplicaId, sku: Sku, want: u64, urgent: bool, now_ms: u64) {
-        self.rights.answer(
-            &mut Ctx {
-                ledger: &mut self.ledger,
-                cfg: &self.cfg,
-                peers: &mut self.peers,
-                events: &mut self.events,
-                after_persist: &mut self.after_persist,
-                stats: &mut self.stats,
-            },
-            from,
-            sku,
-            want,
-            urgent,
-            now_ms,
-        );
+        let (rights, mut ctx) = self.split();
+        rights.progress(&mut ctx, now_ms);
     }
 }
 

@@ -5,7 +5,7 @@
 
 use super::*;
 use halftime_ledger::{
-    Allocation, CatalogItem, EventId, Payment, PaymentMethod, Policy, ReplicaKey, StandId,
+    Allocation, CatalogItem, EventId, Payment, PaymentMethod, Policy, ReplicaKey, Sku, StandId,
     StandInfo,
 };
 

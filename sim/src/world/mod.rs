@@ -628,49 +628,38 @@ impl World {
     }
 }
 
+/// What a failed run reports: the invariant, where it broke, and how to replay it.
+fn failure(cfg: &SimConfig, w: Option<&World>, v: Violation) -> Box<Failure> {
+    Box::new(Failure {
+        seed: cfg.seed,
+        scenario: cfg.scenario.name().to_owned(),
+        config: cfg.label(),
+        step: w.map_or(0, |w| w.steps()),
+        time_ms: w.map_or(0, |w| w.now()),
+        invariant: v.invariant.to_owned(),
+        detail: v.detail,
+        replay: cfg.replay_command(),
+        trace: w.map(|w| w.trace().to_vec()).unwrap_or_default(),
+    })
+}
+
 /// Run one configuration to the end.
 pub fn run(cfg: &SimConfig, progress: &mut dyn FnMut(u64, u64)) -> Result<Report, Box<Failure>> {
-    let fail = |w: Option<&World>, v: Violation| {
-        Box::new(Failure {
-            seed: cfg.seed,
-            scenario: cfg.scenario.name().to_owned(),
-            config: cfg.label(),
-            step: w.map_or(0, |w| w.steps()),
-            time_ms: w.map_or(0, |w| w.now()),
-            invariant: v.invariant.to_owned(),
-            detail: v.detail,
-            replay: cfg.replay_command(),
-            trace: w.map(|w| w.trace().to_vec()).unwrap_or_default(),
-        })
-    };
-    let mut w = World::new(cfg).map_err(|v| fail(None, v))?;
+    let mut w = World::new(cfg).map_err(|v| failure(cfg, None, v))?;
     let game = w.game_ms();
     match w.run(&mut |now| progress(now, game)) {
         Ok(()) => Ok(w.report()),
-        Err(v) => Err(fail(Some(&w), v)),
+        Err(v) => Err(failure(cfg, Some(&w), v)),
     }
 }
 
 /// Run one configuration, recording a step-by-step trace from `from_step` on.
 pub fn run_traced(cfg: &SimConfig, from_step: u64) -> Result<Report, Box<Failure>> {
-    let fail = |w: Option<&World>, v: Violation| {
-        Box::new(Failure {
-            seed: cfg.seed,
-            scenario: cfg.scenario.name().to_owned(),
-            config: cfg.label(),
-            step: w.map_or(0, |w| w.steps()),
-            time_ms: w.map_or(0, |w| w.now()),
-            invariant: v.invariant.to_owned(),
-            detail: v.detail,
-            replay: cfg.replay_command(),
-            trace: w.map(|w| w.trace().to_vec()).unwrap_or_default(),
-        })
-    };
-    let mut w = World::new(cfg).map_err(|v| fail(None, v))?;
+    let mut w = World::new(cfg).map_err(|v| failure(cfg, None, v))?;
     w.trace_from(from_step);
     match w.run(&mut |_| {}) {
         Ok(()) => Ok(w.report()),
-        Err(v) => Err(fail(Some(&w), v)),
+        Err(v) => Err(failure(cfg, Some(&w), v)),
     }
 }
 
