@@ -8,19 +8,14 @@ use tokio::sync::oneshot;
 /// A request from the API to the node.
 #[derive(Debug)]
 pub enum Command {
-    /// Sell.
     Sell(SaleInput, oneshot::Sender<Result<SaleView, ApiError>>),
     /// Void a sale.
     Void(SaleId, oneshot::Sender<Result<SaleView, ApiError>>),
-    /// Stock view.
     Stock(oneshot::Sender<Vec<StockRow>>),
-    /// Status.
     Status(oneshot::Sender<StatusView>),
-    /// Kitchen queue.
     Orders(oneshot::Sender<Vec<OrderView>>),
     /// Mark an order done.
     OrderDone(SaleId, oneshot::Sender<Result<(), ApiError>>),
-    /// Prometheus text.
     Metrics(oneshot::Sender<String>),
     /// Pool: retire a lost replica and take its rights back, on the stand's latest view of it.
     Reclaim(ReplicaId, oneshot::Sender<Result<ReclaimResult, ApiError>>),
@@ -59,22 +54,16 @@ pub struct PaymentInput {
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LineInput {
-    /// Item.
     pub sku: Sku,
-    /// Units.
     pub qty: u64,
 }
 
 /// A sale as the API returns it.
 #[derive(Debug, Clone, Serialize)]
 pub struct SaleView {
-    /// Id.
     pub sale_id: SaleId,
-    /// Record.
     pub sale: halftime_ledger::SaleRecord,
-    /// Total.
     pub total_cents: u64,
-    /// Voided.
     pub voided: bool,
     /// How long the sale waited for rights from other replicas before it committed (0: it
     /// committed at once).
@@ -154,11 +143,8 @@ impl ApiError {
 /// One row of the stock view.
 #[derive(Debug, Clone, Serialize)]
 pub struct StockRow {
-    /// Item.
     pub sku: Sku,
-    /// Name.
     pub name: String,
-    /// Price.
     pub price_cents: u64,
     /// What the stand has left.
     pub available: i64,
@@ -173,15 +159,12 @@ pub struct StockRow {
 /// Node status.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusView {
-    /// This replica.
     pub replica: ReplicaId,
     /// Its libp2p identity.
     pub peer_id: String,
     /// Role, once enrolled.
     pub role: Option<Role>,
-    /// Stand.
     pub stand: String,
-    /// Policy.
     pub policy: Policy,
     /// Connected peers (replica ids).
     pub peers: Vec<ReplicaId>,
@@ -191,18 +174,14 @@ pub struct StatusView {
     pub repair_backlog: usize,
     /// Received changes waiting for dependencies.
     pub pending: usize,
-    /// Changes held.
     pub changes: usize,
-    /// Listening addresses.
     pub listen: Vec<String>,
 }
 
 /// A kitchen order.
 #[derive(Debug, Clone, Serialize)]
 pub struct OrderView {
-    /// Sale.
     pub sale_id: SaleId,
-    /// Lines.
     pub lines: Vec<halftime_ledger::SaleLine>,
     /// When it reached this replica (ms).
     pub received_ms: u64,
@@ -218,17 +197,14 @@ pub struct OrderView {
 pub enum LiveEvent {
     /// Stock of these items changed.
     Stock {
-        /// Rows.
         rows: Vec<StockRow>,
     },
     /// A new order (kitchen).
     Order {
-        /// The order.
         order: OrderView,
     },
     /// Peers changed.
     Peers {
-        /// Connected replicas.
         peers: Vec<ReplicaId>,
         /// Pool connected.
         pool_reachable: bool,

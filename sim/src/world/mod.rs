@@ -131,7 +131,6 @@ struct Counters {
 pub struct Violation {
     /// Which invariant.
     pub invariant: &'static str,
-    /// The figures.
     pub detail: String,
 }
 
@@ -434,12 +433,10 @@ impl World {
         &self.trace
     }
 
-    /// Steps taken.
     pub fn steps(&self) -> u64 {
         self.step
     }
 
-    /// Virtual time.
     pub fn now(&self) -> u64 {
         self.now
     }
