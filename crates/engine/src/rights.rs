@@ -13,6 +13,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 pub const SALE_WAIT_MS: u64 = 250;
 /// Holders asked at once for one item of a waiting sale.
 pub const PARALLEL_ASKS: usize = 3;
+/// An ask still unanswered this long after it went out is sent once more: a request or its
+/// answer lost on a lossy uplink would otherwise cost the customer the whole wait.
+pub const ASK_RETRY_MS: u64 = 100;
 /// Sales waiting for rights at once; more are refused at once.
 pub const MAX_HELD_SALES: usize = 256;
 /// A terminal asks for a top-up when its rights for an item fall below this share (percent)
@@ -34,6 +37,8 @@ struct Held {
     order: SaleOrder,
     since_ms: u64,
     deadline_ms: u64,
+    /// When the unanswered asks are sent again (`u64::MAX`: already sent twice).
+    retry_ms: u64,
     /// Per (holder, item): `None` while the answer is awaited, else the units granted.
     asks: BTreeMap<(ReplicaId, Sku), Option<u64>>,
 }
@@ -112,6 +117,7 @@ impl Rights {
                     order,
                     since_ms: now,
                     deadline_ms: now.saturating_add(ctx.cfg.sale_wait_ms),
+                    retry_ms: now.saturating_add(ASK_RETRY_MS),
                     asks: BTreeMap::new(),
                 };
                 if self.ask_for(ctx, &mut h) {
@@ -179,6 +185,25 @@ impl Rights {
             }
         }
         !plan.is_empty()
+    }
+
+    /// Send every unanswered ask of `h` once more. A holder that then answers both gives
+    /// twice: the surplus is the asker's, returned with its other surplus.
+    fn ask_again(ctx: &mut Ctx<'_>, h: &mut Held) {
+        h.retry_ms = u64::MAX;
+        let units = h.units();
+        let reachable = ctx.pool_reachable();
+        for ((p, sku), a) in &h.asks {
+            if a.is_some() {
+                continue;
+            }
+            let want = units.get(sku).copied().unwrap_or(0);
+            let short = want.saturating_sub(ctx.ledger.sellable_now(sku, reachable));
+            if let (Some(peer), true) = (ctx.peers.get_mut(p), short > 0) {
+                peer.sync.request_rights(sku.clone(), short, true);
+                ctx.stats.rights_requests_sent += 1;
+            }
+        }
     }
 
     fn commit(
@@ -272,6 +297,9 @@ impl Rights {
                         let asked = h.asked();
                         Self::refuse(ctx, h.ticket, reason, asked, waited);
                     } else {
+                        if now >= h.retry_ms {
+                            Self::ask_again(ctx, &mut h);
+                        }
                         waiting.push_back(h);
                     }
                 }
@@ -439,7 +467,7 @@ impl Rights {
         let mut t = self
             .held
             .iter()
-            .map(|h| h.deadline_ms)
+            .map(|h| h.deadline_ms.min(h.retry_ms))
             .min()
             .unwrap_or(u64::MAX);
         if cfg.auto_rights {

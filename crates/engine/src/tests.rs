@@ -410,3 +410,17 @@ fn an_idle_link_carries_a_vector_only_now_and_then() {
         "a new change is announced within a second"
     );
 }
+
+#[test]
+fn an_ask_lost_on_the_way_is_sent_again_before_the_deadline() {
+    let mut s = stand(10, &[0], quiet());
+    s.cut.insert((0, 1)); // the first ask is lost, nobody is told
+    s.sell(1, 1, 1);
+    s.run_until(T0 + ASK_RETRY_MS / 2);
+    s.cut.clear();
+    s.run_until(T0 + SALE_WAIT_MS - 1);
+    match s.outcome(1) {
+        Some(Event::Committed { waited_ms, .. }) => assert!(*waited_ms >= ASK_RETRY_MS),
+        other => panic!("without the second ask the sale waits to its deadline: {other:?}"),
+    }
+}

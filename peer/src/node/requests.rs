@@ -196,13 +196,9 @@ pub struct OrderView {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum LiveEvent {
     /// Stock of these items changed.
-    Stock {
-        rows: Vec<StockRow>,
-    },
+    Stock { rows: Vec<StockRow> },
     /// A new order (kitchen).
-    Order {
-        order: OrderView,
-    },
+    Order { order: OrderView },
     /// Peers changed.
     Peers {
         peers: Vec<ReplicaId>,
