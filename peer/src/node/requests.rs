@@ -156,7 +156,6 @@ pub struct StockRow {
     pub sellable_now: u64,
 }
 
-/// Node status.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusView {
     pub replica: ReplicaId,
@@ -199,10 +198,8 @@ pub enum LiveEvent {
     Stock { rows: Vec<StockRow> },
     /// A new order (kitchen).
     Order { order: OrderView },
-    /// Peers changed.
     Peers {
         peers: Vec<ReplicaId>,
-        /// Pool connected.
         pool_reachable: bool,
     },
 }
