@@ -276,10 +276,6 @@ impl Engine {
         &self.ledger
     }
 
-    pub fn config(&self) -> &EngineConfig {
-        &self.cfg
-    }
-
     pub fn stats(&self) -> &EngineStats {
         &self.stats
     }
@@ -296,11 +292,7 @@ impl Engine {
     /// Whether this replica reaches the pool right now (the pool itself: whether any replica
     /// reaches it). Decides the offline flag of a sale and the optimistic policy's overdraft.
     pub fn pool_reachable(&self) -> bool {
-        if self.ledger.role() == Some(Role::Pool) {
-            !self.peers.is_empty()
-        } else {
-            self.peers.contains_key(&self.ledger.pool())
-        }
+        pool_reachable(&self.ledger, &self.peers)
     }
 
     /// Sales waiting for rights.
@@ -311,11 +303,6 @@ impl Engine {
     /// Frames queued for `peer`.
     pub fn backlog(&self, peer: ReplicaId) -> usize {
         self.peers.get(&peer).map_or(0, |p| p.sync.backlog())
-    }
-
-    /// Pushes dropped because a peer's queue was full, over all peers.
-    pub fn dropped_pushes(&self) -> u64 {
-        self.peers.values().map(|p| p.sync.dropped()).sum()
     }
 
     // -----------------------------------------------------------------------------------
@@ -449,7 +436,7 @@ impl Engine {
         op: impl FnOnce(&mut Ledger, u64) -> Result<(SignedChange, T), OpError>,
     ) -> Result<T, OpError> {
         let (change, out) = op(&mut self.ledger, now_ms)?;
-        self.record_local(change, None);
+        self.split().1.record_local(change, None);
         self.progress(now_ms);
         Ok(out)
     }
@@ -492,8 +479,7 @@ impl Engine {
             .map(|(r, _)| *r)
             .collect();
         for r in silent {
-            self.peers.remove(&r);
-            self.rights.peer_down(r);
+            self.peer_down(r, now_ms);
             self.events.push_back(Event::PeerGone(r));
         }
         for p in self.peers.values_mut() {
@@ -549,16 +535,6 @@ impl Engine {
 
     // -----------------------------------------------------------------------------------
     // Internals.
-
-    fn record_local(&mut self, change: SignedChange, except: Option<ReplicaId>) {
-        record_local(
-            &mut self.ledger,
-            &mut self.peers,
-            &mut self.events,
-            change,
-            except,
-        );
-    }
 
     /// The rights logic and everything it may touch, borrowed apart.
     fn split(&mut self) -> (&mut rights::Rights, Ctx<'_>) {
@@ -627,37 +603,32 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn pool_reachable(&self) -> bool {
-        if self.ledger.role() == Some(Role::Pool) {
-            !self.peers.is_empty()
-        } else {
-            self.peers.contains_key(&self.ledger.pool())
-        }
+        pool_reachable(self.ledger, self.peers)
     }
 
+    /// A change made here: to disk first, then to every peer but `except` (held back by
+    /// `poll_transmit` until durable).
     fn record_local(&mut self, change: SignedChange, except: Option<ReplicaId>) {
-        record_local(self.ledger, self.peers, self.events, change, except);
+        let me = self.ledger.me();
+        let seq = self.ledger.local_seq();
+        for (p, peer) in self.peers.iter_mut() {
+            if Some(*p) != except {
+                peer.sync.push(me, seq, &change);
+            }
+        }
+        match self.events.back_mut() {
+            Some(Event::Persist(v)) => v.push(change),
+            _ => self.events.push_back(Event::Persist(vec![change])),
+        }
     }
 }
 
-/// A change made here: to disk first, then to every peer (held back by `poll_transmit`
-/// until durable).
-fn record_local(
-    ledger: &mut Ledger,
-    peers: &mut BTreeMap<ReplicaId, Peer>,
-    events: &mut VecDeque<Event>,
-    change: SignedChange,
-    except: Option<ReplicaId>,
-) {
-    let me = ledger.me();
-    let seq = ledger.local_seq();
-    for (p, peer) in peers.iter_mut() {
-        if Some(*p) != except {
-            peer.sync.push(me, seq, &change);
-        }
-    }
-    match events.back_mut() {
-        Some(Event::Persist(v)) => v.push(change),
-        _ => events.push_back(Event::Persist(vec![change])),
+/// Whether this replica reaches the pool (the pool itself: whether any replica reaches it).
+fn pool_reachable(ledger: &Ledger, peers: &BTreeMap<ReplicaId, Peer>) -> bool {
+    if ledger.role() == Some(Role::Pool) {
+        !peers.is_empty()
+    } else {
+        peers.contains_key(&ledger.pool())
     }
 }
 

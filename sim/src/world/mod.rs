@@ -129,7 +129,6 @@ struct Counters {
 /// A violated invariant.
 #[derive(Debug, Clone)]
 pub struct Violation {
-    /// Which invariant.
     pub invariant: &'static str,
     pub detail: String,
 }
