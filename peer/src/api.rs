@@ -4,7 +4,8 @@
 //! | --- | --- |
 //! | `POST /v1/sales` | `{lines:[{sku,qty}], payment:{method,reference}}` → 201 sale, 409 refusal |
 //! | `POST /v1/sales/{id}/void` | void a sale made here |
-//! | `GET /v1/stock` | per item: name, price, available, rights, status, sellable now |
+//! | `GET /v1/stock` | per item: name, price, available, rights, status, sellable now, marked off |
+//! | `PUT /v1/items/{sku}/availability` | `{available: false}` marks an item off for the stand ("86"), `true` brings it back |
 //! | `GET /v1/live` | server-sent events: stock, order and peer changes |
 //! | `GET /v1/status` | replica, role, policy, peers, pool reachable, repair backlog |
 //! | `GET /v1/orders`, `POST /v1/orders/{id}/done` | the kitchen queue |
@@ -12,13 +13,13 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /`, `GET /kitchen` | the POS page and the kitchen page |
 
-use crate::node::{ApiError, Command, LiveEvent, SaleInput};
+use crate::node::{ApiError, AvailabilityInput, Command, LiveEvent, SaleInput};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures::Stream;
 use halftime_ledger::{ReplicaId, SaleId};
@@ -94,6 +95,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sales", post(sell))
         .route("/v1/sales/{id}/void", post(void))
         .route("/v1/stock", get(stock))
+        .route("/v1/items/{sku}/availability", put(availability))
         .route("/v1/status", get(status))
         .route("/v1/live", get(live))
         .route("/v1/orders", get(orders))
@@ -137,7 +139,16 @@ async fn sell(
     State(st): State<AppState>,
     body: Result<Json<SaleInput>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(input) = body.map_err(|e| ApiError {
+    let Json(input) = body.map_err(json_error)?;
+    if input.lines.is_empty() {
+        return Err(bad_request("a sale needs at least one line".into()));
+    }
+    let sale = ask(&st, |tx| Command::Sell(input, tx)).await??;
+    Ok((StatusCode::CREATED, Json(sale)).into_response())
+}
+
+fn json_error(e: JsonRejection) -> ApiError {
+    ApiError {
         status: e.status().as_u16(),
         error: if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             "too_large"
@@ -148,12 +159,18 @@ async fn sell(
         refusal: None,
         asked: None,
         waited_ms: None,
-    })?;
-    if input.lines.is_empty() {
-        return Err(bad_request("a sale needs at least one line".into()));
     }
-    let sale = ask(&st, |tx| Command::Sell(input, tx)).await??;
-    Ok((StatusCode::CREATED, Json(sale)).into_response())
+}
+
+async fn availability(
+    State(st): State<AppState>,
+    Path(sku): Path<String>,
+    body: Result<Json<AvailabilityInput>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let sku = halftime_ledger::Sku::new(sku).map_err(|e| bad_request(e.to_string()))?;
+    let Json(input) = body.map_err(json_error)?;
+    let row = ask(&st, |tx| Command::Mark(sku, input.available, tx)).await??;
+    Ok(Json(row).into_response())
 }
 
 fn parse_sale(id: &str) -> Result<SaleId, ApiError> {

@@ -231,6 +231,37 @@ async fn scenario(c: &Client, pos: &str, kitchen: &str, shot: &Path) {
         c.screenshot().await.unwrap(),
     )
     .unwrap();
+
+    // The fryer is down: the kitchen 86s the soda on its page; the mark crosses the mesh and
+    // the cashier's page greys the item out without a reload.
+    const SODA_MENU: &str = r#".menu-item[data-sku="soda"]"#;
+    click(c, &format!("{SODA_MENU} button"), "clicking 86 on the soda").await;
+    eventually(10, "the soda marked off on the kitchen page", move || async move {
+        let class = attr(c, SODA_MENU, "class").await?;
+        class.split_whitespace().any(|k| k == "off").then_some(())
+    })
+    .await;
+    c.goto(&format!("{pos}/")).await.unwrap();
+    const SODA: &str = r#"button.item[data-sku="soda"]"#;
+    let greyed = move |off: bool| async move {
+        let b = c.find(Locator::Css(SODA)).await.ok()?;
+        let class = b.attr("class").await.ok()??;
+        let is_off = class.split_whitespace().any(|k| k == "off");
+        (is_off == off && b.is_enabled().await.ok()? != off).then_some(())
+    };
+    eventually(15, "the soda greyed out on the POS page", move || greyed(true)).await;
+    let (status, body) = sell(pos, "soda", 1).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["refusal"]["reason"], "marked_off", "{body}");
+    // Back on from the kitchen's API: the open POS page follows live.
+    let res = client()
+        .put(format!("{kitchen}/v1/items/soda/availability"))
+        .json(&serde_json::json!({ "available": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    eventually(15, "the soda sellable again on the open POS page", move || greyed(false)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -92,6 +92,26 @@ async fn a_sale_shows_everywhere_and_in_live_streams() {
         v["message"].as_str().unwrap().contains("payment reference"),
         "{v}"
     );
+    // Marking availability: a bad body, an unknown item and a malformed name are refused.
+    let put = |sku: &str, body: serde_json::Value| {
+        client()
+            .put(format!("{}/v1/items/{sku}/availability", procs[1].api))
+            .json(&body)
+            .send()
+    };
+    let r = put("hotdog", serde_json::json!({"available": false, "why": "x"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let r = put("caviar", serde_json::json!({"available": false}))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let r = put(&"x".repeat(200), serde_json::json!({"available": false}))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(get(&procs[1].api, "/v1/stock").await[0]["marked_off"], false);
     // A wrong method is a JSON 405.
     let r = client()
         .get(format!("{}/v1/sales", procs[1].api))

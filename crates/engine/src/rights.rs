@@ -101,9 +101,19 @@ impl Rights {
         }
     }
 
+    /// The stand's rule for one attempt: an item marked unavailable is not sold, whatever
+    /// rights are held; otherwise the ledger sells within rights and the policy.
+    fn attempt(ctx: &mut Ctx<'_>, order: &SaleOrder, now: u64) -> SaleOutcome {
+        if let Some(l) = order.lines.iter().find(|l| ctx.ledger.is_marked_off(&l.sku)) {
+            return SaleOutcome::Refused {
+                reason: Refusal::MarkedOff { sku: l.sku.clone() },
+            };
+        }
+        ctx.ledger.sell(Self::request(ctx, order), now)
+    }
+
     pub(crate) fn sell(&mut self, ctx: &mut Ctx<'_>, ticket: Ticket, order: SaleOrder, now: u64) {
-        let req = Self::request(ctx, &order);
-        match ctx.ledger.sell(req, now) {
+        match Self::attempt(ctx, &order, now) {
             SaleOutcome::Committed { sale_id, change } => {
                 self.commit(ctx, ticket, sale_id, change, 0, now)
             }
@@ -285,9 +295,8 @@ impl Rights {
         }
         let mut waiting = VecDeque::with_capacity(self.held.len());
         while let Some(mut h) = self.held.pop_front() {
-            let req = Self::request(ctx, &h.order);
             let waited = now.saturating_sub(h.since_ms);
-            match ctx.ledger.sell(req, now) {
+            match Self::attempt(ctx, &h.order, now) {
                 SaleOutcome::Committed { sale_id, change } => {
                     self.commit(ctx, h.ticket, sale_id, change, waited, now);
                 }

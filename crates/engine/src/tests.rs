@@ -424,3 +424,52 @@ fn an_ask_lost_on_the_way_is_sent_again_before_the_deadline() {
         other => panic!("without the second ask the sale waits to its deadline: {other:?}"),
     }
 }
+
+#[test]
+fn an_item_marked_off_anywhere_is_refused_everywhere_until_it_is_back() {
+    let mut s = stand(10, &[5, 0], quiet());
+    let now = s.now;
+    s.engines[0]
+        .local_op(now, |l, now| Ok((l.mark(&sku("soda"), false, now)?, ())))
+        .unwrap();
+    s.run_until(T0 + 50);
+    // Terminal 1 holds rights, terminal 2 would ask: both refuse with the mark's own reason.
+    s.sell(1, 1, 1);
+    s.sell(2, 2, 1);
+    s.run_until(T0 + 100);
+    for t in [1, 2] {
+        match s.outcome(t) {
+            Some(Event::Refused { refusal, .. }) => {
+                assert_eq!(refusal.reason, Refusal::MarkedOff { sku: sku("soda") });
+                assert!(refusal.asked.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(s.engines[1].ledger().available(&sku("soda")), 15);
+    // Terminal 1 brings the item back, with a later mark: every engine sells it again.
+    let now = s.now;
+    s.engines[1]
+        .local_op(now, |l, now| Ok((l.mark(&sku("soda"), true, now)?, ())))
+        .unwrap();
+    s.run_until(T0 + 150);
+    s.sell(1, 3, 1);
+    s.run_until(T0 + 200);
+    assert!(matches!(s.outcome(3), Some(Event::Committed { .. })), "{:?}", s.outcome(3));
+    // A sale held for rights is refused once the item is marked off while it waits.
+    s.sell(2, 4, 1);
+    s.pump();
+    assert_eq!(s.engines[2].held_sales(), 1);
+    let now = s.now;
+    s.engines[2]
+        .local_op(now, |l, now| Ok((l.mark(&sku("soda"), false, now)?, ())))
+        .unwrap();
+    s.run_until(T0 + 300);
+    match s.outcome(4) {
+        Some(Event::Refused { refusal, .. }) => {
+            assert_eq!(refusal.reason, Refusal::MarkedOff { sku: sku("soda") })
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(s.engines[1].ledger().is_marked_off(&sku("soda")));
+}

@@ -229,6 +229,12 @@ pub enum Refusal {
         /// Item.
         sku: Sku,
     },
+    /// The item is marked unavailable at the stand.
+    #[error("{sku} is marked unavailable at this stand (86'd)")]
+    MarkedOff {
+        /// Item.
+        sku: Sku,
+    },
     /// Not in the catalog.
     #[error("unknown sku {sku}")]
     UnknownSku {

@@ -6,7 +6,8 @@
 //! /replicas/<rid>                 map: name, role, key, retired                   (pool only)
 //! /stock/<rid>                    map, created by the pool when it enrols rid
 //! /stock/<rid>/<sku>              map of epochs, created by rid
-//! /stock/<rid>/<sku>/<epoch>      map: in, out, give><to>, reclaim><from> (pool)  (rid only)
+//! /stock/<rid>/<sku>/<epoch>      map: in, out, give><to>, reclaim><from> (pool),
+//!                                 off_at, on_at (availability marks)          (rid only)
 //! ```
 //!
 //! Every counter has a single writer that `put`s its new absolute value. A received change

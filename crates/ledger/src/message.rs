@@ -207,6 +207,14 @@ pub enum Operation {
     },
     /// A sale.
     Sale(SaleRecord),
+    /// The item is marked unavailable at the stand ("86'd": the fryer is down) or available
+    /// again. Each replica writes its own mark; the latest by hybrid logical clock wins.
+    Mark {
+        /// The item.
+        sku: Sku,
+        /// `false` to mark it unavailable, `true` to bring it back.
+        available: bool,
+    },
     /// A sale undone by its seller: its units return.
     Void {
         /// The sale.
@@ -262,7 +270,7 @@ impl Operation {
                 }
             }
             Operation::Enrol { name, .. } => check_text(name, "name")?,
-            Operation::Retire { .. } => {}
+            Operation::Retire { .. } | Operation::Mark { .. } => {}
             Operation::Reclaim { units, gives, .. } => {
                 if units.len() > MAX_CATALOG_ITEMS || gives.len() > MAX_CATALOG_ITEMS {
                     return Err("reclaim names too many items".into());
@@ -341,6 +349,7 @@ impl Operation {
             Operation::Give { .. } => "give",
             Operation::Sale(_) => "sale",
             Operation::Void { .. } => "void",
+            Operation::Mark { .. } => "mark",
         }
     }
 }

@@ -36,6 +36,11 @@ pub enum Field {
     Give(ReplicaId),
     /// Pool only: rights taken back from a retired replica (admin reclaim).
     Reclaim(ReplicaId),
+    /// Not a count: the packed hybrid-logical-clock time this replica last marked the item
+    /// unavailable ("86'd"). It only grows, like every counter.
+    OffAt,
+    /// The packed time this replica last marked the item available again.
+    OnAt,
 }
 
 impl Field {
@@ -46,13 +51,21 @@ impl Field {
             Field::Out => "out".to_owned(),
             Field::Give(to) => format!("give>{to}"),
             Field::Reclaim(from) => format!("reclaim>{from}"),
+            Field::OffAt => "off_at".to_owned(),
+            Field::OnAt => "on_at".to_owned(),
         }
+    }
+    /// Whether the field holds a time (an availability mark) rather than a number of units.
+    pub fn is_mark(&self) -> bool {
+        matches!(self, Field::OffAt | Field::OnAt)
     }
     /// Parse a document key.
     pub fn parse(k: &str) -> Option<Field> {
         match k {
             "in" => Some(Field::In),
             "out" => Some(Field::Out),
+            "off_at" => Some(Field::OffAt),
+            "on_at" => Some(Field::OnAt),
             _ => match k.strip_prefix("give>") {
                 Some(r) => r.parse().ok().map(Field::Give),
                 None => k.strip_prefix("reclaim>")?.parse().ok().map(Field::Reclaim),
@@ -164,6 +177,25 @@ pub struct State {
     pub sale_index: HashMap<SaleId, usize>,
     /// Recent (time, units) per selling replica.
     pub recent: BTreeMap<ReplicaId, VecDeque<(Hlc, u64)>>,
+    /// Per sku, the latest "unavailable" and "available again" marks of any replica.
+    pub marks: BTreeMap<Sku, Marks>,
+}
+
+/// The newest availability marks of an item across the stand: the later one wins, and a tie
+/// (two replicas marking at the same instant) leaves the item available.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Marks {
+    /// Packed time of the latest "unavailable" mark.
+    pub off_at: u64,
+    /// Packed time of the latest "available again" mark.
+    pub on_at: u64,
+}
+
+impl Marks {
+    /// Whether the item is marked unavailable.
+    pub fn is_off(&self) -> bool {
+        self.off_at > self.on_at
+    }
 }
 
 impl State {
@@ -219,6 +251,14 @@ impl State {
                 *recv = recv.saturating_add(delta);
                 let taken = self.reclaimed.entry((from, sku.clone())).or_insert(0);
                 *taken = taken.saturating_add(delta);
+            }
+            Field::OffAt => {
+                let m = self.marks.entry(sku.clone()).or_default();
+                m.off_at = m.off_at.max(new);
+            }
+            Field::OnAt => {
+                let m = self.marks.entry(sku.clone()).or_default();
+                m.on_at = m.on_at.max(new);
             }
         }
     }

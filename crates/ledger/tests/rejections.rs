@@ -441,3 +441,55 @@ fn the_pool_cannot_write_off_stock_it_has_allocated() {
     assert_eq!(r.rejected.len(), 1, "{r:?}");
     assert_eq!(r.rejected[0].rule(), "below_floor");
 }
+
+fn mark_op(available: bool) -> Operation {
+    Operation::Mark {
+        sku: sku("hotdog"),
+        available,
+    }
+}
+
+#[test]
+fn a_mark_holds_its_own_time_and_only_what_its_message_says() {
+    let at = Hlc::at_wall(4_000).packed();
+    let mut st = stand_with_sale();
+    let me = st.terminals[0].me().to_string();
+    let put = |field: &'static str, v: u64| {
+        let me = me.clone();
+        move |tx: &mut automerge::transaction::Transaction<'_>| {
+            let e = obj(tx, &["stock", &me, "hotdog", "00000000"]);
+            tx.put(&e, field, v).unwrap();
+        }
+    };
+    let t = &st.terminals[0];
+    // A mark dated after its own change would win every later mark.
+    let ahead = forge(t, &key(10), mark_op(false), 4_000, put("off_at", at + 1));
+    // The message says "unavailable" but the ops bring the item back.
+    let swapped = forge(t, &key(10), mark_op(false), 4_000, put("on_at", at));
+    // A sale that also marks the item off.
+    let sneaky = forge(t, &key(10), sale_op(t, 1), 4_000, |tx| {
+        let e = obj(tx, &["stock", &me, "hotdog", "00000000"]);
+        tx.put(&e, "out", 2u64).unwrap();
+        tx.put(&e, "off_at", at).unwrap();
+    });
+    // A mark of an item the stand does not sell.
+    let unknown = forge(
+        t,
+        &key(10),
+        Operation::Mark {
+            sku: sku("caviar"),
+            available: false,
+        },
+        4_000,
+        put("off_at", at),
+    );
+    let control = forge(t, &key(10), mark_op(false), 4_000, put("off_at", at));
+    assert_rejected(&mut st, ahead, "invalid_operation");
+    assert_rejected(&mut st, swapped, "message_mismatch");
+    assert_rejected(&mut st, sneaky, "message_mismatch");
+    assert_rejected(&mut st, unknown, "invalid_operation");
+    assert!(!st.pool.is_marked_off(&sku("hotdog")));
+    let r = st.pool.apply_remote(vec![control], 5_000);
+    assert_eq!(r.accepted.len(), 1, "{:?}", r.rejected);
+    assert!(st.pool.is_marked_off(&sku("hotdog")));
+}

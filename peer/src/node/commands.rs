@@ -77,6 +77,30 @@ impl Node {
                         let _ = reply.send(Err(ApiError::internal(e)));
                     }
                 },
+                Command::Mark(sku, available, reply) => {
+                    let op = |l: &mut halftime_ledger::Ledger, now| {
+                        Ok((l.mark(&sku, available, now)?, ()))
+                    };
+                    match self.engine.local_op(now, op) {
+                        Ok(()) => {
+                            tracing::info!(%sku, available, "item availability marked");
+                            replies.push(Box::new(move |n: &mut Node, err| {
+                                let row = n.stock_rows(Some(&BTreeSet::from([sku]))).pop();
+                                let _ = match err {
+                                    None => reply
+                                        .send(row.ok_or_else(|| ApiError::internal("item lost"))),
+                                    Some(e) => reply.send(Err(ApiError::unavailable(e))),
+                                };
+                            }));
+                        }
+                        Err(OpError::Refused(r)) => {
+                            let _ = reply.send(Err(ApiError::refused(r)));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(ApiError::internal(e)));
+                        }
+                    }
+                }
                 Command::Status(reply) => {
                     let _ = reply.send(self.status());
                 }
@@ -165,6 +189,7 @@ impl Node {
                 rights: self.engine.ledger().rights(me, &c.sku),
                 status: self.engine.ledger().status(&c.sku),
                 sellable_now: self.engine.ledger().sellable_now(&c.sku, online),
+                marked_off: self.engine.ledger().is_marked_off(&c.sku),
             })
             .collect()
     }

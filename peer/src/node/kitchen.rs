@@ -34,6 +34,9 @@ impl Node {
                         | halftime_ledger::Operation::Reclaim { units, .. } => {
                             skus.extend(units.keys().cloned())
                         }
+                        halftime_ledger::Operation::Mark { sku, .. } => {
+                            skus.insert(sku.clone());
+                        }
                         _ => skus.extend(self.engine.ledger().catalog().keys().cloned()),
                     }
                 }

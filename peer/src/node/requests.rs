@@ -19,6 +19,15 @@ pub enum Command {
     Metrics(oneshot::Sender<String>),
     /// Pool: retire a lost replica and take its rights back, on the stand's latest view of it.
     Reclaim(ReplicaId, oneshot::Sender<Result<ReclaimResult, ApiError>>),
+    /// Mark an item unavailable at the stand ("86" it) or available again.
+    Mark(Sku, bool, oneshot::Sender<Result<StockRow, ApiError>>),
+}
+
+/// The body of `PUT /v1/items/{sku}/availability`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AvailabilityInput {
+    pub available: bool,
 }
 
 /// What a reclaim did, and what it was based on.
@@ -154,6 +163,8 @@ pub struct StockRow {
     pub status: StockStatus,
     /// Units this replica may sell right now.
     pub sellable_now: u64,
+    /// Marked unavailable at the stand ("86'd"): not sold until marked available again.
+    pub marked_off: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

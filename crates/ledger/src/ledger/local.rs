@@ -190,6 +190,31 @@ impl Ledger {
         )
     }
 
+    /// Mark an item unavailable at the stand ("86" it) or available again. Any member may;
+    /// the latest mark of any replica wins. Returns the change (also written when the item is
+    /// already in that state: a later mark settles a concurrent opposite one).
+    pub fn mark(
+        &mut self,
+        sku: &Sku,
+        available: bool,
+        now_ms: u64,
+    ) -> Result<SignedChange, OpError> {
+        self.require_role(&[Role::Pool, Role::Terminal, Role::Kitchen])?;
+        if !self.state.catalog.contains_key(sku) {
+            return Err(Refusal::UnknownSku { sku: sku.clone() }.into());
+        }
+        let field = if available { Field::OnAt } else { Field::OffAt };
+        let op = Operation::Mark {
+            sku: sku.clone(),
+            available,
+        };
+        let sku = sku.clone();
+        self.commit_local(op, now_ms, move |tx, w| {
+            let at = w.at.packed();
+            w.write(tx, &BTreeMap::from([((sku, field), at)]))
+        })
+    }
+
     /// Give selling rights to another replica.
     pub fn give(
         &mut self,
@@ -509,6 +534,7 @@ impl Ledger {
         let drop_carry = false;
         let mut writer = Writer {
             me: self.me,
+            at,
             state: &self.state,
             objs: &mut self.own_objs,
             drop_carry,
@@ -560,6 +586,8 @@ impl Ledger {
 /// Writes this replica's counters into its epoch maps, rolling over when an epoch is full.
 struct Writer<'a> {
     me: ReplicaId,
+    /// The change's time.
+    at: Hlc,
     state: &'a State,
     objs: &'a mut HashMap<Sku, (ObjId, ObjId)>,
     /// Planted bug: roll over without carrying the other counters forward.

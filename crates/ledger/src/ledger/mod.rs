@@ -425,6 +425,11 @@ impl Ledger {
         limit.max(0) as u64
     }
 
+    /// Whether the item is marked unavailable ("86'd") at the stand.
+    pub fn is_marked_off(&self, sku: &Sku) -> bool {
+        self.state.marks.get(sku).is_some_and(|m| m.is_off())
+    }
+
     /// The stand's policy (strict until the genesis says otherwise).
     pub fn policy(&self) -> Policy {
         self.state

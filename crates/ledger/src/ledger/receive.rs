@@ -594,7 +594,10 @@ impl Ledger {
                     st.sales[i].voided = true;
                 }
             }
-            Operation::Restock { .. } | Operation::Adjust { .. } | Operation::Give { .. } => {}
+            Operation::Restock { .. }
+            | Operation::Adjust { .. }
+            | Operation::Give { .. }
+            | Operation::Mark { .. } => {}
         }
     }
 }

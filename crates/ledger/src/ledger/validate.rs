@@ -146,10 +146,13 @@ impl Ledger {
                 Some(i) if i.role != Role::Kitchen && *to != actor => {}
                 _ => return Err(invalid(format!("cannot give to {to}"))),
             },
+            Operation::Mark { sku, .. } if !self.state.catalog.contains_key(sku) => {
+                return Err(invalid(format!("unknown sku {sku}")));
+            }
             _ => {}
         }
-        if role == Role::Kitchen {
-            return Err(invalid("a kitchen display writes nothing".into()));
+        if role == Role::Kitchen && !matches!(msg.op, Operation::Mark { .. }) {
+            return Err(invalid("a kitchen display only marks items unavailable".into()));
         }
 
         let mut fx = Effects::default();
@@ -432,8 +435,14 @@ impl Ledger {
                             )));
                         }
                     };
-                    if v > MAX_UNITS {
-                        return Err(invalid(format!("counter {k} above {MAX_UNITS}")));
+                    // A mark holds the time of the change that set it, never a later one.
+                    let limit = if field.is_mark() {
+                        msg.at.packed()
+                    } else {
+                        MAX_UNITS
+                    };
+                    if v > limit {
+                        return Err(invalid(format!("counter {k} above {limit}")));
                     }
                     let old = fx
                         .counters
@@ -484,6 +493,17 @@ impl Ledger {
             Operation::Reclaim { replica, units, .. } => keyed(units, Field::Reclaim(*replica)),
             Operation::Adjust { units, .. } => keyed(units, Field::Out),
             Operation::Give { to, units } => keyed(units, Field::Give(*to)),
+            Operation::Mark { sku, available } => {
+                let field = if *available {
+                    Field::OnAt
+                } else {
+                    Field::OffAt
+                };
+                let old = self.state.value(actor, sku, field);
+                let moved = msg.at.packed().checked_sub(old).filter(|d| *d > 0);
+                let moved = moved.ok_or_else(|| invalid(format!("mark of {sku} is not newer")))?;
+                BTreeMap::from([((sku.clone(), field), moved)])
+            }
             _ => BTreeMap::new(),
         };
         let mut actual: BTreeMap<(Sku, Field), u64> = BTreeMap::new();
