@@ -131,6 +131,13 @@ pub enum Broken {
     /// Inside the ledger: a writer's new epoch map drops the counters its change does not
     /// write (the carry-forward at rollover is lost).
     DropCarryForward,
+    /// Inside the ledger: a received change is not held to the policy floor (the run has a
+    /// rogue terminal forging a sale past its rights).
+    SkipFloorOnReceive,
+    /// Inside the ledger: applying a void returns its units to the stand's totals twice.
+    DoubleCountVoid,
+    /// Inside the engine: every rights request is answered twice.
+    AnswerTwice,
 }
 
 impl Broken {
@@ -139,6 +146,9 @@ impl Broken {
         match self {
             Broken::IgnoreRights => "ignore-rights",
             Broken::DropCarryForward => "drop-carry-forward",
+            Broken::SkipFloorOnReceive => "skip-floor-on-receive",
+            Broken::DoubleCountVoid => "double-count-void",
+            Broken::AnswerTwice => "answer-twice",
         }
     }
 }
@@ -168,6 +178,9 @@ pub struct SimConfig {
     /// Largest wall-clock offset of a terminal (each draws one uniformly within ± this from the
     /// seed; the pool keeps true time). 0: every clock agrees.
     pub clock_skew_ms: u64,
+    /// An extra enrolled terminal that serves no customers and, a third into the game, sends
+    /// every replica a forged sale far past its rights: the honest ones must reject it.
+    pub rogue: bool,
 }
 
 impl SimConfig {
@@ -184,7 +197,13 @@ impl SimConfig {
             skus: DEFAULT_SKUS,
             broken: None,
             clock_skew_ms: DEFAULT_CLOCK_SKEW_MS,
+            rogue: false,
         }
+    }
+
+    /// Whether the run has a rogue terminal (asked for, or needed by the planted bug).
+    pub fn has_rogue(&self) -> bool {
+        self.rogue || self.broken == Some(Broken::SkipFloorOnReceive)
     }
 
     /// The policy the stand document is created with.
@@ -234,6 +253,9 @@ impl SimConfig {
         );
         if self.baseline {
             s.push_str(" --baseline");
+        }
+        if self.rogue {
+            s.push_str(" --rogue");
         }
         if let Some(b) = self.broken {
             s.push_str(" --broken ");

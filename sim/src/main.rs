@@ -53,6 +53,10 @@ struct StandArgs {
     /// Deliberately broken terminals (for testing the checks).
     #[arg(long, value_enum, hide = true)]
     broken: Option<Broken>,
+    /// Add a hostile terminal that forges a sale far past its rights a third into the game;
+    /// every honest replica must reject it and the run must still pass every check.
+    #[arg(long)]
+    rogue: bool,
 }
 
 #[derive(Args, Debug)]
@@ -144,6 +148,7 @@ fn base_config(seed: u64, scenario: Scenario, stand: &StandArgs) -> SimConfig {
     c.skus = stand.skus.max(1);
     c.broken = stand.broken;
     c.clock_skew_ms = stand.clock_skew_ms;
+    c.rogue = stand.rogue;
     c
 }
 

@@ -145,6 +145,10 @@ pub struct Report {
     pub replacement_terminals: u64,
     /// Sales committed by replacement terminals.
     pub replacement_sales: u64,
+    /// Sales voided when their customer came back for a refund.
+    pub voids: u64,
+    /// Forged changes of the rogue terminal rejected by honest replicas (one per replica).
+    pub rogue_rejections: u64,
     /// Received changes a replica passed on because their author was not linked to it.
     pub relayed_changes: u64,
     /// Largest offset of a terminal's clock from true time.
@@ -281,6 +285,14 @@ impl Report {
                 self.replacement_terminals, self.replacement_sales
             ),
         );
+        row(&mut s, "voids (refunds at the till)", self.voids.to_string());
+        if self.rogue_rejections > 0 {
+            row(
+                &mut s,
+                "rogue's forged changes rejected",
+                self.rogue_rejections.to_string(),
+            );
+        }
         row(
             &mut s,
             "largest clock skew (ms)",

@@ -1,5 +1,6 @@
-//! Whole-stand simulation tests: a CI-sized sweep over every scenario, the broken variant is
-//! caught and replays to the same step, a seed replays to a byte-identical report, and the
+//! Whole-stand simulation tests: a CI-sized sweep over every scenario, a rogue terminal is
+//! rejected, each planted bug (in the terminals, the ledger and the engine) is caught and
+//! replays to the same step, a seed replays to a byte-identical report, and the
 //! shrink, replacement, partial-partition and clock-skew faults take effect.
 
 #![allow(clippy::expect_used)]
@@ -37,6 +38,18 @@ fn ci_sweep_every_scenario_holds_invariants() {
         panic!("{f}");
     }
     assert_eq!(out.runs, jobs.len());
+}
+
+#[test]
+fn a_rogue_terminals_forged_sale_is_rejected_by_every_replica() {
+    for (seed, s) in Scenario::ALL.into_iter().enumerate() {
+        let mut c = ci_config(seed as u64, s, PolicyChoice::Strict);
+        c.rogue = true;
+        let r = run(&c, &mut |_, _| {}).unwrap_or_else(|f| panic!("{f}"));
+        // One rejection per replica alive at the attack: the pool and most terminals.
+        assert!(r.rogue_rejections >= 2, "{s:?}: {}", r.rogue_rejections);
+        assert_eq!(r.rejected_changes, 0, "{s:?}: only the rogue is rejected");
+    }
 }
 
 /// A sweep over `jobs` (all with one planted bug) must fail, and its printed seed must fail
@@ -98,6 +111,40 @@ fn a_ledger_that_drops_its_carry_forward_is_caught() {
         })
         .collect();
     assert_caught_and_replayed(&jobs, "drop-carry-forward");
+}
+
+/// The CI sweep's configurations with one planted bug, over every scenario.
+fn broken_sweep(seeds: u64, broken: Broken) -> Vec<SimConfig> {
+    (0..seeds)
+        .flat_map(|seed| {
+            Scenario::ALL.into_iter().map(move |s| {
+                let mut c = ci_config(seed, s, PolicyChoice::Strict);
+                c.broken = Some(broken);
+                c
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_ledger_that_believes_a_writer_past_its_floor_is_caught() {
+    assert_caught_and_replayed(
+        &broken_sweep(1, Broken::SkipFloorOnReceive),
+        "skip-floor-on-receive",
+    );
+}
+
+#[test]
+fn a_ledger_that_counts_a_void_twice_is_caught() {
+    assert_caught_and_replayed(
+        &broken_sweep(1, Broken::DoubleCountVoid),
+        "double-count-void",
+    );
+}
+
+#[test]
+fn an_engine_that_answers_a_request_twice_is_caught() {
+    assert_caught_and_replayed(&broken_sweep(2, Broken::AnswerTwice), "answer-twice");
 }
 
 #[test]

@@ -110,9 +110,11 @@ pub struct SaleOrder {
 pub enum PlantedBug {
     /// Every sale is made as if the pool were out of reach (optimistic overdraft online).
     IgnoreRights,
-    /// The ledger's new epoch maps drop the counters the change does not write.
+    /// Answers every rights request twice, giving up to twice what was asked.
+    AnswerTwice,
+    /// A bug inside the ledger (planted only with the `planted-bugs` feature).
     #[cfg(feature = "planted-bugs")]
-    DropCarryForward,
+    Ledger(halftime_ledger::LedgerBug),
 }
 
 /// How a replica's engine runs.
@@ -254,8 +256,8 @@ impl Engine {
         #[cfg(feature = "planted-bugs")]
         let ledger = {
             let mut ledger = ledger;
-            if cfg.planted_bug == Some(PlantedBug::DropCarryForward) {
-                ledger.plant_bug(halftime_ledger::LedgerBug::DropCarryForward);
+            if let Some(PlantedBug::Ledger(bug)) = cfg.planted_bug {
+                ledger.plant_bug(bug);
             }
             ledger
         };

@@ -350,6 +350,12 @@ impl Rights {
         };
         let units = spare.min(want);
         let mut change = None;
+        if ctx.cfg.planted_bug == Some(PlantedBug::AnswerTwice) && units > 0 && from != me {
+            let units = BTreeMap::from([(sku.clone(), units)]);
+            if let Ok(c) = ctx.ledger.give(from, units, now) {
+                ctx.record_local(c, None);
+            }
+        }
         if units > 0 && from != me {
             match ctx
                 .ledger

@@ -69,7 +69,6 @@ pub use error::{OpError, Refusal, Rejection};
 pub use hlc::{Clock, Hlc};
 pub use identity::{KeyError, PublicKey, ReplicaKey};
 pub use ids::{EventId, InvalidId, ReplicaId, Role, SaleId, Sku, StandId};
-#[cfg(feature = "planted-bugs")]
 pub use ledger::LedgerBug;
 pub use ledger::{
     ApplyReport, Ledger, LedgerStats, MAX_OPS_PER_CHANGE, MAX_PENDING_BYTES,

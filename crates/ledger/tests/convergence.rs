@@ -45,6 +45,11 @@ enum Step {
         who: usize,
     },
     Heal,
+    Mark {
+        who: usize,
+        sku: usize,
+        available: bool,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -57,6 +62,7 @@ fn step() -> impl Strategy<Value = Step> {
         4 => (1..8usize, any::<usize>()).prop_map(|(n, pick)| Step::Deliver { n, pick }),
         1 => (0..16usize).prop_map(|who| Step::Partition { who }),
         1 => Just(Step::Heal),
+        1 => (0..16usize, 0..3usize, any::<bool>()).prop_map(|(who, sku, available)| Step::Mark { who, sku, available }),
     ]
 }
 
@@ -65,6 +71,8 @@ fn step() -> impl Strategy<Value = Step> {
 struct Model {
     counters: BTreeMap<(ReplicaId, Sku, Field), u64>,
     overdraft: u64,
+    /// Per sku: the latest "off" and "on" marks' times.
+    marks: BTreeMap<Sku, (Hlc, Hlc)>,
 }
 
 impl Model {
@@ -78,7 +86,7 @@ impl Model {
             .map(|((_, _, f), n)| match f {
                 Field::In => *n as i64,
                 Field::Out => -(*n as i64),
-                Field::Give(_) | Field::Reclaim(_) => 0,
+                Field::Give(_) | Field::Reclaim(_) | Field::OffAt | Field::OnAt => 0,
             })
             .sum()
     }
@@ -176,6 +184,19 @@ fn run_with(
                     model.add(me, &sku(SKUS[k]), Field::Give(to_id), qty);
                     broadcast(&mut net, who, &c);
                 }
+            }
+            Step::Mark {
+                who,
+                sku: k,
+                available,
+            } => {
+                let who = who % total;
+                let c = reps[who].mark(&sku(SKUS[k]), available, now).unwrap();
+                let at = reps[who].clock();
+                let m = model.marks.entry(sku(SKUS[k])).or_default();
+                let t = if available { &mut m.1 } else { &mut m.0 };
+                *t = (*t).max(at);
+                broadcast(&mut net, who, &c);
             }
             Step::Void { who } => {
                 let who = 1 + who % (total - 1);
@@ -311,6 +332,10 @@ fn run_with(
     }
     for s in SKUS {
         let s = sku(s);
+        let off = model.marks.get(&s).is_some_and(|(off, on)| off > on);
+        for r in &reps {
+            prop_assert_eq!(r.is_marked_off(&s), off, "mark of {}", s);
+        }
         prop_assert_eq!(reps[0].available(&s), model.available(&s));
         match policy {
             Policy::Strict => prop_assert!(reps[0].available(&s) >= 0),

@@ -96,6 +96,33 @@ impl World {
                             ),
                         ));
                     }
+                    if info.role == Role::Terminal {
+                        // Refunds: a terminal's `in` counts only the units its voids took back.
+                        let back = l.counter(*rid, s, Field::In);
+                        let returned = self.returned.get(&(*rid, s.clone())).copied().unwrap_or(0);
+                        if back > returned || (*rid == node.id && back != returned) {
+                            return Err(violation(
+                                "oracle-units-returned",
+                                format!(
+                                    "node {n} sees replica {rid} take back {back} of {s}, but its customers returned {returned}"
+                                ),
+                            ));
+                        }
+                        // A terminal gives another terminal only what it was asked for.
+                        if n != 0 && *rid != node.id {
+                            let gave = l.counter(node.id, s, Field::Give(*rid));
+                            let key = (node.id, *rid, s.clone());
+                            let asked = self.asked.get(&key).copied().unwrap_or(0);
+                            if gave > asked {
+                                return Err(violation(
+                                    "gives-answer-asks",
+                                    format!(
+                                        "node {n} gave {rid} {gave} of {s}, but was asked for {asked}"
+                                    ),
+                                ));
+                            }
+                        }
+                    }
                     let r = l.rights(*rid, s);
                     sum += r;
                     let retired = info.retired_at_pool_seq.is_some();
@@ -195,6 +222,18 @@ impl World {
                     ));
                 }
             }
+        }
+        for (id, t, s, u) in &self.acked_voids {
+            if pool.sale(*id).is_some_and(|e| e.voided) {
+                continue;
+            }
+            if !self.nodes[*t].dead {
+                return Err(violation(
+                    "void-at-pool",
+                    format!("the void of sale {id:?} at terminal {t} never reached the pool"),
+                ));
+            }
+            *missing_dead.entry(s.clone()).or_insert(0) -= *u as i64;
         }
         for s in &self.skus {
             let truth = self.truth.get(s).copied().unwrap_or(0);

@@ -3,6 +3,19 @@
 
 use super::*;
 
+/// Sales, per thousand, whose customer comes back for a refund.
+pub const VOID_PER_MILLE: u64 = 10;
+/// A refund comes this long after the sale (uniform within).
+pub const VOID_AFTER_MS: (u64, u64) = (5_000, 60_000);
+
+/// A well-mixed hash of `x` (splitmix64's finaliser).
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 impl World {
     pub(super) fn committed(&mut self, ticket: Ticket, sale_id: SaleId, waited_ms: u64) {
         let Some((t, sku, qty)) = self.tickets.remove(&ticket) else {
@@ -25,12 +38,62 @@ impl World {
             .served
             .entry((sale_id.replica, sku.clone()))
             .or_insert(0) += qty;
-        *self.sold_units.entry(sku).or_insert(0) += qty;
+        *self.sold_units.entry(sku.clone()).or_insert(0) += qty;
         self.in_transit
             .entry(sale_id.replica)
             .or_default()
             .insert(sale_id.seq, now);
         self.acked.push((sale_id, t));
+        // Some customers come back for a refund: decided by the sale itself, not by a random
+        // stream, so that every policy sees the same customers.
+        let h = mix(self.cfg.seed ^ ((t as u64) << 40) ^ sale_id.seq);
+        if h % 1_000 < VOID_PER_MILLE {
+            let after = VOID_AFTER_MS.0 + (h >> 10) % (VOID_AFTER_MS.1 - VOID_AFTER_MS.0);
+            self.voids
+                .entry(now + after)
+                .or_default()
+                .push((t, sale_id, sku, qty));
+        }
+    }
+
+    /// Refunds due now, at the terminal that made the sale (a customer whose terminal is down
+    /// or gone goes home).
+    pub(super) fn voids(&mut self) {
+        while let Some(entry) = self.voids.first_entry() {
+            if *entry.key() > self.now {
+                return;
+            }
+            for (t, sale, sku, qty) in entry.remove() {
+                if !self.nodes[t].alive || self.nodes[t].dead {
+                    continue;
+                }
+                let wall = self.wall(t);
+                match self.nodes[t]
+                    .engine
+                    .local_op(wall, |l, now| Ok((l.void(sale, now)?, ())))
+                {
+                    Ok(()) => {
+                        self.log(|| format!("terminal {t} voids {sale:?} ({sku} x{qty})"));
+                        self.counters.voids += 1;
+                        *self.truth.entry(sku.clone()).or_insert(0) += qty as i64;
+                        *self.returned.entry((sale.replica, sku.clone())).or_insert(0) += qty;
+                        self.acked_voids.push((sale, t, sku, qty));
+                    }
+                    Err(OpError::Refused(r)) => {
+                        self.log(|| format!("terminal {t} cannot void {sale:?}: {r}"));
+                    }
+                    Err(OpError::Internal(why)) => {
+                        self.bug_seen.get_or_insert_with(|| {
+                            (
+                                "internal-fault",
+                                format!("node {t} failed its own void: {why}"),
+                            )
+                        });
+                    }
+                }
+                self.drain(t);
+            }
+        }
     }
 
     pub(super) fn schedule_arrival(&mut self, t: usize) {

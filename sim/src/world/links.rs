@@ -77,6 +77,11 @@ impl World {
             match WireMessage::decode(&m.bytes, &self.stand_id) {
                 Ok(msg) => {
                     self.net.stats.messages_delivered += 1;
+                    if let WireMessage::RightsRequest { sku, want, .. } = &msg {
+                        let key = (self.nodes[m.to].id, self.nodes[m.from].id, sku.clone());
+                        let n = self.asked.entry(key).or_insert(0);
+                        *n = n.saturating_add(*want);
+                    }
                     if self.tracing() {
                         let (from, to) = (m.from, m.to);
                         let kind = match &msg {

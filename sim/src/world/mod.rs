@@ -16,7 +16,7 @@ use crate::scenario::{self, Fault};
 use halftime_engine::{Engine, EngineConfig, EngineStats, Event, PlantedBug, SaleOrder, Ticket};
 use halftime_ledger::state::Field;
 use halftime_ledger::{
-    CatalogItem, EventId, Ledger, Policy, Refusal, ReplicaId, ReplicaKey, Role, SaleId, SaleLine,
+    CatalogItem, EventId, Ledger, LedgerBug, OpError, Policy, Refusal, ReplicaId, ReplicaKey, Role, SaleId, SaleLine,
     SignedChange, Sku, StandId, StandInfo, WireMessage,
 };
 use halftime_ledger::{Payment, PaymentMethod, plan_allocation};
@@ -48,6 +48,7 @@ mod checks;
 mod customers;
 mod faults;
 mod links;
+mod rogue;
 mod summary;
 
 use summary::add_stats;
@@ -122,6 +123,9 @@ struct Counters {
     shrunk_units: u64,
     replacements: u64,
     replacement_sales: u64,
+    voids: u64,
+    /// Changes of the rogue terminal that honest replicas rejected.
+    rogue_rejections: u64,
     /// Figures of engines replaced by a restart.
     engines_before_restart: EngineStats,
 }
@@ -191,6 +195,16 @@ pub struct World {
     /// The oracle: units each replica served (sales, and the pool's shrink), counted from the
     /// customers and the admin as the world saw them, never from a ledger.
     served: BTreeMap<(ReplicaId, Sku), u64>,
+    /// The oracle of refunds: units each terminal took back with a void.
+    returned: BTreeMap<(ReplicaId, Sku), u64>,
+    /// The oracle of asks: per (holder, asker, sku), the units asked in every rights request
+    /// the network delivered. A terminal gives another terminal rights only when asked.
+    asked: BTreeMap<(ReplicaId, ReplicaId, Sku), u64>,
+    /// Refunds to come: virtual time → (terminal, sale, item, units).
+    voids: BTreeMap<u64, Vec<(usize, SaleId, Sku, u64)>>,
+    /// Voids made: sale, terminal, item, units.
+    acked_voids: Vec<(SaleId, usize, Sku, u64)>,
+    rogue: Option<rogue::Rogue>,
     /// The first sign of a bug that no invariant of the stand would show: a change of an
     /// honest replica rejected, or an operation of a replica's own failing inside its ledger.
     bug_seen: Option<(&'static str, String)>,
@@ -277,11 +291,13 @@ impl World {
             .collect();
         let engine_cfg = EngineConfig {
             auto_rights: !cfg.baseline,
-            planted_bug: match cfg.broken {
-                Some(Broken::IgnoreRights) => Some(PlantedBug::IgnoreRights),
-                Some(Broken::DropCarryForward) => Some(PlantedBug::DropCarryForward),
-                None => None,
-            },
+            planted_bug: cfg.broken.map(|b| match b {
+                Broken::IgnoreRights => PlantedBug::IgnoreRights,
+                Broken::AnswerTwice => PlantedBug::AnswerTwice,
+                Broken::DropCarryForward => PlantedBug::Ledger(LedgerBug::DropCarryForward),
+                Broken::SkipFloorOnReceive => PlantedBug::Ledger(LedgerBug::SkipFloorOnReceive),
+                Broken::DoubleCountVoid => PlantedBug::Ledger(LedgerBug::DoubleCountVoid),
+            }),
             ..EngineConfig::default()
         };
 
@@ -332,6 +348,14 @@ impl World {
                 setup.push(r.map_err(|e| setup_err(&e))?);
             }
         }
+        // Enrolled after the opening allocation, so it starts with no rights at all.
+        let rogue_key = key_for(usize::MAX);
+        if cfg.has_rogue() {
+            setup.push(
+                pool.enrol(rogue_key.public(), "till 99", Role::Terminal, t0)
+                    .map_err(|e| setup_err(&e))?,
+            );
+        }
         let pool_key = key_for(0).public();
         let mut nodes = Vec::with_capacity(terminals + 1);
         nodes.push(Node::new(
@@ -357,6 +381,17 @@ impl World {
                 *skew,
             ));
         }
+        let rogue = if cfg.has_rogue() {
+            let mut ledger = Ledger::join(rogue_key.clone(), stand_id.clone(), pool_key);
+            ledger.apply_remote(setup.clone(), t0);
+            Some(rogue::Rogue {
+                key: rogue_key,
+                ledger,
+                at: game_ms / 3,
+            })
+        } else {
+            None
+        };
         let by_replica = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
         let faults = scenario::schedule(cfg.scenario, terminals, game_ms, &mut rng);
         let truth = opening
@@ -403,6 +438,11 @@ impl World {
             next_ticket: 0,
             waits: Vec::new(),
             served: BTreeMap::new(),
+            returned: BTreeMap::new(),
+            asked: BTreeMap::new(),
+            voids: BTreeMap::new(),
+            acked_voids: Vec::new(),
+            rogue,
             bug_seen: None,
             next_doc_check: 0,
             lost_at: Vec::new(),
@@ -502,6 +542,12 @@ impl World {
                             self.refused(t, &sku, qty, &why);
                         }
                     }
+                    Event::Rejected { rejections, from }
+                        if from.is_some() && from == self.rogue.as_ref().map(|r| r.id()) =>
+                    {
+                        self.counters.rogue_rejections += rejections.len() as u64;
+                        self.log(|| format!("node {node} rejected the rogue: {rejections:?}"));
+                    }
                     Event::Rejected { rejections, from } => {
                         self.counters.rejected_changes += rejections.len() as u64;
                         // Every replica here is honest: a rejection that is not a wait for a
@@ -556,6 +602,12 @@ impl World {
             t = t.min(d);
         }
         t = t.min(self.next_ping);
+        if let Some((v, _)) = self.voids.first_key_value() {
+            t = t.min(*v);
+        }
+        if let Some(r) = &self.rogue {
+            t = t.min(r.at);
+        }
         if self.now < self.game_ms {
             for n in &self.nodes[1..] {
                 if n.alive {
@@ -613,8 +665,10 @@ impl World {
         self.now = next;
         self.step += 1;
         self.run_faults()?;
+        self.rogue();
         self.deliver();
         self.timers();
+        self.voids();
         self.customers();
         self.flush();
         if self.sample() {

@@ -116,6 +116,8 @@ impl World {
             shrunk_units: c.shrunk_units,
             replacement_terminals: c.replacements,
             replacement_sales: c.replacement_sales,
+            voids: c.voids,
+            rogue_rejections: c.rogue_rejections,
             relayed_changes: engines.changes_relayed,
             clock_skew_max_ms: self
                 .nodes

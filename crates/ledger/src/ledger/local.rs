@@ -527,11 +527,8 @@ impl Ledger {
             }
             .into());
         }
+        let drop_carry = self.planted(LedgerBug::DropCarryForward);
         let mut tx = self.doc.transaction();
-        #[cfg(feature = "planted-bugs")]
-        let drop_carry = self.planted == Some(LedgerBug::DropCarryForward);
-        #[cfg(not(feature = "planted-bugs"))]
-        let drop_carry = false;
         let mut writer = Writer {
             me: self.me,
             at,

@@ -212,12 +212,27 @@ pub struct Ledger {
     planted: Option<LedgerBug>,
 }
 
-/// A bug planted on purpose in the ledger, so that the simulator's checks are shown to catch it.
-#[cfg(feature = "planted-bugs")]
+/// A bug planted on purpose in the ledger, so that the simulator's checks are shown to catch it
+/// (planted only with the `planted-bugs` feature).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LedgerBug {
     /// A new epoch map carries only the counters the change writes, dropping the others.
     DropCarryForward,
+    /// A received change is not held to the policy floor: a writer past its rights is believed.
+    SkipFloorOnReceive,
+    /// Applying a void returns its units to the stand's totals a second time.
+    DoubleCountVoid,
+}
+
+impl Ledger {
+    #[cfg(feature = "planted-bugs")]
+    fn planted(&self, bug: LedgerBug) -> bool {
+        self.planted == Some(bug)
+    }
+    #[cfg(not(feature = "planted-bugs"))]
+    fn planted(&self, _: LedgerBug) -> bool {
+        false
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> OpError {

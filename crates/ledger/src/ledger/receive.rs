@@ -500,6 +500,7 @@ impl Ledger {
         fx: Effects,
         seq: u64,
     ) {
+        let double_count_void = self.planted(LedgerBug::DoubleCountVoid);
         let st = &mut self.state;
         for (id, o) in fx.objects {
             st.objects.insert(id, o);
@@ -589,9 +590,15 @@ impl Ledger {
                     q.pop_front();
                 }
             }
-            Operation::Void { sale, .. } => {
+            Operation::Void { sale, units } => {
                 if let Some(&i) = st.sale_index.get(sale) {
                     st.sales[i].voided = true;
+                }
+                if double_count_void {
+                    for (s, u) in units {
+                        let t = st.totals.entry(s.clone()).or_insert((0, 0));
+                        t.0 = t.0.saturating_add(*u);
+                    }
                 }
             }
             Operation::Restock { .. }
