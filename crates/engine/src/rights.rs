@@ -21,6 +21,11 @@ pub const MAX_HELD_SALES: usize = 256;
 /// A terminal asks for a top-up when its rights for an item fall below this share (percent)
 /// of its allocation target.
 pub const ASK_BELOW_TARGET_PCT: i64 = 25;
+/// A terminal also asks when, at its own recent rate, it would sell out of an item within this
+/// long: early enough for the answer to land before the queue reaches the last unit.
+pub const ASK_LEAD_MS: u64 = 15_000;
+/// The window over which a terminal measures its own rate per item.
+pub const RATE_WINDOW_MS: u64 = 60_000;
 /// At most one top-up request per item in this window.
 pub const TOP_UP_REQUEST_TIMEOUT_MS: u64 = 2_000;
 /// A terminal looks at its rights for every item this often (besides after every sale).
@@ -64,6 +69,8 @@ pub(crate) struct Rights {
     held: VecDeque<Held>,
     /// Per item: when the last top-up request went out.
     topup_asked: BTreeMap<Sku, u64>,
+    /// Per item: this terminal's own sales in the last `RATE_WINDOW_MS` (time, units).
+    sold: BTreeMap<Sku, VecDeque<(u64, u64)>>,
     next_check_ms: u64,
     next_plan_ms: u64,
     next_return_ms: u64,
@@ -82,6 +89,7 @@ impl Rights {
         Self {
             held: VecDeque::new(),
             topup_asked: BTreeMap::new(),
+            sold: BTreeMap::new(),
             next_check_ms: now_ms.saturating_add(RIGHTS_CHECK_INTERVAL_MS),
             next_plan_ms: now_ms.saturating_add(ALLOCATION_INTERVAL_MS),
             next_return_ms: now_ms.saturating_add(RETURN_INTERVAL_MS),
@@ -237,11 +245,18 @@ impl Rights {
             },
         ));
         // Ask for more right after the sale that ran an item low, not at the next check.
-        let skus: BTreeSet<Sku> = ctx
+        let units = ctx
             .ledger
             .sale(sale_id)
-            .map(|e| e.record.units().into_keys().collect())
+            .map(|e| e.record.units())
             .unwrap_or_default();
+        for (sku, n) in &units {
+            self.sold
+                .entry(sku.clone())
+                .or_default()
+                .push_back((now, *n));
+        }
+        let skus: BTreeSet<Sku> = units.into_keys().collect();
         self.top_up(ctx, Some(&skus), now);
     }
 
@@ -377,9 +392,26 @@ impl Rights {
         }
     }
 
-    /// A terminal low on an item (below `ASK_BELOW_TARGET_PCT` of its allocation target) asks
-    /// the best holder it reaches for the difference: the pool when it holds any, else the
-    /// terminal holding most.
+    /// Units of `sku` this terminal will sell in the next `ASK_LEAD_MS` at its rate over the
+    /// last `RATE_WINDOW_MS`.
+    fn demand_soon(&mut self, sku: &Sku, now: u64) -> i64 {
+        let Some(q) = self.sold.get_mut(sku) else {
+            return 0;
+        };
+        while q
+            .front()
+            .is_some_and(|(t, _)| now.saturating_sub(*t) > RATE_WINDOW_MS)
+        {
+            q.pop_front();
+        }
+        let units: u64 = q.iter().map(|(_, n)| *n).fold(0, u64::saturating_add);
+        let soon = u128::from(units) * u128::from(ASK_LEAD_MS) / u128::from(RATE_WINDOW_MS);
+        i64::try_from(soon).unwrap_or(i64::MAX)
+    }
+
+    /// A terminal low on an item (below `ASK_BELOW_TARGET_PCT` of its allocation target, or
+    /// about to sell out at its own rate) asks the best holder it reaches for the difference:
+    /// the pool when it holds any, else the terminal holding most.
     fn top_up(&mut self, ctx: &mut Ctx<'_>, only: Option<&BTreeSet<Sku>>, now: u64) {
         if !ctx.cfg.auto_rights || ctx.ledger.role() != Some(Role::Terminal) {
             return;
@@ -406,9 +438,11 @@ impl Rights {
                 .copied()
                 .unwrap_or(0);
             let have = ctx.ledger.rights(me, &sku);
-            if target <= 0
-                || have.saturating_mul(100) >= target.saturating_mul(ASK_BELOW_TARGET_PCT)
-            {
+            let soon = self.demand_soon(&sku, now);
+            let low = target > 0
+                && have.saturating_mul(100) < target.saturating_mul(ASK_BELOW_TARGET_PCT);
+            let running_out = soon > 0 && have < soon;
+            if !low && !running_out {
                 continue;
             }
             let holder = ctx
@@ -420,7 +454,10 @@ impl Rights {
             if r <= 1 {
                 continue;
             }
-            let want = target.saturating_sub(have).max(1) as u64;
+            let want = target
+                .max(soon.saturating_mul(2))
+                .saturating_sub(have)
+                .max(1) as u64;
             if let Some(peer) = ctx.peers.get_mut(&p) {
                 peer.sync.request_rights(sku.clone(), want, false);
                 ctx.stats.rights_requests_sent += 1;

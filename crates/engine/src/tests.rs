@@ -473,3 +473,24 @@ fn an_item_marked_off_anywhere_is_refused_everywhere_until_it_is_back() {
     }
     assert!(s.engines[1].ledger().is_marked_off(&sku("soda")));
 }
+
+#[test]
+fn a_busy_terminal_asks_before_its_rate_runs_it_dry() {
+    // Terminal 1 holds 100 of the stand's 220 sodas, the others 40 each: every target is 55,
+    // so by the target rule alone terminal 1 would ask only below 14 (25 % of 55).
+    let mut s = stand(0, &[100, 40, 40, 40], quiet());
+    let mut asked_at = None;
+    for i in 0..19u64 {
+        // A queue: five sodas a second.
+        s.sell(1, 100 + i, 5);
+        s.pump();
+        if asked_at.is_none() && s.engines[1].stats().rights_requests_sent > 0 {
+            asked_at = Some(s.rights(1));
+        }
+        s.run_until(T0 + (i + 1) * 1_000);
+    }
+    // At that rate it sells out within `ASK_LEAD_MS` once it holds under a quarter of a
+    // minute's sales: it asked while still above the target rule's threshold.
+    let at = asked_at.expect("the busy terminal never asked");
+    assert!(at >= 14, "asked only at {at} left");
+}

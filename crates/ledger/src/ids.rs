@@ -47,14 +47,15 @@ macro_rules! text_id {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        // Shared text: identifiers are cloned into many map keys, and a clone is a count.
+        pub struct $name(std::sync::Arc<str>);
 
         impl $name {
             /// Validate and wrap.
             pub fn new(s: impl Into<String>) -> Result<Self, InvalidId> {
                 let s = s.into();
                 check($kind, &s)?;
-                Ok(Self(s))
+                Ok(Self(s.into()))
             }
             /// The text form.
             pub fn as_str(&self) -> &str {
@@ -69,7 +70,7 @@ macro_rules! text_id {
         }
         impl From<$name> for String {
             fn from(v: $name) -> String {
-                v.0
+                v.0.to_string()
             }
         }
         impl std::str::FromStr for $name {

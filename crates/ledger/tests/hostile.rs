@@ -147,6 +147,32 @@ fn a_corrupted_signature_does_not_block_the_genuine_copy() {
     assert_eq!(fresh.heads(), st.pool.heads());
 }
 
+#[test]
+fn a_shared_signature_memo_vouches_only_for_the_exact_bytes_and_signature() {
+    let memo = SignatureMemo::default();
+    let mut st = stand(Policy::Strict, 2, 100, 10);
+    st.pool.share_signature_memo(memo.clone());
+    st.terminals[1].share_signature_memo(memo.clone());
+    let c1 = sell(&mut st.terminals[0], "hotdog", 1, 2_000);
+    // The pool verifies the genuine change and remembers it.
+    assert_eq!(st.pool.apply_remote(vec![c1.clone()], 2_100).accepted.len(), 1);
+    // The other replica sharing the memo is sent a copy with a flipped signature bit, and one
+    // whose bytes were altered under the genuine signature: neither is believed.
+    let mut bad_sig = c1.clone();
+    bad_sig.signature[5] ^= 1;
+    let mut bad_bytes = c1.clone();
+    let last = bad_bytes.bytes.len() - 1;
+    bad_bytes.bytes[last] ^= 1;
+    let t = &mut st.terminals[1];
+    let r = t.apply_remote(vec![bad_sig], 2_100);
+    assert_eq!(rules(&r), ["bad_signature"]);
+    let r = t.apply_remote(vec![bad_bytes], 2_100);
+    assert!(r.accepted.is_empty(), "{r:?}");
+    assert_eq!(r.rejected.len(), 1, "{r:?}");
+    // The genuine copy is accepted there too.
+    assert_eq!(t.apply_remote(vec![c1], 2_100).accepted.len(), 1);
+}
+
 // 3. A reclaimed key cannot mint rights.
 
 /// Strict stand, 2 terminals with 10 of each item; the pool reclaims terminal 0, which has not

@@ -94,7 +94,7 @@ impl World {
         }
         let durable = std::mem::take(&mut n.durable);
         let held = durable.len();
-        let (ledger, report) = Ledger::restore(
+        let (mut ledger, report) = Ledger::restore(
             n.key.clone(),
             self.stand_id.clone(),
             pool_key,
@@ -112,6 +112,7 @@ impl World {
             ));
         }
         add_stats(&mut self.counters.engines_before_restart, n.engine.stats());
+        ledger.share_signature_memo(self.memo.clone());
         n.engine = Engine::new(ledger, self.engine_cfg.clone(), wall);
         n.alive = true;
         n.crashed = false;
@@ -237,7 +238,8 @@ impl World {
             .map_err(|e| violation("enrol", e.to_string()))?;
         self.drain(0);
         let pool_key = self.nodes[0].key.public();
-        let ledger = Ledger::join(key.clone(), self.stand_id.clone(), pool_key);
+        let mut ledger = Ledger::join(key.clone(), self.stand_id.clone(), pool_key);
+        ledger.share_signature_memo(self.memo.clone());
         let customers = ChaCha8Rng::seed_from_u64(self.rng.random());
         let skew = draw_skew(&mut self.skew_rng, self.cfg.clock_skew_ms);
         let now_wall = GAME_START_WALL_MS

@@ -16,7 +16,7 @@ use crate::scenario::{self, Fault};
 use halftime_engine::{Engine, EngineConfig, EngineStats, Event, PlantedBug, SaleOrder, Ticket};
 use halftime_ledger::state::Field;
 use halftime_ledger::{
-    CatalogItem, EventId, Ledger, LedgerBug, OpError, Policy, Refusal, ReplicaId, ReplicaKey, Role, SaleId, SaleLine,
+    CatalogItem, EventId, Ledger, LedgerBug, OpError, Policy, SignatureMemo, Refusal, ReplicaId, ReplicaKey, Role, SaleId, SaleLine,
     SignedChange, Sku, StandId, StandInfo, WireMessage,
 };
 use halftime_ledger::{Payment, PaymentMethod, plan_allocation};
@@ -205,6 +205,9 @@ pub struct World {
     /// Voids made: sale, terminal, item, units.
     acked_voids: Vec<(SaleId, usize, Sku, u64)>,
     rogue: Option<rogue::Rogue>,
+    /// Good signatures, shared by every replica of this stand: each distinct signed change is
+    /// verified once, not once per replica (the same bytes and signature give the same answer).
+    memo: SignatureMemo,
     /// The first sign of a bug that no invariant of the stand would show: a change of an
     /// honest replica rejected, or an operation of a replica's own failing inside its ledger.
     bug_seen: Option<(&'static str, String)>,
@@ -357,6 +360,8 @@ impl World {
             );
         }
         let pool_key = key_for(0).public();
+        let memo = SignatureMemo::default();
+        pool.share_signature_memo(memo.clone());
         let mut nodes = Vec::with_capacity(terminals + 1);
         nodes.push(Node::new(
             key_for(0),
@@ -367,6 +372,7 @@ impl World {
         for (i, skew) in skews.iter().enumerate().skip(1) {
             let wall = t0.saturating_add_signed(*skew);
             let mut l = Ledger::join(key_for(i), stand_id.clone(), pool_key);
+            l.share_signature_memo(memo.clone());
             let r = l.apply_remote(setup.clone(), wall);
             if !r.rejected.is_empty() {
                 return Err(violation(
@@ -443,6 +449,7 @@ impl World {
             voids: BTreeMap::new(),
             acked_voids: Vec::new(),
             rogue,
+            memo,
             bug_seen: None,
             next_doc_check: 0,
             lost_at: Vec::new(),

@@ -210,6 +210,29 @@ pub struct Ledger {
     last_enrolled: Option<[u8; 32]>,
     #[cfg(feature = "planted-bugs")]
     planted: Option<LedgerBug>,
+    memo: Option<SignatureMemo>,
+}
+
+/// Signatures found good, shared by the replicas of one process that receive the same changes
+/// (the simulator's stand): the same bytes with the same signature verify the same way every
+/// time, so each pair is checked once. Keyed by a digest of the exact bytes and the signature;
+/// a copy that differs in either is verified on its own.
+#[derive(Debug, Clone, Default)]
+pub struct SignatureMemo(std::sync::Arc<std::sync::Mutex<HashSet<([u8; 32], [u8; 64])>>>);
+
+impl SignatureMemo {
+    pub(crate) fn key(bytes: &[u8], signature: [u8; 64]) -> ([u8; 32], [u8; 64]) {
+        use sha2::Digest as _;
+        (sha2::Sha256::digest(bytes).into(), signature)
+    }
+    pub(crate) fn contains(&self, key: &([u8; 32], [u8; 64])) -> bool {
+        self.0.lock().is_ok_and(|m| m.contains(key))
+    }
+    pub(crate) fn insert(&self, key: ([u8; 32], [u8; 64])) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(key);
+        }
+    }
 }
 
 /// A bug planted on purpose in the ledger, so that the simulator's checks are shown to catch it
@@ -267,7 +290,13 @@ impl Ledger {
             last_enrolled: None,
             #[cfg(feature = "planted-bugs")]
             planted: None,
+            memo: None,
         }
+    }
+
+    /// Share a memo of good signatures with the other replicas of this process.
+    pub fn share_signature_memo(&mut self, memo: SignatureMemo) {
+        self.memo = Some(memo);
     }
 
     /// Plant a bug (the simulator's planted-bug sweeps only).

@@ -139,18 +139,42 @@ impl Ledger {
             let replica = c.key.replica_id();
             self.reject(report, None, None, Rejection::BadSignature { replica });
         }
-        let items: Vec<(PublicKey, &[u8], [u8; 64])> = signed
+        let keys: Vec<Option<([u8; 32], [u8; 64])>> = signed
             .iter()
-            .filter_map(|c| Some((c.key, &c.signed.bytes[..], c.signed.signature_array()?)))
+            .map(|c| {
+                self.memo.as_ref()?;
+                Some(SignatureMemo::key(&c.signed.bytes, c.signed.signature_array()?))
+            })
             .collect();
-        let bad: HashSet<usize> = verify_many(&items).into_iter().collect();
+        let known: Vec<bool> = keys
+            .iter()
+            .map(|k| {
+                k.as_ref()
+                    .is_some_and(|k| self.memo.as_ref().is_some_and(|m| m.contains(k)))
+            })
+            .collect();
+        let check: Vec<usize> = (0..signed.len()).filter(|i| !known[*i]).collect();
+        let items: Vec<(PublicKey, &[u8], [u8; 64])> = check
+            .iter()
+            .filter_map(|i| {
+                let c = &signed[*i];
+                Some((c.key, &c.signed.bytes[..], c.signed.signature_array()?))
+            })
+            .collect();
+        let bad: HashSet<usize> = verify_many(&items)
+            .into_iter()
+            .filter_map(|b| check.get(b).copied())
+            .collect();
         drop(items);
         let mut kept = Vec::with_capacity(signed.len());
-        for (i, c) in signed.into_iter().enumerate() {
+        for ((i, c), key) in signed.into_iter().enumerate().zip(keys) {
             if bad.contains(&i) {
                 let replica = c.key.replica_id();
                 self.reject(report, None, None, Rejection::BadSignature { replica });
             } else {
+                if let (Some(m), Some(k), false) = (&self.memo, key, known[i]) {
+                    m.insert(k);
+                }
                 kept.push(c);
             }
         }
