@@ -78,7 +78,7 @@ mod rights;
 
 use halftime_ledger::sync::{ANTI_ENTROPY_INTERVAL_MS, SyncEvent};
 use halftime_ledger::{
-    ApplyReport, Ledger, OpError, PeerSync, Refusal, ReplicaId, Role, SaleId, SaleLine,
+    Applied, ApplyReport, Ledger, OpError, PeerSync, Refusal, ReplicaId, Role, SaleId, SaleLine,
     SignedChange, VersionVector, WireError, WireMessage,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -185,6 +185,9 @@ pub enum Event {
     /// Received changes the ledger accepted. Store them; they may be made durable lazily
     /// (a group commit): what is lost in a crash is fetched again by the repair.
     Received(Vec<SignedChange>),
+    /// What changes did to the stand (sales, voids, stock moves, marks), already decoded: for
+    /// screens and feeds. A local change's comes once it is durable, a received one's at once.
+    Changed(Vec<Applied>),
     /// A sale is durable: acknowledge it.
     Committed {
         ticket: Ticket,
@@ -261,6 +264,9 @@ impl Engine {
             }
             ledger
         };
+        let mut ledger = ledger;
+        ledger.record_applied();
+        ledger.take_applied();
         let persisted_seq = ledger.local_seq();
         Self {
             rights: rights::Rights::new(now_ms),
@@ -584,6 +590,10 @@ impl Engine {
             }
         }
         self.events.push_back(Event::Received(report.accepted));
+        let applied = self.ledger.take_applied();
+        if !applied.is_empty() {
+            self.events.push_back(Event::Changed(applied));
+        }
     }
 
     /// After any input: held sales that can now commit, or must give up, do.
@@ -621,6 +631,10 @@ impl Ctx<'_> {
         match self.events.back_mut() {
             Some(Event::Persist(v)) => v.push(change),
             _ => self.events.push_back(Event::Persist(vec![change])),
+        }
+        let applied = self.ledger.take_applied();
+        if !applied.is_empty() {
+            self.after_persist.push_back((seq, Event::Changed(applied)));
         }
     }
 }

@@ -5,7 +5,8 @@
 
 use super::*;
 use halftime_ledger::{
-    Allocation, CatalogItem, EventId, Payment, PaymentMethod, Policy, ReplicaKey, Sku, StandId,
+    Allocation, CatalogItem, EventId, Operation, Payment, PaymentMethod, Policy, ReplicaKey, Sku,
+    StandId,
     StandInfo,
 };
 
@@ -344,7 +345,8 @@ fn nothing_leaves_and_nothing_is_acknowledged_before_the_change_is_durable() {
     );
     assert!(e.poll_transmit().is_none(), "no frame before persisted()");
     e.persisted();
-    assert!(matches!(e.poll_event(), Some(Event::Committed { .. })));
+    let after: Vec<Event> = std::iter::from_fn(|| e.poll_event()).collect();
+    assert!(after.iter().any(|e| matches!(e, Event::Committed { .. })), "{after:?}");
     assert!(e.poll_transmit().is_some());
 }
 
@@ -493,4 +495,43 @@ fn a_busy_terminal_asks_before_its_rate_runs_it_dry() {
     // minute's sales: it asked while still above the target rule's threshold.
     let at = asked_at.expect("the busy terminal never asked");
     assert!(at >= 14, "asked only at {at} left");
+}
+
+#[test]
+fn what_a_change_did_comes_decoded_a_local_one_once_durable() {
+    let mut s = stand(10, &[5, 0], quiet());
+    s.sell(1, 1, 2);
+    let drain = |e: &mut Engine| std::iter::from_fn(|| e.poll_event()).collect::<Vec<_>>();
+    let changed = |evs: &[Event]| -> Vec<Applied> {
+        evs.iter()
+            .filter_map(|e| match e {
+                Event::Changed(a) => Some(a.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    };
+    let before = drain(&mut s.engines[1]);
+    assert!(before.iter().any(|e| matches!(e, Event::Persist(_))));
+    assert!(changed(&before).is_empty(), "nothing shown before it is durable");
+    s.engines[1].persisted();
+    let after = changed(&drain(&mut s.engines[1]));
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].author, s.id(1));
+    let Operation::Sale(rec) = &after[0].op else {
+        panic!("{:?}", after[0].op)
+    };
+    assert_eq!(rec.units().get(&sku("soda")), Some(&2));
+    // The receiver sees it at once, decoded by its own ledger.
+    let (from, to, now) = (s.id(1), s.id(2), s.now);
+    while let Some((peer, m)) = s.engines[1].poll_transmit() {
+        if peer == to {
+            s.engines[2].handle_message(from, m, now);
+        }
+    }
+    let got = changed(&drain(&mut s.engines[2]));
+    assert!(
+        got.iter().any(|a| a.author == from && matches!(a.op, Operation::Sale(_))),
+        "{got:?}"
+    );
 }

@@ -3,8 +3,10 @@
 use super::*;
 
 impl Node {
-    /// Registry, live feed and kitchen after changes were applied.
-    pub(super) fn after_change(&mut self, changes: &[SignedChange]) {
+    /// Registry, live feed and kitchen after changes were applied (what each did comes from
+    /// the ledger, decoded once).
+    pub(super) fn after_change(&mut self, applied: &[halftime_ledger::Applied]) {
+        use halftime_ledger::Operation;
         let now = now_ms();
         let before = self.peer_of.len();
         self.refresh_allowlist();
@@ -13,32 +15,31 @@ impl Node {
         }
         let mut skus = BTreeSet::new();
         let mut new_sales = Vec::new();
-        for c in changes {
-            if let Ok(ch) = automerge::Change::try_from(&c.bytes[..]) {
-                if let Ok(m) = halftime_ledger::ChangeMessage::decode(ch.message()) {
-                    match &m.op {
-                        halftime_ledger::Operation::Sale(rec) => {
-                            skus.extend(rec.units().into_keys());
-                            new_sales.push(rec.clone());
-                        }
-                        halftime_ledger::Operation::Void { sale, units } => {
-                            skus.extend(units.keys().cloned());
-                            if let Some(o) = self.orders.iter_mut().find(|o| o.sale_id == *sale) {
-                                o.voided = true;
-                                let _ = self.live.send(LiveEvent::Order { order: o.clone() });
-                            }
-                        }
-                        halftime_ledger::Operation::Restock { units, .. }
-                        | halftime_ledger::Operation::Adjust { units, .. }
-                        | halftime_ledger::Operation::Give { units, .. }
-                        | halftime_ledger::Operation::Reclaim { units, .. } => {
-                            skus.extend(units.keys().cloned())
-                        }
-                        halftime_ledger::Operation::Mark { sku, .. } => {
-                            skus.insert(sku.clone());
-                        }
-                        _ => skus.extend(self.engine.ledger().catalog().keys().cloned()),
+        for a in applied {
+            match &a.op {
+                Operation::Sale(rec) => {
+                    skus.extend(rec.units().into_keys());
+                    new_sales.push(rec.clone());
+                }
+                Operation::Void { sale, units } => {
+                    skus.extend(units.keys().cloned());
+                    if let Some(o) = self.orders.iter_mut().find(|o| o.sale_id == *sale) {
+                        o.voided = true;
+                        let _ = self.live.send(LiveEvent::Order { order: o.clone() });
                     }
+                }
+                Operation::Restock { units, .. }
+                | Operation::Adjust { units, .. }
+                | Operation::Give { units, .. }
+                | Operation::Reclaim { units, .. } => skus.extend(units.keys().cloned()),
+                Operation::Mark { sku, .. } => {
+                    skus.insert(sku.clone());
+                }
+                Operation::Genesis { .. }
+                | Operation::Catalog { .. }
+                | Operation::Enrol { .. }
+                | Operation::Retire { .. } => {
+                    skus.extend(self.engine.ledger().catalog().keys().cloned())
                 }
             }
         }

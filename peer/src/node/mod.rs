@@ -242,6 +242,7 @@ impl Node {
                 match ev {
                     Event::Persist(changes) => local.extend(changes),
                     Event::Received(changes) => self.store_received(&changes),
+                    Event::Changed(applied) => self.after_change(&applied),
                     Event::Committed {
                         ticket,
                         sale_id,
@@ -307,7 +308,6 @@ impl Node {
             // The immediate commit made every received change stored before it durable too.
             self.received_unsynced = None;
             self.engine.persisted();
-            self.after_change(&local);
         }
     }
 
@@ -322,7 +322,6 @@ impl Node {
                 tracing::error!(error = %e, "could not store received changes");
             }
         }
-        self.after_change(changes);
     }
 }
 

@@ -525,6 +525,7 @@ impl World {
                     Event::Received(_) => {
                         self.dirty.insert(node);
                     }
+                    Event::Changed(_) => {}
                     Event::Committed {
                         ticket,
                         sale_id,

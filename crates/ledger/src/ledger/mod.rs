@@ -211,6 +211,20 @@ pub struct Ledger {
     #[cfg(feature = "planted-bugs")]
     planted: Option<LedgerBug>,
     memo: Option<SignatureMemo>,
+    /// When recording: what each change applied since the last `take_applied` was.
+    applied: Option<Vec<Applied>>,
+}
+
+/// A change applied to the state, local or received: who wrote it and what it was (its
+/// message's operation, already decoded and checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The change's author.
+    pub author: ReplicaId,
+    /// Its sequence number.
+    pub seq: u64,
+    /// What it did.
+    pub op: Operation,
 }
 
 /// Signatures found good, shared by the replicas of one process that receive the same changes
@@ -291,7 +305,18 @@ impl Ledger {
             #[cfg(feature = "planted-bugs")]
             planted: None,
             memo: None,
+            applied: None,
         }
+    }
+
+    /// Keep a record of every change applied from now on, for [`Ledger::take_applied`].
+    pub fn record_applied(&mut self) {
+        self.applied.get_or_insert_with(Vec::new);
+    }
+
+    /// The changes applied since the last call, in order (empty unless recording).
+    pub fn take_applied(&mut self) -> Vec<Applied> {
+        self.applied.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Share a memo of good signatures with the other replicas of this process.

@@ -511,7 +511,11 @@ impl Ledger {
                 None => break fresh,
             }
         };
+        let recording = self.applied.take();
+        let memo = self.memo.take();
         *self = fresh;
+        self.applied = recording;
+        self.memo = memo;
         self.careful = false;
         self.pending.trusted = false;
         self.stats = stats;
@@ -525,6 +529,13 @@ impl Ledger {
         seq: u64,
     ) {
         let double_count_void = self.planted(LedgerBug::DoubleCountVoid);
+        if let Some(a) = &mut self.applied {
+            a.push(Applied {
+                author: actor,
+                seq,
+                op: msg.op.clone(),
+            });
+        }
         let st = &mut self.state;
         for (id, o) in fx.objects {
             st.objects.insert(id, o);
