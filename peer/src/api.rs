@@ -3,12 +3,13 @@
 //! | route | what |
 //! | --- | --- |
 //! | `POST /v1/sales` | `{lines:[{sku,qty}], payment:{method,reference}}` → 201 sale, 409 refusal |
+//! | `GET /v1/sales` | this terminal's latest 20 sales, newest first, with order numbers |
 //! | `POST /v1/sales/{id}/void` | void a sale made here |
 //! | `GET /v1/stock` | per item: name, price, available, rights, status, sellable now, marked off |
 //! | `PUT /v1/items/{sku}/availability` | `{available: false}` marks an item off for the stand ("86"), `true` brings it back |
 //! | `GET /v1/live` | server-sent events: stock, order and peer changes |
 //! | `GET /v1/status` | replica, role, policy, peers, pool reachable, repair backlog |
-//! | `GET /v1/orders`, `POST /v1/orders/{id}/done` | the kitchen queue |
+//! | `GET /v1/orders`, `POST /v1/orders/{id}/done`, `.../recall` | the kitchen queue: bump, recall |
 //! | `POST /v1/replicas/{id}/reclaim` | pool: retire a lost replica and take its rights back |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /`, `GET /kitchen` | the POS page and the kitchen page |
@@ -92,7 +93,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(pos_page))
         .route("/kitchen", get(kitchen_page))
-        .route("/v1/sales", post(sell))
+        .route("/v1/sales", post(sell).get(recent_sales))
         .route("/v1/sales/{id}/void", post(void))
         .route("/v1/stock", get(stock))
         .route("/v1/items/{sku}/availability", put(availability))
@@ -100,6 +101,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/live", get(live))
         .route("/v1/orders", get(orders))
         .route("/v1/orders/{id}/done", post(order_done))
+        .route("/v1/orders/{id}/recall", post(order_recall))
         .route("/v1/replicas/{id}/reclaim", post(reclaim))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -202,6 +204,19 @@ async fn order_done(
 ) -> Result<Response, ApiError> {
     let sale = parse_sale(&id)?;
     ask(&st, |tx| Command::OrderDone(sale, tx)).await??;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn recent_sales(State(st): State<AppState>) -> Result<Response, ApiError> {
+    Ok(Json(ask(&st, Command::RecentSales).await?).into_response())
+}
+
+async fn order_recall(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let sale = parse_sale(&id)?;
+    ask(&st, |tx| Command::OrderRecall(sale, tx)).await??;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

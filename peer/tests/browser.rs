@@ -14,7 +14,11 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-const ITEMS: [&str; 2] = ["hotdog=Hot dog:400:100", "soda=Soda:250:60"];
+const ITEMS: [&str; 3] = [
+    "hotdog=Hot dog:400:100",
+    "soda=Soda:250:60",
+    "pretzel=Pretzel:350:12",
+];
 
 /// A binary named by `env`, else found on PATH; a failure that says what to install.
 fn binary(env: &str, name: &str) -> PathBuf {
@@ -91,7 +95,7 @@ async fn browser(driver: &Driver, chromium: &Path, profile: &Path) -> Client {
         "--disable-sync".into(),
         "--disable-dev-shm-usage".into(),
         "--no-proxy-server".into(),
-        "--window-size=1024,640".into(),
+        "--window-size=1024,768".into(),
         format!("--user-data-dir={}", profile.display()),
     ];
     let caps = serde_json::json!({
@@ -138,122 +142,151 @@ async fn click(c: &Client, css: &str, what: &str) {
     .await
 }
 
-async fn scenario(c: &Client, pos: &str, kitchen: &str, shot: &Path) {
-    // The POS page: the item buttons appear with what the stand has left.
+/// Whether the element matching `css` has class `class` (None while there is none).
+async fn has_class(c: &Client, css: &str, class: &str) -> Option<bool> {
+    let classes = attr(c, css, "class").await?;
+    Some(classes.split_whitespace().any(|k| k == class))
+}
+
+async fn wait_class(c: &Client, css: &str, class: &str, want: bool, what: &str) {
+    eventually(15, what, move || async move {
+        (has_class(c, css, class).await? == want).then_some(())
+    })
+    .await
+}
+
+async fn wait_text(c: &Client, css: &str, want: &str, what: &str) -> String {
+    eventually(15, what, move || async move {
+        let t = text(c, css).await?;
+        t.contains(want).then_some(t)
+    })
+    .await
+}
+
+async fn screenshot(c: &Client, name: &str) {
+    let png = c.screenshot().await.unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    std::fs::write(Path::new(env!("CARGO_TARGET_TMPDIR")).join(name), &png).unwrap();
+}
+
+async fn scenario(c: &Client, procs: &mut [Proc]) {
+    let pos: &str = &procs[1].api.clone();
+    let kitchen: &str = &procs[2].api.clone();
+    // The POS page: a button per item with what the stand has left, the till's name on top.
     c.goto(&format!("{pos}/")).await.unwrap();
     const HOTDOG: &str = r#"button.item[data-sku="hotdog"]"#;
+    const SODA: &str = r#"button.item[data-sku="soda"]"#;
+    const PRETZEL: &str = r#"button.item[data-sku="pretzel"]"#;
     let before: i64 = eventually(15, "the hot dog button, sellable", move || async move {
-        let b = c.find(Locator::Css(HOTDOG)).await.ok()?;
-        if !b.is_enabled().await.ok()? {
+        if attr(c, HOTDOG, "aria-disabled").await? != "false" {
             return None;
         }
-        b.find(Locator::Css(".available"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        text(c, &format!("{HOTDOG} .available")).await?.trim().parse().ok()
     })
     .await;
     assert_eq!(before, 100, "the page shows the starting stock");
-    assert!(text(c, HOTDOG).await.unwrap().contains("Hot dog"));
-    assert!(
-        text(c, r#"button.item[data-sku="soda"]"#)
-            .await
-            .unwrap()
-            .contains("Soda")
-    );
+    wait_text(c, "#title", "till0", "the till's name in the header").await;
+    assert!(text(c, PRETZEL).await.unwrap().contains("Pretzel"));
 
-    // Sell one by clicking; the page says so and the count on the button falls by one.
-    click(c, HOTDOG, "clicking the hot dog button").await;
-    let message = eventually(10, "the sale message", move || async move {
-        let class = attr(c, "#message", "class").await?;
-        let t = text(c, "#message").await?;
-        (class.split_whitespace().any(|k| k == "sold") && t.starts_with("Sold Hot dog"))
-            .then_some(t)
+    // A cart of three lines: 2 hot dogs, a soda and a pretzel (added twice, one taken off).
+    click(c, HOTDOG, "adding a hot dog").await;
+    click(c, HOTDOG, "adding a second hot dog").await;
+    click(c, SODA, "adding a soda").await;
+    click(c, PRETZEL, "adding a pretzel").await;
+    click(c, r#".cart-line[data-sku="pretzel"] .inc"#, "one more pretzel").await;
+    wait_text(c, r#".cart-line[data-sku="pretzel"] .qty"#, "2", "two pretzels").await;
+    click(c, r#".cart-line[data-sku="pretzel"] .dec"#, "one pretzel less").await;
+    wait_text(c, r#".cart-line[data-sku="pretzel"] .qty"#, "1", "one pretzel").await;
+    assert_eq!(c.find_all(Locator::Css(".cart-line")).await.unwrap().len(), 3);
+    assert_eq!(
+        text(c, r#".cart-line[data-sku="hotdog"] .qty"#).await.as_deref(),
+        Some("2")
+    );
+    wait_text(c, "#total", "$14.00", "the running total").await;
+    // Cash: $20 tendered, $6.00 change due, one sale with all lines.
+    c.find(Locator::Css("#method"))
+        .await
+        .unwrap()
+        .select_by_value("cash")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#tendered"))
+        .await
+        .unwrap()
+        .send_keys("20")
+        .await
+        .unwrap();
+    wait_text(c, "#change", "Change due $6.00", "the change due").await;
+    click(c, "#charge", "charging").await;
+    let message = wait_text(c, "#message", "Sold till0-001", "the sale message").await;
+    assert!(message.contains("$14.00") && message.contains("change due $6.00"), "{message}");
+    assert_eq!(c.find_all(Locator::Css(".cart-line")).await.unwrap().len(), 0);
+    let recent = get(pos, "/v1/sales").await;
+    assert_eq!(recent[0]["order_no"], "till0-001", "{recent}");
+    assert_eq!(recent[0]["sale"]["lines"].as_array().map(Vec::len), Some(3));
+    let sale_id = recent[0]["sale_id"].as_str().unwrap().to_owned();
+    eventually(10, "the hot dog count to fall by two", move || async move {
+        let n: i64 = text(c, &format!("{HOTDOG} .available")).await?.trim().parse().ok()?;
+        (n == before - 2).then_some(())
     })
     .await;
-    let sale_id = message
-        .rsplit_once('(')
-        .and_then(|(_, r)| r.strip_suffix(')'))
-        .unwrap_or_else(|| panic!("no sale id in the message {message:?}"))
-        .to_owned();
-    let avail = format!("{HOTDOG} .available");
-    let avail: &str = &avail;
-    eventually(
-        10,
-        "the button's count to fall by one",
-        move || async move {
-            (text(c, avail).await?.trim().parse::<i64>().ok()? == before - 1).then_some(())
-        },
-    )
-    .await;
-    // The page agrees with the API.
-    assert_eq!(available(pos, "hotdog").await, Some(before - 1));
-    let png = c.screenshot().await.unwrap();
-    std::fs::write(shot, &png).unwrap();
-    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    assert_eq!(available(pos, "hotdog").await, Some(before - 2));
+    screenshot(c, "browser-pos.png").await;
 
-    // The kitchen page: the order arrives, "done" marks it done, and it stays done on reload.
+    // The kitchen: the ticket by order number, till and item names, and the all-day strip.
     c.goto(&format!("{kitchen}/kitchen")).await.unwrap();
     let order = format!(r#".order[data-sale="{sale_id}"]"#);
     let order: &str = &order;
-    let sale: &str = &sale_id;
-    eventually(
-        15,
-        &format!("order {sale_id} on the kitchen page"),
-        move || async move {
-            let h = text(c, &format!("{order} h3")).await?;
-            let lines = text(c, &format!("{order} ul")).await?;
-            (h == sale && lines.contains("1 × hotdog")).then_some(())
-        },
-    )
-    .await;
-    let classes = attr(c, order, "class").await.unwrap_or_default();
-    assert!(
-        !classes.split_whitespace().any(|k| k == "done"),
-        "a new order is open: {classes}"
-    );
-    click(c, &format!("{order} button"), "clicking done").await;
-    let is_done = move || async move {
-        let class = attr(c, order, "class").await?;
-        class.split_whitespace().any(|k| k == "done").then_some(())
-    };
-    eventually(10, "the order marked done", is_done).await;
+    wait_text(c, &format!("{order} h3"), "till0-001", "the ticket on the kitchen page").await;
+    let lines = text(c, &format!("{order} ul")).await.unwrap();
+    for want in ["2 × Hot dog", "1 × Soda", "1 × Pretzel"] {
+        assert!(lines.contains(want), "{lines}");
+    }
+    assert_eq!(text(c, &format!("{order} .terminal")).await.as_deref(), Some("till0"));
+    assert!(has_class(c, order, "age-new").await.unwrap(), "a fresh ticket");
+    wait_text(c, r#".allday-item[data-sku="hotdog"]"#, "2 × Hot dog", "all-day totals").await;
+    assert_eq!(text(c, "#count").await.as_deref(), Some("1 open"));
+    screenshot(c, "browser-kitchen.png").await;
+    // Bump, then recall it.
+    click(c, &format!("{order} .bump"), "bumping the ticket").await;
+    wait_class(c, order, "done", true, "the ticket bumped").await;
     assert_eq!(text(c, "#count").await.as_deref(), Some("0 open"));
+    assert!(c.find(Locator::Css(".allday-item")).await.is_err(), "nothing left to make");
+    click(c, "#recall", "recalling the last bumped").await;
+    wait_class(c, order, "done", false, "the ticket back").await;
     c.refresh().await.unwrap();
-    eventually(10, "the order still done after a reload", is_done).await;
-    std::fs::write(
-        shot.with_file_name("browser-kitchen.png"),
-        c.screenshot().await.unwrap(),
-    )
-    .unwrap();
+    wait_class(c, order, "done", false, "the ticket still open after a reload").await;
 
-    // The fryer is down: the kitchen 86s the soda on its page; the mark crosses the mesh and
-    // the cashier's page greys the item out without a reload.
+    // The cashier voids the sale (with the manager's confirmation); the ticket is struck.
+    c.goto(&format!("{pos}/")).await.unwrap();
+    let line = format!(r#".recent[data-sale="{sale_id}"]"#);
+    let line: &str = &line;
+    click(c, &format!("{line} button.void"), "voiding the sale").await;
+    wait_class(c, "#confirm", "open", true, "the manager's confirmation").await;
+    click(c, "#confirm-yes", "confirming the void").await;
+    wait_text(c, "#message", "Voided till0-001", "the void message").await;
+    wait_class(c, line, "voided", true, "the sale struck in the list").await;
+    assert_eq!(available(pos, "hotdog").await, Some(before));
+    c.goto(&format!("{kitchen}/kitchen")).await.unwrap();
+    wait_class(c, order, "voided", true, "the ticket struck on the kitchen page").await;
+
+    // The fryer is down: the kitchen 86s the soda; the POS greys it out live and says why.
     const SODA_MENU: &str = r#".menu-item[data-sku="soda"]"#;
     click(c, &format!("{SODA_MENU} button"), "clicking 86 on the soda").await;
-    eventually(10, "the soda marked off on the kitchen page", move || async move {
-        let class = attr(c, SODA_MENU, "class").await?;
-        class.split_whitespace().any(|k| k == "off").then_some(())
-    })
-    .await;
+    wait_class(c, SODA_MENU, "off", true, "the soda marked off on the kitchen page").await;
     c.goto(&format!("{pos}/")).await.unwrap();
-    const SODA: &str = r#"button.item[data-sku="soda"]"#;
     let greyed = move |off: bool| async move {
-        let b = c.find(Locator::Css(SODA)).await.ok()?;
-        let class = b.attr("class").await.ok()??;
-        let is_off = class.split_whitespace().any(|k| k == "off");
-        (is_off == off && b.is_enabled().await.ok()? != off).then_some(())
+        let is_off = has_class(c, SODA, "off").await?;
+        let disabled = attr(c, SODA, "aria-disabled").await? == "true";
+        (is_off == off && disabled == off).then_some(())
     };
     eventually(15, "the soda greyed out on the POS page", move || greyed(true)).await;
+    click(c, SODA, "tapping the 86'd soda").await;
+    wait_text(c, "#message", "Soda is 86'd", "the reason on tap").await;
+    assert_eq!(c.find_all(Locator::Css(".cart-line")).await.unwrap().len(), 0);
     let (status, body) = sell(pos, "soda", 1).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["refusal"]["reason"], "marked_off", "{body}");
-    // Back on from the kitchen's API: the open POS page follows live.
     let res = client()
         .put(format!("{kitchen}/v1/items/soda/availability"))
         .json(&serde_json::json!({ "available": true }))
@@ -262,6 +295,19 @@ async fn scenario(c: &Client, pos: &str, kitchen: &str, shot: &Path) {
         .unwrap();
     assert_eq!(res.status(), 200);
     eventually(15, "the soda sellable again on the open POS page", move || greyed(false)).await;
+
+    // Cut off: the pool goes, then the kitchen; the banner says how the till sells now, and it
+    // still sells within its own stock.
+    assert!(text(c, "#banner").await.unwrap_or_default().is_empty());
+    procs[0].kill9();
+    wait_text(c, "#banner", "Internet down — selling over the stand network", "the mesh banner")
+        .await;
+    procs[2].kill9();
+    wait_text(c, "#banner", "Alone — selling within this till's stock", "the alone banner").await;
+    click(c, HOTDOG, "adding a hot dog offline").await;
+    click(c, "#charge", "charging offline").await;
+    wait_text(c, "#message", "Sold till0-002", "an offline sale").await;
+    screenshot(c, "browser-pos-offline.png").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,7 +318,7 @@ async fn selling_on_the_pos_page_reaches_the_kitchen_page() {
 
     // Pool, one terminal and a kitchen display, each dialling the ones started before it.
     let stand = make_stand(1, true, &ITEMS);
-    let procs = start_chain(&stand, &["pool", "t0", "kitchen"]);
+    let mut procs = start_chain(&stand, &["pool", "t0", "kitchen"]);
     for p in &procs {
         wait_up(p).await;
     }
@@ -302,9 +348,7 @@ async fn selling_on_the_pos_page_reaches_the_kitchen_page() {
     let profile = tempfile::tempdir().unwrap();
     let c = browser(&driver, &chromium, profile.path()).await;
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-pos.png");
-    let outcome = AssertUnwindSafe(scenario(&c, &procs[1].api, &procs[2].api, &shot))
-        .catch_unwind()
-        .await;
+    let outcome = AssertUnwindSafe(scenario(&c, &mut procs)).catch_unwind().await;
     // Close the browser even when an assertion failed, so no Chromium outlives the test.
     let _ = c.close().await;
     drop(driver);

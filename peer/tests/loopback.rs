@@ -63,6 +63,10 @@ async fn a_sale_shows_everywhere_and_in_live_streams() {
     let (code, body) = sell(&procs[1].api, "hotdog", 1_000).await;
     assert_eq!(code, 409);
     assert_eq!(body["refusal"]["reason"], "insufficient_rights");
+    // The terminal's recent sales, with order numbers counted per terminal.
+    let recent = get(&procs[1].api, "/v1/sales").await;
+    assert_eq!(recent.as_array().map(Vec::len), Some(1), "{recent}");
+    assert!(recent[0]["order_no"].as_str().unwrap().ends_with("-001"), "{recent}");
     // (Before the 413 below: a body the server refuses unread closes its connection.)
     // A field this version does not know is refused, not ignored; texts are bounded.
     let post = |body: serde_json::Value| {
@@ -114,7 +118,7 @@ async fn a_sale_shows_everywhere_and_in_live_streams() {
     assert_eq!(get(&procs[1].api, "/v1/stock").await[0]["marked_off"], false);
     // A wrong method is a JSON 405.
     let r = client()
-        .get(format!("{}/v1/sales", procs[1].api))
+        .delete(format!("{}/v1/sales", procs[1].api))
         .send()
         .await
         .unwrap();

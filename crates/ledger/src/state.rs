@@ -133,6 +133,9 @@ pub struct SaleEntry {
     pub record: SaleRecord,
     /// Voided since.
     pub voided: bool,
+    /// Its place among its seller's sales (1 for the first): the same on every replica, since
+    /// a seller's sales are applied in their order.
+    pub ordinal: u32,
 }
 
 /// The materialised state.
@@ -175,6 +178,8 @@ pub struct State {
     pub sales: Vec<SaleEntry>,
     /// Sale id → index in `sales`.
     pub sale_index: HashMap<SaleId, usize>,
+    /// Sales applied per seller.
+    pub sales_by: HashMap<ReplicaId, u32>,
     /// Recent (time, units) per selling replica.
     pub recent: BTreeMap<ReplicaId, VecDeque<(Hlc, u64)>>,
     /// Per sku, the latest "unavailable" and "available again" marks of any replica.

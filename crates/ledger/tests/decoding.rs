@@ -402,3 +402,50 @@ fn a_live_reclaim_is_refused_while_a_reachable_replica_knows_more() {
     assert_eq!(st.pool.rights(dead, &sku("hotdog")), 0);
     assert!(st.pool.is_retired(dead));
 }
+
+#[test]
+fn each_sellers_sales_are_numbered_alike_on_every_replica() {
+    let mut st = stand(Policy::Strict, 2, 100, 10);
+    let mut changes = Vec::new();
+    for (t, n) in [(0usize, 3u64), (1, 2)] {
+        for i in 0..n {
+            if let SaleOutcome::Committed { change, .. } =
+                st.terminals[t].sell(sale_req("hotdog", 1, true), 3_000 + i)
+            {
+                changes.push(change);
+            }
+        }
+    }
+    // A give between sales takes a sequence number but no order number.
+    let to = st.terminals[1].me();
+    changes.push(
+        st.terminals[0]
+            .give(to, BTreeMap::from([(sku("soda"), 1)]), 3_100)
+            .unwrap(),
+    );
+    if let SaleOutcome::Committed { change, .. } =
+        st.terminals[0].sell(sale_req("hotdog", 1, true), 3_200)
+    {
+        changes.push(change);
+    }
+    changes.reverse();
+    let r = st.pool.apply_remote(changes, 4_000);
+    assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+    let ordinals = |l: &Ledger, who: ReplicaId| -> Vec<(u64, u32)> {
+        l.sales()
+            .iter()
+            .filter(|e| e.record.id.replica == who)
+            .map(|e| (e.record.id.seq, e.ordinal))
+            .collect()
+    };
+    let t0 = st.terminals[0].me();
+    assert_eq!(
+        ordinals(&st.pool, t0).iter().map(|(_, o)| *o).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert_eq!(ordinals(&st.pool, t0), ordinals(&st.terminals[0], t0));
+    assert_eq!(
+        ordinals(&st.pool, to).iter().map(|(_, o)| *o).collect::<Vec<_>>(),
+        [1, 2]
+    );
+}

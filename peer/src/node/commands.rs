@@ -108,14 +108,24 @@ impl Node {
                     let _ = reply.send(self.orders.iter().cloned().collect());
                 }
                 Command::OrderDone(sale, reply) => {
-                    let r = match self.orders.iter_mut().find(|o| o.sale_id == sale) {
-                        Some(o) => {
-                            o.done = true;
-                            Ok(())
-                        }
-                        None => Err(ApiError::refused(Refusal::UnknownSale { sale })),
-                    };
-                    let _ = reply.send(r);
+                    let _ = reply.send(self.set_done(sale, true));
+                }
+                Command::OrderRecall(sale, reply) => {
+                    let _ = reply.send(self.set_done(sale, false));
+                }
+                Command::RecentSales(reply) => {
+                    let me = self.engine.ledger().me();
+                    let recent = self
+                        .engine
+                        .ledger()
+                        .sales()
+                        .iter()
+                        .rev()
+                        .filter(|e| e.record.id.replica == me)
+                        .take(RECENT_SALES)
+                        .filter_map(|e| self.sale_view(e.record.id))
+                        .collect();
+                    let _ = reply.send(recent);
                 }
                 Command::Metrics(reply) => {
                     let _ = reply.send(self.metrics_text());
@@ -162,9 +172,35 @@ impl Node {
         })
     }
 
+    fn set_done(&mut self, sale: SaleId, done: bool) -> Result<(), ApiError> {
+        let o = self
+            .orders
+            .iter_mut()
+            .find(|o| o.sale_id == sale)
+            .ok_or_else(|| ApiError::refused(Refusal::UnknownSale { sale }))?;
+        o.done = done;
+        let order = o.clone();
+        let _ = self.live.send(LiveEvent::Order { order });
+        Ok(())
+    }
+
+    /// The seller's name and the sale's short order number (`till1-017`).
+    pub(super) fn order_no(&self, id: SaleId) -> (String, String) {
+        let l = self.engine.ledger();
+        let name = l
+            .replicas()
+            .get(&id.replica)
+            .map_or_else(|| id.replica.to_string(), |i| i.name.clone());
+        let n = l.sale(id).map_or(0, |e| e.ordinal);
+        (format!("{name}-{n:03}"), name)
+    }
+
     pub(super) fn sale_view(&self, id: SaleId) -> Option<SaleView> {
+        let (order_no, terminal) = self.order_no(id);
         self.engine.ledger().sale(id).map(|e| SaleView {
             sale_id: id,
+            order_no,
+            terminal,
             total_cents: e.record.total_cents(),
             sale: e.record.clone(),
             voided: e.voided,
@@ -197,6 +233,12 @@ impl Node {
     pub(super) fn status(&self) -> StatusView {
         StatusView {
             replica: self.engine.ledger().me(),
+            name: self
+                .engine
+                .ledger()
+                .replicas()
+                .get(&self.engine.ledger().me())
+                .map(|i| i.name.clone()),
             peer_id: self.swarm.local_peer_id().to_string(),
             role: self.engine.ledger().role(),
             stand: self.engine.ledger().stand_id().to_string(),

@@ -61,8 +61,24 @@ impl Node {
         if self.orders.iter().any(|o| o.sale_id == rec.id) {
             return;
         }
+        let (order_no, terminal) = self.order_no(rec.id);
+        let catalog = self.engine.ledger().catalog();
+        let items = rec
+            .lines
+            .iter()
+            .map(|l| OrderItem {
+                sku: l.sku.clone(),
+                name: catalog
+                    .get(&l.sku)
+                    .map_or_else(|| l.sku.to_string(), |c| c.name.clone()),
+                qty: l.qty,
+            })
+            .collect();
         let order = OrderView {
             sale_id: rec.id,
+            order_no,
+            terminal,
+            items,
             lines: rec.lines.clone(),
             received_ms: now,
             done: false,

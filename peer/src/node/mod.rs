@@ -51,6 +51,8 @@ pub const REDIAL_INTERVAL_MS: u64 = 2_000;
 pub const MAX_INFLIGHT_PER_PEER: usize = 64;
 /// Orders shown on the kitchen page.
 pub const KITCHEN_QUEUE_LEN: usize = 500;
+/// Sales listed by `GET /v1/sales`.
+pub const RECENT_SALES: usize = 20;
 
 /// Wall-clock milliseconds.
 pub fn now_ms() -> u64 {

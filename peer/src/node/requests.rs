@@ -21,6 +21,10 @@ pub enum Command {
     Reclaim(ReplicaId, oneshot::Sender<Result<ReclaimResult, ApiError>>),
     /// Mark an item unavailable at the stand ("86" it) or available again.
     Mark(Sku, bool, oneshot::Sender<Result<StockRow, ApiError>>),
+    /// This terminal's latest sales, newest first.
+    RecentSales(oneshot::Sender<Vec<SaleView>>),
+    /// Bring a bumped order back to the kitchen queue.
+    OrderRecall(SaleId, oneshot::Sender<Result<(), ApiError>>),
 }
 
 /// The body of `PUT /v1/items/{sku}/availability`.
@@ -71,6 +75,11 @@ pub struct LineInput {
 #[derive(Debug, Clone, Serialize)]
 pub struct SaleView {
     pub sale_id: SaleId,
+    /// Short order number for screens and tickets: the terminal's name and its sale count
+    /// (`till1-017`), the same on every replica.
+    pub order_no: String,
+    /// The selling terminal's name.
+    pub terminal: String,
     pub sale: halftime_ledger::SaleRecord,
     pub total_cents: u64,
     pub voided: bool,
@@ -170,6 +179,8 @@ pub struct StockRow {
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusView {
     pub replica: ReplicaId,
+    /// This replica's name in the stand's registry ("till1"), once enrolled.
+    pub name: Option<String>,
     /// Its libp2p identity.
     pub peer_id: String,
     /// Role, once enrolled.
@@ -192,6 +203,10 @@ pub struct StatusView {
 #[derive(Debug, Clone, Serialize)]
 pub struct OrderView {
     pub sale_id: SaleId,
+    pub order_no: String,
+    pub terminal: String,
+    /// What to make, by item name.
+    pub items: Vec<OrderItem>,
     pub lines: Vec<halftime_ledger::SaleLine>,
     /// When it reached this replica (ms).
     pub received_ms: u64,
@@ -199,6 +214,14 @@ pub struct OrderView {
     pub done: bool,
     /// Voided by the seller.
     pub voided: bool,
+}
+
+/// One line of a kitchen ticket.
+#[derive(Debug, Clone, Serialize)]
+pub struct OrderItem {
+    pub sku: Sku,
+    pub name: String,
+    pub qty: u64,
 }
 
 /// A live event.

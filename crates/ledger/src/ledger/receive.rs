@@ -615,9 +615,12 @@ impl Ledger {
             }
             Operation::Sale(rec) => {
                 st.sale_index.insert(rec.id, st.sales.len());
+                let n = st.sales_by.entry(actor).or_insert(0);
+                *n = n.saturating_add(1);
                 st.sales.push(SaleEntry {
                     record: rec.clone(),
                     voided: false,
+                    ordinal: *n,
                 });
                 let q = st.recent.entry(actor).or_default();
                 q.push_back((rec.at, rec.units().values().sum()));
