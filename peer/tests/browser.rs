@@ -181,7 +181,11 @@ async fn scenario(c: &Client, procs: &mut [Proc]) {
         if attr(c, HOTDOG, "aria-disabled").await? != "false" {
             return None;
         }
-        text(c, &format!("{HOTDOG} .available")).await?.trim().parse().ok()
+        text(c, &format!("{HOTDOG} .available"))
+            .await?
+            .trim()
+            .parse()
+            .ok()
     })
     .await;
     assert_eq!(before, 100, "the page shows the starting stock");
@@ -193,13 +197,40 @@ async fn scenario(c: &Client, procs: &mut [Proc]) {
     click(c, HOTDOG, "adding a second hot dog").await;
     click(c, SODA, "adding a soda").await;
     click(c, PRETZEL, "adding a pretzel").await;
-    click(c, r#".cart-line[data-sku="pretzel"] .inc"#, "one more pretzel").await;
-    wait_text(c, r#".cart-line[data-sku="pretzel"] .qty"#, "2", "two pretzels").await;
-    click(c, r#".cart-line[data-sku="pretzel"] .dec"#, "one pretzel less").await;
-    wait_text(c, r#".cart-line[data-sku="pretzel"] .qty"#, "1", "one pretzel").await;
-    assert_eq!(c.find_all(Locator::Css(".cart-line")).await.unwrap().len(), 3);
+    click(
+        c,
+        r#".cart-line[data-sku="pretzel"] .inc"#,
+        "one more pretzel",
+    )
+    .await;
+    wait_text(
+        c,
+        r#".cart-line[data-sku="pretzel"] .qty"#,
+        "2",
+        "two pretzels",
+    )
+    .await;
+    click(
+        c,
+        r#".cart-line[data-sku="pretzel"] .dec"#,
+        "one pretzel less",
+    )
+    .await;
+    wait_text(
+        c,
+        r#".cart-line[data-sku="pretzel"] .qty"#,
+        "1",
+        "one pretzel",
+    )
+    .await;
     assert_eq!(
-        text(c, r#".cart-line[data-sku="hotdog"] .qty"#).await.as_deref(),
+        c.find_all(Locator::Css(".cart-line")).await.unwrap().len(),
+        3
+    );
+    assert_eq!(
+        text(c, r#".cart-line[data-sku="hotdog"] .qty"#)
+            .await
+            .as_deref(),
         Some("2")
     );
     wait_text(c, "#total", "$14.00", "the running total").await;
@@ -219,14 +250,24 @@ async fn scenario(c: &Client, procs: &mut [Proc]) {
     wait_text(c, "#change", "Change due $6.00", "the change due").await;
     click(c, "#charge", "charging").await;
     let message = wait_text(c, "#message", "Sold till0-001", "the sale message").await;
-    assert!(message.contains("$14.00") && message.contains("change due $6.00"), "{message}");
-    assert_eq!(c.find_all(Locator::Css(".cart-line")).await.unwrap().len(), 0);
+    assert!(
+        message.contains("$14.00") && message.contains("change due $6.00"),
+        "{message}"
+    );
+    assert_eq!(
+        c.find_all(Locator::Css(".cart-line")).await.unwrap().len(),
+        0
+    );
     let recent = get(pos, "/v1/sales").await;
     assert_eq!(recent[0]["order_no"], "till0-001", "{recent}");
     assert_eq!(recent[0]["sale"]["lines"].as_array().map(Vec::len), Some(3));
     let sale_id = recent[0]["sale_id"].as_str().unwrap().to_owned();
     eventually(10, "the hot dog count to fall by two", move || async move {
-        let n: i64 = text(c, &format!("{HOTDOG} .available")).await?.trim().parse().ok()?;
+        let n: i64 = text(c, &format!("{HOTDOG} .available"))
+            .await?
+            .trim()
+            .parse()
+            .ok()?;
         (n == before - 2).then_some(())
     })
     .await;
@@ -237,25 +278,53 @@ async fn scenario(c: &Client, procs: &mut [Proc]) {
     c.goto(&format!("{kitchen}/kitchen")).await.unwrap();
     let order = format!(r#".order[data-sale="{sale_id}"]"#);
     let order: &str = &order;
-    wait_text(c, &format!("{order} h3"), "till0-001", "the ticket on the kitchen page").await;
+    wait_text(
+        c,
+        &format!("{order} h3"),
+        "till0-001",
+        "the ticket on the kitchen page",
+    )
+    .await;
     let lines = text(c, &format!("{order} ul")).await.unwrap();
     for want in ["2 × Hot dog", "1 × Soda", "1 × Pretzel"] {
         assert!(lines.contains(want), "{lines}");
     }
-    assert_eq!(text(c, &format!("{order} .terminal")).await.as_deref(), Some("till0"));
-    assert!(has_class(c, order, "age-new").await.unwrap(), "a fresh ticket");
-    wait_text(c, r#".allday-item[data-sku="hotdog"]"#, "2 × Hot dog", "all-day totals").await;
+    assert_eq!(
+        text(c, &format!("{order} .terminal")).await.as_deref(),
+        Some("till0")
+    );
+    assert!(
+        has_class(c, order, "age-new").await.unwrap(),
+        "a fresh ticket"
+    );
+    wait_text(
+        c,
+        r#".allday-item[data-sku="hotdog"]"#,
+        "2 × Hot dog",
+        "all-day totals",
+    )
+    .await;
     assert_eq!(text(c, "#count").await.as_deref(), Some("1 open"));
     screenshot(c, "browser-kitchen.png").await;
     // Bump, then recall it.
     click(c, &format!("{order} .bump"), "bumping the ticket").await;
     wait_class(c, order, "done", true, "the ticket bumped").await;
     assert_eq!(text(c, "#count").await.as_deref(), Some("0 open"));
-    assert!(c.find(Locator::Css(".allday-item")).await.is_err(), "nothing left to make");
+    assert!(
+        c.find(Locator::Css(".allday-item")).await.is_err(),
+        "nothing left to make"
+    );
     click(c, "#recall", "recalling the last bumped").await;
     wait_class(c, order, "done", false, "the ticket back").await;
     c.refresh().await.unwrap();
-    wait_class(c, order, "done", false, "the ticket still open after a reload").await;
+    wait_class(
+        c,
+        order,
+        "done",
+        false,
+        "the ticket still open after a reload",
+    )
+    .await;
 
     // The cashier voids the sale (with the manager's confirmation); the ticket is struck.
     c.goto(&format!("{pos}/")).await.unwrap();
@@ -268,22 +337,42 @@ async fn scenario(c: &Client, procs: &mut [Proc]) {
     wait_class(c, line, "voided", true, "the sale struck in the list").await;
     assert_eq!(available(pos, "hotdog").await, Some(before));
     c.goto(&format!("{kitchen}/kitchen")).await.unwrap();
-    wait_class(c, order, "voided", true, "the ticket struck on the kitchen page").await;
+    wait_class(
+        c,
+        order,
+        "voided",
+        true,
+        "the ticket struck on the kitchen page",
+    )
+    .await;
 
     // The fryer is down: the kitchen 86s the soda; the POS greys it out live and says why.
     const SODA_MENU: &str = r#".menu-item[data-sku="soda"]"#;
     click(c, &format!("{SODA_MENU} button"), "clicking 86 on the soda").await;
-    wait_class(c, SODA_MENU, "off", true, "the soda marked off on the kitchen page").await;
+    wait_class(
+        c,
+        SODA_MENU,
+        "off",
+        true,
+        "the soda marked off on the kitchen page",
+    )
+    .await;
     c.goto(&format!("{pos}/")).await.unwrap();
     let greyed = move |off: bool| async move {
         let is_off = has_class(c, SODA, "off").await?;
         let disabled = attr(c, SODA, "aria-disabled").await? == "true";
         (is_off == off && disabled == off).then_some(())
     };
-    eventually(15, "the soda greyed out on the POS page", move || greyed(true)).await;
+    eventually(15, "the soda greyed out on the POS page", move || {
+        greyed(true)
+    })
+    .await;
     click(c, SODA, "tapping the 86'd soda").await;
     wait_text(c, "#message", "Soda is 86'd", "the reason on tap").await;
-    assert_eq!(c.find_all(Locator::Css(".cart-line")).await.unwrap().len(), 0);
+    assert_eq!(
+        c.find_all(Locator::Css(".cart-line")).await.unwrap().len(),
+        0
+    );
     let (status, body) = sell(pos, "soda", 1).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["refusal"]["reason"], "marked_off", "{body}");
@@ -294,16 +383,32 @@ async fn scenario(c: &Client, procs: &mut [Proc]) {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    eventually(15, "the soda sellable again on the open POS page", move || greyed(false)).await;
+    eventually(
+        15,
+        "the soda sellable again on the open POS page",
+        move || greyed(false),
+    )
+    .await;
 
     // Cut off: the pool goes, then the kitchen; the banner says how the till sells now, and it
     // still sells within its own stock.
     assert!(text(c, "#banner").await.unwrap_or_default().is_empty());
     procs[0].kill9();
-    wait_text(c, "#banner", "Internet down — selling over the stand network", "the mesh banner")
-        .await;
+    wait_text(
+        c,
+        "#banner",
+        "Internet down — selling over the stand network",
+        "the mesh banner",
+    )
+    .await;
     procs[2].kill9();
-    wait_text(c, "#banner", "Alone — selling within this till's stock", "the alone banner").await;
+    wait_text(
+        c,
+        "#banner",
+        "Alone — selling within this till's stock",
+        "the alone banner",
+    )
+    .await;
     click(c, HOTDOG, "adding a hot dog offline").await;
     click(c, "#charge", "charging offline").await;
     wait_text(c, "#message", "Sold till0-002", "an offline sale").await;
@@ -348,7 +453,9 @@ async fn selling_on_the_pos_page_reaches_the_kitchen_page() {
     let profile = tempfile::tempdir().unwrap();
     let c = browser(&driver, &chromium, profile.path()).await;
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-pos.png");
-    let outcome = AssertUnwindSafe(scenario(&c, &mut procs)).catch_unwind().await;
+    let outcome = AssertUnwindSafe(scenario(&c, &mut procs))
+        .catch_unwind()
+        .await;
     // Close the browser even when an assertion failed, so no Chromium outlives the test.
     let _ = c.close().await;
     drop(driver);

@@ -66,7 +66,10 @@ async fn a_sale_shows_everywhere_and_in_live_streams() {
     // The terminal's recent sales, with order numbers counted per terminal.
     let recent = get(&procs[1].api, "/v1/sales").await;
     assert_eq!(recent.as_array().map(Vec::len), Some(1), "{recent}");
-    assert!(recent[0]["order_no"].as_str().unwrap().ends_with("-001"), "{recent}");
+    assert!(
+        recent[0]["order_no"].as_str().unwrap().ends_with("-001"),
+        "{recent}"
+    );
     // (Before the 413 below: a body the server refuses unread closes its connection.)
     // A field this version does not know is refused, not ignored; texts are bounded.
     let post = |body: serde_json::Value| {
@@ -103,9 +106,12 @@ async fn a_sale_shows_everywhere_and_in_live_streams() {
             .json(&body)
             .send()
     };
-    let r = put("hotdog", serde_json::json!({"available": false, "why": "x"}))
-        .await
-        .unwrap();
+    let r = put(
+        "hotdog",
+        serde_json::json!({"available": false, "why": "x"}),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status().as_u16(), 422);
     let r = put("caviar", serde_json::json!({"available": false}))
         .await
@@ -115,7 +121,10 @@ async fn a_sale_shows_everywhere_and_in_live_streams() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    assert_eq!(get(&procs[1].api, "/v1/stock").await[0]["marked_off"], false);
+    assert_eq!(
+        get(&procs[1].api, "/v1/stock").await[0]["marked_off"],
+        false
+    );
     // A wrong method is a JSON 405.
     let r = client()
         .delete(format!("{}/v1/sales", procs[1].api))

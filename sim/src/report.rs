@@ -285,7 +285,11 @@ impl Report {
                 self.replacement_terminals, self.replacement_sales
             ),
         );
-        row(&mut s, "voids (refunds at the till)", self.voids.to_string());
+        row(
+            &mut s,
+            "voids (refunds at the till)",
+            self.voids.to_string(),
+        );
         if self.rogue_rejections > 0 {
             row(
                 &mut s,

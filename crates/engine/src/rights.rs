@@ -112,7 +112,11 @@ impl Rights {
     /// The stand's rule for one attempt: an item marked unavailable is not sold, whatever
     /// rights are held; otherwise the ledger sells within rights and the policy.
     fn attempt(ctx: &mut Ctx<'_>, order: &SaleOrder, now: u64) -> SaleOutcome {
-        if let Some(l) = order.lines.iter().find(|l| ctx.ledger.is_marked_off(&l.sku)) {
+        if let Some(l) = order
+            .lines
+            .iter()
+            .find(|l| ctx.ledger.is_marked_off(&l.sku))
+        {
             return SaleOutcome::Refused {
                 reason: Refusal::MarkedOff { sku: l.sku.clone() },
             };

@@ -6,8 +6,7 @@
 use super::*;
 use halftime_ledger::{
     Allocation, CatalogItem, EventId, Operation, Payment, PaymentMethod, Policy, ReplicaKey, Sku,
-    StandId,
-    StandInfo,
+    StandId, StandInfo,
 };
 
 const T0: u64 = 1_000_000;
@@ -346,7 +345,10 @@ fn nothing_leaves_and_nothing_is_acknowledged_before_the_change_is_durable() {
     assert!(e.poll_transmit().is_none(), "no frame before persisted()");
     e.persisted();
     let after: Vec<Event> = std::iter::from_fn(|| e.poll_event()).collect();
-    assert!(after.iter().any(|e| matches!(e, Event::Committed { .. })), "{after:?}");
+    assert!(
+        after.iter().any(|e| matches!(e, Event::Committed { .. })),
+        "{after:?}"
+    );
     assert!(e.poll_transmit().is_some());
 }
 
@@ -457,7 +459,11 @@ fn an_item_marked_off_anywhere_is_refused_everywhere_until_it_is_back() {
     s.run_until(T0 + 150);
     s.sell(1, 3, 1);
     s.run_until(T0 + 200);
-    assert!(matches!(s.outcome(3), Some(Event::Committed { .. })), "{:?}", s.outcome(3));
+    assert!(
+        matches!(s.outcome(3), Some(Event::Committed { .. })),
+        "{:?}",
+        s.outcome(3)
+    );
     // A sale held for rights is refused once the item is marked off while it waits.
     s.sell(2, 4, 1);
     s.pump();
@@ -513,7 +519,10 @@ fn what_a_change_did_comes_decoded_a_local_one_once_durable() {
     };
     let before = drain(&mut s.engines[1]);
     assert!(before.iter().any(|e| matches!(e, Event::Persist(_))));
-    assert!(changed(&before).is_empty(), "nothing shown before it is durable");
+    assert!(
+        changed(&before).is_empty(),
+        "nothing shown before it is durable"
+    );
     s.engines[1].persisted();
     let after = changed(&drain(&mut s.engines[1]));
     assert_eq!(after.len(), 1);
@@ -531,7 +540,8 @@ fn what_a_change_did_comes_decoded_a_local_one_once_durable() {
     }
     let got = changed(&drain(&mut s.engines[2]));
     assert!(
-        got.iter().any(|a| a.author == from && matches!(a.op, Operation::Sale(_))),
+        got.iter()
+            .any(|a| a.author == from && matches!(a.op, Operation::Sale(_))),
         "{got:?}"
     );
 }

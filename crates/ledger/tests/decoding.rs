@@ -440,12 +440,18 @@ fn each_sellers_sales_are_numbered_alike_on_every_replica() {
     };
     let t0 = st.terminals[0].me();
     assert_eq!(
-        ordinals(&st.pool, t0).iter().map(|(_, o)| *o).collect::<Vec<_>>(),
+        ordinals(&st.pool, t0)
+            .iter()
+            .map(|(_, o)| *o)
+            .collect::<Vec<_>>(),
         [1, 2, 3, 4]
     );
     assert_eq!(ordinals(&st.pool, t0), ordinals(&st.terminals[0], t0));
     assert_eq!(
-        ordinals(&st.pool, to).iter().map(|(_, o)| *o).collect::<Vec<_>>(),
+        ordinals(&st.pool, to)
+            .iter()
+            .map(|(_, o)| *o)
+            .collect::<Vec<_>>(),
         [1, 2]
     );
 }

@@ -155,7 +155,10 @@ fn a_shared_signature_memo_vouches_only_for_the_exact_bytes_and_signature() {
     st.terminals[1].share_signature_memo(memo.clone());
     let c1 = sell(&mut st.terminals[0], "hotdog", 1, 2_000);
     // The pool verifies the genuine change and remembers it.
-    assert_eq!(st.pool.apply_remote(vec![c1.clone()], 2_100).accepted.len(), 1);
+    assert_eq!(
+        st.pool.apply_remote(vec![c1.clone()], 2_100).accepted.len(),
+        1
+    );
     // The other replica sharing the memo is sent a copy with a flipped signature bit, and one
     // whose bytes were altered under the genuine signature: neither is believed.
     let mut bad_sig = c1.clone();

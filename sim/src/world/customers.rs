@@ -76,7 +76,10 @@ impl World {
                         self.log(|| format!("terminal {t} voids {sale:?} ({sku} x{qty})"));
                         self.counters.voids += 1;
                         *self.truth.entry(sku.clone()).or_insert(0) += qty as i64;
-                        *self.returned.entry((sale.replica, sku.clone())).or_insert(0) += qty;
+                        *self
+                            .returned
+                            .entry((sale.replica, sku.clone()))
+                            .or_insert(0) += qty;
                         self.acked_voids.push((sale, t, sku, qty));
                     }
                     Err(OpError::Refused(r)) => {

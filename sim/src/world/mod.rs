@@ -16,8 +16,8 @@ use crate::scenario::{self, Fault};
 use halftime_engine::{Engine, EngineConfig, EngineStats, Event, PlantedBug, SaleOrder, Ticket};
 use halftime_ledger::state::Field;
 use halftime_ledger::{
-    CatalogItem, EventId, Ledger, LedgerBug, OpError, Policy, SignatureMemo, Refusal, ReplicaId, ReplicaKey, Role, SaleId, SaleLine,
-    SignedChange, Sku, StandId, StandInfo, WireMessage,
+    CatalogItem, EventId, Ledger, LedgerBug, OpError, Policy, Refusal, ReplicaId, ReplicaKey, Role,
+    SaleId, SaleLine, SignatureMemo, SignedChange, Sku, StandId, StandInfo, WireMessage,
 };
 use halftime_ledger::{Payment, PaymentMethod, plan_allocation};
 use rand::{Rng, SeedableRng};

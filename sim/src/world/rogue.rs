@@ -33,7 +33,10 @@ impl Rogue {
         doc.set_actor(self.key.public().actor());
         let hlc = Hlc::at_wall(wall);
         let record = SaleRecord {
-            id: SaleId { replica: me, seq: 1 },
+            id: SaleId {
+                replica: me,
+                seq: 1,
+            },
             at: hlc,
             lines: vec![SaleLine {
                 sku: sku.clone(),
@@ -54,7 +57,9 @@ impl Rogue {
         };
         let mut tx = doc.transaction();
         let write = |tx: &mut automerge::transaction::Transaction<'_>| {
-            let (_, stock) = tx.get(ROOT, STOCK)?.ok_or(automerge::AutomergeError::Fail)?;
+            let (_, stock) = tx
+                .get(ROOT, STOCK)?
+                .ok_or(automerge::AutomergeError::Fail)?;
             let (_, mine) = tx
                 .get(&stock, me.to_string())?
                 .ok_or(automerge::AutomergeError::Fail)?;

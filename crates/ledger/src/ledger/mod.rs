@@ -316,7 +316,10 @@ impl Ledger {
 
     /// The changes applied since the last call, in order (empty unless recording).
     pub fn take_applied(&mut self) -> Vec<Applied> {
-        self.applied.as_mut().map(std::mem::take).unwrap_or_default()
+        self.applied
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Share a memo of good signatures with the other replicas of this process.

@@ -143,7 +143,10 @@ impl Ledger {
             .iter()
             .map(|c| {
                 self.memo.as_ref()?;
-                Some(SignatureMemo::key(&c.signed.bytes, c.signed.signature_array()?))
+                Some(SignatureMemo::key(
+                    &c.signed.bytes,
+                    c.signed.signature_array()?,
+                ))
             })
             .collect();
         let known: Vec<bool> = keys

@@ -152,7 +152,9 @@ impl Ledger {
             _ => {}
         }
         if role == Role::Kitchen && !matches!(msg.op, Operation::Mark { .. }) {
-            return Err(invalid("a kitchen display only marks items unavailable".into()));
+            return Err(invalid(
+                "a kitchen display only marks items unavailable".into(),
+            ));
         }
 
         let mut fx = Effects::default();
