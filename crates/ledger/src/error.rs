@@ -232,7 +232,6 @@ pub enum Refusal {
     /// The item is marked unavailable at the stand.
     #[error("{sku} is marked unavailable at this stand (86'd)")]
     MarkedOff {
-        /// Item.
         sku: Sku,
     },
     /// Not in the catalog.

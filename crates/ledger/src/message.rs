@@ -210,7 +210,6 @@ pub enum Operation {
     /// The item is marked unavailable at the stand ("86'd": the fryer is down) or available
     /// again. Each replica writes its own mark; the latest by hybrid logical clock wins.
     Mark {
-        /// The item.
         sku: Sku,
         /// `false` to mark it unavailable, `true` to bring it back.
         available: bool,
