@@ -231,9 +231,7 @@ pub enum Refusal {
     },
     /// The item is marked unavailable at the stand.
     #[error("{sku} is marked unavailable at this stand (86'd)")]
-    MarkedOff {
-        sku: Sku,
-    },
+    MarkedOff { sku: Sku },
     /// Not in the catalog.
     #[error("unknown sku {sku}")]
     UnknownSku {

@@ -112,9 +112,31 @@ text_id!(
 ///
 /// Short enough to appear in document keys; the full key in `/replicas/<rid>` is what
 /// signatures are checked against, and enrolment refuses a second key with the same id.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ReplicaId([u8; 8]);
+
+/// Hex in human-readable formats (JSON: the API, change messages), the 8 raw bytes in binary
+/// ones (the wire frames), so the hot path never formats or parses hex.
+impl Serialize for ReplicaId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&self.to_string())
+        } else {
+            self.0.serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ReplicaId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            s.parse().map_err(serde::de::Error::custom)
+        } else {
+            <[u8; 8]>::deserialize(d).map(Self)
+        }
+    }
+}
 
 impl ReplicaId {
     /// Derive from a public key.

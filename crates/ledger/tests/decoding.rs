@@ -455,3 +455,24 @@ fn each_sellers_sales_are_numbered_alike_on_every_replica() {
         [1, 2]
     );
 }
+
+#[test]
+fn replica_ids_are_hex_in_json_and_raw_bytes_on_the_wire() {
+    let r = key(10).replica_id();
+    assert_eq!(
+        serde_json::to_string(&r).unwrap(),
+        format!("\"{r}\""),
+        "16 hex digits for people"
+    );
+    let bin = postcard::to_stdvec(&r).unwrap();
+    assert_eq!(bin, r.bytes(), "8 raw bytes on the wire");
+    assert_eq!(postcard::from_bytes::<ReplicaId>(&bin).unwrap(), r);
+    assert_eq!(
+        serde_json::from_str::<ReplicaId>(&format!("\"{r}\"")).unwrap(),
+        r
+    );
+    assert!(serde_json::from_str::<ReplicaId>("\"zz\"").is_err());
+    // A vector keyed by replica: one frame entry is 8 bytes of id and a varint.
+    let v: VersionVector = BTreeMap::from([(r, 5)]);
+    assert_eq!(postcard::to_stdvec(&v).unwrap().len(), 1 + 8 + 1);
+}
