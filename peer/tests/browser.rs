@@ -306,6 +306,25 @@ async fn scenario(c: &Client, procs: &mut [Proc]) {
     .await;
     assert_eq!(text(c, "#count").await.as_deref(), Some("1 open"));
     screenshot(c, "browser-kitchen.png").await;
+    // The same ticket as if it had waited four, then seven minutes: orange, then red.
+    for (minutes, class) in [(4, "age-warn"), (3, "age-late")] {
+        c.execute(
+            "orders.get(arguments[0]).received_ms -= arguments[1] * 60000;",
+            vec![serde_json::json!(sale_id), serde_json::json!(minutes)],
+        )
+        .await
+        .unwrap();
+        wait_class(
+            c,
+            order,
+            class,
+            true,
+            &format!("the ticket turning {class}"),
+        )
+        .await;
+    }
+    let age = text(c, &format!("{order} .age")).await.unwrap();
+    assert!(age.starts_with("7:"), "its age in minutes: {age}");
     // Bump, then recall it.
     click(c, &format!("{order} .bump"), "bumping the ticket").await;
     wait_class(c, order, "done", true, "the ticket bumped").await;
@@ -413,6 +432,21 @@ async fn scenario(c: &Client, procs: &mut [Proc]) {
     click(c, "#charge", "charging offline").await;
     wait_text(c, "#message", "Sold till0-002", "an offline sale").await;
     screenshot(c, "browser-pos-offline.png").await;
+    // A desktop till: "1" adds the first item (the hot dog), Enter charges.
+    c.execute("document.activeElement.blur();", vec![])
+        .await
+        .unwrap();
+    let body = c.find(Locator::Css("body")).await.unwrap();
+    body.send_keys("1").await.unwrap();
+    wait_text(
+        c,
+        r#".cart-line[data-sku="hotdog"] .qty"#,
+        "1",
+        "a hot dog by key",
+    )
+    .await;
+    body.send_keys("\u{e007}").await.unwrap();
+    wait_text(c, "#message", "Sold till0-003", "a sale by keyboard").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
