@@ -221,6 +221,16 @@ impl Stand {
         })
     }
 
+    /// Replica `i` marks the soda available or not.
+    fn mark(&mut self, i: usize, available: bool) {
+        let now = self.now;
+        self.engines[i]
+            .local_op(now, |l, now| {
+                Ok((l.mark(&sku("soda"), available, now)?, ()))
+            })
+            .unwrap();
+    }
+
     fn rights(&self, i: usize) -> i64 {
         self.engines[i].ledger().rights(self.id(i), &sku("soda"))
     }
@@ -432,10 +442,7 @@ fn an_ask_lost_on_the_way_is_sent_again_before_the_deadline() {
 #[test]
 fn an_item_marked_off_anywhere_is_refused_everywhere_until_it_is_back() {
     let mut s = stand(10, &[5, 0], quiet());
-    let now = s.now;
-    s.engines[0]
-        .local_op(now, |l, now| Ok((l.mark(&sku("soda"), false, now)?, ())))
-        .unwrap();
+    s.mark(0, false);
     s.run_until(T0 + 50);
     // Terminal 1 holds rights, terminal 2 would ask: both refuse with the mark's own reason.
     s.sell(1, 1, 1);
@@ -452,10 +459,7 @@ fn an_item_marked_off_anywhere_is_refused_everywhere_until_it_is_back() {
     }
     assert_eq!(s.engines[1].ledger().available(&sku("soda")), 15);
     // Terminal 1 brings the item back, with a later mark: every engine sells it again.
-    let now = s.now;
-    s.engines[1]
-        .local_op(now, |l, now| Ok((l.mark(&sku("soda"), true, now)?, ())))
-        .unwrap();
+    s.mark(1, true);
     s.run_until(T0 + 150);
     s.sell(1, 3, 1);
     s.run_until(T0 + 200);
@@ -468,10 +472,7 @@ fn an_item_marked_off_anywhere_is_refused_everywhere_until_it_is_back() {
     s.sell(2, 4, 1);
     s.pump();
     assert_eq!(s.engines[2].held_sales(), 1);
-    let now = s.now;
-    s.engines[2]
-        .local_op(now, |l, now| Ok((l.mark(&sku("soda"), false, now)?, ())))
-        .unwrap();
+    s.mark(2, false);
     s.run_until(T0 + 300);
     match s.outcome(4) {
         Some(Event::Refused { refusal, .. }) => {
