@@ -121,8 +121,7 @@ struct CompareArgs {
     /// Run this many seeds from `--seed` on and report the totals over them.
     #[arg(long, default_value_t = 1)]
     seeds: u64,
-    /// Compare only the default policy and allocation (strict/proportional) with the central
-    /// baseline.
+    /// Compare only strict/proportional (the defaults) with the central baseline.
     #[arg(long)]
     default_only: bool,
     /// Only this scenario (default: all).

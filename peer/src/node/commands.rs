@@ -2,10 +2,37 @@
 
 use super::*;
 
+/// An answer sent once the batch's durable write is done (with its error, if it failed).
+type Reply = Box<dyn FnOnce(&mut Node, Option<&str>)>;
+
+/// Answer a local operation: a refusal or fault at once; a change only after the batch is
+/// durable, with what `view` reads from the node then.
+fn after_commit<R: 'static, T: 'static>(
+    replies: &mut Vec<Reply>,
+    done: Result<R, OpError>,
+    reply: oneshot::Sender<Result<T, ApiError>>,
+    view: impl FnOnce(&mut Node, R) -> Result<T, ApiError> + 'static,
+) {
+    match done {
+        Ok(r) => replies.push(Box::new(move |n: &mut Node, err| {
+            let _ = reply.send(match err {
+                None => view(n, r),
+                Some(e) => Err(ApiError::unavailable(e)),
+            });
+        })),
+        Err(OpError::Refused(r)) => {
+            let _ = reply.send(Err(ApiError::refused(r)));
+        }
+        Err(e) => {
+            let _ = reply.send(Err(ApiError::internal(e)));
+        }
+    }
+}
+
 impl Node {
     pub(super) fn handle_commands(&mut self, batch: Vec<Command>) {
         let now = now_ms();
-        let mut replies: Vec<Box<dyn FnOnce(&mut Node, Option<&str>)>> = Vec::new();
+        let mut replies: Vec<Reply> = Vec::new();
         for cmd in batch {
             match cmd {
                 Command::Sell(input, reply) => match self.sale_order(input) {
@@ -20,37 +47,20 @@ impl Node {
                     }
                 },
                 Command::Void(sale, reply) => {
-                    match self
+                    let done = self
                         .engine
-                        .local_op(now, |l, now| Ok((l.void(sale, now)?, ())))
-                    {
-                        Ok(()) => {
-                            replies.push(Box::new(move |n: &mut Node, err| {
-                                let _ = match err {
-                                    None => {
-                                        n.metrics.voids += 1;
-                                        reply.send(
-                                            n.sale_view(sale)
-                                                .ok_or_else(|| ApiError::internal("void lost")),
-                                        )
-                                    }
-                                    Some(e) => reply.send(Err(ApiError::unavailable(e))),
-                                };
-                            }));
-                        }
-                        Err(OpError::Refused(r)) => {
-                            let _ = reply.send(Err(ApiError::refused(r)));
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(ApiError::internal(e)));
-                        }
-                    }
+                        .local_op(now, |l, now| Ok((l.void(sale, now)?, ())));
+                    after_commit(&mut replies, done, reply, move |n, ()| {
+                        n.metrics.voids += 1;
+                        n.sale_view(sale)
+                            .ok_or_else(|| ApiError::internal("void lost"))
+                    });
                 }
                 Command::Stock(reply) => {
                     let _ = reply.send(self.stock_rows(None));
                 }
-                Command::Reclaim(replica, reply) => match self.engine.reclaim(replica, now) {
-                    Ok(view) => {
+                Command::Reclaim(replica, reply) => {
+                    let done = self.engine.reclaim(replica, now).map(|view| {
                         let age = view.last_change_at.map(|t| now.saturating_sub(t.wall_ms()));
                         tracing::info!(
                             %replica,
@@ -59,47 +69,26 @@ impl Node {
                             peers_consulted = view.peers_consulted,
                             "reclaimed"
                         );
-                        let result = ReclaimResult {
+                        ReclaimResult {
                             view,
                             last_change_age_ms: age,
-                        };
-                        replies.push(Box::new(move |_: &mut Node, err| {
-                            let _ = match err {
-                                None => reply.send(Ok(result)),
-                                Some(e) => reply.send(Err(ApiError::unavailable(e))),
-                            };
-                        }));
-                    }
-                    Err(OpError::Refused(r)) => {
-                        let _ = reply.send(Err(ApiError::refused(r)));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(ApiError::internal(e)));
-                    }
-                },
+                        }
+                    });
+                    after_commit(&mut replies, done, reply, |_, result| Ok(result));
+                }
                 Command::Mark(sku, available, reply) => {
                     let op = |l: &mut halftime_ledger::Ledger, now| {
                         Ok((l.mark(&sku, available, now)?, ()))
                     };
-                    match self.engine.local_op(now, op) {
-                        Ok(()) => {
-                            tracing::info!(%sku, available, "item availability marked");
-                            replies.push(Box::new(move |n: &mut Node, err| {
-                                let row = n.stock_rows(Some(&BTreeSet::from([sku]))).pop();
-                                let _ = match err {
-                                    None => reply
-                                        .send(row.ok_or_else(|| ApiError::internal("item lost"))),
-                                    Some(e) => reply.send(Err(ApiError::unavailable(e))),
-                                };
-                            }));
-                        }
-                        Err(OpError::Refused(r)) => {
-                            let _ = reply.send(Err(ApiError::refused(r)));
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(ApiError::internal(e)));
-                        }
+                    let done = self.engine.local_op(now, op);
+                    if done.is_ok() {
+                        tracing::info!(%sku, available, "item availability marked");
                     }
+                    after_commit(&mut replies, done, reply, move |n, ()| {
+                        n.stock_rows(Some(&BTreeSet::from([sku])))
+                            .pop()
+                            .ok_or_else(|| ApiError::internal("item lost"))
+                    });
                 }
                 Command::Status(reply) => {
                     let _ = reply.send(self.status());
