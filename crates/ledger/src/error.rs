@@ -312,3 +312,17 @@ pub enum OpError {
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+/// Why a replica may not connect.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotAdmitted {
+    /// Not the pool, and no enrolment of this key has been seen.
+    #[error(
+        "replica {replica} is not enrolled in stand {stand} (as far as this replica has heard \
+         from the pool): enrol its public key on the pool"
+    )]
+    NotEnrolled { replica: ReplicaId, stand: String },
+    /// The pool retired it.
+    #[error("replica {replica} was retired from stand {stand}")]
+    Retired { replica: ReplicaId, stand: String },
+}

@@ -243,6 +243,8 @@ pub enum Role {
     Terminal,
     /// A kitchen display: replicates, never writes stock.
     Kitchen,
+    /// A relay: replicates, validates, stores and passes changes on; writes nothing itself.
+    Relay,
 }
 
 impl Role {
@@ -252,6 +254,7 @@ impl Role {
             Role::Pool => "pool",
             Role::Terminal => "terminal",
             Role::Kitchen => "kitchen",
+            Role::Relay => "relay",
         }
     }
     /// Parse the lowercase name.
@@ -260,6 +263,7 @@ impl Role {
             "pool" => Some(Role::Pool),
             "terminal" => Some(Role::Terminal),
             "kitchen" => Some(Role::Kitchen),
+            "relay" => Some(Role::Relay),
             _ => None,
         }
     }

@@ -63,9 +63,10 @@ pub mod message;
 pub mod signed;
 pub mod state;
 pub mod sync;
+pub mod uplink;
 
 pub use allocation::{GivePlan, plan_allocation};
-pub use error::{OpError, Refusal, Rejection};
+pub use error::{NotAdmitted, OpError, Refusal, Rejection};
 pub use hlc::{Clock, Hlc};
 pub use identity::{KeyError, PublicKey, ReplicaKey};
 pub use ids::{EventId, InvalidId, ReplicaId, Role, SaleId, Sku, StandId};

@@ -520,3 +520,56 @@ fn misbehaviour_is_counted_per_key() {
     st.pool.apply_remote(vec![forged], 2_100);
     assert_eq!(st.pool.stats().misbehaviour(me), 1);
 }
+
+#[test]
+fn a_relay_writes_nothing_is_given_nothing_and_admits_only_members() {
+    let mut st = stand(Policy::Strict, 1, 100, 10);
+    let t0 = 2_000;
+    let mut history = st.setup.clone();
+    history.push(
+        st.pool
+            .enrol(key(40).public(), "kitchen", Role::Kitchen, t0)
+            .unwrap(),
+    );
+    history.push(
+        st.pool
+            .enrol(key(50).public(), "relay", Role::Relay, t0)
+            .unwrap(),
+    );
+    let north = StandId::new("north").unwrap();
+    let mut kitchen = Ledger::join(key(40), north.clone(), key(1).public());
+    kitchen.apply_remote(history.clone(), t0);
+    let mut relay = Ledger::join(key(50), north.clone(), key(1).public());
+    let r = relay.apply_remote(history.clone(), t0);
+    assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+    assert_eq!(relay.role(), Some(Role::Relay));
+
+    // Its own ledger refuses every write, and nobody may give it rights.
+    assert!(relay.mark(&sku("soda"), false, t0).is_err());
+    assert!(matches!(
+        relay.sell(sale_req("soda", 1, true), t0),
+        SaleOutcome::Refused { .. }
+    ));
+    let one = BTreeMap::from([(sku("soda"), 1)]);
+    assert!(st.pool.give(key(50).replica_id(), one, t0).is_err());
+
+    // A change forged under its key is rejected by the rule, not by chance.
+    let mark = kitchen.mark(&sku("soda"), false, 3_000).unwrap();
+    let forged = reforge(&mark, &key(50), |ex| ex.actor_id = key(50).public().actor());
+    let r = st.pool.apply_remote(vec![forged], 3_000);
+    assert_eq!(rules(&r), vec!["invalid_operation"], "{:?}", r.rejected);
+    assert!(r.rejected[0].to_string().contains("a relay writes nothing"));
+
+    // Who may connect: the pool and enrolled, unretired replicas, by the same rule everywhere.
+    assert_eq!(relay.admits(&key(1).public()), Ok(key(1).replica_id()));
+    assert_eq!(relay.admits(&key(10).public()), Ok(key(10).replica_id()));
+    assert!(matches!(
+        relay.admits(&key(99).public()),
+        Err(NotAdmitted::NotEnrolled { .. })
+    ));
+    let retire = st.pool.retire(key(10).replica_id(), 4_000).unwrap();
+    relay.apply_remote(vec![retire], 4_000);
+    let refused = relay.admits(&key(10).public()).unwrap_err();
+    assert!(matches!(refused, NotAdmitted::Retired { .. }));
+    assert!(refused.to_string().contains("retired from stand north"));
+}

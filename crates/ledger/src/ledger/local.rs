@@ -227,7 +227,9 @@ impl Ledger {
         match self.state.replicas.get(&to) {
             None => return Err(Refusal::UnknownReplica { replica: to }.into()),
             Some(i)
-                if i.role == Role::Kitchen || i.retired_at_pool_seq.is_some() || to == self.me =>
+                if !matches!(i.role, Role::Pool | Role::Terminal)
+                    || i.retired_at_pool_seq.is_some()
+                    || to == self.me =>
             {
                 return Err(Refusal::Invalid {
                     why: format!("cannot give to {to}"),

@@ -19,7 +19,7 @@ pub use pending::{
 };
 pub use receive::{MAX_OPS_PER_CHANGE, MAX_TRACKED_KEYS};
 
-use crate::error::{OpError, Refusal, Rejection};
+use crate::error::{NotAdmitted, OpError, Refusal, Rejection};
 use crate::hlc::{Clock, Hlc};
 use crate::identity::{PublicKey, ReplicaKey, verify_many};
 use crate::ids::{ReplicaId, Role, SaleId, Sku, StandId};
@@ -509,6 +509,25 @@ impl Ledger {
             .as_ref()
             .map(|s| s.policy)
             .unwrap_or_default()
+    }
+
+    /// Whether the holder of `key` may connect to this replica: the stand's pool, or a replica
+    /// the pool enrolled and has not retired, as far as this replica has heard. Every
+    /// transport (the stand mesh, the relay's uplink) admits by this one rule.
+    pub fn admits(&self, key: &PublicKey) -> Result<ReplicaId, NotAdmitted> {
+        let replica = key.replica_id();
+        if *key == self.pool_key {
+            return Ok(replica);
+        }
+        let stand = self.stand_id.to_string();
+        match self.state.replicas.get(&replica) {
+            Some(i) if i.key != *key => Err(NotAdmitted::NotEnrolled { replica, stand }),
+            Some(i) if i.retired_at_pool_seq.is_some() => {
+                Err(NotAdmitted::Retired { replica, stand })
+            }
+            Some(_) => Ok(replica),
+            None => Err(NotAdmitted::NotEnrolled { replica, stand }),
+        }
     }
 
     /// Whether a replica is retired.

@@ -143,7 +143,7 @@ impl Ledger {
                 }
             }
             Operation::Give { to, .. } => match self.state.replicas.get(to) {
-                Some(i) if i.role != Role::Kitchen && *to != actor => {}
+                Some(i) if matches!(i.role, Role::Pool | Role::Terminal) && *to != actor => {}
                 _ => return Err(invalid(format!("cannot give to {to}"))),
             },
             Operation::Mark { sku, .. } if !self.state.catalog.contains_key(sku) => {
@@ -155,6 +155,9 @@ impl Ledger {
             return Err(invalid(
                 "a kitchen display only marks items unavailable".into(),
             ));
+        }
+        if role == Role::Relay {
+            return Err(invalid("a relay writes nothing".into()));
         }
 
         let mut fx = Effects::default();
