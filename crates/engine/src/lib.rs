@@ -128,6 +128,11 @@ pub struct EngineConfig {
     /// returns and asking holders for a waiting sale. Off only for the simulator's central
     /// baseline, where the pool decides each online sale.
     pub auto_rights: bool,
+    /// This replica is the centre of a star (the relay): its peers do not reach one another,
+    /// so every change it accepts goes on at once to every other peer it reaches. On a full
+    /// mesh this would cost N² frames per sale; there, only changes whose author is out of
+    /// reach are passed on.
+    pub hub: bool,
     pub planted_bug: Option<PlantedBug>,
 }
 
@@ -137,6 +142,7 @@ impl Default for EngineConfig {
             sync_interval_ms: ANTI_ENTROPY_INTERVAL_MS,
             sale_wait_ms: SALE_WAIT_MS,
             auto_rights: true,
+            hub: false,
             planted_bug: None,
         }
     }
@@ -576,15 +582,16 @@ impl Engine {
         }
         // On a full stand mesh every replica pushes its own changes to everyone; relaying
         // them again would cost N² frames per sale. A change whose author is not connected to
-        // us (a partial partition, a lost device, a repair) goes on to every other peer.
+        // us (a partial partition, a lost device, a repair) goes on to every other peer, and a
+        // hub passes on every change.
         let me = self.ledger.me();
         for ((rid, seq), c) in report.accepted_ids.iter().zip(&report.accepted) {
-            if *rid == me || self.peers.contains_key(rid) {
+            if *rid == me || (!self.cfg.hub && self.peers.contains_key(rid)) {
                 continue;
             }
             self.stats.changes_relayed += 1;
             for (p, peer) in self.peers.iter_mut() {
-                if Some(*p) != from {
+                if Some(*p) != from && p != rid {
                     peer.sync.push(*rid, *seq, c);
                 }
             }

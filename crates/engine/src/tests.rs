@@ -546,3 +546,23 @@ fn what_a_change_did_comes_decoded_a_local_one_once_durable() {
         "{got:?}"
     );
 }
+
+#[test]
+fn a_hub_passes_every_change_on_at_once() {
+    for hub in [false, true] {
+        // Terminals 1 and 2 reach each other only through the pool (a relay's star).
+        let mut s = stand(10, &[5, 5], EngineConfig { hub, ..quiet() });
+        s.cut(1, 2);
+        s.run_until(T0 + 10);
+        s.sell(1, 1, 2);
+        s.run_until(T0 + 50);
+        assert!(matches!(s.outcome(1), Some(Event::Committed { .. })));
+        let seen = s.engines[2].ledger().available(&sku("soda"));
+        if hub {
+            assert_eq!(seen, 18, "the hub passed the sale on within milliseconds");
+            assert_eq!(s.engines[0].stats().changes_relayed, 1);
+        } else {
+            assert_eq!(seen, 20, "without a hub only the vector exchange repairs it");
+        }
+    }
+}
