@@ -190,7 +190,11 @@ pub enum Event {
     Persist(Vec<SignedChange>),
     /// Received changes the ledger accepted. Store them; they may be made durable lazily
     /// (a group commit): what is lost in a crash is fetched again by the repair.
-    Received(Vec<SignedChange>),
+    Received {
+        changes: Vec<SignedChange>,
+        /// Author and sequence number of each, in the same order.
+        ids: Vec<(ReplicaId, u64)>,
+    },
     /// What changes did to the stand (sales, voids, stock moves, marks), already decoded: for
     /// screens and feeds. A local change's comes once it is durable, a received one's at once.
     Changed(Vec<Applied>),
@@ -596,7 +600,10 @@ impl Engine {
                 }
             }
         }
-        self.events.push_back(Event::Received(report.accepted));
+        self.events.push_back(Event::Received {
+            changes: report.accepted,
+            ids: report.accepted_ids,
+        });
         let applied = self.ledger.take_applied();
         if !applied.is_empty() {
             self.events.push_back(Event::Changed(applied));

@@ -562,7 +562,10 @@ fn a_hub_passes_every_change_on_at_once() {
             assert_eq!(seen, 18, "the hub passed the sale on within milliseconds");
             assert_eq!(s.engines[0].stats().changes_relayed, 1);
         } else {
-            assert_eq!(seen, 20, "without a hub only the vector exchange repairs it");
+            assert_eq!(
+                seen, 20,
+                "without a hub only the vector exchange repairs it"
+            );
         }
     }
 }

@@ -72,7 +72,7 @@ pub use identity::{KeyError, PublicKey, ReplicaKey};
 pub use ids::{EventId, InvalidId, ReplicaId, Role, SaleId, Sku, StandId};
 pub use ledger::{Applied, LedgerBug, SignatureMemo};
 pub use ledger::{
-    ApplyReport, Ledger, LedgerStats, MAX_OPS_PER_CHANGE, MAX_PENDING_BYTES,
+    ApplyReport, ChangeInfo, Ledger, LedgerStats, MAX_OPS_PER_CHANGE, MAX_PENDING_BYTES,
     MAX_PENDING_BYTES_PER_AUTHOR, MAX_TRACKED_KEYS, MAX_UNKNOWN_PENDING_BYTES,
     MAX_UNKNOWN_PENDING_BYTES_PER_AUTHOR, ReclaimView, SaleOutcome, SaleRequest, StockStatus,
     VersionVector,

@@ -94,6 +94,15 @@ pub enum PaymentMethod {
     Cash,
 }
 
+impl PaymentMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentMethod::Card => "card",
+            PaymentMethod::Cash => "cash",
+        }
+    }
+}
+
 /// Payment details.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Payment {

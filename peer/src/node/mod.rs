@@ -243,7 +243,7 @@ impl Node {
             while let Some(ev) = self.engine.poll_event() {
                 match ev {
                     Event::Persist(changes) => local.extend(changes),
-                    Event::Received(changes) => self.store_received(&changes),
+                    Event::Received { changes, .. } => self.store_received(&changes),
                     Event::Changed(applied) => self.after_change(&applied),
                     Event::Committed {
                         ticket,

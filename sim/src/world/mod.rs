@@ -522,7 +522,7 @@ impl World {
                         persist = true;
                         self.dirty.insert(node);
                     }
-                    Event::Received(_) => {
+                    Event::Received { .. } => {
                         self.dirty.insert(node);
                     }
                     Event::Changed(_) => {}

@@ -104,6 +104,14 @@ pub struct ApplyReport {
     pub rejected: Vec<Rejection>,
 }
 
+/// A held change's hash, the hashes it depends on, and when it was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeInfo {
+    pub hash: [u8; 32],
+    pub deps: Vec<[u8; 32]>,
+    pub at: Hlc,
+}
+
 /// What a reclaim on a live pool was based on.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ReclaimView {
@@ -419,6 +427,16 @@ impl Ledger {
     /// Sequence number of this replica's latest change (0: none yet).
     pub fn local_seq(&self) -> u64 {
         self.by_actor.get(&self.me).map_or(0, |v| v.len() as u64)
+    }
+    /// What the store of record keeps beside a held change's bytes.
+    pub fn change_info(&self, replica: ReplicaId, seq: u64) -> Option<ChangeInfo> {
+        let i = usize::try_from(seq.checked_sub(1)?).ok()?;
+        let e = &self.log[*self.by_actor.get(&replica)?.get(i)?];
+        Some(ChangeInfo {
+            hash: e.hash.0,
+            deps: e.deps.iter().map(|d| d.0).collect(),
+            at: e.at,
+        })
     }
     /// The current heads.
     pub fn heads(&self) -> Vec<ChangeHash> {

@@ -1,0 +1,415 @@
+//! One task per stand, the relay's driver of that stand's engine (quinn's driver pattern, as
+//! in the terminal daemon): it feeds the engine the frames of every connected replica and
+//! the timer, writes what the engine accepted to the store of record, and only then sends
+//! what the engine wants sent. So a replica never hears the relay acknowledge (by its version
+//! vector, or by passing a change on) anything that is not committed; while the database is
+//! down the stand waits, retrying, and its replicas keep their changes until it is back.
+
+use crate::store::{Batch, ChangeRow, ItemRow, Placement, StandRow, Store, StoreError};
+use halftime_engine::{Engine, EngineConfig, Event};
+use halftime_ledger::{
+    Applied, Ledger, NotAdmitted, Operation, PublicKey, ReplicaId, ReplicaKey, Role, SignedChange,
+    Sku, StandId,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+
+/// Commands queued to one stand.
+pub const STAND_QUEUE_LEN: usize = 4_096;
+/// Commands handled per group commit.
+pub const GROUP_COMMIT_MAX: usize = 512;
+/// Frames queued to one connection before the stand stops giving it more (the engine keeps
+/// the rest, and the vector exchange repairs whatever it drops).
+pub const CONN_QUEUE_LEN: usize = 256;
+/// Wake at least this often (a clock that jumps is noticed).
+pub const TICK_MS: u64 = 200;
+/// First wait before retrying a failed commit; doubles up to [`COMMIT_RETRY_MAX_MS`].
+pub const COMMIT_RETRY_MS: u64 = 100;
+pub const COMMIT_RETRY_MAX_MS: u64 = 5_000;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub enum StandCmd {
+    /// A replica that proved its key wants in; the stand's ledger decides.
+    Connect {
+        key: PublicKey,
+        conn: u64,
+        out: mpsc::Sender<Vec<u8>>,
+        reply: oneshot::Sender<Result<ReplicaId, NotAdmitted>>,
+    },
+    Frame {
+        conn: u64,
+        bytes: Vec<u8>,
+    },
+    /// The connection answered a ping.
+    Heard {
+        conn: u64,
+    },
+    Closed {
+        conn: u64,
+    },
+    View {
+        reply: oneshot::Sender<StandView>,
+    },
+}
+
+impl std::fmt::Debug for StandCmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StandCmd::Connect { conn, .. } => write!(f, "Connect({conn})"),
+            StandCmd::Frame { conn, bytes } => write!(f, "Frame({conn}, {} bytes)", bytes.len()),
+            StandCmd::Heard { conn } => write!(f, "Heard({conn})"),
+            StandCmd::Closed { conn } => write!(f, "Closed({conn})"),
+            StandCmd::View { .. } => write!(f, "View"),
+        }
+    }
+}
+
+/// A stand at a glance, from the relay's replica.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StandView {
+    pub stand: String,
+    pub placement: Placement,
+    pub pool: String,
+    pub member: bool,
+    pub changes: usize,
+    pub connected: Vec<String>,
+    pub frames_rejected: u64,
+    pub changes_rejected: u64,
+    pub commit_failures: u64,
+}
+
+/// The handle other tasks hold.
+#[derive(Debug, Clone)]
+pub struct StandHandle {
+    pub stand: StandId,
+    pub tx: mpsc::Sender<StandCmd>,
+}
+
+struct Conn {
+    replica: ReplicaId,
+    out: mpsc::Sender<Vec<u8>>,
+}
+
+pub struct StandTask {
+    stand: StandId,
+    placement: Placement,
+    engine: Engine,
+    store: Store,
+    conns: BTreeMap<u64, Conn>,
+    by_replica: BTreeMap<ReplicaId, u64>,
+    commit_failures: u64,
+}
+
+impl std::fmt::Debug for StandTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StandTask({})", self.stand)
+    }
+}
+
+/// Load a stand from the store (every stored change, re-checked) and start its task.
+pub async fn start(
+    store: Store,
+    relay_key: ReplicaKey,
+    row: StandRow,
+) -> Result<StandHandle, StoreError> {
+    let t0 = Instant::now();
+    let stored = store.load_changes(&row.stand).await?;
+    let key = match (row.placement, row.pool_secret) {
+        (Placement::Relay, Some(secret)) => ReplicaKey::from_seed(secret),
+        (Placement::Relay, None) => {
+            return Err(StoreError::Invalid(format!(
+                "stand {}: its pool is at the relay but no pool key is stored",
+                row.stand
+            )));
+        }
+        (Placement::Device, _) => relay_key,
+    };
+    let n = stored.len();
+    let (ledger, report) = Ledger::restore(key, row.stand.clone(), row.pool_key, stored, now_ms());
+    if !report.rejected.is_empty() || report.pending > 0 {
+        tracing::error!(
+            stand = %row.stand,
+            rejected = report.rejected.len(),
+            pending = report.pending,
+            "stored changes did not all replay; the store of record needs checking"
+        );
+    }
+    tracing::info!(
+        stand = %row.stand,
+        changes = n,
+        placement = ?row.placement,
+        ms = t0.elapsed().as_millis() as u64,
+        "stand loaded"
+    );
+    let cfg = EngineConfig {
+        hub: true,
+        ..EngineConfig::default()
+    };
+    let task = StandTask {
+        stand: row.stand.clone(),
+        placement: row.placement,
+        engine: Engine::new(ledger, cfg, now_ms()),
+        store,
+        conns: BTreeMap::new(),
+        by_replica: BTreeMap::new(),
+        commit_failures: 0,
+    };
+    let (tx, rx) = mpsc::channel(STAND_QUEUE_LEN);
+    tokio::spawn(task.run(rx));
+    Ok(StandHandle {
+        stand: row.stand,
+        tx,
+    })
+}
+
+impl StandTask {
+    async fn run(mut self, mut rx: mpsc::Receiver<StandCmd>) {
+        loop {
+            let wake = self.engine.poll_timeout();
+            let wait = Duration::from_millis(wake.saturating_sub(now_ms()).min(TICK_MS));
+            tokio::select! {
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    self.handle(cmd);
+                    let mut n = 1;
+                    while n < GROUP_COMMIT_MAX {
+                        match rx.try_recv() {
+                            Ok(c) => self.handle(c),
+                            Err(_) => break,
+                        }
+                        n += 1;
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let now = now_ms();
+            if self.engine.poll_timeout() <= now {
+                self.engine.handle_timeout(now);
+            }
+            self.commit().await;
+            self.flush();
+        }
+        tracing::info!(stand = %self.stand, "stand stopped");
+    }
+
+    fn handle(&mut self, cmd: StandCmd) {
+        let now = now_ms();
+        match cmd {
+            StandCmd::Connect {
+                key,
+                conn,
+                out,
+                reply,
+            } => {
+                let admitted = self.engine.ledger().admits(&key);
+                if let Ok(replica) = admitted {
+                    // A replica that reconnects replaces its old connection.
+                    if let Some(old) = self.by_replica.insert(replica, conn) {
+                        self.conns.remove(&old);
+                        self.engine.peer_down(replica, now);
+                    }
+                    self.conns.insert(conn, Conn { replica, out });
+                    self.engine.peer_up(replica, now);
+                    tracing::info!(stand = %self.stand, %replica, "replica connected");
+                }
+                let _ = reply.send(admitted);
+            }
+            StandCmd::Frame { conn, bytes } => {
+                let Some(c) = self.conns.get(&conn) else {
+                    return;
+                };
+                let replica = c.replica;
+                if let Err(e) = self.engine.handle_frame(replica, &bytes, now) {
+                    tracing::warn!(stand = %self.stand, %replica, error = %e, "rejected a frame");
+                }
+            }
+            StandCmd::Heard { conn } => {
+                if let Some(c) = self.conns.get(&conn) {
+                    self.engine.heard(c.replica, now);
+                }
+            }
+            StandCmd::Closed { conn } => {
+                if let Some(c) = self.conns.remove(&conn) {
+                    if self.by_replica.get(&c.replica) == Some(&conn) {
+                        self.by_replica.remove(&c.replica);
+                        self.engine.peer_down(c.replica, now);
+                        tracing::info!(stand = %self.stand, replica = %c.replica, "replica disconnected");
+                    }
+                }
+            }
+            StandCmd::View { reply } => {
+                let _ = reply.send(self.view());
+            }
+        }
+    }
+
+    fn view(&self) -> StandView {
+        let l = self.engine.ledger();
+        let s = self.engine.stats();
+        StandView {
+            stand: self.stand.to_string(),
+            placement: self.placement,
+            pool: l.pool().to_string(),
+            member: l.role().is_some(),
+            changes: l.len(),
+            connected: self.by_replica.keys().map(ToString::to_string).collect(),
+            frames_rejected: s.frames_rejected,
+            changes_rejected: s.changes_rejected,
+            commit_failures: self.commit_failures,
+        }
+    }
+
+    /// Write everything the engine accepted or made, then let go of what waited on it.
+    async fn commit(&mut self) {
+        loop {
+            let mut batch = Batch::default();
+            let mut local: Vec<SignedChange> = Vec::new();
+            let mut applied: Vec<Applied> = Vec::new();
+            while let Some(ev) = self.engine.poll_event() {
+                match ev {
+                    Event::Persist(changes) => local.extend(changes),
+                    Event::Received { changes, ids } => {
+                        for (change, (actor, seq)) in changes.into_iter().zip(ids) {
+                            self.push_row(&mut batch, actor, seq, change);
+                        }
+                    }
+                    Event::Changed(a) => applied.extend(a),
+                    Event::Rejected { from, rejections } => {
+                        let who = from.map_or_else(|| "unknown".to_owned(), |r| r.to_string());
+                        for r in &rejections {
+                            tracing::warn!(stand = %self.stand, from = %who, rule = r.rule(), error = %r, "rejected a change");
+                            *batch.rejections.entry((who.clone(), r.rule())).or_insert(0) += 1;
+                        }
+                    }
+                    Event::PeerGone(replica) => {
+                        if let Some(conn) = self.by_replica.remove(&replica) {
+                            tracing::info!(stand = %self.stand, %replica, "replica silent; dropping it");
+                            self.conns.remove(&conn);
+                        }
+                    }
+                    Event::Fault(why) => {
+                        tracing::error!(stand = %self.stand, %why, "an operation of the relay's own failed");
+                    }
+                    Event::Committed { .. } | Event::Refused { .. } => {}
+                }
+            }
+            let me = self.engine.ledger().me();
+            let last = self.engine.ledger().local_seq();
+            let first = last.saturating_sub(local.len() as u64) + 1;
+            for (change, seq) in local.iter().cloned().zip(first..) {
+                self.push_row(&mut batch, me, seq, change);
+            }
+            self.project(&mut batch, &applied);
+            if batch.is_empty() {
+                return;
+            }
+            let mut backoff = COMMIT_RETRY_MS;
+            loop {
+                match self.store.commit(&self.stand, &batch, now_ms()).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        self.commit_failures += 1;
+                        tracing::error!(stand = %self.stand, error = %e, retry_ms = backoff,
+                            "could not commit to the store of record; holding every acknowledgement until it works");
+                        tokio::time::sleep(Duration::from_millis(backoff)).await;
+                        backoff = (backoff * 2).min(COMMIT_RETRY_MAX_MS);
+                    }
+                }
+            }
+            if local.is_empty() {
+                return;
+            }
+            // Our own changes are durable: the engine releases what waited on them, which
+            // may include their decoded effects for the projections (another turn).
+            self.engine.persisted();
+        }
+    }
+
+    fn push_row(&self, batch: &mut Batch, actor: ReplicaId, seq: u64, change: SignedChange) {
+        match self.engine.ledger().change_info(actor, seq) {
+            Some(info) => batch.changes.push(ChangeRow {
+                actor,
+                seq,
+                info,
+                change,
+            }),
+            None => {
+                tracing::error!(stand = %self.stand, %actor, seq, "an accepted change is not held")
+            }
+        }
+    }
+
+    /// The projections' rows that `applied` moved: every touched item, its rights per
+    /// replica, new sales and voids.
+    fn project(&self, batch: &mut Batch, applied: &[Applied]) {
+        let l = self.engine.ledger();
+        let mut touched: BTreeSet<Sku> = BTreeSet::new();
+        for a in applied {
+            match &a.op {
+                Operation::Sale(rec) => {
+                    touched.extend(rec.lines.iter().map(|x| x.sku.clone()));
+                    batch.sales.push(rec.clone());
+                }
+                Operation::Void { sale, units } => {
+                    touched.extend(units.keys().cloned());
+                    batch.voids.push(*sale);
+                }
+                Operation::Restock { units, .. }
+                | Operation::Adjust { units, .. }
+                | Operation::Give { units, .. }
+                | Operation::Reclaim { units, .. } => touched.extend(units.keys().cloned()),
+                Operation::Mark { sku, .. } => {
+                    touched.insert(sku.clone());
+                }
+                Operation::Catalog { items } => touched.extend(items.iter().map(|i| i.sku.clone())),
+                Operation::Genesis { .. } | Operation::Enrol { .. } | Operation::Retire { .. } => {}
+            }
+        }
+        let holders: Vec<ReplicaId> = std::iter::once(l.pool())
+            .chain(
+                l.replicas()
+                    .iter()
+                    .filter(|(_, i)| i.role == Role::Terminal)
+                    .map(|(r, _)| *r),
+            )
+            .collect();
+        for sku in touched {
+            let Some(item) = l.catalog().get(&sku) else {
+                continue;
+            };
+            batch.items.push(ItemRow {
+                name: item.name.clone(),
+                price_cents: i64::try_from(item.price_cents).unwrap_or(i64::MAX),
+                total_in: i64::try_from(l.total_in(&sku)).unwrap_or(i64::MAX),
+                available: l.available(&sku),
+                marked_off: l.is_marked_off(&sku),
+                sku: sku.clone(),
+            });
+            for r in &holders {
+                batch.rights.push((sku.clone(), *r, l.rights(*r, &sku)));
+            }
+        }
+    }
+
+    /// Hand each connection what the engine has for it, within its queue.
+    fn flush(&mut self) {
+        let stand = self.stand.clone();
+        for c in self.conns.values() {
+            while c.out.capacity() > 0 {
+                let Some(m) = self.engine.poll_transmit_to(c.replica) else {
+                    break;
+                };
+                if c.out.try_send(m.encode(&stand)).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}

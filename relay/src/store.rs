@@ -1,0 +1,590 @@
+//! The store of record, one sqlx code path for Postgres (production) and a SQLite file (the
+//! zero-setup default): the append-only `changes` table, the projections the admin API reads,
+//! the stands served, the relay's key and the admin tokens. Every accepted change and the
+//! projections it moves are written in one transaction; nothing is acknowledged to a replica
+//! before that transaction has committed.
+
+use halftime_ledger::{
+    ChangeInfo, PublicKey, ReplicaId, ReplicaKey, SaleId, SaleRecord, SignedChange, Sku, StandId,
+};
+use sha2::Digest as _;
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Row};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+static POSTGRES: Migrator = sqlx::migrate!("./migrations/postgres");
+static SQLITE: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Rows per INSERT statement when appending changes (10 values each).
+pub const INSERT_CHUNK: usize = 50;
+/// Connections to Postgres.
+pub const PG_CONNECTIONS: u32 = 8;
+/// A connection not had within this is an error (a dead database is reported, not waited on).
+pub const ACQUIRE_TIMEOUT_MS: u64 = 5_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Invalid(String),
+    /// Two different changes with one author and sequence number: never stored.
+    #[error("stand {stand}: replica {actor} change {seq} differs from the one stored (a fork)")]
+    Fork {
+        stand: String,
+        actor: ReplicaId,
+        seq: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// Where a stand's pool signs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// At the relay, which holds the pool's key.
+    Relay,
+    /// On a stand device; the relay is an enrolled replica.
+    Device,
+}
+
+impl Placement {
+    fn as_str(self) -> &'static str {
+        match self {
+            Placement::Relay => "relay",
+            Placement::Device => "device",
+        }
+    }
+}
+
+/// A stand the relay serves.
+#[derive(Debug, Clone)]
+pub struct StandRow {
+    pub stand: StandId,
+    pub pool_key: PublicKey,
+    pub placement: Placement,
+    /// The pool's secret key when the pool is at the relay.
+    pub pool_secret: Option<[u8; 32]>,
+}
+
+/// An accepted change as the store of record keeps it.
+#[derive(Debug, Clone)]
+pub struct ChangeRow {
+    pub actor: ReplicaId,
+    pub seq: u64,
+    pub info: ChangeInfo,
+    pub change: SignedChange,
+}
+
+/// An item's line in the stock projection.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ItemRow {
+    pub sku: Sku,
+    pub name: String,
+    pub price_cents: i64,
+    pub total_in: i64,
+    pub available: i64,
+    pub marked_off: bool,
+}
+
+/// What one turn of a stand writes, in one transaction.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub changes: Vec<ChangeRow>,
+    pub items: Vec<ItemRow>,
+    /// Rights per (sku, replica).
+    pub rights: Vec<(Sku, ReplicaId, i64)>,
+    pub sales: Vec<SaleRecord>,
+    pub voids: Vec<SaleId>,
+    /// Rejected changes per (signing replica or "unknown", rule).
+    pub rejections: BTreeMap<(String, &'static str), u64>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+            && self.items.is_empty()
+            && self.rights.is_empty()
+            && self.sales.is_empty()
+            && self.voids.is_empty()
+            && self.rejections.is_empty()
+    }
+}
+
+/// An admin's role, weakest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminRole {
+    Viewer,
+    Manager,
+    Admin,
+}
+
+impl AdminRole {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "viewer" => Some(Self::Viewer),
+            "manager" => Some(Self::Manager),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Manager => "manager",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// A sale as the projection holds it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SaleRow {
+    pub sale_id: String,
+    pub replica: String,
+    pub at_ms: i64,
+    pub lines: serde_json::Value,
+    pub units: i64,
+    pub total_cents: i64,
+    pub method: String,
+    pub offline: bool,
+    pub voided: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+fn hash_token(token: &str) -> String {
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+fn i64_of(n: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(n).map_err(|_| StoreError::Invalid(format!("{what} {n} out of range")))
+}
+
+impl Store {
+    /// Connect (creating a SQLite file when missing) and bring the schema up to date.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        install_default_drivers();
+        let (backend, url) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Backend::Postgres, url.to_owned())
+        } else if let Some(rest) = url.strip_prefix("sqlite:") {
+            let sep = if rest.contains('?') { '&' } else { '?' };
+            let url = if rest.contains("mode=") {
+                url.to_owned()
+            } else {
+                format!("{url}{sep}mode=rwc")
+            };
+            (Backend::Sqlite, url)
+        } else {
+            return Err(StoreError::Invalid(format!(
+                "database URL {url:?}: expected postgres://… or sqlite:PATH"
+            )));
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(match backend {
+                Backend::Postgres => PG_CONNECTIONS,
+                // One writer at a time is all SQLite does; a second connection only waits.
+                Backend::Sqlite => 1,
+            })
+            .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+            .connect(&url)
+            .await?;
+        match backend {
+            Backend::Postgres => POSTGRES.run(&pool).await?,
+            Backend::Sqlite => SQLITE.run(&pool).await?,
+        }
+        Ok(Self { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The relay's own key, made on first use and shared by every instance on this database.
+    pub async fn relay_key(&self) -> Result<ReplicaKey, StoreError> {
+        let mut seed = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut seed);
+        sqlx::query(
+            "INSERT INTO settings (name, value) VALUES ('relay_key', $1) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(seed.to_vec())
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT value FROM settings WHERE name = 'relay_key'")
+            .fetch_one(&self.pool)
+            .await?;
+        let v: Vec<u8> = row.try_get(0)?;
+        let seed: [u8; 32] = v
+            .try_into()
+            .map_err(|_| StoreError::Invalid("stored relay key is not 32 bytes".into()))?;
+        Ok(ReplicaKey::from_seed(seed))
+    }
+
+    /// Serve a stand from now on (idempotent for the same pool key).
+    pub async fn add_stand(&self, s: &StandRow, now_ms: u64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO stands (stand, pool_key, placement, pool_secret, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (stand) DO NOTHING",
+        )
+        .bind(s.stand.as_str())
+        .bind(s.pool_key.to_string())
+        .bind(s.placement.as_str())
+        .bind(s.pool_secret.map(|k| k.to_vec()))
+        .bind(i64_of(now_ms, "time")?)
+        .execute(&self.pool)
+        .await?;
+        let stored = self.stand(&s.stand).await?;
+        match stored {
+            Some(r) if r.pool_key == s.pool_key => Ok(()),
+            Some(r) => Err(StoreError::Invalid(format!(
+                "stand {} is already served with pool key {}",
+                s.stand, r.pool_key
+            ))),
+            None => Err(StoreError::Invalid(format!("stand {} not stored", s.stand))),
+        }
+    }
+
+    pub async fn stand(&self, stand: &StandId) -> Result<Option<StandRow>, StoreError> {
+        Ok(self.stands().await?.into_iter().find(|r| r.stand == *stand))
+    }
+
+    pub async fn stands(&self) -> Result<Vec<StandRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT stand, pool_key, placement, pool_secret FROM stands ORDER BY stand",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let stand: String = row.try_get(0)?;
+            let pool_key: String = row.try_get(1)?;
+            let placement: String = row.try_get(2)?;
+            let secret: Option<Vec<u8>> = row.try_get(3)?;
+            let bad = |what: &str| StoreError::Invalid(format!("stand {stand}: bad {what}"));
+            out.push(StandRow {
+                stand: StandId::new(&stand).map_err(|_| bad("id"))?,
+                pool_key: pool_key.parse().map_err(|_| bad("pool key"))?,
+                placement: match placement.as_str() {
+                    "relay" => Placement::Relay,
+                    "device" => Placement::Device,
+                    _ => return Err(bad("placement")),
+                },
+                pool_secret: match secret {
+                    None => None,
+                    Some(v) => Some(v.try_into().map_err(|_| bad("pool secret"))?),
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every stored change of a stand, in the order they were accepted (a causal order).
+    pub async fn load_changes(&self, stand: &StandId) -> Result<Vec<SignedChange>, StoreError> {
+        let rows = sqlx::query("SELECT bytes, signature FROM changes WHERE stand = $1 ORDER BY id")
+            .bind(stand.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(SignedChange {
+                    bytes: r.try_get(0)?,
+                    signature: r.try_get(1)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Write one batch in one transaction: all of it, or (on error) none of it.
+    pub async fn commit(&self, stand: &StandId, b: &Batch, now_ms: u64) -> Result<(), StoreError> {
+        if b.is_empty() {
+            return Ok(());
+        }
+        let st = stand.as_str();
+        let now = i64_of(now_ms, "time")?;
+        let mut tx = self.pool.begin().await?;
+        for chunk in b.changes.chunks(INSERT_CHUNK) {
+            let mut sql = String::from(
+                "INSERT INTO changes \
+                 (stand, actor, seq, hash, deps, bytes, signature, at_ms, received_at) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                let p = i * 9;
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!(
+                    "(${},${},${},${},${},${},${},${},${})",
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5,
+                    p + 6,
+                    p + 7,
+                    p + 8,
+                    p + 9
+                ));
+            }
+            sql.push_str(" ON CONFLICT (stand, actor, seq) DO NOTHING");
+            let mut q = sqlx::query(&sql);
+            for c in chunk {
+                q = q
+                    .bind(st)
+                    .bind(c.actor.to_string())
+                    .bind(i64_of(c.seq, "seq")?)
+                    .bind(c.info.hash.to_vec())
+                    .bind(c.info.deps.concat())
+                    .bind(c.change.bytes.clone())
+                    .bind(c.change.signature.clone())
+                    .bind(i64_of(c.info.at.wall_ms(), "change time")?)
+                    .bind(now);
+            }
+            let done = q.execute(&mut *tx).await?;
+            if done.rows_affected() < chunk.len() as u64 {
+                // Some were stored already (a batch retried after its commit was not
+                // confirmed): the same change is fine, a different one is a fork.
+                for c in chunk {
+                    let row = sqlx::query(
+                        "SELECT hash FROM changes WHERE stand = $1 AND actor = $2 AND seq = $3",
+                    )
+                    .bind(st)
+                    .bind(c.actor.to_string())
+                    .bind(i64_of(c.seq, "seq")?)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let hash: Vec<u8> = row.try_get(0)?;
+                    if hash != c.info.hash {
+                        return Err(StoreError::Fork {
+                            stand: st.to_owned(),
+                            actor: c.actor,
+                            seq: c.seq,
+                        });
+                    }
+                }
+            }
+        }
+        for it in &b.items {
+            sqlx::query(
+                "INSERT INTO items (stand, sku, name, price_cents, total_in, available, marked_off) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (stand, sku) DO UPDATE SET \
+                 name = excluded.name, price_cents = excluded.price_cents, \
+                 total_in = excluded.total_in, available = excluded.available, \
+                 marked_off = excluded.marked_off",
+            )
+            .bind(st)
+            .bind(it.sku.as_str())
+            .bind(it.name.as_str())
+            .bind(it.price_cents)
+            .bind(it.total_in)
+            .bind(it.available)
+            .bind(i64::from(it.marked_off))
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (sku, replica, units) in &b.rights {
+            sqlx::query(
+                "INSERT INTO rights (stand, sku, replica, units) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (stand, sku, replica) DO UPDATE SET units = excluded.units",
+            )
+            .bind(st)
+            .bind(sku.as_str())
+            .bind(replica.to_string())
+            .bind(*units)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for s in &b.sales {
+            let units: u64 = s.lines.iter().map(|l| l.qty).fold(0, u64::saturating_add);
+            let total: u64 = s
+                .lines
+                .iter()
+                .map(|l| l.qty.saturating_mul(l.unit_price_cents))
+                .fold(0, u64::saturating_add);
+            sqlx::query(
+                "INSERT INTO sales (stand, sale_id, replica, seq, at_ms, lines, units, \
+                 total_cents, method, reference, offline, voided) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0) \
+                 ON CONFLICT (stand, sale_id) DO NOTHING",
+            )
+            .bind(st)
+            .bind(s.id.to_string())
+            .bind(s.id.replica.to_string())
+            .bind(i64_of(s.id.seq, "seq")?)
+            .bind(i64_of(s.at.wall_ms(), "sale time")?)
+            .bind(serde_json::to_string(&s.lines).unwrap_or_default())
+            .bind(i64_of(units, "units")?)
+            .bind(i64_of(total, "total")?)
+            .bind(s.payment.method.as_str())
+            .bind(s.payment.reference.as_str())
+            .bind(i64::from(s.offline))
+            .execute(&mut *tx)
+            .await?;
+        }
+        for v in &b.voids {
+            sqlx::query("UPDATE sales SET voided = 1 WHERE stand = $1 AND sale_id = $2")
+                .bind(st)
+                .bind(v.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        for ((replica, rule), n) in &b.rejections {
+            sqlx::query(
+                "INSERT INTO rejections (stand, replica, rule, count) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (stand, replica, rule) DO UPDATE SET \
+                 count = rejections.count + excluded.count",
+            )
+            .bind(st)
+            .bind(replica.as_str())
+            .bind(*rule)
+            .bind(i64_of(*n, "count")?)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Changes stored for a stand.
+    pub async fn change_count(&self, stand: &StandId) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM changes WHERE stand = $1")
+            .bind(stand.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        let n: i64 = row.try_get(0)?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// The stock projection of a stand: items, and rights per replica.
+    pub async fn stock(
+        &self,
+        stand: &StandId,
+    ) -> Result<(Vec<ItemRow>, Vec<(String, String, i64)>), StoreError> {
+        let rows = sqlx::query(
+            "SELECT sku, name, price_cents, total_in, available, marked_off FROM items \
+             WHERE stand = $1 ORDER BY sku",
+        )
+        .bind(stand.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut items = Vec::with_capacity(rows.len());
+        for r in rows {
+            let sku: String = r.try_get(0)?;
+            items.push(ItemRow {
+                sku: Sku::new(&sku)
+                    .map_err(|_| StoreError::Invalid(format!("stored sku {sku:?}")))?,
+                name: r.try_get(1)?,
+                price_cents: r.try_get(2)?,
+                total_in: r.try_get(3)?,
+                available: r.try_get(4)?,
+                marked_off: r.try_get::<i64, _>(5)? != 0,
+            });
+        }
+        let rows = sqlx::query(
+            "SELECT sku, replica, units FROM rights WHERE stand = $1 ORDER BY sku, replica",
+        )
+        .bind(stand.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut rights = Vec::with_capacity(rows.len());
+        for r in rows {
+            rights.push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
+        }
+        Ok((items, rights))
+    }
+
+    /// The latest `limit` sales of a stand, newest first.
+    pub async fn sales(&self, stand: &StandId, limit: u32) -> Result<Vec<SaleRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT sale_id, replica, at_ms, lines, units, total_cents, method, offline, voided \
+             FROM sales WHERE stand = $1 ORDER BY at_ms DESC, sale_id DESC LIMIT $2",
+        )
+        .bind(stand.as_str())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let lines: String = r.try_get(3)?;
+            out.push(SaleRow {
+                sale_id: r.try_get(0)?,
+                replica: r.try_get(1)?,
+                at_ms: r.try_get(2)?,
+                lines: serde_json::from_str(&lines).unwrap_or(serde_json::Value::Null),
+                units: r.try_get(4)?,
+                total_cents: r.try_get(5)?,
+                method: r.try_get(6)?,
+                offline: r.try_get::<i64, _>(7)? != 0,
+                voided: r.try_get::<i64, _>(8)? != 0,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Rejected changes counted per (replica, rule).
+    pub async fn rejections(
+        &self,
+        stand: &StandId,
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT replica, rule, count FROM rejections WHERE stand = $1 ORDER BY replica, rule",
+        )
+        .bind(stand.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
+    }
+
+    /// Make an admin token; only its hash is stored. Returns the token (shown once).
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: AdminRole,
+        now_ms: u64,
+    ) -> Result<String, StoreError> {
+        let mut raw = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut raw);
+        let token = format!("ht_{}", hex::encode(raw));
+        sqlx::query("INSERT INTO tokens (hash, name, role, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(hash_token(&token))
+            .bind(name)
+            .bind(role.as_str())
+            .bind(i64_of(now_ms, "time")?)
+            .execute(&self.pool)
+            .await?;
+        Ok(token)
+    }
+
+    /// The role of a token, if it is one.
+    pub async fn token_role(&self, token: &str) -> Result<Option<AdminRole>, StoreError> {
+        let row = sqlx::query("SELECT role FROM tokens WHERE hash = $1")
+            .bind(hash_token(token))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => AdminRole::parse(&r.try_get::<String, _>(0)?),
+            None => None,
+        })
+    }
+
+    /// Run one statement (for tests and tools that prove what the schema refuses).
+    pub async fn execute_raw(&self, sql: &str) -> Result<u64, StoreError> {
+        Ok(sqlx::query(sql).execute(&self.pool).await?.rows_affected())
+    }
+}
