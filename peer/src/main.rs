@@ -80,7 +80,7 @@ enum Cmd {
         /// PUBLIC_KEY=NAME.
         #[arg(long)]
         replica: String,
-        /// terminal or kitchen.
+        /// terminal, kitchen or relay (a relay replicates and stores, writes nothing).
         #[arg(long, default_value = "terminal")]
         role: String,
     },
@@ -135,6 +135,14 @@ enum Cmd {
         /// is refused (the POS shows "checking stand stock" meanwhile).
         #[arg(long, default_value_t = halftime_engine::SALE_WAIT_MS)]
         sale_wait_ms: u64,
+        /// The relay (ws://HOST:PORT): keep an uplink to it whenever it can be reached, so
+        /// that replicas on different networks converge through it while the internet is up.
+        #[arg(long)]
+        relay: Option<String>,
+        /// The relay's public key (`halftime-relay key`), trusted before the pool's enrolment
+        /// of it reaches this device (a device that never met the pool on the stand network).
+        #[arg(long, requires = "relay")]
+        relay_key: Option<PublicKey>,
     },
 }
 
@@ -293,7 +301,8 @@ fn main() -> Result<()> {
             let role = match role.as_str() {
                 "terminal" => Role::Terminal,
                 "kitchen" => Role::Kitchen,
-                r => bail!("unknown role {r:?} (terminal | kitchen)"),
+                "relay" => Role::Relay,
+                r => bail!("unknown role {r:?} (terminal | kitchen | relay)"),
             };
             let (k, name) = parse_member(&replica)?;
             let c = pool.enrol(k, &name, role, now())?;
@@ -351,6 +360,8 @@ fn main() -> Result<()> {
             no_mdns,
             sync_interval_ms,
             sale_wait_ms,
+            relay,
+            relay_key,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -361,7 +372,7 @@ fn main() -> Result<()> {
                 sync_interval_ms,
                 sale_wait_ms,
             };
-            rt.block_on(run(data, listen, api, cfg, !no_mdns))
+            rt.block_on(run(data, listen, api, cfg, !no_mdns, relay, relay_key))
         }
     }
 }
@@ -372,6 +383,8 @@ async fn run(
     api_addr: SocketAddr,
     cfg: node::NodeConfig,
     mdns: bool,
+    relay: Option<String>,
+    relay_key: Option<PublicKey>,
 ) -> Result<()> {
     let store = store_at(&data)?;
     let key = store
@@ -406,7 +419,19 @@ async fn run(
         .with_context(|| format!("cannot listen on {listen}"))?;
     let (live, _) = broadcast::channel(node::LIVE_QUEUE_LEN);
     let (cmd_tx, cmd_rx) = mpsc::channel(node::COMMAND_QUEUE_LEN);
-    let node = node::Node::new(ledger, store, swarm, cfg, live.clone());
+    let mut node = node::Node::new(ledger, store, swarm, cfg, live.clone());
+    if let Some(relay) = relay {
+        let url =
+            halftime_peer::uplink::uplink_url(&relay, &s.stand).map_err(anyhow::Error::msg)?;
+        let (tx, rx) = mpsc::channel(node::COMMAND_QUEUE_LEN);
+        node = node.with_uplink(rx, relay_key);
+        tokio::spawn(halftime_peer::uplink::run(
+            url,
+            key.clone(),
+            s.stand.clone(),
+            tx,
+        ));
+    }
     let (stop_tx, stop_rx) = oneshot::channel();
     let mut node_task = tokio::spawn(node.run(cmd_rx, stop_rx));
     let app = api::router(api::AppState { cmds: cmd_tx, live });

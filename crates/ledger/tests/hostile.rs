@@ -567,9 +567,27 @@ fn a_relay_writes_nothing_is_given_nothing_and_admits_only_members() {
         relay.admits(&key(99).public()),
         Err(NotAdmitted::NotEnrolled { .. })
     ));
+    // A key the operator pinned is let in until the document says otherwise.
+    let stranger = kitchen.admits(&key(98).public());
+    assert!(stranger.is_err());
+    assert_eq!(
+        kitchen.admits_pinned(&key(98).public(), Some(&key(98).public())),
+        Ok(key(98).replica_id())
+    );
+    assert!(
+        kitchen
+            .admits_pinned(&key(97).public(), Some(&key(98).public()))
+            .is_err()
+    );
     let retire = st.pool.retire(key(10).replica_id(), 4_000).unwrap();
     relay.apply_remote(vec![retire], 4_000);
     let refused = relay.admits(&key(10).public()).unwrap_err();
     assert!(matches!(refused, NotAdmitted::Retired { .. }));
     assert!(refused.to_string().contains("retired from stand north"));
+    assert!(
+        relay
+            .admits_pinned(&key(10).public(), Some(&key(10).public()))
+            .is_err(),
+        "a pin does not outlive the pool's word"
+    );
 }

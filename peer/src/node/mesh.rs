@@ -291,5 +291,6 @@ impl Node {
             self.metrics.frames_sent += 1;
             self.swarm.behaviour_mut().sync.send_request(&p, bytes);
         }
+        self.flush_relay();
     }
 }

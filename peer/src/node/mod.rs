@@ -25,6 +25,7 @@ mod commands;
 mod kitchen;
 mod mesh;
 mod metrics;
+mod relay;
 mod requests;
 
 use metrics::Metrics;
@@ -104,6 +105,9 @@ pub struct Node {
     started: Instant,
     /// When the oldest received change not yet made durable was stored.
     received_unsynced: Option<Instant>,
+    relay: Option<relay::RelayConn>,
+    relay_key: Option<halftime_ledger::PublicKey>,
+    uplink: Option<mpsc::Receiver<crate::uplink::UplinkEvent>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -146,6 +150,9 @@ impl Node {
             received_unsynced: None,
             last_dial_warning: None,
             started: Instant::now(),
+            relay: None,
+            relay_key: None,
+            uplink: None,
         };
         n.refresh_allowlist();
         let now = now_ms();
@@ -162,6 +169,19 @@ impl Node {
         n
     }
 
+    /// Take the relay uplink's events (see [`crate::uplink::run`]).
+    /// `relay_key`: the relay's key as the operator gave it, trusted until the document says
+    /// otherwise (see `Ledger::admits_pinned`).
+    pub fn with_uplink(
+        mut self,
+        events: mpsc::Receiver<crate::uplink::UplinkEvent>,
+        relay_key: Option<halftime_ledger::PublicKey>,
+    ) -> Self {
+        self.uplink = Some(events);
+        self.relay_key = relay_key;
+        self
+    }
+
     /// Run until `shutdown` fires; an error when the store failed and the node had to stop.
     pub async fn run(
         mut self,
@@ -170,6 +190,7 @@ impl Node {
     ) -> Result<(), String> {
         let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut uplink = self.uplink.take();
         loop {
             let engine_wait = self.engine_wait();
             tokio::select! {
@@ -187,6 +208,15 @@ impl Node {
                     self.handle_commands(batch);
                 }
                 ev = self.swarm.select_next_some() => self.handle_swarm(ev),
+                ev = async {
+                    match uplink.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match ev {
+                    Some(ev) => self.handle_uplink(ev),
+                    None => uplink = None,
+                },
                 _ = tick.tick() => self.handle_tick(),
                 _ = tokio::time::sleep(engine_wait) => {
                     self.engine.handle_timeout(now_ms());
@@ -287,6 +317,10 @@ impl Node {
                             tracing::info!(peer = %id, "peer silent; dropping it");
                             let _ = self.swarm.disconnect_peer_id(id);
                             self.peers.remove(&id);
+                        }
+                        // Dropping the uplink's sender closes it; the uplink reconnects.
+                        if self.relay.take_if(|r| r.replica == replica).is_some() {
+                            tracing::info!(%replica, "relay silent; dropping the uplink");
                         }
                         self.publish_peers();
                     }

@@ -548,6 +548,24 @@ impl Ledger {
         }
     }
 
+    /// [`Ledger::admits`], and also `pinned`, a key the operator configured (the relay's, on a
+    /// device that has not yet heard the pool enrol it), until the document says otherwise:
+    /// once the pool's enrolment arrives the document decides, and a retired key is refused.
+    pub fn admits_pinned(
+        &self,
+        key: &PublicKey,
+        pinned: Option<&PublicKey>,
+    ) -> Result<ReplicaId, NotAdmitted> {
+        match self.admits(key) {
+            Err(NotAdmitted::NotEnrolled { replica, .. })
+                if pinned == Some(key) && !self.state.replicas.contains_key(&replica) =>
+            {
+                Ok(replica)
+            }
+            other => other,
+        }
+    }
+
     /// Whether a replica is retired.
     pub fn is_retired(&self, r: ReplicaId) -> bool {
         self.state

@@ -1,0 +1,403 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The relay in-process, on SQLite and on the machine's Postgres: the store refuses to change
+//! history, the uplink admits only members, hostile frames are counted and never stored, and
+//! admin calls need a token with a strong enough role.
+
+mod common;
+use common::*;
+use futures::{SinkExt, StreamExt};
+use halftime_ledger::uplink::{self, Handshake, Side};
+use halftime_ledger::*;
+use halftime_relay::server::{App, router};
+use halftime_relay::store::{AdminRole, Placement, StandRow, Store};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn sku(s: &str) -> Sku {
+    Sku::new(s).unwrap()
+}
+
+fn north() -> StandId {
+    StandId::new("north").unwrap()
+}
+
+/// A stand made in memory: the pool (key 1), terminal key 10 with 5 sodas, the relay enrolled.
+fn stand(relay: PublicKey) -> (Ledger, Ledger, Vec<SignedChange>) {
+    let info = StandInfo {
+        event: EventId::new("game").unwrap(),
+        venue: "v".into(),
+        stand: north(),
+        policy: Policy::Strict,
+        allocation: Allocation::Proportional,
+        low_stock_pct: 10,
+    };
+    let (mut pool, g) = Ledger::create_stand(key(1), info, "pool", 1_000).unwrap();
+    let mut setup = vec![g];
+    let item = CatalogItem {
+        sku: sku("soda"),
+        name: "Soda".into(),
+        price_cents: 300,
+        low_stock_at: 0,
+    };
+    setup.push(pool.set_catalog(vec![item], 1_000).unwrap());
+    setup.push(
+        pool.enrol(key(10).public(), "till", Role::Terminal, 1_000)
+            .unwrap(),
+    );
+    setup.push(pool.enrol(relay, "relay", Role::Relay, 1_000).unwrap());
+    setup.push(
+        pool.restock(BTreeMap::from([(sku("soda"), 20)]), "open", 1_000)
+            .unwrap(),
+    );
+    setup.push(
+        pool.give(
+            key(10).replica_id(),
+            BTreeMap::from([(sku("soda"), 5)]),
+            1_000,
+        )
+        .unwrap(),
+    );
+    let mut till = Ledger::join(key(10), north(), key(1).public());
+    assert!(till.apply_remote(setup.clone(), 1_000).rejected.is_empty());
+    (pool, till, setup)
+}
+
+fn key(n: u8) -> ReplicaKey {
+    ReplicaKey::from_seed([n; 32])
+}
+
+async fn serve(store: Store) -> (String, App) {
+    let app = App::new(store).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let r = router(app.clone());
+    tokio::spawn(async move { axum::serve(listener, r).await });
+    (format!("127.0.0.1:{}", addr.port()), app)
+}
+
+async fn next_handshake(ws: &mut Ws) -> Handshake {
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        Ok(Some(Ok(Message::Binary(b)))) => Handshake::decode(&b).unwrap(),
+        other => panic!("expected a handshake message, got {other:?}"),
+    }
+}
+
+/// Open an uplink as `k`; Err(reason) when the relay refuses.
+async fn connect(addr: &str, stand: &str, k: &ReplicaKey) -> Result<Ws, String> {
+    let url = format!("ws://{addr}/v1/stands/{stand}/uplink");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let (relay, challenge) = match next_handshake(&mut ws).await {
+        Handshake::Hello { key, challenge, .. } => (key, challenge),
+        Handshake::Refused { reason } => return Err(reason),
+        other => panic!("{other:?}"),
+    };
+    let mine = [7u8; 32];
+    let auth = Handshake::Auth {
+        key: k.public(),
+        challenge: mine,
+        signature: uplink::sign(k, Side::Replica, &north(), &challenge, &relay),
+    };
+    ws.send(Message::Binary(auth.encode().into()))
+        .await
+        .unwrap();
+    match next_handshake(&mut ws).await {
+        Handshake::Welcome { signature } => {
+            assert!(uplink::verify(
+                &relay,
+                Side::Relay,
+                &north(),
+                &mine,
+                &k.public(),
+                &signature
+            ));
+            Ok(ws)
+        }
+        Handshake::Refused { reason } => Err(reason),
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn send(ws: &mut Ws, m: &WireMessage) {
+    ws.send(Message::Binary(m.encode(&north()).into()))
+        .await
+        .unwrap();
+}
+
+/// Frames from the relay until one carries changes (within 5 s); their count.
+async fn changes_received(ws: &mut Ws) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => {
+                if let Ok(WireMessage::Changes { changes }) = WireMessage::decode(&b, &north()) {
+                    return changes.len();
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no changes from the relay: {other:?}"),
+        }
+    }
+}
+
+async fn stored(store: &Store) -> u64 {
+    store.change_count(&north()).await.unwrap()
+}
+
+/// Poll until the store holds `n` changes of the stand.
+async fn until_stored(store: &Store, n: u64) {
+    eventually(10, "changes stored", || async {
+        (stored(store).await == n).then_some(())
+    })
+    .await;
+}
+
+async fn whole_story(db: &TestDb) {
+    let store = Store::open(&db.url).await.unwrap();
+    let relay_key = store.relay_key().await.unwrap();
+    let (mut pool, mut till, setup) = stand(relay_key.public());
+    let row = StandRow {
+        stand: north(),
+        pool_key: key(1).public(),
+        placement: Placement::Device,
+        pool_secret: None,
+    };
+    store.add_stand(&row, 1_000).await.unwrap();
+    let (addr, _app) = serve(store.clone()).await;
+
+    // A stranger, a wrong stand, a bad signature: refused, and they say why.
+    let why = connect(&addr, "north", &key(99)).await.err().unwrap();
+    assert!(why.contains("not enrolled in stand north"), "{why}");
+    let why = connect(&addr, "south", &key(1)).await.err().unwrap();
+    assert!(why.contains("does not serve stand"), "{why}");
+
+    // The pool connects and hands over the stand; the relay stores every change once.
+    let mut p = connect(&addr, "north", &key(1)).await.unwrap();
+    send(
+        &mut p,
+        &WireMessage::Changes {
+            changes: setup.clone(),
+        },
+    )
+    .await;
+    until_stored(&store, setup.len() as u64).await;
+    // The same changes again are duplicates, not new rows.
+    send(
+        &mut p,
+        &WireMessage::Changes {
+            changes: setup.clone(),
+        },
+    )
+    .await;
+
+    // The terminal is now a known member: it connects, sells, and the pool hears at once.
+    let mut t = connect(&addr, "north", &key(10)).await.unwrap();
+    let SaleOutcome::Committed { change, .. } = till.sell(
+        SaleRequest {
+            lines: vec![SaleLine {
+                sku: sku("soda"),
+                qty: 2,
+                unit_price_cents: 300,
+            }],
+            payment: Payment {
+                method: PaymentMethod::Card,
+                reference: "pi_1".into(),
+            },
+            pool_reachable: true,
+        },
+        2_000,
+    ) else {
+        panic!("the till could not sell")
+    };
+    send(
+        &mut t,
+        &WireMessage::Changes {
+            changes: vec![change.clone()],
+        },
+    )
+    .await;
+    assert!(
+        changes_received(&mut p).await >= 1,
+        "the relay passed the sale on to the pool"
+    );
+    until_stored(&store, setup.len() as u64 + 1).await;
+    let r = pool.apply_remote(vec![change.clone()], 2_000);
+    assert_eq!(r.accepted.len(), 1);
+
+    // Hostile: a forged signature and a garbage frame. Counted per key and rule, never stored.
+    let mut forged = till
+        .void(
+            SaleId {
+                replica: key(10).replica_id(),
+                seq: 1,
+            },
+            3_000,
+        )
+        .unwrap();
+    forged.signature[0] ^= 1;
+    send(
+        &mut t,
+        &WireMessage::Changes {
+            changes: vec![forged],
+        },
+    )
+    .await;
+    t.send(Message::Binary(vec![0xde, 0xad].into()))
+        .await
+        .unwrap();
+    let rejected = eventually(10, "the rejection counted", || async {
+        let rows = store.rejections(&north()).await.unwrap();
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(
+        rejected,
+        vec![(
+            key(10).replica_id().to_string(),
+            "bad_signature".to_string(),
+            1
+        )]
+    );
+    assert_eq!(stored(&store).await, setup.len() as u64 + 1);
+
+    // The projections equal the ledger.
+    let (items, rights) = store.stock(&north()).await.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].available, pool.available(&sku("soda")));
+    assert_eq!(items[0].available, 18);
+    let till_rights = rights
+        .iter()
+        .find(|(s, r, _)| s == "soda" && *r == key(10).replica_id().to_string())
+        .map(|x| x.2);
+    assert_eq!(till_rights, Some(3));
+    let sales = store.sales(&north(), 10).await.unwrap();
+    assert_eq!(sales.len(), 1);
+    assert_eq!((sales[0].units, sales[0].total_cents), (2, 600));
+
+    // History cannot be rewritten, by anyone with a connection to the database.
+    for sql in ["UPDATE changes SET seq = seq + 100", "DELETE FROM changes"] {
+        let e = store.execute_raw(sql).await.unwrap_err().to_string();
+        assert!(e.contains("append-only"), "{sql}: {e}");
+    }
+    assert_eq!(stored(&store).await, setup.len() as u64 + 1);
+
+    // A relay restarted on the same database serves the stand again from the store.
+    drop((p, t));
+    let store2 = Store::open(&db.url).await.unwrap();
+    let (addr2, _app2) = serve(store2.clone()).await;
+    let mut t2 = connect(&addr2, "north", &key(10)).await.unwrap();
+    send(
+        &mut t2,
+        &WireMessage::Vector {
+            vector: VersionVector::new(),
+        },
+    )
+    .await;
+    assert_eq!(changes_received(&mut t2).await, setup.len() + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_stores_checks_and_passes_on_sqlite() {
+    whole_story(&TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_stores_checks_and_passes_on_postgres() {
+    whole_story(&TestDb::postgres().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_need_a_token_with_a_strong_enough_role() {
+    let db = TestDb::sqlite();
+    let store = Store::open(&db.url).await.unwrap();
+    let viewer = store.create_token("v", AdminRole::Viewer, 1).await.unwrap();
+    let admin = store.create_token("a", AdminRole::Admin, 1).await.unwrap();
+    let (addr, _app) = serve(store.clone()).await;
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("http://{addr}{p}");
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(
+        status(http.get(url("/v1/stands")).send().await.unwrap()),
+        401
+    );
+    let forged = http
+        .get(url("/v1/stands"))
+        .bearer_auth("ht_00")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(forged), 401);
+    let ok = http
+        .get(url("/v1/stands"))
+        .bearer_auth(&viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(ok), 200);
+    let body = serde_json::json!({"stand": "north", "pool_key": key(1).public().to_string()});
+    let weak = http
+        .post(url("/v1/stands"))
+        .bearer_auth(&viewer)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(weak), 403);
+    let unknown_field = serde_json::json!({"stand": "north", "pool_key": "x", "extra": 1});
+    let bad = http
+        .post(url("/v1/stands"))
+        .bearer_auth(&admin)
+        .json(&unknown_field)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(bad), 400);
+    let made = http
+        .post(url("/v1/stands"))
+        .bearer_auth(&admin)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(made), 201);
+    let listed: serde_json::Value = http
+        .get(url("/v1/stands"))
+        .bearer_auth(&viewer)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed[0]["stand"], "north");
+    assert_eq!(
+        listed[0]["member"], false,
+        "not enrolled until the pool's word arrives"
+    );
+    let missing = http
+        .get(url("/v1/stands/south/stock"))
+        .bearer_auth(&viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(missing), 404);
+    let metrics = http
+        .get(url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("halftime_relay_admin_unauthorized_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("halftime_relay_admin_forbidden_total 1"),
+        "{metrics}"
+    );
+}
