@@ -1,0 +1,319 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Real processes on Postgres: a pool and two terminals that share no network reach each other
+//! only through the relay; the relay is killed (kill -9) and restarted while they sell; every
+//! acknowledged sale ends in the store of record once, and its projection equals the ledger.
+//! A device the pool never enrolled is refused, and both sides say why.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const RELAY: &str = env!("CARGO_BIN_EXE_halftime-relay");
+
+/// The terminal daemon, built beside the relay by `cargo test --workspace`.
+fn peer_bin() -> PathBuf {
+    let p = Path::new(RELAY).with_file_name("halftime-peer");
+    assert!(
+        p.exists(),
+        "{} is missing: run the workspace's tests (./scripts/test.sh) or `cargo build -p halftime-peer`",
+        p.display()
+    );
+    p
+}
+
+fn run(bin: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} {args:?}: {}",
+        bin.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn field(out: &str, prefix: &str) -> String {
+    out.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in {out}"))
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_owned()
+}
+
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(bin: &Path, args: &[String], log: PathBuf) -> Self {
+        let child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info,libp2p=warn,sqlx=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+async fn get(url: &str, token: Option<&str>) -> Option<Value> {
+    let mut r = http().get(url);
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    r.send().await.ok()?.json().await.ok()
+}
+
+async fn available(api: &str, sku: &str) -> Option<i64> {
+    let stock = get(&format!("{api}/v1/stock"), None).await?;
+    stock.as_array()?.iter().find(|i| i["sku"] == sku)?["available"].as_i64()
+}
+
+async fn sell(api: &str, qty: u64) -> (u16, Value) {
+    let r = http()
+        .post(format!("{api}/v1/sales"))
+        .json(&serde_json::json!({"lines":[{"sku":"hotdog","qty":qty}],"payment":{"method":"card","reference":"pi_t"}}))
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or(Value::Null))
+}
+
+fn spawn_relay(db: &str, port: u16, log: PathBuf) -> Proc {
+    let args: Vec<String> = ["--database", db, "serve", "--listen"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("127.0.0.1:{port}")])
+        .collect();
+    Proc::spawn(Path::new(RELAY), &args, log)
+}
+
+fn spawn_peer(data: &Path, api: u16, relay: u16, relay_key: &str) -> Proc {
+    let args: Vec<String> = vec![
+        "run".into(),
+        "--data".into(),
+        data.to_str().unwrap().into(),
+        "--listen".into(),
+        "/ip4/127.0.0.1/tcp/0".into(),
+        "--api".into(),
+        format!("127.0.0.1:{api}"),
+        "--no-mdns".into(),
+        "--sale-wait-ms".into(),
+        "2000".into(),
+        "--relay".into(),
+        format!("ws://127.0.0.1:{relay}"),
+        "--relay-key".into(),
+        relay_key.into(),
+    ];
+    Proc::spawn(&peer_bin(), &args, data.join("peer.log"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminals_on_no_shared_network_converge_through_the_relay_and_survive_its_crash() {
+    let peer = peer_bin();
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    let s = |p: PathBuf| p.to_str().unwrap().to_owned();
+    let key_of = |n: &str| field(&run(&peer, &["init", "--data", &s(d(n))]), "public key:");
+    let (pool_key, k0, k1, stranger) = (key_of("pool"), key_of("t0"), key_of("t1"), key_of("x"));
+    let relay_key = field(
+        &run(Path::new(RELAY), &["--database", &db.url, "key"]),
+        "public key:",
+    );
+    let out = run(
+        &peer,
+        &[
+            "create-stand",
+            "--data",
+            &s(d("pool")),
+            "--stand",
+            "north",
+            "--event",
+            "game",
+            "--item",
+            "hotdog=Hot dog:400:100",
+            "--terminal",
+            &format!("{k0}=till0"),
+            "--terminal",
+            &format!("{k1}=till1"),
+        ],
+    );
+    let join: Vec<String> = out
+        .lines()
+        .find(|l| l.contains("halftime-peer join"))
+        .unwrap()
+        .split_whitespace()
+        .skip_while(|w| *w != "--stand")
+        .map(String::from)
+        .collect();
+    run(
+        &peer,
+        &[
+            "enrol",
+            "--data",
+            &s(d("pool")),
+            "--replica",
+            &format!("{relay_key}=relay"),
+            "--role",
+            "relay",
+        ],
+    );
+    for n in ["t0", "t1", "x"] {
+        let mut a = vec!["join".to_string(), "--data".into(), s(d(n))];
+        a.extend(join.iter().cloned());
+        run(&peer, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    run(
+        Path::new(RELAY),
+        &[
+            "--database",
+            &db.url,
+            "stand",
+            "add",
+            "--stand",
+            "north",
+            "--pool-key",
+            &pool_key,
+        ],
+    );
+    let token = run(
+        Path::new(RELAY),
+        &["--database", &db.url, "token", "create", "--role", "viewer"],
+    )
+    .trim()
+    .to_owned();
+    let _ = (k0, k1, stranger);
+
+    let rport = free_port();
+    let mut relay = spawn_relay(&db.url, rport, d("relay.log"));
+    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let _pool = spawn_peer(&d("pool"), ports[0], rport, &relay_key);
+    let t0 = spawn_peer(&d("t0"), ports[1], rport, &relay_key);
+    let t1 = spawn_peer(&d("t1"), ports[2], rport, &relay_key);
+    let x = spawn_peer(&d("x"), ports[3], rport, &relay_key);
+    let api = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
+
+    // The terminals learn the stand from the pool, through the relay alone.
+    for i in 1..3 {
+        eventually(
+            30,
+            "a terminal learns the stand through the relay",
+            || async { (available(&api(i), "hotdog").await == Some(100)).then_some(()) },
+        )
+        .await;
+    }
+    let (code, body) = sell(&api(1), 3).await;
+    assert_eq!(code, 201, "{body}");
+    eventually(10, "till1 sees till0's sale through the relay", || async {
+        (available(&api(2), "hotdog").await == Some(97)).then_some(())
+    })
+    .await;
+
+    // The relay dies without warning; the terminals keep selling and acknowledging.
+    relay.kill9();
+    let (code, body) = sell(&api(1), 2).await;
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = sell(&api(2), 1).await;
+    assert_eq!(code, 201, "{body}");
+    let mut relay = spawn_relay(&db.url, rport, d("relay2.log"));
+    for i in 0..3 {
+        eventually(
+            30,
+            "every replica catches up after the relay's restart",
+            || async { (available(&api(i), "hotdog").await == Some(94)).then_some(()) },
+        )
+        .await;
+    }
+
+    // The store of record holds every change once, and its projection equals the ledgers.
+    let status = get(&format!("{}/v1/status", api(0)), None).await.unwrap();
+    let held = status["changes"].as_u64().unwrap();
+    let url = format!("http://127.0.0.1:{rport}");
+    let stands = eventually(10, "the relay stores every change", || async {
+        let v = get(&format!("{url}/v1/stands"), Some(&token)).await?;
+        (v[0]["changes"].as_u64() == Some(held)).then_some(v)
+    })
+    .await;
+    assert_eq!(stands[0]["member"], true, "{stands}");
+    let sales = get(&format!("{url}/v1/stands/north/sales"), Some(&token))
+        .await
+        .unwrap();
+    let units: Vec<i64> = sales
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["units"].as_i64().unwrap())
+        .collect();
+    assert_eq!(units.iter().sum::<i64>(), 6, "{sales}");
+    assert_eq!(units.len(), 3, "{sales}");
+    let stock = get(&format!("{url}/v1/stands/north/stock"), Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(stock["items"][0]["available"], 94, "{stock}");
+    sqlx::any::install_default_drivers();
+    let mut c = <sqlx::AnyConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::Row::get(
+        &sqlx::query("SELECT COUNT(*) FROM (SELECT DISTINCT actor, seq FROM changes) AS d")
+            .fetch_one(&mut c)
+            .await
+            .unwrap(),
+        0,
+    );
+    assert_eq!(n as u64, held);
+
+    // The stranger was never let in, and both sides said why.
+    eventually(10, "the stranger says why it is not let in", || async {
+        x.log()
+            .contains("not enrolled in stand north")
+            .then_some(())
+    })
+    .await;
+    let refused = relay.log() + &std::fs::read_to_string(d("relay.log")).unwrap_or_default();
+    assert!(refused.contains("refused an uplink"), "{refused}");
+    assert_eq!(
+        available(&api(3), "hotdog").await,
+        None,
+        "the stranger learned nothing"
+    );
+    relay.kill9();
+    drop((t0, t1));
+}
