@@ -124,6 +124,7 @@ async fn run(cli: Cli) -> Result<()> {
                 pool_key,
                 placement: halftime_relay::store::Placement::Device,
                 pool_secret: None,
+                psk: None,
             };
             store.add_stand(&row, now_ms()).await?;
             println!("serving stand {stand} (pool {})", pool_key.replica_id());

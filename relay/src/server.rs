@@ -6,25 +6,36 @@
 //! | `GET /v1/stands/{stand}/uplink` | replica key | WebSocket uplink of a stand replica |
 //! | `GET /v1/relay` | viewer | the relay's public key (enrol it on a stand's pool as `relay`) |
 //! | `GET /v1/stands` | viewer | every stand served: placement, changes held, connected replicas |
-//! | `POST /v1/stands` | admin | `{stand, pool_key}`: serve a stand whose pool is a stand device |
+//! | `POST /v1/stands` | admin | `{stand, pool_key}`: serve a stand whose pool is a stand device; `{stand, event, venue, policy, allocation, low_stock_pct, items:[{sku,name,price_cents,stock}]}`: create one with its pool here |
+//! | `POST /v1/stands/{stand}/restock`, `/adjust` | manager | `{units:{sku:n}, note}` signed by the pool |
+//! | `PUT /v1/stands/{stand}/items/{sku}/availability` | manager | `{available}`: "86" an item or bring it back |
+//! | `PUT /v1/stands/{stand}/catalog` | admin | `{items:[…]}` |
+//! | `POST /v1/stands/{stand}/replicas` | admin | `{public_key, name, role}`: enrol a device; answers what it needs to join |
+//! | `POST /v1/stands/{stand}/replicas/{id}/retire`, `/reclaim` | admin | retire a device; reclaim also takes its rights back |
 //! | `GET /v1/stands/{stand}/stock` | viewer | per item: available, total in, marked off; rights per replica |
 //! | `GET /v1/stands/{stand}/sales` | viewer | the latest sales (`?limit=`, at most 1000) |
 //! | `GET /v1/stands/{stand}/rejections` | viewer | rejected changes per replica and rule |
 //! | `GET /metrics` | none | Prometheus text |
 //!
 //! Without a valid `Authorization: Bearer …` token an admin call is 401; with too weak a
-//! role, 403. Tokens are made with `halftime-relay token create` and stored hashed.
+//! role, 403. Tokens are made with `halftime-relay token create` and stored hashed. Operations
+//! on a stand are signed by its pool, so they work where the pool is at the relay; a stand
+//! whose pool is a device answers `409 pool_on_device`. An operation answers once its change
+//! is committed.
 
-use crate::stand::{self, StandCmd, StandHandle, StandView};
-use crate::store::{AdminRole, Placement, StandRow, Store, StoreError};
+use crate::stand::{self, AdminOp, StandCmd, StandHandle, StandView};
+use crate::store::{AdminRole, Batch, ChangeRow, Placement, StandRow, Store, StoreError};
 use crate::uplink;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use halftime_ledger::{PublicKey, ReplicaKey, StandId};
+use halftime_ledger::{
+    Allocation, CatalogItem, EventId, Ledger, Policy, PublicKey, ReplicaId, ReplicaKey, Role, Sku,
+    StandId, StandInfo,
+};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +63,7 @@ pub struct Served {
     pub handle: StandHandle,
     pub key: ReplicaKey,
     pub placement: Placement,
+    pub psk: Option<String>,
 }
 
 #[derive(Debug)]
@@ -96,11 +108,13 @@ impl App {
             _ => self.relay_key.clone(),
         };
         let placement = row.placement;
+        let psk = row.psk.clone();
         let handle = stand::start(self.store.clone(), self.relay_key.clone(), row).await?;
         let served = Served {
             handle,
             key,
             placement,
+            psk,
         };
         if let Ok(mut m) = self.stands.write() {
             m.insert(served.handle.stand.clone(), served.clone());
@@ -139,10 +153,77 @@ impl App {
             pool_key,
             placement: Placement::Device,
             pool_secret: None,
+            psk: None,
         };
         self.store.add_stand(&row, now_ms).await?;
         self.start_stand(row).await
     }
+
+    /// Create a stand with its pool here: the relay makes the pool's key and the stand's
+    /// network key, and signs the genesis, catalog and opening stock as the pool.
+    pub async fn create_stand(
+        &self,
+        info: StandInfo,
+        items: Vec<(CatalogItem, u64)>,
+        now_ms: u64,
+    ) -> Result<Served, StoreError> {
+        if self.stand(&info.stand).is_some() {
+            return Err(StoreError::Invalid(format!(
+                "stand {} already exists",
+                info.stand
+            )));
+        }
+        let secret = random32();
+        let key = ReplicaKey::from_seed(secret);
+        let stand = info.stand.clone();
+        let invalid = |e: halftime_ledger::OpError| StoreError::Invalid(e.to_string());
+        let (mut pool, genesis) =
+            Ledger::create_stand(key.clone(), info, "pool", now_ms).map_err(invalid)?;
+        let mut changes = vec![genesis];
+        let stock: BTreeMap<Sku, u64> = items
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(i, n)| (i.sku.clone(), *n))
+            .collect();
+        changes.push(
+            pool.set_catalog(items.into_iter().map(|(i, _)| i).collect(), now_ms)
+                .map_err(invalid)?,
+        );
+        if !stock.is_empty() {
+            changes.push(
+                pool.restock(stock, "opening stock", now_ms)
+                    .map_err(invalid)?,
+            );
+        }
+        let me = pool.me();
+        let mut batch = Batch::default();
+        for (change, seq) in changes.into_iter().zip(1..) {
+            let info = pool
+                .change_info(me, seq)
+                .ok_or_else(|| StoreError::Invalid("a change just made is not held".into()))?;
+            batch.changes.push(ChangeRow {
+                actor: me,
+                seq,
+                info,
+                change,
+            });
+        }
+        let row = StandRow {
+            stand,
+            pool_key: key.public(),
+            placement: Placement::Relay,
+            pool_secret: Some(secret),
+            psk: Some(hex::encode(random32())),
+        };
+        self.store.add_stand_with(&row, &batch, now_ms).await?;
+        self.start_stand(row).await
+    }
+}
+
+fn random32() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+    b
 }
 
 /// An error answer: `{error, message}` with its status.
@@ -277,35 +358,295 @@ async fn list_stands(State(app): State<App>, headers: HeaderMap) -> Result<Respo
     Ok(Json(out).into_response())
 }
 
+/// `POST /v1/stands`: with `pool_key`, serve a stand a device created; without it, create a
+/// stand whose pool is here (`event` and `items` needed).
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AttachInput {
+struct StandInput {
     stand: String,
-    pool_key: String,
+    pool_key: Option<String>,
+    event: Option<String>,
+    #[serde(default)]
+    venue: String,
+    policy: Option<Policy>,
+    allocation: Option<Allocation>,
+    low_stock_pct: Option<u8>,
+    #[serde(default)]
+    items: Vec<ItemInput>,
 }
 
-async fn attach(
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ItemInput {
+    sku: String,
+    name: String,
+    price_cents: u64,
+    #[serde(default)]
+    stock: u64,
+    low_stock_at: Option<u64>,
+}
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(t)| t).map_err(|e| bad(e.body_text()))
+}
+
+fn catalog_item(it: ItemInput, pct: u8) -> Result<(CatalogItem, u64), ApiError> {
+    let sku = Sku::new(&it.sku).map_err(|e| bad(format!("sku {:?}: {e}", it.sku)))?;
+    let low = it
+        .low_stock_at
+        .unwrap_or_else(|| it.stock.saturating_mul(u64::from(pct)).div_ceil(100));
+    Ok((
+        CatalogItem {
+            sku,
+            name: it.name,
+            price_cents: it.price_cents,
+            low_stock_at: low,
+        },
+        it.stock,
+    ))
+}
+
+async fn add_stand(
     State(app): State<App>,
     headers: HeaderMap,
-    body: Result<Json<AttachInput>, JsonRejection>,
+    body: Result<Json<StandInput>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers, AdminRole::Admin).await?;
-    let Json(input) =
-        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let input = json_body(body)?;
     let stand = stand_id(&input.stand)?;
-    let pool_key: PublicKey = input
-        .pool_key
-        .parse()
-        .map_err(|e: halftime_ledger::KeyError| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("pool_key: {e}"),
-            )
-        })?;
-    let served = app.attach_stand(stand, pool_key, stand::now_ms()).await?;
+    let now = stand::now_ms();
+    let served = match input.pool_key {
+        Some(k) => {
+            if input.event.is_some() || !input.items.is_empty() {
+                return Err(bad(
+                    "give either pool_key (a stand made on a device) or event and items (a stand made here), not both",
+                ));
+            }
+            let pool_key: PublicKey = k
+                .parse()
+                .map_err(|e: halftime_ledger::KeyError| bad(format!("pool_key: {e}")))?;
+            app.attach_stand(stand, pool_key, now).await?
+        }
+        None => {
+            let event = input
+                .event
+                .ok_or_else(|| bad("event is needed to create a stand"))?;
+            if input.items.is_empty() {
+                return Err(bad("items are needed to create a stand"));
+            }
+            let pct = input.low_stock_pct.unwrap_or(10);
+            let info = StandInfo {
+                event: EventId::new(&event).map_err(|e| bad(format!("event: {e}")))?,
+                venue: input.venue,
+                stand,
+                policy: input.policy.unwrap_or_default(),
+                allocation: input.allocation.unwrap_or_default(),
+                low_stock_pct: pct,
+            };
+            let items = input
+                .items
+                .into_iter()
+                .map(|i| catalog_item(i, pct))
+                .collect::<Result<Vec<_>, _>>()?;
+            app.create_stand(info, items, now).await?
+        }
+    };
     let v = view(&served).await?;
     Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+/// Send an admin operation to a stand's pool and wait until its change is committed.
+async fn admin_op(app: &App, s: &str, op: AdminOp) -> Result<serde_json::Value, ApiError> {
+    let served = known(app, s)?;
+    let (reply, rx) = oneshot::channel();
+    let busy = || {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "the stand is not answering",
+        )
+    };
+    served
+        .handle
+        .tx
+        .send(StandCmd::Admin { op, reply })
+        .await
+        .map_err(|_| busy())?;
+    let answer = tokio::time::timeout(Duration::from_millis(STAND_TIMEOUT_MS), rx)
+        .await
+        .map_err(|_| busy())?
+        .map_err(|_| busy())?;
+    answer.map_err(|e| {
+        ApiError::new(
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            e.error,
+            e.message,
+        )
+    })
+}
+
+fn units_of(units: BTreeMap<String, u64>) -> Result<BTreeMap<Sku, u64>, ApiError> {
+    units
+        .into_iter()
+        .map(|(k, n)| Ok((Sku::new(&k).map_err(|e| bad(format!("sku {k:?}: {e}")))?, n)))
+        .collect()
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StockInput {
+    units: BTreeMap<String, u64>,
+    #[serde(default)]
+    note: String,
+}
+
+async fn restock(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(s): Path<String>,
+    body: Result<Json<StockInput>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers, AdminRole::Manager).await?;
+    let input = json_body(body)?;
+    let op = AdminOp::Restock {
+        units: units_of(input.units)?,
+        note: input.note,
+    };
+    Ok((StatusCode::CREATED, Json(admin_op(&app, &s, op).await?)).into_response())
+}
+
+async fn adjust(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(s): Path<String>,
+    body: Result<Json<StockInput>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers, AdminRole::Manager).await?;
+    let input = json_body(body)?;
+    let op = AdminOp::Adjust {
+        units: units_of(input.units)?,
+        reason: input.note,
+    };
+    Ok((StatusCode::CREATED, Json(admin_op(&app, &s, op).await?)).into_response())
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AvailabilityInput {
+    available: bool,
+}
+
+async fn availability(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((s, sku)): Path<(String, String)>,
+    body: Result<Json<AvailabilityInput>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers, AdminRole::Manager).await?;
+    let input = json_body(body)?;
+    let sku = Sku::new(&sku).map_err(|e| bad(format!("sku: {e}")))?;
+    let op = AdminOp::Mark {
+        sku,
+        available: input.available,
+    };
+    Ok(Json(admin_op(&app, &s, op).await?).into_response())
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogInput {
+    items: Vec<ItemInput>,
+}
+
+async fn catalog(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(s): Path<String>,
+    body: Result<Json<CatalogInput>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers, AdminRole::Admin).await?;
+    let input = json_body(body)?;
+    let items = input
+        .items
+        .into_iter()
+        .map(|i| catalog_item(i, 10).map(|(c, _)| c))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(admin_op(&app, &s, AdminOp::Catalog { items }).await?).into_response())
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrolInput {
+    public_key: String,
+    name: String,
+    role: Role,
+}
+
+/// Enrol a device; the answer is what it needs to join.
+async fn enrol(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(s): Path<String>,
+    body: Result<Json<EnrolInput>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers, AdminRole::Admin).await?;
+    let input = json_body(body)?;
+    let key: PublicKey = input
+        .public_key
+        .parse()
+        .map_err(|e: halftime_ledger::KeyError| bad(format!("public_key: {e}")))?;
+    let served = known(&app, &s)?;
+    let op = AdminOp::Enrol {
+        key,
+        name: input.name,
+        role: input.role,
+    };
+    admin_op(&app, &s, op).await?;
+    let pool_key = served.key.public().to_string();
+    let psk = served.psk.clone().unwrap_or_default();
+    let join =
+        format!("halftime-peer join --data DIR --stand {s} --pool-key {pool_key} --psk {psk}");
+    let body = serde_json::json!({
+        "replica": key.replica_id().to_string(),
+        "stand": s,
+        "pool_key": pool_key,
+        "psk": psk,
+        "join": join,
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+fn replica_id(id: &str) -> Result<ReplicaId, ApiError> {
+    id.parse()
+        .map_err(|_| bad(format!("{id:?} is not a replica id (16 hex digits)")))
+}
+
+async fn retire(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((s, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers, AdminRole::Admin).await?;
+    let op = AdminOp::Retire {
+        replica: replica_id(&id)?,
+    };
+    Ok(Json(admin_op(&app, &s, op).await?).into_response())
+}
+
+async fn reclaim(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((s, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers, AdminRole::Admin).await?;
+    let op = AdminOp::Reclaim {
+        replica: replica_id(&id)?,
+    };
+    Ok(Json(admin_op(&app, &s, op).await?).into_response())
 }
 
 async fn stock(
@@ -450,7 +791,17 @@ pub fn router(app: App) -> Router {
     Router::new()
         .route("/v1/stands/{stand}/uplink", get(uplink::upgrade))
         .route("/v1/relay", get(relay_info))
-        .route("/v1/stands", get(list_stands).post(attach))
+        .route("/v1/stands", get(list_stands).post(add_stand))
+        .route("/v1/stands/{stand}/restock", post(restock))
+        .route("/v1/stands/{stand}/adjust", post(adjust))
+        .route(
+            "/v1/stands/{stand}/items/{sku}/availability",
+            put(availability),
+        )
+        .route("/v1/stands/{stand}/catalog", put(catalog))
+        .route("/v1/stands/{stand}/replicas", post(enrol))
+        .route("/v1/stands/{stand}/replicas/{id}/retire", post(retire))
+        .route("/v1/stands/{stand}/replicas/{id}/reclaim", post(reclaim))
         .route("/v1/stands/{stand}/stock", get(stock))
         .route("/v1/stands/{stand}/sales", get(sales))
         .route("/v1/stands/{stand}/rejections", get(rejections))

@@ -57,6 +57,69 @@ pub enum StandCmd {
     View {
         reply: oneshot::Sender<StandView>,
     },
+    /// An admin operation, signed by the pool when the pool is here; answered once committed.
+    Admin {
+        op: AdminOp,
+        reply: oneshot::Sender<Result<serde_json::Value, AdminError>>,
+    },
+}
+
+/// What an admin asks of a stand's pool.
+#[derive(Debug, Clone)]
+pub enum AdminOp {
+    Restock {
+        units: BTreeMap<Sku, u64>,
+        note: String,
+    },
+    Adjust {
+        units: BTreeMap<Sku, u64>,
+        reason: String,
+    },
+    Mark {
+        sku: Sku,
+        available: bool,
+    },
+    Catalog {
+        items: Vec<halftime_ledger::CatalogItem>,
+    },
+    Enrol {
+        key: PublicKey,
+        name: String,
+        role: Role,
+    },
+    Retire {
+        replica: ReplicaId,
+    },
+    Reclaim {
+        replica: ReplicaId,
+    },
+}
+
+/// Why an admin operation was not made (nothing was written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminError {
+    pub status: u16,
+    pub error: &'static str,
+    pub message: String,
+}
+
+impl AdminError {
+    fn of(e: halftime_ledger::OpError) -> Self {
+        use halftime_ledger::{OpError, Refusal};
+        let (status, error) = match &e {
+            OpError::Refused(Refusal::UnknownSku { .. } | Refusal::UnknownReplica { .. }) => {
+                (404, "refused")
+            }
+            OpError::Refused(Refusal::Invalid { .. }) => (422, "refused"),
+            OpError::Refused(_) => (409, "refused"),
+            _ => (500, "internal"),
+        };
+        Self {
+            status,
+            error,
+            message: e.to_string(),
+        }
+    }
 }
 
 impl std::fmt::Debug for StandCmd {
@@ -67,6 +130,7 @@ impl std::fmt::Debug for StandCmd {
             StandCmd::Heard { conn } => write!(f, "Heard({conn})"),
             StandCmd::Closed { conn } => write!(f, "Closed({conn})"),
             StandCmd::View { .. } => write!(f, "View"),
+            StandCmd::Admin { op, .. } => write!(f, "Admin({op:?})"),
         }
     }
 }
@@ -105,6 +169,11 @@ pub struct StandTask {
     conns: BTreeMap<u64, Conn>,
     by_replica: BTreeMap<ReplicaId, u64>,
     commit_failures: u64,
+    /// Answers to admin operations, sent once their changes are committed.
+    answers: Vec<(
+        oneshot::Sender<Result<serde_json::Value, AdminError>>,
+        serde_json::Value,
+    )>,
 }
 
 impl std::fmt::Debug for StandTask {
@@ -160,6 +229,7 @@ pub async fn start(
         conns: BTreeMap::new(),
         by_replica: BTreeMap::new(),
         commit_failures: 0,
+        answers: Vec::new(),
     };
     let (tx, rx) = mpsc::channel(STAND_QUEUE_LEN);
     tokio::spawn(task.run(rx));
@@ -194,6 +264,9 @@ impl StandTask {
                 self.engine.handle_timeout(now);
             }
             self.commit().await;
+            for (reply, answer) in self.answers.drain(..) {
+                let _ = reply.send(Ok(answer));
+            }
             self.flush();
         }
         tracing::info!(stand = %self.stand, "stand stopped");
@@ -247,7 +320,53 @@ impl StandTask {
             StandCmd::View { reply } => {
                 let _ = reply.send(self.view());
             }
+            StandCmd::Admin { op, reply } => match self.admin(op, now) {
+                Ok(answer) => self.answers.push((reply, answer)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
         }
+    }
+
+    /// Make an admin operation as the pool (only when the pool is here).
+    fn admin(&mut self, op: AdminOp, now: u64) -> Result<serde_json::Value, AdminError> {
+        if self.placement != Placement::Relay {
+            return Err(AdminError {
+                status: 409,
+                error: "pool_on_device",
+                message: format!(
+                    "the pool of stand {} is a stand device: make this operation on its API",
+                    self.stand
+                ),
+            });
+        }
+        let e = &mut self.engine;
+        let done = |c| Ok((c, ()));
+        let r = match op {
+            AdminOp::Restock { units, note } => {
+                e.local_op(now, |l, now| done(l.restock(units, &note, now)?))
+            }
+            AdminOp::Adjust { units, reason } => {
+                e.local_op(now, |l, now| done(l.adjust(units, &reason, now)?))
+            }
+            AdminOp::Mark { sku, available } => {
+                e.local_op(now, |l, now| done(l.mark(&sku, available, now)?))
+            }
+            AdminOp::Catalog { items } => {
+                e.local_op(now, |l, now| done(l.set_catalog(items, now)?))
+            }
+            AdminOp::Enrol { key, name, role } => {
+                e.local_op(now, |l, now| done(l.enrol(key, &name, role, now)?))
+            }
+            AdminOp::Retire { replica } => e.local_op(now, |l, now| done(l.retire(replica, now)?)),
+            AdminOp::Reclaim { replica } => {
+                let view = e.reclaim(replica, now).map_err(AdminError::of)?;
+                return Ok(serde_json::to_value(view).unwrap_or_default());
+            }
+        };
+        r.map_err(AdminError::of)?;
+        Ok(serde_json::json!({"stand": self.stand.to_string(), "pool_seq": e.ledger().local_seq()}))
     }
 
     fn view(&self) -> StandView {

@@ -74,6 +74,8 @@ pub struct StandRow {
     pub placement: Placement,
     /// The pool's secret key when the pool is at the relay.
     pub pool_secret: Option<[u8; 32]>,
+    /// The stand's private-network key, when the relay made the stand.
+    pub psk: Option<String>,
 }
 
 /// An accepted change as the store of record keeps it.
@@ -237,17 +239,33 @@ impl Store {
 
     /// Serve a stand from now on (idempotent for the same pool key).
     pub async fn add_stand(&self, s: &StandRow, now_ms: u64) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO stands (stand, pool_key, placement, pool_secret, created_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (stand) DO NOTHING",
+        self.add_stand_with(s, &Batch::default(), now_ms).await
+    }
+
+    /// Serve a stand, with the changes that make it (a stand created here), in one transaction.
+    pub async fn add_stand_with(
+        &self,
+        s: &StandRow,
+        b: &Batch,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let added = sqlx::query(
+            "INSERT INTO stands (stand, pool_key, placement, pool_secret, psk, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (stand) DO NOTHING",
         )
         .bind(s.stand.as_str())
         .bind(s.pool_key.to_string())
         .bind(s.placement.as_str())
         .bind(s.pool_secret.map(|k| k.to_vec()))
+        .bind(s.psk.clone())
         .bind(i64_of(now_ms, "time")?)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        if added.rows_affected() == 1 {
+            write_batch(&mut tx, &s.stand, b, now_ms).await?;
+        }
+        tx.commit().await?;
         let stored = self.stand(&s.stand).await?;
         match stored {
             Some(r) if r.pool_key == s.pool_key => Ok(()),
@@ -265,7 +283,7 @@ impl Store {
 
     pub async fn stands(&self) -> Result<Vec<StandRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT stand, pool_key, placement, pool_secret FROM stands ORDER BY stand",
+            "SELECT stand, pool_key, placement, pool_secret, psk FROM stands ORDER BY stand",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -275,6 +293,7 @@ impl Store {
             let pool_key: String = row.try_get(1)?;
             let placement: String = row.try_get(2)?;
             let secret: Option<Vec<u8>> = row.try_get(3)?;
+            let psk: Option<String> = row.try_get(4)?;
             let bad = |what: &str| StoreError::Invalid(format!("stand {stand}: bad {what}"));
             out.push(StandRow {
                 stand: StandId::new(&stand).map_err(|_| bad("id"))?,
@@ -288,6 +307,7 @@ impl Store {
                     None => None,
                     Some(v) => Some(v.try_into().map_err(|_| bad("pool secret"))?),
                 },
+                psk,
             });
         }
         Ok(out)
@@ -314,147 +334,8 @@ impl Store {
         if b.is_empty() {
             return Ok(());
         }
-        let st = stand.as_str();
-        let now = i64_of(now_ms, "time")?;
         let mut tx = self.pool.begin().await?;
-        for chunk in b.changes.chunks(INSERT_CHUNK) {
-            let mut sql = String::from(
-                "INSERT INTO changes \
-                 (stand, actor, seq, hash, deps, bytes, signature, at_ms, received_at) VALUES ",
-            );
-            for i in 0..chunk.len() {
-                let p = i * 9;
-                if i > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!(
-                    "(${},${},${},${},${},${},${},${},${})",
-                    p + 1,
-                    p + 2,
-                    p + 3,
-                    p + 4,
-                    p + 5,
-                    p + 6,
-                    p + 7,
-                    p + 8,
-                    p + 9
-                ));
-            }
-            sql.push_str(" ON CONFLICT (stand, actor, seq) DO NOTHING");
-            let mut q = sqlx::query(&sql);
-            for c in chunk {
-                q = q
-                    .bind(st)
-                    .bind(c.actor.to_string())
-                    .bind(i64_of(c.seq, "seq")?)
-                    .bind(c.info.hash.to_vec())
-                    .bind(c.info.deps.concat())
-                    .bind(c.change.bytes.clone())
-                    .bind(c.change.signature.clone())
-                    .bind(i64_of(c.info.at.wall_ms(), "change time")?)
-                    .bind(now);
-            }
-            let done = q.execute(&mut *tx).await?;
-            if done.rows_affected() < chunk.len() as u64 {
-                // Some were stored already (a batch retried after its commit was not
-                // confirmed): the same change is fine, a different one is a fork.
-                for c in chunk {
-                    let row = sqlx::query(
-                        "SELECT hash FROM changes WHERE stand = $1 AND actor = $2 AND seq = $3",
-                    )
-                    .bind(st)
-                    .bind(c.actor.to_string())
-                    .bind(i64_of(c.seq, "seq")?)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    let hash: Vec<u8> = row.try_get(0)?;
-                    if hash != c.info.hash {
-                        return Err(StoreError::Fork {
-                            stand: st.to_owned(),
-                            actor: c.actor,
-                            seq: c.seq,
-                        });
-                    }
-                }
-            }
-        }
-        for it in &b.items {
-            sqlx::query(
-                "INSERT INTO items (stand, sku, name, price_cents, total_in, available, marked_off) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (stand, sku) DO UPDATE SET \
-                 name = excluded.name, price_cents = excluded.price_cents, \
-                 total_in = excluded.total_in, available = excluded.available, \
-                 marked_off = excluded.marked_off",
-            )
-            .bind(st)
-            .bind(it.sku.as_str())
-            .bind(it.name.as_str())
-            .bind(it.price_cents)
-            .bind(it.total_in)
-            .bind(it.available)
-            .bind(i64::from(it.marked_off))
-            .execute(&mut *tx)
-            .await?;
-        }
-        for (sku, replica, units) in &b.rights {
-            sqlx::query(
-                "INSERT INTO rights (stand, sku, replica, units) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (stand, sku, replica) DO UPDATE SET units = excluded.units",
-            )
-            .bind(st)
-            .bind(sku.as_str())
-            .bind(replica.to_string())
-            .bind(*units)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for s in &b.sales {
-            let units: u64 = s.lines.iter().map(|l| l.qty).fold(0, u64::saturating_add);
-            let total: u64 = s
-                .lines
-                .iter()
-                .map(|l| l.qty.saturating_mul(l.unit_price_cents))
-                .fold(0, u64::saturating_add);
-            sqlx::query(
-                "INSERT INTO sales (stand, sale_id, replica, seq, at_ms, lines, units, \
-                 total_cents, method, reference, offline, voided) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0) \
-                 ON CONFLICT (stand, sale_id) DO NOTHING",
-            )
-            .bind(st)
-            .bind(s.id.to_string())
-            .bind(s.id.replica.to_string())
-            .bind(i64_of(s.id.seq, "seq")?)
-            .bind(i64_of(s.at.wall_ms(), "sale time")?)
-            .bind(serde_json::to_string(&s.lines).unwrap_or_default())
-            .bind(i64_of(units, "units")?)
-            .bind(i64_of(total, "total")?)
-            .bind(s.payment.method.as_str())
-            .bind(s.payment.reference.as_str())
-            .bind(i64::from(s.offline))
-            .execute(&mut *tx)
-            .await?;
-        }
-        for v in &b.voids {
-            sqlx::query("UPDATE sales SET voided = 1 WHERE stand = $1 AND sale_id = $2")
-                .bind(st)
-                .bind(v.to_string())
-                .execute(&mut *tx)
-                .await?;
-        }
-        for ((replica, rule), n) in &b.rejections {
-            sqlx::query(
-                "INSERT INTO rejections (stand, replica, rule, count) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (stand, replica, rule) DO UPDATE SET \
-                 count = rejections.count + excluded.count",
-            )
-            .bind(st)
-            .bind(replica.as_str())
-            .bind(*rule)
-            .bind(i64_of(*n, "count")?)
-            .execute(&mut *tx)
-            .await?;
-        }
+        write_batch(&mut tx, stand, b, now_ms).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -587,4 +468,154 @@ impl Store {
     pub async fn execute_raw(&self, sql: &str) -> Result<u64, StoreError> {
         Ok(sqlx::query(sql).execute(&self.pool).await?.rows_affected())
     }
+}
+
+/// Append a batch's changes and write its projections within `tx`.
+async fn write_batch(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    stand: &StandId,
+    b: &Batch,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let st = stand.as_str();
+    let now = i64_of(now_ms, "time")?;
+    for chunk in b.changes.chunks(INSERT_CHUNK) {
+        let mut sql = String::from(
+            "INSERT INTO changes \
+             (stand, actor, seq, hash, deps, bytes, signature, at_ms, received_at) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            let p = i * 9;
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!(
+                "(${},${},${},${},${},${},${},${},${})",
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4,
+                p + 5,
+                p + 6,
+                p + 7,
+                p + 8,
+                p + 9
+            ));
+        }
+        sql.push_str(" ON CONFLICT (stand, actor, seq) DO NOTHING");
+        let mut q = sqlx::query(&sql);
+        for c in chunk {
+            q = q
+                .bind(st)
+                .bind(c.actor.to_string())
+                .bind(i64_of(c.seq, "seq")?)
+                .bind(c.info.hash.to_vec())
+                .bind(c.info.deps.concat())
+                .bind(c.change.bytes.clone())
+                .bind(c.change.signature.clone())
+                .bind(i64_of(c.info.at.wall_ms(), "change time")?)
+                .bind(now);
+        }
+        let done = q.execute(&mut **tx).await?;
+        if done.rows_affected() < chunk.len() as u64 {
+            // Some were stored already (a batch retried after its commit was not
+            // confirmed): the same change is fine, a different one is a fork.
+            for c in chunk {
+                let row = sqlx::query(
+                    "SELECT hash FROM changes WHERE stand = $1 AND actor = $2 AND seq = $3",
+                )
+                .bind(st)
+                .bind(c.actor.to_string())
+                .bind(i64_of(c.seq, "seq")?)
+                .fetch_one(&mut **tx)
+                .await?;
+                let hash: Vec<u8> = row.try_get(0)?;
+                if hash != c.info.hash {
+                    return Err(StoreError::Fork {
+                        stand: st.to_owned(),
+                        actor: c.actor,
+                        seq: c.seq,
+                    });
+                }
+            }
+        }
+    }
+    for it in &b.items {
+        sqlx::query(
+            "INSERT INTO items (stand, sku, name, price_cents, total_in, available, marked_off) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (stand, sku) DO UPDATE SET \
+             name = excluded.name, price_cents = excluded.price_cents, \
+             total_in = excluded.total_in, available = excluded.available, \
+             marked_off = excluded.marked_off",
+        )
+        .bind(st)
+        .bind(it.sku.as_str())
+        .bind(it.name.as_str())
+        .bind(it.price_cents)
+        .bind(it.total_in)
+        .bind(it.available)
+        .bind(i64::from(it.marked_off))
+        .execute(&mut **tx)
+        .await?;
+    }
+    for (sku, replica, units) in &b.rights {
+        sqlx::query(
+            "INSERT INTO rights (stand, sku, replica, units) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (stand, sku, replica) DO UPDATE SET units = excluded.units",
+        )
+        .bind(st)
+        .bind(sku.as_str())
+        .bind(replica.to_string())
+        .bind(*units)
+        .execute(&mut **tx)
+        .await?;
+    }
+    for s in &b.sales {
+        let units: u64 = s.lines.iter().map(|l| l.qty).fold(0, u64::saturating_add);
+        let total: u64 = s
+            .lines
+            .iter()
+            .map(|l| l.qty.saturating_mul(l.unit_price_cents))
+            .fold(0, u64::saturating_add);
+        sqlx::query(
+            "INSERT INTO sales (stand, sale_id, replica, seq, at_ms, lines, units, \
+             total_cents, method, reference, offline, voided) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0) \
+             ON CONFLICT (stand, sale_id) DO NOTHING",
+        )
+        .bind(st)
+        .bind(s.id.to_string())
+        .bind(s.id.replica.to_string())
+        .bind(i64_of(s.id.seq, "seq")?)
+        .bind(i64_of(s.at.wall_ms(), "sale time")?)
+        .bind(serde_json::to_string(&s.lines).unwrap_or_default())
+        .bind(i64_of(units, "units")?)
+        .bind(i64_of(total, "total")?)
+        .bind(s.payment.method.as_str())
+        .bind(s.payment.reference.as_str())
+        .bind(i64::from(s.offline))
+        .execute(&mut **tx)
+        .await?;
+    }
+    for v in &b.voids {
+        sqlx::query("UPDATE sales SET voided = 1 WHERE stand = $1 AND sale_id = $2")
+            .bind(st)
+            .bind(v.to_string())
+            .execute(&mut **tx)
+            .await?;
+    }
+    for ((replica, rule), n) in &b.rejections {
+        sqlx::query(
+            "INSERT INTO rejections (stand, replica, rule, count) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (stand, replica, rule) DO UPDATE SET \
+             count = rejections.count + excluded.count",
+        )
+        .bind(st)
+        .bind(replica.as_str())
+        .bind(*rule)
+        .bind(i64_of(*n, "count")?)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }

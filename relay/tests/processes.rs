@@ -317,3 +317,168 @@ async fn terminals_on_no_shared_network_converge_through_the_relay_and_survive_i
     relay.kill9();
     drop((t0, t1));
 }
+
+async fn call(method: reqwest::Method, url: &str, token: &str, body: Value) -> (u16, Value) {
+    let r = http()
+        .request(method, url)
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stand_made_at_the_relay_is_run_from_its_admin_api() {
+    use reqwest::Method;
+    let peer = peer_bin();
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let relay_bin = Path::new(RELAY);
+    let token = |role: &str| {
+        run(
+            relay_bin,
+            &["--database", &db.url, "token", "create", "--role", role],
+        )
+        .trim()
+        .to_owned()
+    };
+    let (admin, manager, viewer) = (token("admin"), token("manager"), token("viewer"));
+    let rport = free_port();
+    let _relay = spawn_relay(&db.url, rport, dir.path().join("relay.log"));
+    let url = format!("http://127.0.0.1:{rport}");
+    eventually(10, "the relay is up", || async {
+        get(&format!("{url}/v1/relay"), Some(&viewer)).await
+    })
+    .await;
+
+    let stand = serde_json::json!({
+        "stand": "east", "event": "game", "venue": "Field",
+        "items": [{"sku": "hotdog", "name": "Hot dog", "price_cents": 400, "stock": 40}],
+    });
+    let (code, body) = call(
+        Method::POST,
+        &format!("{url}/v1/stands"),
+        &viewer,
+        stand.clone(),
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = call(Method::POST, &format!("{url}/v1/stands"), &admin, stand).await;
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["placement"], "relay");
+
+    // Enrol a terminal through the admin API; the answer is what it needs to join.
+    let data = dir.path().join("t0");
+    let key = field(
+        &run(&peer, &["init", "--data", data.to_str().unwrap()]),
+        "public key:",
+    );
+    let enrol = serde_json::json!({"public_key": key, "name": "till0", "role": "terminal"});
+    let (code, joined) = call(
+        Method::POST,
+        &format!("{url}/v1/stands/east/replicas"),
+        &admin,
+        enrol,
+    )
+    .await;
+    assert_eq!(code, 201, "{joined}");
+    let (pool_key, psk) = (
+        joined["pool_key"].as_str().unwrap(),
+        joined["psk"].as_str().unwrap(),
+    );
+    run(
+        &peer,
+        &[
+            "join",
+            "--data",
+            data.to_str().unwrap(),
+            "--stand",
+            "east",
+            "--pool-key",
+            pool_key,
+            "--psk",
+            psk,
+        ],
+    );
+    let api_port = free_port();
+    let args: Vec<String> = vec![
+        "run".into(),
+        "--data".into(),
+        data.to_str().unwrap().into(),
+        "--listen".into(),
+        "/ip4/127.0.0.1/tcp/0".into(),
+        "--api".into(),
+        format!("127.0.0.1:{api_port}"),
+        "--no-mdns".into(),
+        "--sale-wait-ms".into(),
+        "3000".into(),
+        "--relay".into(),
+        format!("ws://127.0.0.1:{rport}"),
+    ];
+    let _t0 = Proc::spawn(&peer, &args, data.join("peer.log"));
+    let api = format!("http://127.0.0.1:{api_port}");
+
+    // The pool at the relay allocates to the terminal it reaches; the terminal sells.
+    eventually(
+        30,
+        "the terminal learns the stand from the relay's pool",
+        || async { (available(&api, "hotdog").await == Some(40)).then_some(()) },
+    )
+    .await;
+    let (code, body) = sell(&api, 2).await;
+    assert_eq!(code, 201, "{body}");
+
+    // A manager restocks; the terminal's stock rises.
+    let restock = serde_json::json!({"units": {"hotdog": 10}, "note": "second van"});
+    let (code, body) = call(
+        Method::POST,
+        &format!("{url}/v1/stands/east/restock"),
+        &manager,
+        restock,
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    eventually(10, "the restock reaches the terminal", || async {
+        (available(&api, "hotdog").await == Some(48)).then_some(())
+    })
+    .await;
+
+    // A manager "86"s the item; the terminal refuses it.
+    let off = serde_json::json!({"available": false});
+    let (code, body) = call(
+        Method::PUT,
+        &format!("{url}/v1/stands/east/items/hotdog/availability"),
+        &manager,
+        off,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    eventually(10, "the mark reaches the terminal", || async {
+        let stock = get(&format!("{api}/v1/stock"), None).await?;
+        (stock[0]["marked_off"] == true).then_some(())
+    })
+    .await;
+    let (code, body) = sell(&api, 1).await;
+    assert_eq!(
+        (code, &body["refusal"]["reason"]),
+        (409, &Value::from("marked_off")),
+        "{body}"
+    );
+    let (code, _) = call(
+        Method::POST,
+        &format!("{url}/v1/stands/east/restock"),
+        &manager,
+        serde_json::json!({"units": {"caviar": 1}}),
+    )
+    .await;
+    assert_eq!(code, 404, "an unknown item is refused");
+
+    let stock = get(&format!("{url}/v1/stands/east/stock"), Some(&viewer))
+        .await
+        .unwrap();
+    assert_eq!(stock["items"][0]["available"], 48, "{stock}");
+    assert_eq!(stock["items"][0]["marked_off"], true, "{stock}");
+}

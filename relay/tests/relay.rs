@@ -164,6 +164,7 @@ async fn whole_story(db: &TestDb) {
         pool_key: key(1).public(),
         placement: Placement::Device,
         pool_secret: None,
+        psk: None,
     };
     store.add_stand(&row, 1_000).await.unwrap();
     let (addr, _app) = serve(store.clone()).await;
