@@ -9,6 +9,7 @@
 //! the relay adds no rule of its own. `store` keeps the append-only `changes` table and the
 //! projections; `stand` is the driver; `uplink` the WebSocket end; `server` the routes.
 
+pub mod audit;
 pub mod server;
 pub mod stand;
 pub mod store;

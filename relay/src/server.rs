@@ -15,6 +15,8 @@
 //! | `GET /v1/stands/{stand}/stock` | viewer | per item: available, total in, marked off; rights per replica |
 //! | `GET /v1/stands/{stand}/sales` | viewer | the latest sales (`?limit=`, at most 1000) |
 //! | `GET /v1/stands/{stand}/rejections` | viewer | rejected changes per replica and rule |
+//! | `GET /v1/stands/{stand}/stock/at?at=MS` | viewer | available per item as at a past time (ms since the epoch) |
+//! | `GET /v1/stands/{stand}/audit/verify` | viewer | re-checks every stored change's signature, hash links and columns; reports the first break |
 //! | `GET /metrics` | none | Prometheus text |
 //!
 //! Without a valid `Authorization: Bearer …` token an admin call is 401; with too weak a
@@ -711,6 +713,67 @@ async fn rejections(
     Ok(Json(out).into_response())
 }
 
+async fn audit_verify(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(s): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers, AdminRole::Viewer).await?;
+    let served = known(&app, &s)?;
+    let stand = served.handle.stand.clone();
+    let row = app
+        .store
+        .stand(&stand)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_stand", "not stored"))?;
+    let rows = app.store.load_rows(&stand).await?;
+    let now = stand::now_ms();
+    let report =
+        tokio::task::spawn_blocking(move || crate::audit::verify(&stand, row.pool_key, &rows, now))
+            .await
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?;
+    Ok(Json(report).into_response())
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AtQuery {
+    /// Milliseconds since the Unix epoch.
+    at: u64,
+}
+
+async fn stock_at(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(s): Path<String>,
+    q: Result<Query<AtQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers, AdminRole::Viewer).await?;
+    let Query(q) = q.map_err(|e| bad(e.body_text()))?;
+    let served = known(&app, &s)?;
+    let (reply, rx) = oneshot::channel();
+    let busy = || {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "the stand is not answering",
+        )
+    };
+    served
+        .handle
+        .tx
+        .send(StandCmd::StockAt { at_ms: q.at, reply })
+        .await
+        .map_err(|_| busy())?;
+    let stock = tokio::time::timeout(Duration::from_millis(STAND_TIMEOUT_MS), rx)
+        .await
+        .map_err(|_| busy())?
+        .map_err(|_| busy())?;
+    Ok(Json(serde_json::json!({"stand": s, "at": q.at, "available": stock})).into_response())
+}
+
 async fn metrics(State(app): State<App>) -> Response {
     let m = &app.metrics;
     let mut t = String::new();
@@ -805,6 +868,8 @@ pub fn router(app: App) -> Router {
         .route("/v1/stands/{stand}/stock", get(stock))
         .route("/v1/stands/{stand}/sales", get(sales))
         .route("/v1/stands/{stand}/rejections", get(rejections))
+        .route("/v1/stands/{stand}/audit/verify", get(audit_verify))
+        .route("/v1/stands/{stand}/stock/at", get(stock_at))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

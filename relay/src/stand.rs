@@ -57,6 +57,11 @@ pub enum StandCmd {
     View {
         reply: oneshot::Sender<StandView>,
     },
+    /// Available per item as at `at_ms`.
+    StockAt {
+        at_ms: u64,
+        reply: oneshot::Sender<BTreeMap<Sku, i64>>,
+    },
     /// An admin operation, signed by the pool when the pool is here; answered once committed.
     Admin {
         op: AdminOp,
@@ -131,6 +136,7 @@ impl std::fmt::Debug for StandCmd {
             StandCmd::Closed { conn } => write!(f, "Closed({conn})"),
             StandCmd::View { .. } => write!(f, "View"),
             StandCmd::Admin { op, .. } => write!(f, "Admin({op:?})"),
+            StandCmd::StockAt { at_ms, .. } => write!(f, "StockAt({at_ms})"),
         }
     }
 }
@@ -319,6 +325,10 @@ impl StandTask {
             }
             StandCmd::View { reply } => {
                 let _ = reply.send(self.view());
+            }
+            StandCmd::StockAt { at_ms, reply } => {
+                let t = halftime_ledger::Hlc::new(at_ms, u16::MAX);
+                let _ = reply.send(self.engine.ledger().stock_at_time(t));
             }
             StandCmd::Admin { op, reply } => match self.admin(op, now) {
                 Ok(answer) => self.answers.push((reply, answer)),

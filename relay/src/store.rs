@@ -87,6 +87,17 @@ pub struct ChangeRow {
     pub change: SignedChange,
 }
 
+/// A row of `changes` as stored.
+#[derive(Debug, Clone)]
+pub struct StoredRow {
+    pub id: i64,
+    pub actor: String,
+    pub seq: i64,
+    pub hash: Vec<u8>,
+    pub deps: Vec<u8>,
+    pub change: SignedChange,
+}
+
 /// An item's line in the stock projection.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ItemRow {
@@ -338,6 +349,32 @@ impl Store {
         write_batch(&mut tx, stand, b, now_ms).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Every stored change of a stand with what was stored beside it, in order.
+    pub async fn load_rows(&self, stand: &StandId) -> Result<Vec<StoredRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, actor, seq, hash, deps, bytes, signature FROM changes \
+             WHERE stand = $1 ORDER BY id",
+        )
+        .bind(stand.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(StoredRow {
+                    id: r.try_get(0)?,
+                    actor: r.try_get(1)?,
+                    seq: r.try_get(2)?,
+                    hash: r.try_get(3)?,
+                    deps: r.try_get(4)?,
+                    change: SignedChange {
+                        bytes: r.try_get(5)?,
+                        signature: r.try_get(6)?,
+                    },
+                })
+            })
+            .collect()
     }
 
     /// Changes stored for a stand.

@@ -9,7 +9,7 @@ use futures::{SinkExt, StreamExt};
 use halftime_ledger::uplink::{self, Handshake, Side};
 use halftime_ledger::*;
 use halftime_relay::server::{App, router};
-use halftime_relay::store::{AdminRole, Placement, StandRow, Store};
+use halftime_relay::store::{AdminRole, Backend, Placement, StandRow, Store};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
@@ -278,12 +278,57 @@ async fn whole_story(db: &TestDb) {
     assert_eq!(sales.len(), 1);
     assert_eq!((sales[0].units, sales[0].total_cents), (2, 600));
 
+    // The audit re-checks every stored change; stock can be read as at any past time.
+    let token = store.create_token("t", AdminRole::Viewer, 1).await.unwrap();
+    let http = reqwest::Client::new();
+    let viewer_get = |path: String| {
+        let req = http.get(format!("http://{addr}{path}")).bearer_auth(&token);
+        async move {
+            req.send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let audit = viewer_get("/v1/stands/north/audit/verify".into()).await;
+    assert_eq!(audit["ok"], true, "{audit}");
+    assert_eq!(audit["changes"], setup.len() + 1, "{audit}");
+    let before = viewer_get("/v1/stands/north/stock/at?at=1500".into()).await;
+    assert_eq!(before["available"]["soda"], 20, "{before}");
+    let after = viewer_get("/v1/stands/north/stock/at?at=2500".into()).await;
+    assert_eq!(after["available"]["soda"], 18, "{after}");
+
     // History cannot be rewritten, by anyone with a connection to the database.
     for sql in ["UPDATE changes SET seq = seq + 100", "DELETE FROM changes"] {
         let e = store.execute_raw(sql).await.unwrap_err().to_string();
         assert!(e.contains("append-only"), "{sql}: {e}");
     }
     assert_eq!(stored(&store).await, setup.len() as u64 + 1);
+
+    // Someone who can drop the triggers can change a row, but not unseen: the audit finds it.
+    if store.backend() == Backend::Sqlite {
+        store
+            .execute_raw("DROP TRIGGER changes_no_update")
+            .await
+            .unwrap();
+        store
+            .execute_raw(
+                "UPDATE changes SET signature = zeroblob(64) WHERE id = (SELECT MAX(id) FROM changes)",
+            )
+            .await
+            .unwrap();
+        let audit = viewer_get("/v1/stands/north/audit/verify".into()).await;
+        assert_eq!(audit["ok"], false, "{audit}");
+        let brk = &audit["first_break"];
+        assert_eq!(brk["actor"], key(10).replica_id().to_string(), "{audit}");
+        assert_eq!(brk["seq"], 1, "{audit}");
+        assert!(
+            brk["why"].as_str().unwrap().contains("signature"),
+            "{audit}"
+        );
+    }
 
     // A relay restarted on the same database serves the stand again from the store.
     drop((p, t));
