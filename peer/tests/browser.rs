@@ -504,3 +504,208 @@ async fn selling_on_the_pos_page_reaches_the_kitchen_page() {
         shot.display()
     );
 }
+
+/// The relay, built beside this daemon by `cargo test --workspace`.
+fn relay_bin() -> PathBuf {
+    let p = Path::new(BIN).with_file_name("halftime-relay");
+    assert!(
+        p.exists(),
+        "{} is missing: run the workspace's tests (./scripts/test.sh) or `cargo build -p halftime-relay`",
+        p.display()
+    );
+    p
+}
+
+fn relay_cli(db: &str, args: &[&str]) -> String {
+    let out = Command::new(relay_bin())
+        .args(["--database", db])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn admin_scenario(c: &Client, pos: &str, relay: &str, token: &str) {
+    const POS_HOTDOG: &str = r#"button.item[data-sku="hotdog"] .available"#;
+    const ROW: &str = r#"section.stand[data-stand="east"] .item[data-sku="hotdog"]"#;
+    let number = |t: Option<String>| t.and_then(|t| t.trim().parse::<i64>().ok());
+    c.goto(&format!("{pos}/")).await.unwrap();
+    eventually(15, "the POS page shows 40 hot dogs", move || async move {
+        (number(text(c, POS_HOTDOG).await)? == 40).then_some(())
+    })
+    .await;
+    let pos_window = c.window().await.unwrap();
+
+    // The admin page, in a second window, with a manager's token.
+    let admin_window = c.new_window(false).await.unwrap().handle;
+    c.switch_to_window(admin_window).await.unwrap();
+    c.goto(&format!("{relay}/admin")).await.unwrap();
+    let field = c.find(Locator::Css("#token")).await.unwrap();
+    field.send_keys(token).await.unwrap();
+    click(c, "#save-token", "using the token").await;
+    let row_available = format!("{ROW} .available");
+    let row_available: &str = &row_available;
+    eventually(
+        15,
+        "the admin page shows the stand's hot dogs",
+        move || async move { (number(text(c, row_available).await)? == 40).then_some(()) },
+    )
+    .await;
+    let units = c
+        .find(Locator::Css(&format!("{ROW} .restock-units")))
+        .await
+        .unwrap();
+    units.clear().await.unwrap();
+    units.send_keys("15").await.unwrap();
+    click(
+        c,
+        &format!("{ROW} button.restock"),
+        "restocking on the admin page",
+    )
+    .await;
+    wait_text(
+        c,
+        "#banner",
+        "Restocked 15 Hot dog",
+        "the admin page confirms",
+    )
+    .await;
+    eventually(15, "the admin page's bar rises", move || async move {
+        (number(text(c, row_available).await)? == 55).then_some(())
+    })
+    .await;
+    screenshot(c, "browser-admin.png").await;
+
+    // Back on the till: the POS page has risen by itself.
+    c.switch_to_window(pos_window).await.unwrap();
+    eventually(
+        15,
+        "the POS page rises after the restock",
+        move || async move { (number(text(c, POS_HOTDOG).await)? == 55).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restocking_on_the_relays_admin_page_raises_the_pos_page() {
+    let chromium = binary("CHROMIUM", "chromium");
+    let chromedriver = binary("CHROMEDRIVER", "chromedriver");
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite:{}", dir.path().join("relay.db").display());
+    let admin = relay_cli(&db, &["token", "create", "--role", "admin"])
+        .trim()
+        .to_owned();
+    let manager = relay_cli(&db, &["token", "create", "--role", "manager"])
+        .trim()
+        .to_owned();
+    let rport = free_port();
+    let relay_log = dir.path().join("relay.log");
+    let mut relay = Command::new(relay_bin())
+        .args([
+            "--database",
+            &db,
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{rport}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&relay_log).unwrap())
+        .spawn()
+        .unwrap();
+    let relay_url = format!("http://127.0.0.1:{rport}");
+    let post = |path: &str, body: serde_json::Value| {
+        client()
+            .post(format!("{relay_url}{path}"))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+    };
+    let made = eventually(15, "the relay takes a new stand", || async {
+        let body = serde_json::json!({"stand": "east", "event": "game", "items": [
+            {"sku": "hotdog", "name": "Hot dog", "price_cents": 400, "stock": 40}]});
+        let r = post("/v1/stands", body).await.ok()?;
+        (r.status() == 201).then_some(())
+    })
+    .await;
+    let _ = made;
+    let data = dir.path().join("t0");
+    let key = init(&data);
+    let joined: serde_json::Value = post(
+        "/v1/stands/east/replicas",
+        serde_json::json!({"public_key": key, "name": "till0", "role": "terminal"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    cli(&[
+        "join",
+        "--data",
+        data.to_str().unwrap(),
+        "--stand",
+        "east",
+        "--pool-key",
+        joined["pool_key"].as_str().unwrap(),
+        "--psk",
+        joined["psk"].as_str().unwrap(),
+    ]);
+    let api_port = free_port();
+    let log = data.join("peer.log");
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            "--data",
+            data.to_str().unwrap(),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ])
+        .args(["--api", &format!("127.0.0.1:{api_port}"), "--no-mdns"])
+        .args(["--relay", &format!("ws://127.0.0.1:{rport}")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let till = Proc {
+        name: "t0".into(),
+        child,
+        api: format!("http://127.0.0.1:{api_port}"),
+        mesh: String::new(),
+        data: data.clone(),
+        log,
+    };
+    let api = till.api.clone();
+    eventually(
+        30,
+        "the till learns the stand from the relay's pool",
+        || {
+            let api = api.clone();
+            async move { (available(&api, "hotdog").await == Some(40)).then_some(()) }
+        },
+    )
+    .await;
+
+    let driver = Driver::start(&chromedriver, dir.path()).await;
+    let profile = tempfile::tempdir().unwrap();
+    let c = browser(&driver, &chromium, profile.path()).await;
+    let outcome = AssertUnwindSafe(admin_scenario(&c, &till.api, &relay_url, &manager))
+        .catch_unwind()
+        .await;
+    let _ = c.close().await;
+    drop(driver);
+    let _ = relay.kill();
+    let _ = relay.wait();
+    if let Err(panic) = outcome {
+        eprintln!("--- till log ---\n{}", till.log_text());
+        eprintln!(
+            "--- relay log ---\n{}",
+            std::fs::read_to_string(&relay_log).unwrap_or_default()
+        );
+        std::panic::resume_unwind(panic);
+    }
+}

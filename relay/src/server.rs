@@ -18,6 +18,7 @@
 //! | `GET /v1/stands/{stand}/stock/at?at=MS` | viewer | available per item as at a past time (ms since the epoch) |
 //! | `GET /v1/stands/{stand}/audit/verify` | viewer | re-checks every stored change's signature, hash links and columns; reports the first break |
 //! | `GET /metrics` | none | Prometheus text |
+//! | `GET /`, `GET /admin` | none (the calls it makes need a token) | the admin page |
 //!
 //! Without a valid `Authorization: Bearer …` token an admin call is 401; with too weak a
 //! role, 403. Tokens are made with `halftime-relay token create` and stored hashed. Operations
@@ -846,6 +847,12 @@ async fn metrics(State(app): State<App>) -> Response {
         .into_response()
 }
 
+/// The admin page: the venue's stands at a glance, stock bars, restock, 86, reclaim. It holds
+/// nothing itself; every call it makes carries the token typed into it.
+async fn admin_page() -> Response {
+    axum::response::Html(include_str!("../assets/admin.html")).into_response()
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
@@ -871,6 +878,8 @@ pub fn router(app: App) -> Router {
         .route("/v1/stands/{stand}/audit/verify", get(audit_verify))
         .route("/v1/stands/{stand}/stock/at", get(stock_at))
         .route("/metrics", get(metrics))
+        .route("/", get(admin_page))
+        .route("/admin", get(admin_page))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
