@@ -521,24 +521,7 @@ async fn write_batch(
             "INSERT INTO changes \
              (stand, actor, seq, hash, deps, bytes, signature, at_ms, received_at) VALUES ",
         );
-        for i in 0..chunk.len() {
-            let p = i * 9;
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str(&format!(
-                "(${},${},${},${},${},${},${},${},${})",
-                p + 1,
-                p + 2,
-                p + 3,
-                p + 4,
-                p + 5,
-                p + 6,
-                p + 7,
-                p + 8,
-                p + 9
-            ));
-        }
+        sql.push_str(&placeholders(chunk.len(), 9, ""));
         sql.push_str(" ON CONFLICT (stand, actor, seq) DO NOTHING");
         let mut q = sqlx::query(&sql);
         for c in chunk {
@@ -607,32 +590,35 @@ async fn write_batch(
         .execute(&mut **tx)
         .await?;
     }
-    for s in &b.sales {
-        let units: u64 = s.lines.iter().map(|l| l.qty).fold(0, u64::saturating_add);
-        let total: u64 = s
-            .lines
-            .iter()
-            .map(|l| l.qty.saturating_mul(l.unit_price_cents))
-            .fold(0, u64::saturating_add);
-        sqlx::query(
+    for chunk in b.sales.chunks(INSERT_CHUNK) {
+        let mut sql = String::from(
             "INSERT INTO sales (stand, sale_id, replica, seq, at_ms, lines, units, \
-             total_cents, method, reference, offline, voided) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0) \
-             ON CONFLICT (stand, sale_id) DO NOTHING",
-        )
-        .bind(st)
-        .bind(s.id.to_string())
-        .bind(s.id.replica.to_string())
-        .bind(i64_of(s.id.seq, "seq")?)
-        .bind(i64_of(s.at.wall_ms(), "sale time")?)
-        .bind(serde_json::to_string(&s.lines).unwrap_or_default())
-        .bind(i64_of(units, "units")?)
-        .bind(i64_of(total, "total")?)
-        .bind(s.payment.method.as_str())
-        .bind(s.payment.reference.as_str())
-        .bind(i64::from(s.offline))
-        .execute(&mut **tx)
-        .await?;
+             total_cents, method, reference, offline, voided) VALUES ",
+        );
+        sql.push_str(&placeholders(chunk.len(), 11, ", 0"));
+        sql.push_str(" ON CONFLICT (stand, sale_id) DO NOTHING");
+        let mut q = sqlx::query(&sql);
+        for s in chunk {
+            let units: u64 = s.lines.iter().map(|l| l.qty).fold(0, u64::saturating_add);
+            let total: u64 = s
+                .lines
+                .iter()
+                .map(|l| l.qty.saturating_mul(l.unit_price_cents))
+                .fold(0, u64::saturating_add);
+            q = q
+                .bind(st)
+                .bind(s.id.to_string())
+                .bind(s.id.replica.to_string())
+                .bind(i64_of(s.id.seq, "seq")?)
+                .bind(i64_of(s.at.wall_ms(), "sale time")?)
+                .bind(serde_json::to_string(&s.lines).unwrap_or_default())
+                .bind(i64_of(units, "units")?)
+                .bind(i64_of(total, "total")?)
+                .bind(s.payment.method.as_str())
+                .bind(s.payment.reference.as_str())
+                .bind(i64::from(s.offline));
+        }
+        q.execute(&mut **tx).await?;
     }
     for v in &b.voids {
         sqlx::query("UPDATE sales SET voided = 1 WHERE stand = $1 AND sale_id = $2")
@@ -655,4 +641,25 @@ async fn write_batch(
         .await?;
     }
     Ok(())
+}
+
+/// `($1,…,$k<tail>),($k+1,…)…` for `rows` rows of `cols` parameters each.
+fn placeholders(rows: usize, cols: usize, tail: &str) -> String {
+    let mut sql = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                sql.push(',');
+            }
+            sql.push('$');
+            sql.push_str(&(r * cols + c + 1).to_string());
+        }
+        sql.push_str(tail);
+        sql.push(')');
+    }
+    sql
 }

@@ -1,0 +1,295 @@
+//! Ingest into the store of record, one run side by side on the same database:
+//!
+//! - **relay**: signed sales sent over the uplink as the stand's pool, 256 per frame, each
+//!   decoded, verified (signature, rules) and applied by the stand's engine, then committed
+//!   with its projections, until the store holds them all;
+//! - **raw**: rows of the same sizes inserted with the same statements and chunking (50 rows
+//!   per INSERT, one transaction per 256), nothing verified.
+//!
+//! `cargo bench -p halftime-relay --bench ingest` (Postgres at 127.0.0.1:5432 with trust auth,
+//! or HALFTIME_TEST_POSTGRES=postgres://…/postgres; `-- --sqlite` for a SQLite file;
+//! `-- --changes N`, default 20000).
+
+use futures::{SinkExt, StreamExt};
+use halftime_ledger::uplink::{self, Handshake, Side};
+use halftime_ledger::*;
+use halftime_relay::server::{App, router};
+use halftime_relay::store::{Batch, ChangeRow, Placement, StandRow, Store};
+use sqlx::Connection;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+const TERMINALS: usize = 10;
+const PER_FRAME: usize = 256;
+
+fn sku() -> Sku {
+    Sku::new("soda").unwrap_or_else(|_| unreachable!())
+}
+
+fn key(n: u8) -> ReplicaKey {
+    ReplicaKey::from_seed([n; 32])
+}
+
+/// The stand's set-up and `n` sales spread over the terminals, all signed.
+fn changes(n: usize, relay: PublicKey) -> Result<Vec<SignedChange>, OpError> {
+    let stand = StandId::new("bench").unwrap_or_else(|_| unreachable!());
+    let info = StandInfo {
+        event: EventId::new("game").unwrap_or_else(|_| unreachable!()),
+        venue: "bench".into(),
+        stand: stand.clone(),
+        policy: Policy::Strict,
+        allocation: Allocation::Proportional,
+        low_stock_pct: 0,
+    };
+    let t0 = 1_700_000_000_000;
+    let (mut pool, g) = Ledger::create_stand(key(1), info, "pool", t0)?;
+    let mut out = vec![g];
+    out.push(pool.set_catalog(
+        vec![CatalogItem {
+            sku: sku(),
+            name: "Soda".into(),
+            price_cents: 300,
+            low_stock_at: 0,
+        }],
+        t0,
+    )?);
+    out.push(pool.enrol(relay, "relay", Role::Relay, t0)?);
+    let per = (n / TERMINALS + 1) as u64;
+    out.push(pool.restock(
+        BTreeMap::from([(sku(), per * TERMINALS as u64)]),
+        "open",
+        t0,
+    )?);
+    let mut tills = Vec::new();
+    for i in 0..TERMINALS {
+        let k = key(10 + i as u8);
+        out.push(pool.enrol(k.public(), &format!("till {i}"), Role::Terminal, t0)?);
+        out.push(pool.give(k.replica_id(), BTreeMap::from([(sku(), per)]), t0)?);
+        tills.push(Ledger::join(k, stand.clone(), key(1).public()));
+    }
+    for t in &mut tills {
+        t.apply_remote(out.clone(), t0);
+    }
+    for i in 0..n {
+        let req = SaleRequest {
+            lines: vec![SaleLine {
+                sku: sku(),
+                qty: 1,
+                unit_price_cents: 300,
+            }],
+            payment: Payment {
+                method: PaymentMethod::Card,
+                reference: format!("pi_{i}"),
+            },
+            pool_reachable: true,
+        };
+        match tills[i % TERMINALS].sell(req, t0 + 1 + i as u64) {
+            SaleOutcome::Committed { change, .. } => out.push(change),
+            SaleOutcome::Refused { reason } => return Err(reason.into()),
+        }
+    }
+    Ok(out)
+}
+
+struct Db {
+    url: String,
+    admin: Option<(String, String)>,
+}
+
+async fn database(sqlite: bool, dir: &std::path::Path, tag: &str) -> Db {
+    if sqlite {
+        return Db {
+            url: format!("sqlite:{}", dir.join("bench.db").display()),
+            admin: None,
+        };
+    }
+    let admin = std::env::var("HALFTIME_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    sqlx::any::install_default_drivers();
+    let mut c = sqlx::AnyConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("Postgres at {admin}: {e}"));
+    let name = format!("halftime_bench_{tag}_{}", std::process::id());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |x| x.0);
+    Db {
+        url: format!("{base}/{name}"),
+        admin: Some((admin.clone(), name)),
+    }
+}
+
+async fn drop_database(db: &Db) {
+    if let Some((admin, name)) = &db.admin {
+        if let Ok(mut c) = sqlx::AnyConnection::connect(admin).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut c)
+                .await;
+        }
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect_as_pool(addr: &str) -> Ws {
+    let stand = StandId::new("bench").unwrap_or_else(|_| unreachable!());
+    let url = format!("ws://{addr}/v1/stands/bench/uplink");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let next = |m: Option<Result<Message, _>>| match m {
+        Some(Ok(Message::Binary(b))) => Handshake::decode(&b).unwrap_or_else(|e| panic!("{e}")),
+        other => panic!("{other:?}"),
+    };
+    let Handshake::Hello {
+        key: relay,
+        challenge,
+        ..
+    } = next(ws.next().await)
+    else {
+        panic!("no hello")
+    };
+    let auth = Handshake::Auth {
+        key: key(1).public(),
+        challenge: [0; 32],
+        signature: uplink::sign(&key(1), Side::Replica, &stand, &challenge, &relay),
+    };
+    ws.send(Message::Binary(auth.encode().into()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    match next(ws.next().await) {
+        Handshake::Welcome { .. } => ws,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let sqlite = args.iter().any(|a| a == "--sqlite");
+    let n: usize = args
+        .iter()
+        .position(|a| a == "--changes")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+
+    // The relay path.
+    let db = database(sqlite, dir.path(), "relay").await;
+    let store = Store::open(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+    let relay = store.relay_key().await.unwrap_or_else(|e| panic!("{e}"));
+    let t = Instant::now();
+    let all = changes(n, relay.public()).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "signed {} changes in {:.1} s",
+        all.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let stand = StandId::new("bench").unwrap_or_else(|_| unreachable!());
+    let row = StandRow {
+        stand: stand.clone(),
+        pool_key: key(1).public(),
+        placement: Placement::Device,
+        pool_secret: None,
+        psk: None,
+    };
+    store
+        .add_stand(&row, 0)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let app = App::new(store.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .to_string();
+    tokio::spawn(async move { axum::serve(listener, router(app)).await });
+    let mut ws = connect_as_pool(&addr).await;
+    let t = Instant::now();
+    for chunk in all.chunks(PER_FRAME) {
+        let frame = WireMessage::Changes {
+            changes: chunk.to_vec(),
+        };
+        ws.send(Message::Binary(frame.encode(&stand).into()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    loop {
+        if store.change_count(&stand).await.unwrap_or(0) as usize >= all.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let relay_time = t.elapsed();
+    drop(ws);
+
+    // The raw path: the same rows, the same statements, nothing checked.
+    let raw_db = database(sqlite, &dir.path().join("raw"), "raw").await;
+    let _ = std::fs::create_dir_all(dir.path().join("raw"));
+    let raw = Store::open(&raw_db.url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let raw_stand = StandId::new("raw").unwrap_or_else(|_| unreachable!());
+    raw.add_stand(
+        &StandRow {
+            stand: raw_stand.clone(),
+            ..row.clone()
+        },
+        0,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let rows: Vec<ChangeRow> = all
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ChangeRow {
+            actor: key((i % 200) as u8).replica_id(),
+            seq: (i / 200 + 1) as u64,
+            info: ChangeInfo {
+                hash: [(i % 251) as u8; 32],
+                deps: vec![[1; 32]],
+                at: Hlc::new(1_700_000_000_000 + i as u64, 0),
+            },
+            change: c.clone(),
+        })
+        .collect();
+    let t = Instant::now();
+    for chunk in rows.chunks(PER_FRAME) {
+        let batch = Batch {
+            changes: chunk.to_vec(),
+            ..Batch::default()
+        };
+        raw.commit(&raw_stand, &batch, 0)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let raw_time = t.elapsed();
+
+    let backend = if sqlite { "SQLite file" } else { "Postgres" };
+    println!("ingest into {backend}, {} changes, one run:", all.len());
+    println!(
+        "  relay (uplink, verify, apply, commit with projections): {:>8.0} changes/s  ({:.2} s)",
+        rate(all.len(), relay_time),
+        relay_time.as_secs_f64()
+    );
+    println!(
+        "  raw batched INSERT of the same rows:                    {:>8.0} changes/s  ({:.2} s)",
+        rate(all.len(), raw_time),
+        raw_time.as_secs_f64()
+    );
+    drop_database(&db).await;
+    drop_database(&raw_db).await;
+}
