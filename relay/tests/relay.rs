@@ -447,3 +447,118 @@ async fn admin_calls_need_a_token_with_a_strong_enough_role() {
         "{metrics}"
     );
 }
+
+/// Frames from `ws` for `ms`: whether any carried changes, and the highest sequence of
+/// `replica` any vector claimed.
+async fn watch(ws: &mut Ws, ms: u64, replica: ReplicaId) -> (bool, u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+    let (mut changes, mut claimed) = (false, 0);
+    while let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, ws.next()).await {
+        if let Message::Binary(b) = m {
+            match WireMessage::decode(&b, &north()) {
+                Ok(WireMessage::Changes { .. }) => changes = true,
+                Ok(WireMessage::Vector { vector }) => {
+                    claimed = claimed.max(vector.get(&replica).copied().unwrap_or(0))
+                }
+                _ => {}
+            }
+        }
+    }
+    (changes, claimed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_database_holds_every_acknowledgement_until_it_is_back() {
+    let db = TestDb::postgres().await;
+    let store = Store::open(&db.url).await.unwrap();
+    let relay_key = store.relay_key().await.unwrap();
+    let (_pool, mut till, setup) = stand(relay_key.public());
+    let row = StandRow {
+        stand: north(),
+        pool_key: key(1).public(),
+        placement: Placement::Device,
+        pool_secret: None,
+        psk: None,
+    };
+    store.add_stand(&row, 1_000).await.unwrap();
+    let (addr, _app) = serve(store.clone()).await;
+    let mut p = connect(&addr, "north", &key(1)).await.unwrap();
+    send(
+        &mut p,
+        &WireMessage::Changes {
+            changes: setup.clone(),
+        },
+    )
+    .await;
+    until_stored(&store, setup.len() as u64).await;
+    let mut t = connect(&addr, "north", &key(10)).await.unwrap();
+    watch(&mut p, 300, key(10).replica_id()).await;
+
+    // The database goes away: no new connection, the relay's own cut.
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&postgres_admin_url())
+        .await
+        .unwrap();
+    for sql in [
+        format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"),
+        format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"),
+    ] {
+        sqlx::query(&sql).execute(&mut admin).await.unwrap();
+    }
+    let SaleOutcome::Committed { change, .. } = till.sell(
+        SaleRequest {
+            lines: vec![SaleLine {
+                sku: sku("soda"),
+                qty: 1,
+                unit_price_cents: 300,
+            }],
+            payment: Payment {
+                method: PaymentMethod::Cash,
+                reference: String::new(),
+            },
+            pool_reachable: true,
+        },
+        2_000,
+    ) else {
+        panic!("the till could not sell")
+    };
+    send(
+        &mut t,
+        &WireMessage::Changes {
+            changes: vec![change],
+        },
+    )
+    .await;
+    send(
+        &mut t,
+        &WireMessage::Vector {
+            vector: till.version_vector(),
+        },
+    )
+    .await;
+    let (passed_on, _) = watch(&mut p, 1_500, key(10).replica_id()).await;
+    assert!(!passed_on, "nothing uncommitted is passed on");
+    let (_, claimed) = watch(&mut t, 500, key(10).replica_id()).await;
+    assert_eq!(
+        claimed, 0,
+        "the relay does not claim what it has not committed"
+    );
+
+    // Back: the held change is committed, then passed on.
+    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (passed_on, _) = watch(&mut p, 500, key(10).replica_id()).await;
+        if passed_on {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the change never went on"
+        );
+    }
+    assert_eq!(stored(&store).await, setup.len() as u64 + 1);
+}
