@@ -137,8 +137,9 @@ enum Cmd {
         sale_wait_ms: u64,
         /// The relay (ws://HOST:PORT): keep an uplink to it whenever it can be reached, so
         /// that replicas on different networks converge through it while the internet is up.
-        #[arg(long)]
-        relay: Option<String>,
+        /// Repeat for several instances of one relay: they are tried in turn.
+        #[arg(long = "relay")]
+        relay: Vec<String>,
         /// The relay's public key (`halftime-relay key`), trusted before the pool's enrolment
         /// of it reaches this device (a device that never met the pool on the stand network).
         #[arg(long, requires = "relay")]
@@ -383,7 +384,7 @@ async fn run(
     api_addr: SocketAddr,
     cfg: node::NodeConfig,
     mdns: bool,
-    relay: Option<String>,
+    relay: Vec<String>,
     relay_key: Option<PublicKey>,
 ) -> Result<()> {
     let store = store_at(&data)?;
@@ -420,13 +421,16 @@ async fn run(
     let (live, _) = broadcast::channel(node::LIVE_QUEUE_LEN);
     let (cmd_tx, cmd_rx) = mpsc::channel(node::COMMAND_QUEUE_LEN);
     let mut node = node::Node::new(ledger, store, swarm, cfg, live.clone());
-    if let Some(relay) = relay {
-        let url =
-            halftime_peer::uplink::uplink_url(&relay, &s.stand).map_err(anyhow::Error::msg)?;
+    if !relay.is_empty() {
+        let urls = relay
+            .iter()
+            .map(|r| halftime_peer::uplink::uplink_url(r, &s.stand))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
         let (tx, rx) = mpsc::channel(node::COMMAND_QUEUE_LEN);
         node = node.with_uplink(rx, relay_key);
         tokio::spawn(halftime_peer::uplink::run(
-            url,
+            urls,
             key.clone(),
             s.stand.clone(),
             tx,

@@ -78,15 +78,25 @@ pub fn uplink_url(relay: &str, stand: &StandId) -> Result<String, String> {
     Ok(format!("{base}/v1/stands/{stand}/uplink"))
 }
 
-/// Keep an uplink to `url` for as long as `events` has a receiver.
-pub async fn run(url: String, key: ReplicaKey, stand: StandId, events: mpsc::Sender<UplinkEvent>) {
+/// Keep an uplink to one of `urls` (instances of one relay, tried in turn) for as long as
+/// `events` has a receiver.
+pub async fn run(
+    urls: Vec<String>,
+    key: ReplicaKey,
+    stand: StandId,
+    events: mpsc::Sender<UplinkEvent>,
+) {
+    if urls.is_empty() {
+        return;
+    }
     let mut backoff = RECONNECT_MIN_MS;
     let mut conn: u64 = 0;
     let mut last_error = String::new();
     loop {
+        let url = &urls[(conn as usize) % urls.len()];
         conn += 1;
         let started = Instant::now();
-        match session(&url, &key, &stand, conn, &events).await {
+        match session(url, &key, &stand, conn, &events).await {
             Ok(()) => tracing::info!(%url, "relay uplink closed"),
             Err(why) => {
                 // Say a new reason once; repeat the same one quietly.

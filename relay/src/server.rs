@@ -27,7 +27,10 @@
 //! is committed.
 
 use crate::stand::{self, AdminOp, StandCmd, StandHandle, StandView};
-use crate::store::{AdminRole, Batch, ChangeRow, Placement, StandRow, Store, StoreError};
+use crate::store::{
+    AdminRole, Backend, Batch, CHANGES_CHANNEL, ChangeRow, Lease, Placement, StandRow, Store,
+    StoreError,
+};
 use crate::uplink;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -50,6 +53,8 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// How long a request waits for a stand's task before giving up.
 pub const STAND_TIMEOUT_MS: u64 = 10_000;
 pub const MAX_SALES_LISTED: u32 = 1_000;
+/// An instance standing by for a stand's pool tries its lease this often.
+pub const LEASE_RETRY_MS: u64 = 1_000;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -74,6 +79,7 @@ pub struct Inner {
     pub store: Store,
     pub relay_key: ReplicaKey,
     stands: RwLock<BTreeMap<StandId, Served>>,
+    standby: RwLock<std::collections::BTreeSet<StandId>>,
     pub next_conn: AtomicU64,
     pub metrics: Metrics,
 }
@@ -96,23 +102,104 @@ impl App {
             store: store.clone(),
             relay_key,
             stands: RwLock::new(BTreeMap::new()),
+            standby: RwLock::new(Default::default()),
             next_conn: AtomicU64::new(1),
             metrics: Metrics::default(),
         }));
         for row in store.stands().await? {
             app.start_stand(row).await?;
         }
+        if store.backend() == Backend::Postgres {
+            let listener = app.clone();
+            tokio::spawn(async move { listener.listen().await });
+        }
         Ok(app)
     }
 
-    async fn start_stand(&self, row: StandRow) -> Result<Served, StoreError> {
+    /// Postgres: hear other instances' commits and have each stand fetch what it lacks.
+    async fn listen(&self) {
+        loop {
+            match sqlx::postgres::PgListener::connect(self.store.url()).await {
+                Ok(mut l) => match l.listen(CHANGES_CHANNEL).await {
+                    Ok(()) => {
+                        // Whatever was committed while nobody listened.
+                        for s in self.served() {
+                            let _ = s.handle.tx.try_send(StandCmd::Poll);
+                        }
+                        while let Ok(n) = l.recv().await {
+                            let stand = StandId::new(n.payload()).ok();
+                            if let Some(s) = stand.and_then(|s| self.stand(&s)) {
+                                let _ = s.handle.tx.try_send(StandCmd::Poll);
+                            }
+                        }
+                        tracing::warn!("lost the change notifications; listening again");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for other instances' changes")
+                    }
+                },
+                Err(e) => tracing::warn!(error = %e, "cannot listen for other instances' changes"),
+            }
+            tokio::time::sleep(Duration::from_millis(LEASE_RETRY_MS)).await;
+        }
+    }
+
+    /// Start serving a stand. A stand whose pool is here is served by the one instance that
+    /// holds its lease; the others stand by and take over when the holder goes.
+    async fn start_stand(&self, row: StandRow) -> Result<Option<Served>, StoreError> {
+        let lease = match row.placement {
+            Placement::Device => None,
+            Placement::Relay => match self.store.try_lease(&row.stand).await? {
+                Lease::Elsewhere => {
+                    tracing::info!(stand = %row.stand, "another instance holds this stand's pool; standing by");
+                    if let Ok(mut s) = self.standby.write() {
+                        s.insert(row.stand.clone());
+                    }
+                    let app = self.clone();
+                    tokio::spawn(async move { app.take_over(row).await });
+                    return Ok(None);
+                }
+                held => Some(held),
+            },
+        };
+        self.run_stand(row, lease).await.map(Some)
+    }
+
+    /// Wait for a stand's lease, then serve it.
+    async fn take_over(&self, row: StandRow) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(LEASE_RETRY_MS)).await;
+            match self.store.try_lease(&row.stand).await {
+                Ok(Lease::Elsewhere) => continue,
+                Ok(lease) => {
+                    tracing::info!(stand = %row.stand, "took over this stand's pool");
+                    if let Ok(mut s) = self.standby.write() {
+                        s.remove(&row.stand);
+                    }
+                    if let Err(e) = self.run_stand(row.clone(), Some(lease)).await {
+                        tracing::error!(stand = %row.stand, error = %e, "could not start the stand");
+                        continue;
+                    }
+                    return;
+                }
+                Err(e) => tracing::warn!(stand = %row.stand, error = %e, "could not try the lease"),
+            }
+        }
+    }
+
+    /// Whether another instance serves this stand (its pool's lease is elsewhere).
+    pub fn standing_by(&self, s: &StandId) -> bool {
+        self.standby.read().is_ok_and(|m| m.contains(s))
+    }
+
+    async fn run_stand(&self, row: StandRow, lease: Option<Lease>) -> Result<Served, StoreError> {
         let key = match (row.placement, row.pool_secret) {
             (Placement::Relay, Some(s)) => ReplicaKey::from_seed(s),
             _ => self.relay_key.clone(),
         };
         let placement = row.placement;
         let psk = row.psk.clone();
-        let handle = stand::start(self.store.clone(), self.relay_key.clone(), row).await?;
+        let handle = stand::start(self.store.clone(), self.relay_key.clone(), row, lease).await?;
         let served = Served {
             handle,
             key,
@@ -159,7 +246,7 @@ impl App {
             psk: None,
         };
         self.store.add_stand(&row, now_ms).await?;
-        self.start_stand(row).await
+        self.run_stand(row, None).await
     }
 
     /// Create a stand with its pool here: the relay makes the pool's key and the stand's
@@ -219,7 +306,9 @@ impl App {
             psk: Some(hex::encode(random32())),
         };
         self.store.add_stand_with(&row, &batch, now_ms).await?;
-        self.start_stand(row).await
+        self.start_stand(row).await?.ok_or_else(|| {
+            StoreError::Invalid("another relay instance took the new stand's pool".into())
+        })
     }
 }
 
@@ -313,6 +402,13 @@ fn stand_id(s: &str) -> Result<StandId, ApiError> {
 
 fn known(app: &App, s: &str) -> Result<Served, ApiError> {
     let id = stand_id(s)?;
+    if app.standing_by(&id) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "served_elsewhere",
+            format!("another relay instance holds stand {s}'s pool; ask that one"),
+        ));
+    }
     app.stand(&id).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

@@ -27,6 +27,11 @@ pub const TICK_MS: u64 = 200;
 /// First wait before retrying a failed commit; doubles up to [`COMMIT_RETRY_MAX_MS`].
 pub const COMMIT_RETRY_MS: u64 = 100;
 pub const COMMIT_RETRY_MAX_MS: u64 = 5_000;
+/// On Postgres, look for changes other instances stored at least this often (their
+/// notifications can be missed while a listener reconnects).
+pub const STORE_POLL_MS: u64 = 2_000;
+/// Changes fetched per author per look.
+pub const STORE_POLL_LIMIT: u32 = 1_024;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -57,6 +62,8 @@ pub enum StandCmd {
     View {
         reply: oneshot::Sender<StandView>,
     },
+    /// Another instance committed changes of this stand: fetch what this one lacks.
+    Poll,
     /// Available per item as at `at_ms`.
     StockAt {
         at_ms: u64,
@@ -137,6 +144,7 @@ impl std::fmt::Debug for StandCmd {
             StandCmd::View { .. } => write!(f, "View"),
             StandCmd::Admin { op, .. } => write!(f, "Admin({op:?})"),
             StandCmd::StockAt { at_ms, .. } => write!(f, "StockAt({at_ms})"),
+            StandCmd::Poll => write!(f, "Poll"),
         }
     }
 }
@@ -175,6 +183,12 @@ pub struct StandTask {
     conns: BTreeMap<u64, Conn>,
     by_replica: BTreeMap<ReplicaId, u64>,
     commit_failures: u64,
+    /// Changes fetched from the store (another instance's): not written again.
+    from_store: std::collections::HashSet<(ReplicaId, u64)>,
+    poll_due: bool,
+    next_poll: Instant,
+    /// The lease on the pool's key, for a stand whose pool is here.
+    _lease: Option<crate::store::Lease>,
     /// Answers to admin operations, sent once their changes are committed.
     answers: Vec<(
         oneshot::Sender<Result<serde_json::Value, AdminError>>,
@@ -193,6 +207,7 @@ pub async fn start(
     store: Store,
     relay_key: ReplicaKey,
     row: StandRow,
+    lease: Option<crate::store::Lease>,
 ) -> Result<StandHandle, StoreError> {
     let t0 = Instant::now();
     let stored = store.load_changes(&row.stand).await?;
@@ -235,6 +250,10 @@ pub async fn start(
         conns: BTreeMap::new(),
         by_replica: BTreeMap::new(),
         commit_failures: 0,
+        from_store: Default::default(),
+        poll_due: false,
+        next_poll: Instant::now(),
+        _lease: lease,
         answers: Vec::new(),
     };
     let (tx, rx) = mpsc::channel(STAND_QUEUE_LEN);
@@ -268,6 +287,13 @@ impl StandTask {
             let now = now_ms();
             if self.engine.poll_timeout() <= now {
                 self.engine.handle_timeout(now);
+            }
+            if self.store.backend() == crate::store::Backend::Postgres
+                && (self.poll_due || Instant::now() >= self.next_poll)
+            {
+                self.poll_due = false;
+                self.next_poll = Instant::now() + Duration::from_millis(STORE_POLL_MS);
+                self.poll_store().await;
             }
             self.commit().await;
             for (reply, answer) in self.answers.drain(..) {
@@ -326,6 +352,7 @@ impl StandTask {
             StandCmd::View { reply } => {
                 let _ = reply.send(self.view());
             }
+            StandCmd::Poll => self.poll_due = true,
             StandCmd::StockAt { at_ms, reply } => {
                 let t = halftime_ledger::Hlc::new(at_ms, u16::MAX);
                 let _ = reply.send(self.engine.ledger().stock_at_time(t));
@@ -436,6 +463,7 @@ impl StandTask {
                 self.push_row(&mut batch, me, seq, change);
             }
             self.project(&mut batch, &applied);
+            self.from_store.clear();
             if batch.is_empty() {
                 return;
             }
@@ -461,7 +489,48 @@ impl StandTask {
         }
     }
 
-    fn push_row(&self, batch: &mut Batch, actor: ReplicaId, seq: u64, change: SignedChange) {
+    /// Fetch what other instances stored and this replica lacks, author by author.
+    async fn poll_store(&mut self) {
+        let heads = match self.store.actor_heads(&self.stand).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(stand = %self.stand, error = %e, "could not look for other instances' changes");
+                return;
+            }
+        };
+        let mine = self.engine.ledger().version_vector();
+        let mut got = Vec::new();
+        for (actor, stored) in heads {
+            let have = mine.get(&actor).copied().unwrap_or(0);
+            if stored <= have {
+                continue;
+            }
+            match self
+                .store
+                .changes_of(&self.stand, actor, have, STORE_POLL_LIMIT)
+                .await
+            {
+                Ok(changes) => {
+                    for (seq, c) in (have + 1..).zip(changes) {
+                        self.from_store.insert((actor, seq));
+                        got.push(c);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(stand = %self.stand, %actor, error = %e, "could not fetch stored changes");
+                }
+            }
+        }
+        if !got.is_empty() {
+            tracing::debug!(stand = %self.stand, changes = got.len(), "changes from another instance");
+            self.engine.handle_stored(got, now_ms());
+        }
+    }
+
+    fn push_row(&mut self, batch: &mut Batch, actor: ReplicaId, seq: u64, change: SignedChange) {
+        if self.from_store.remove(&(actor, seq)) {
+            return;
+        }
         match self.engine.ledger().change_info(actor, seq) {
             Some(info) => batch.changes.push(ChangeRow {
                 actor,

@@ -178,7 +178,22 @@ pub struct SaleRow {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    url: String,
 }
+
+/// Who may sign as a stand's pool.
+#[derive(Debug)]
+pub enum Lease {
+    /// The only instance (a SQLite file).
+    Single,
+    /// This instance, for as long as the connection holding the lock lives.
+    Held(sqlx::AnyConnection),
+    /// Another instance.
+    Elsewhere,
+}
+
+/// The Postgres channel on which a commit of new changes names its stand.
+pub const CHANGES_CHANNEL: &str = "halftime_changes";
 
 fn hash_token(token: &str) -> String {
     hex::encode(sha2::Sha256::digest(token.as_bytes()))
@@ -220,7 +235,85 @@ impl Store {
             Backend::Postgres => POSTGRES.run(&pool).await?,
             Backend::Sqlite => SQLITE.run(&pool).await?,
         }
-        Ok(Self { pool, backend })
+        Ok(Self { pool, backend, url })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Per author, the highest sequence number stored for a stand.
+    pub async fn actor_heads(
+        &self,
+        stand: &StandId,
+    ) -> Result<BTreeMap<ReplicaId, u64>, StoreError> {
+        let rows =
+            sqlx::query("SELECT actor, MAX(seq) FROM changes WHERE stand = $1 GROUP BY actor")
+                .bind(stand.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+        let mut out = BTreeMap::new();
+        for r in rows {
+            let actor: String = r.try_get(0)?;
+            let seq: i64 = r.try_get(1)?;
+            let actor = actor
+                .parse()
+                .map_err(|_| StoreError::Invalid(format!("stored actor {actor:?}")))?;
+            out.insert(actor, u64::try_from(seq).unwrap_or(0));
+        }
+        Ok(out)
+    }
+
+    /// An author's stored changes after `after`, in sequence order, at most `limit`.
+    pub async fn changes_of(
+        &self,
+        stand: &StandId,
+        actor: ReplicaId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<SignedChange>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT bytes, signature FROM changes WHERE stand = $1 AND actor = $2 AND seq > $3 \
+             ORDER BY seq LIMIT $4",
+        )
+        .bind(stand.as_str())
+        .bind(actor.to_string())
+        .bind(i64_of(after, "seq")?)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(SignedChange {
+                    bytes: r.try_get(0)?,
+                    signature: r.try_get(1)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Take the lease on a stand's pool: on Postgres a session advisory lock, held by a
+    /// connection of its own for as long as the returned lease lives (and released by Postgres
+    /// when this process dies); on a SQLite file there is one instance and the lease is its.
+    pub async fn try_lease(&self, stand: &StandId) -> Result<Lease, StoreError> {
+        if self.backend != Backend::Postgres {
+            return Ok(Lease::Single);
+        }
+        use sqlx::Connection as _;
+        let mut c = sqlx::AnyConnection::connect(&self.url).await?;
+        let digest = sha2::Sha256::digest(format!("halftime pool {stand}").as_bytes());
+        let mut k = [0u8; 8];
+        k.copy_from_slice(&digest[..8]);
+        let got: bool = sqlx::query("SELECT pg_try_advisory_lock($1)")
+            .bind(i64::from_be_bytes(k))
+            .fetch_one(&mut c)
+            .await?
+            .try_get(0)?;
+        Ok(if got {
+            Lease::Held(c)
+        } else {
+            Lease::Elsewhere
+        })
     }
 
     pub fn backend(&self) -> Backend {
@@ -347,6 +440,14 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         write_batch(&mut tx, stand, b, now_ms).await?;
+        if self.backend == Backend::Postgres && !b.changes.is_empty() {
+            // Delivered at commit to every instance listening: they fetch what they lack.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANGES_CHANNEL)
+                .bind(stand.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }

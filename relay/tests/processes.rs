@@ -318,14 +318,17 @@ async fn terminals_on_no_shared_network_converge_through_the_relay_and_survive_i
     drop((t0, t1));
 }
 
+/// (status, body); (0, null) when the server cannot be reached.
 async fn call(method: reqwest::Method, url: &str, token: &str, body: Value) -> (u16, Value) {
-    let r = http()
+    let Ok(r) = http()
         .request(method, url)
         .bearer_auth(token)
         .json(&body)
         .send()
         .await
-        .unwrap();
+    else {
+        return (0, Value::Null);
+    };
     let code = r.status().as_u16();
     (code, r.json().await.unwrap_or(Value::Null))
 }
@@ -481,4 +484,209 @@ async fn a_stand_made_at_the_relay_is_run_from_its_admin_api() {
         .unwrap();
     assert_eq!(stock["items"][0]["available"], 48, "{stock}");
     assert_eq!(stock["items"][0]["marked_off"], true, "{stock}");
+}
+
+fn spawn_peer_to(data: &Path, api: u16, relays: &[u16], relay_key: &str) -> Proc {
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--data".into(),
+        data.to_str().unwrap().into(),
+        "--listen".into(),
+        "/ip4/127.0.0.1/tcp/0".into(),
+        "--api".into(),
+        format!("127.0.0.1:{api}"),
+        "--no-mdns".into(),
+        "--relay-key".into(),
+        relay_key.into(),
+    ];
+    for r in relays {
+        args.push("--relay".into());
+        args.push(format!("ws://127.0.0.1:{r}"));
+    }
+    Proc::spawn(&peer_bin(), &args, data.join("peer.log"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relay_instances_share_a_stand_and_one_survives_the_other() {
+    use reqwest::Method;
+    let peer = peer_bin();
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    let s = |p: PathBuf| p.to_str().unwrap().to_owned();
+    let key_of = |n: &str| field(&run(&peer, &["init", "--data", &s(d(n))]), "public key:");
+    let (pool_key, k0, k1) = (key_of("pool"), key_of("t0"), key_of("t1"));
+    let relay_bin = Path::new(RELAY);
+    let relay_key = field(
+        &run(relay_bin, &["--database", &db.url, "key"]),
+        "public key:",
+    );
+    let out = run(
+        &peer,
+        &[
+            "create-stand",
+            "--data",
+            &s(d("pool")),
+            "--stand",
+            "north",
+            "--event",
+            "game",
+            "--item",
+            "hotdog=Hot dog:400:100",
+            "--terminal",
+            &format!("{k0}=till0"),
+            "--terminal",
+            &format!("{k1}=till1"),
+        ],
+    );
+    let join: Vec<String> = out
+        .lines()
+        .find(|l| l.contains("halftime-peer join"))
+        .unwrap()
+        .split_whitespace()
+        .skip_while(|w| *w != "--stand")
+        .map(String::from)
+        .collect();
+    run(
+        &peer,
+        &[
+            "enrol",
+            "--data",
+            &s(d("pool")),
+            "--replica",
+            &format!("{relay_key}=relay"),
+            "--role",
+            "relay",
+        ],
+    );
+    for n in ["t0", "t1"] {
+        let mut a = vec!["join".to_string(), "--data".into(), s(d(n))];
+        a.extend(join.iter().cloned());
+        run(&peer, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    run(
+        relay_bin,
+        &[
+            "--database",
+            &db.url,
+            "stand",
+            "add",
+            "--stand",
+            "north",
+            "--pool-key",
+            &pool_key,
+        ],
+    );
+    let admin = run(
+        relay_bin,
+        &["--database", &db.url, "token", "create", "--role", "admin"],
+    )
+    .trim()
+    .to_owned();
+
+    let (ra, rb) = (free_port(), free_port());
+    let mut a = spawn_relay(&db.url, ra, d("a.log"));
+    let b = spawn_relay(&db.url, rb, d("b.log"));
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let api = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
+    let _pool = spawn_peer_to(&d("pool"), ports[0], &[ra, rb], &relay_key);
+    let _t0 = spawn_peer_to(&d("t0"), ports[1], &[ra, rb], &relay_key);
+    let _t1 = spawn_peer_to(&d("t1"), ports[2], &[rb], &relay_key);
+
+    // till0 and the pool on instance A, till1 on B: a sale on A reaches B's terminal.
+    for i in 1..3 {
+        eventually(30, "a terminal learns the stand", || async {
+            (available(&api(i), "hotdog").await == Some(100)).then_some(())
+        })
+        .await;
+    }
+    let (code, body) = sell(&api(1), 3).await;
+    assert_eq!(code, 201, "{body}");
+    eventually(
+        10,
+        "till1 on instance B sees till0's sale made on A",
+        || async { (available(&api(2), "hotdog").await == Some(97)).then_some(()) },
+    )
+    .await;
+
+    // A stand whose pool is at the relay: one instance holds it, the other stands by.
+    let east = serde_json::json!({"stand": "east", "event": "game",
+        "items": [{"sku": "soda", "name": "Soda", "price_cents": 250, "stock": 10}]});
+    let (code, body) = call(
+        Method::POST,
+        &format!("http://127.0.0.1:{ra}/v1/stands"),
+        &admin,
+        east,
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let restock = |port: u16| {
+        let admin = admin.clone();
+        async move {
+            call(
+                Method::POST,
+                &format!("http://127.0.0.1:{port}/v1/stands/east/restock"),
+                &admin,
+                serde_json::json!({"units": {"soda": 5}}),
+            )
+            .await
+        }
+    };
+    // B learns of the new stand only at its next start; restart B so it stands by for east.
+    drop(b);
+    let _b = spawn_relay(&db.url, rb, d("b2.log"));
+    let (code, body) = eventually(10, "instance B answers", || async {
+        let (code, body) = restock(rb).await;
+        (code != 0 && code != 404 || body["error"] == "served_elsewhere").then_some((code, body))
+    })
+    .await;
+    assert_eq!(
+        (code, &body["error"]),
+        (503, &Value::from("served_elsewhere")),
+        "{body}"
+    );
+    assert_eq!(restock(ra).await.0, 201);
+
+    // Instance A dies: till0 and the pool move to B, B takes over east's pool, nothing is lost.
+    a.kill9();
+    let (code, body) = sell(&api(1), 2).await;
+    assert_eq!(code, 201, "{body}");
+    for i in 0..3 {
+        eventually(30, "every replica converges through instance B", || async {
+            (available(&api(i), "hotdog").await == Some(95)).then_some(())
+        })
+        .await;
+    }
+    eventually(15, "instance B takes over east's pool", || async {
+        (restock(rb).await.0 == 201).then_some(())
+    })
+    .await;
+    let audit = get(
+        &format!("http://127.0.0.1:{rb}/v1/stands/east/audit/verify"),
+        Some(&admin),
+    )
+    .await
+    .unwrap();
+    assert_eq!(audit["ok"], true, "{audit}");
+    let stock = get(
+        &format!("http://127.0.0.1:{rb}/v1/stands/east/stock"),
+        Some(&admin),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stock["items"][0]["available"], 20, "{stock}");
+    let held = get(&format!("{}/v1/status", api(0)), None).await.unwrap()["changes"]
+        .as_u64()
+        .unwrap();
+    let north = eventually(10, "B's store view holds every change of north", || async {
+        let v = get(&format!("http://127.0.0.1:{rb}/v1/stands"), Some(&admin)).await?;
+        let n = v
+            .as_array()?
+            .iter()
+            .find(|s| s["stand"] == "north")?
+            .clone();
+        (n["changes"].as_u64() == Some(held)).then_some(n)
+    })
+    .await;
+    assert_eq!(north["member"], true);
 }

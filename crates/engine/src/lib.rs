@@ -437,6 +437,18 @@ impl Engine {
         self.progress(now_ms);
     }
 
+    /// Changes that reached this replica's store by another way than a peer (another instance
+    /// of a relay wrote them): checked and applied like any received change, and passed on as
+    /// if their author were out of reach.
+    pub fn handle_stored(&mut self, changes: Vec<SignedChange>, now_ms: u64) {
+        if changes.is_empty() {
+            return;
+        }
+        let report = self.ledger.apply_remote(changes, now_ms);
+        self.after_apply(report, None);
+        self.progress(now_ms);
+    }
+
     /// Sell: commits at once when this replica may, otherwise waits (at most
     /// [`EngineConfig::sale_wait_ms`]) while it asks the best holders in parallel. The outcome
     /// comes back as [`Event::Committed`] or [`Event::Refused`] with `ticket`.
