@@ -15,6 +15,7 @@
 //! | `GET /v1/stands/{stand}/stock` | viewer | per item: available, total in, marked off; rights per replica |
 //! | `GET /v1/stands/{stand}/sales` | viewer | the latest sales (`?limit=`, at most 1000) |
 //! | `GET /v1/stands/{stand}/rejections` | viewer | rejected changes per replica and rule |
+//! | `GET /v1/stands/{stand}/live` | viewer | server-sent events: `stock`, the items each committed change moved |
 //! | `GET /v1/stands/{stand}/stock/at?at=MS` | viewer | available per item as at a past time (ms since the epoch) |
 //! | `GET /v1/stands/{stand}/audit/verify` | viewer | re-checks every stored change's signature, hash links and columns; reports the first break |
 //! | `GET /metrics` | none | Prometheus text |
@@ -871,6 +872,29 @@ async fn stock_at(
     Ok(Json(serde_json::json!({"stand": s, "at": q.at, "available": stock})).into_response())
 }
 
+/// Server-sent events: each committed change of a stand's stock, as the items it moved.
+async fn live(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(s): Path<String>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio_stream::StreamExt as _;
+    authorize(&app, &headers, AdminRole::Viewer).await?;
+    let served = known(&app, &s)?;
+    let rx = served.handle.live.subscribe();
+    let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|m| {
+        // A subscriber that fell behind misses events, not the stream: say so.
+        let data = m.unwrap_or_else(|_| r#"{"lagged":true}"#.to_owned());
+        Some(Ok::<_, std::convert::Infallible>(
+            Event::default().event("stock").data(data),
+        ))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
 async fn metrics(State(app): State<App>) -> Response {
     let m = &app.metrics;
     let mut t = String::new();
@@ -973,6 +997,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/stands/{stand}/rejections", get(rejections))
         .route("/v1/stands/{stand}/audit/verify", get(audit_verify))
         .route("/v1/stands/{stand}/stock/at", get(stock_at))
+        .route("/v1/stands/{stand}/live", get(live))
         .route("/metrics", get(metrics))
         .route("/", get(admin_page))
         .route("/admin", get(admin_page))

@@ -168,7 +168,12 @@ pub struct StandView {
 pub struct StandHandle {
     pub stand: StandId,
     pub tx: mpsc::Sender<StandCmd>,
+    /// Each committed change of stock, as the items it moved (JSON), for live feeds.
+    pub live: tokio::sync::broadcast::Sender<String>,
 }
+
+/// Live stock events buffered per subscriber.
+pub const LIVE_QUEUE_LEN: usize = 256;
 
 struct Conn {
     replica: ReplicaId,
@@ -187,6 +192,7 @@ pub struct StandTask {
     from_store: std::collections::HashSet<(ReplicaId, u64)>,
     poll_due: bool,
     next_poll: Instant,
+    live: tokio::sync::broadcast::Sender<String>,
     /// The lease on the pool's key, for a stand whose pool is here.
     _lease: Option<crate::store::Lease>,
     /// Answers to admin operations, sent once their changes are committed.
@@ -254,13 +260,16 @@ pub async fn start(
         poll_due: false,
         next_poll: Instant::now(),
         _lease: lease,
+        live: tokio::sync::broadcast::channel(LIVE_QUEUE_LEN).0,
         answers: Vec::new(),
     };
+    let live = task.live.clone();
     let (tx, rx) = mpsc::channel(STAND_QUEUE_LEN);
     tokio::spawn(task.run(rx));
     Ok(StandHandle {
         stand: row.stand,
         tx,
+        live,
     })
 }
 
@@ -470,7 +479,13 @@ impl StandTask {
             let mut backoff = COMMIT_RETRY_MS;
             loop {
                 match self.store.commit(&self.stand, &batch, now_ms()).await {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        if !batch.items.is_empty() && self.live.receiver_count() > 0 {
+                            let ev = serde_json::json!({"stand": self.stand.to_string(), "items": batch.items});
+                            let _ = self.live.send(ev.to_string());
+                        }
+                        break;
+                    }
                     Err(e) => {
                         self.commit_failures += 1;
                         tracing::error!(stand = %self.stand, error = %e, retry_ms = backoff,

@@ -434,7 +434,16 @@ async fn a_stand_made_at_the_relay_is_run_from_its_admin_api() {
     let (code, body) = sell(&api, 2).await;
     assert_eq!(code, 201, "{body}");
 
-    // A manager restocks; the terminal's stock rises.
+    // A manager restocks; the terminal's stock rises, and the live feed says so.
+    let feed = http()
+        .get(format!("{url}/v1/stands/east/live"))
+        .bearer_auth(&viewer)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(feed.status(), 200);
+    let mut feed = feed.bytes_stream();
     let restock = serde_json::json!({"units": {"hotdog": 10}, "note": "second van"});
     let (code, body) = call(
         Method::POST,
@@ -448,6 +457,19 @@ async fn a_stand_made_at_the_relay_is_run_from_its_admin_api() {
         (available(&api, "hotdog").await == Some(48)).then_some(())
     })
     .await;
+    let mut seen = String::new();
+    let fed = tokio::time::timeout(Duration::from_secs(10), async {
+        use futures::StreamExt;
+        while let Some(Ok(chunk)) = feed.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains("event: stock") && seen.contains(r#""available":48"#) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(fed, Ok(true), "live feed: {seen}");
 
     // A manager "86"s the item; the terminal refuses it.
     let off = serde_json::json!({"available": false});
