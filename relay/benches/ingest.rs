@@ -10,12 +10,12 @@
 //! or HALFTIME_TEST_POSTGRES=postgres://…/postgres; `-- --sqlite` for a SQLite file;
 //! `-- --changes N`, default 20000).
 
-use futures::{SinkExt, StreamExt};
-use halftime_ledger::uplink::{self, Handshake, Side};
+mod common;
+
+use futures::SinkExt;
 use halftime_ledger::*;
 use halftime_relay::server::{App, router};
 use halftime_relay::store::{Batch, ChangeRow, Placement, StandRow, Store};
-use sqlx::Connection;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
@@ -92,81 +92,6 @@ fn changes(n: usize, relay: PublicKey) -> Result<Vec<SignedChange>, OpError> {
     Ok(out)
 }
 
-struct Db {
-    url: String,
-    admin: Option<(String, String)>,
-}
-
-async fn database(sqlite: bool, dir: &std::path::Path, tag: &str) -> Db {
-    if sqlite {
-        return Db {
-            url: format!("sqlite:{}", dir.join("bench.db").display()),
-            admin: None,
-        };
-    }
-    let admin = std::env::var("HALFTIME_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    sqlx::any::install_default_drivers();
-    let mut c = sqlx::AnyConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("Postgres at {admin}: {e}"));
-    let name = format!("halftime_bench_{tag}_{}", std::process::id());
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut c)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let base = admin.rsplit_once('/').map_or(admin.as_str(), |x| x.0);
-    Db {
-        url: format!("{base}/{name}"),
-        admin: Some((admin.clone(), name)),
-    }
-}
-
-async fn drop_database(db: &Db) {
-    if let Some((admin, name)) = &db.admin {
-        if let Ok(mut c) = sqlx::AnyConnection::connect(admin).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&mut c)
-                .await;
-        }
-    }
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn connect_as_pool(addr: &str) -> Ws {
-    let stand = StandId::new("bench").unwrap_or_else(|_| unreachable!());
-    let url = format!("ws://{addr}/v1/stands/bench/uplink");
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let next = |m: Option<Result<Message, _>>| match m {
-        Some(Ok(Message::Binary(b))) => Handshake::decode(&b).unwrap_or_else(|e| panic!("{e}")),
-        other => panic!("{other:?}"),
-    };
-    let Handshake::Hello {
-        key: relay,
-        challenge,
-        ..
-    } = next(ws.next().await)
-    else {
-        panic!("no hello")
-    };
-    let auth = Handshake::Auth {
-        key: key(1).public(),
-        challenge: [0; 32],
-        signature: uplink::sign(&key(1), Side::Replica, &stand, &challenge, &relay),
-    };
-    ws.send(Message::Binary(auth.encode().into()))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    match next(ws.next().await) {
-        Handshake::Welcome { .. } => ws,
-        other => panic!("{other:?}"),
-    }
-}
-
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -184,7 +109,7 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
 
     // The relay path.
-    let db = database(sqlite, dir.path(), "relay").await;
+    let db = common::database(sqlite, dir.path(), "relay").await;
     let store = Store::open(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
     let relay = store.relay_key().await.unwrap_or_else(|e| panic!("{e}"));
     let t = Instant::now();
@@ -217,7 +142,7 @@ async fn main() {
         .unwrap_or_else(|e| panic!("{e}"))
         .to_string();
     tokio::spawn(async move { axum::serve(listener, router(app)).await });
-    let mut ws = connect_as_pool(&addr).await;
+    let mut ws = common::connect_as(&addr, &key(1)).await;
     let t = Instant::now();
     for chunk in all.chunks(PER_FRAME) {
         let frame = WireMessage::Changes {
@@ -237,7 +162,7 @@ async fn main() {
     drop(ws);
 
     // The raw path: the same rows, the same statements, nothing checked.
-    let raw_db = database(sqlite, &dir.path().join("raw"), "raw").await;
+    let raw_db = common::database(sqlite, &dir.path().join("raw"), "raw").await;
     let _ = std::fs::create_dir_all(dir.path().join("raw"));
     let raw = Store::open(&raw_db.url)
         .await
@@ -290,6 +215,6 @@ async fn main() {
         rate(all.len(), raw_time),
         raw_time.as_secs_f64()
     );
-    drop_database(&db).await;
-    drop_database(&raw_db).await;
+    common::drop_database(&db).await;
+    common::drop_database(&raw_db).await;
 }
