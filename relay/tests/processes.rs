@@ -144,25 +144,28 @@ fn spawn_peer(data: &Path, api: u16, relay: u16, relay_key: &str) -> Proc {
     Proc::spawn(&peer_bin(), &args, data.join("peer.log"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn terminals_on_no_shared_network_converge_through_the_relay_and_survive_its_crash() {
+/// A stand made on a pool device with terminals till0 and till1 (and, unenrolled, the devices
+/// named in `strangers`), every device joined, the relay enrolled and serving it. Data folders
+/// are `dir/pool`, `dir/t0`, `dir/t1` and `dir/<stranger>`; returns the relay's public key.
+fn device_stand(db: &str, dir: &Path, strangers: &[&str]) -> String {
     let peer = peer_bin();
-    let db = TestDb::postgres().await;
-    let dir = tempfile::tempdir().unwrap();
-    let d = |n: &str| dir.path().join(n);
-    let s = |p: PathBuf| p.to_str().unwrap().to_owned();
-    let key_of = |n: &str| field(&run(&peer, &["init", "--data", &s(d(n))]), "public key:");
-    let (pool_key, k0, k1, stranger) = (key_of("pool"), key_of("t0"), key_of("t1"), key_of("x"));
+    let d = |n: &str| dir.join(n).to_str().unwrap().to_owned();
+    let key_of = |n: &str| field(&run(&peer, &["init", "--data", &d(n)]), "public key:");
+    let (pool_key, k0, k1) = (key_of("pool"), key_of("t0"), key_of("t1"));
+    for x in strangers {
+        key_of(x);
+    }
     let relay_key = field(
-        &run(Path::new(RELAY), &["--database", &db.url, "key"]),
+        &run(Path::new(RELAY), &["--database", db, "key"]),
         "public key:",
     );
+    let (t0, t1) = (format!("{k0}=till0"), format!("{k1}=till1"));
     let out = run(
         &peer,
         &[
             "create-stand",
             "--data",
-            &s(d("pool")),
+            &d("pool"),
             "--stand",
             "north",
             "--event",
@@ -170,9 +173,9 @@ async fn terminals_on_no_shared_network_converge_through_the_relay_and_survive_i
             "--item",
             "hotdog=Hot dog:400:100",
             "--terminal",
-            &format!("{k0}=till0"),
+            &t0,
             "--terminal",
-            &format!("{k1}=till1"),
+            &t1,
         ],
     );
     let join: Vec<String> = out
@@ -183,43 +186,50 @@ async fn terminals_on_no_shared_network_converge_through_the_relay_and_survive_i
         .skip_while(|w| *w != "--stand")
         .map(String::from)
         .collect();
+    let relay = format!("{relay_key}=relay");
     run(
         &peer,
         &[
             "enrol",
             "--data",
-            &s(d("pool")),
+            &d("pool"),
             "--replica",
-            &format!("{relay_key}=relay"),
+            &relay,
             "--role",
             "relay",
         ],
     );
-    for n in ["t0", "t1", "x"] {
-        let mut a = vec!["join".to_string(), "--data".into(), s(d(n))];
+    for n in ["t0", "t1"].iter().chain(strangers) {
+        let mut a = vec!["join".to_string(), "--data".into(), d(n)];
         a.extend(join.iter().cloned());
         run(&peer, &a.iter().map(String::as_str).collect::<Vec<_>>());
     }
-    run(
-        Path::new(RELAY),
-        &[
-            "--database",
-            &db.url,
-            "stand",
-            "add",
-            "--stand",
-            "north",
-            "--pool-key",
-            &pool_key,
-        ],
-    );
+    let add = [
+        "--database",
+        db,
+        "stand",
+        "add",
+        "--stand",
+        "north",
+        "--pool-key",
+        &pool_key,
+    ];
+    run(Path::new(RELAY), &add);
+    relay_key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminals_on_no_shared_network_converge_through_the_relay_and_survive_its_crash() {
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    let relay_key = device_stand(&db.url, dir.path(), &["x"]);
     let token = run(
         Path::new(RELAY),
         &["--database", &db.url, "token", "create", "--role", "viewer"],
     )
     .trim()
     .to_owned();
-    let _ = (k0, k1, stranger);
 
     let rport = free_port();
     let mut relay = spawn_relay(&db.url, rport, d("relay.log"));
@@ -531,74 +541,11 @@ fn spawn_peer_to(data: &Path, api: u16, relays: &[u16], relay_key: &str) -> Proc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relay_instances_share_a_stand_and_one_survives_the_other() {
     use reqwest::Method;
-    let peer = peer_bin();
     let db = TestDb::postgres().await;
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n);
-    let s = |p: PathBuf| p.to_str().unwrap().to_owned();
-    let key_of = |n: &str| field(&run(&peer, &["init", "--data", &s(d(n))]), "public key:");
-    let (pool_key, k0, k1) = (key_of("pool"), key_of("t0"), key_of("t1"));
     let relay_bin = Path::new(RELAY);
-    let relay_key = field(
-        &run(relay_bin, &["--database", &db.url, "key"]),
-        "public key:",
-    );
-    let out = run(
-        &peer,
-        &[
-            "create-stand",
-            "--data",
-            &s(d("pool")),
-            "--stand",
-            "north",
-            "--event",
-            "game",
-            "--item",
-            "hotdog=Hot dog:400:100",
-            "--terminal",
-            &format!("{k0}=till0"),
-            "--terminal",
-            &format!("{k1}=till1"),
-        ],
-    );
-    let join: Vec<String> = out
-        .lines()
-        .find(|l| l.contains("halftime-peer join"))
-        .unwrap()
-        .split_whitespace()
-        .skip_while(|w| *w != "--stand")
-        .map(String::from)
-        .collect();
-    run(
-        &peer,
-        &[
-            "enrol",
-            "--data",
-            &s(d("pool")),
-            "--replica",
-            &format!("{relay_key}=relay"),
-            "--role",
-            "relay",
-        ],
-    );
-    for n in ["t0", "t1"] {
-        let mut a = vec!["join".to_string(), "--data".into(), s(d(n))];
-        a.extend(join.iter().cloned());
-        run(&peer, &a.iter().map(String::as_str).collect::<Vec<_>>());
-    }
-    run(
-        relay_bin,
-        &[
-            "--database",
-            &db.url,
-            "stand",
-            "add",
-            "--stand",
-            "north",
-            "--pool-key",
-            &pool_key,
-        ],
-    );
+    let relay_key = device_stand(&db.url, dir.path(), &[]);
     let admin = run(
         relay_bin,
         &["--database", &db.url, "token", "create", "--role", "admin"],

@@ -155,10 +155,11 @@ async fn until_stored(store: &Store, n: u64) {
     .await;
 }
 
-async fn whole_story(db: &TestDb) {
+/// A relay on `db` serving the in-memory stand (device placement).
+async fn served_stand(db: &TestDb) -> (Store, String, App, (Ledger, Ledger, Vec<SignedChange>)) {
     let store = Store::open(&db.url).await.unwrap();
     let relay_key = store.relay_key().await.unwrap();
-    let (mut pool, mut till, setup) = stand(relay_key.public());
+    let made = stand(relay_key.public());
     let row = StandRow {
         stand: north(),
         pool_key: key(1).public(),
@@ -167,7 +168,12 @@ async fn whole_story(db: &TestDb) {
         psk: None,
     };
     store.add_stand(&row, 1_000).await.unwrap();
-    let (addr, _app) = serve(store.clone()).await;
+    let (addr, app) = serve(store.clone()).await;
+    (store, addr, app, made)
+}
+
+async fn whole_story(db: &TestDb) {
+    let (store, addr, _app, (mut pool, mut till, setup)) = served_stand(db).await;
 
     // A stranger, a wrong stand, a bad signature: refused, and they say why.
     let why = connect(&addr, "north", &key(99)).await.err().unwrap();
@@ -470,18 +476,7 @@ async fn watch(ws: &mut Ws, ms: u64, replica: ReplicaId) -> (bool, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_database_holds_every_acknowledgement_until_it_is_back() {
     let db = TestDb::postgres().await;
-    let store = Store::open(&db.url).await.unwrap();
-    let relay_key = store.relay_key().await.unwrap();
-    let (_pool, mut till, setup) = stand(relay_key.public());
-    let row = StandRow {
-        stand: north(),
-        pool_key: key(1).public(),
-        placement: Placement::Device,
-        pool_secret: None,
-        psk: None,
-    };
-    store.add_stand(&row, 1_000).await.unwrap();
-    let (addr, _app) = serve(store.clone()).await;
+    let (store, addr, _app, (_pool, mut till, setup)) = served_stand(&db).await;
     let mut p = connect(&addr, "north", &key(1)).await.unwrap();
     send(
         &mut p,
