@@ -43,12 +43,12 @@ enum Cmd {
     },
     /// Print the relay's public key (made on first use), to enrol it on a stand's pool.
     Key,
-    /// Stands served.
+    /// Add a stand to serve, or list those served.
     Stand {
         #[command(subcommand)]
         cmd: StandCmd,
     },
-    /// Admin tokens.
+    /// Make admin tokens (printed once, stored only as a hash).
     Token {
         #[command(subcommand)]
         cmd: TokenCmd,

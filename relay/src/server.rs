@@ -419,7 +419,11 @@ fn known(app: &App, s: &str) -> Result<Served, ApiError> {
     })
 }
 
-async fn view(s: &Served) -> Result<StandView, ApiError> {
+/// Ask a stand's task and wait for its answer (503 when it does not answer in time).
+async fn ask<T>(
+    s: &Served,
+    make: impl FnOnce(oneshot::Sender<T>) -> StandCmd,
+) -> Result<T, ApiError> {
     let (reply, rx) = oneshot::channel();
     let busy = || {
         ApiError::new(
@@ -428,15 +432,15 @@ async fn view(s: &Served) -> Result<StandView, ApiError> {
             "the stand is not answering",
         )
     };
-    s.handle
-        .tx
-        .send(StandCmd::View { reply })
-        .await
-        .map_err(|_| busy())?;
+    s.handle.tx.send(make(reply)).await.map_err(|_| busy())?;
     tokio::time::timeout(Duration::from_millis(STAND_TIMEOUT_MS), rx)
         .await
         .map_err(|_| busy())?
         .map_err(|_| busy())
+}
+
+async fn view(s: &Served) -> Result<StandView, ApiError> {
+    ask(s, |reply| StandCmd::View { reply }).await
 }
 
 async fn relay_info(State(app): State<App>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -562,24 +566,7 @@ async fn add_stand(
 /// Send an admin operation to a stand's pool and wait until its change is committed.
 async fn admin_op(app: &App, s: &str, op: AdminOp) -> Result<serde_json::Value, ApiError> {
     let served = known(app, s)?;
-    let (reply, rx) = oneshot::channel();
-    let busy = || {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            "the stand is not answering",
-        )
-    };
-    served
-        .handle
-        .tx
-        .send(StandCmd::Admin { op, reply })
-        .await
-        .map_err(|_| busy())?;
-    let answer = tokio::time::timeout(Duration::from_millis(STAND_TIMEOUT_MS), rx)
-        .await
-        .map_err(|_| busy())?
-        .map_err(|_| busy())?;
+    let answer = ask(&served, |reply| StandCmd::Admin { op, reply }).await?;
     answer.map_err(|e| {
         ApiError::new(
             StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -725,26 +712,18 @@ fn replica_id(id: &str) -> Result<ReplicaId, ApiError> {
         .map_err(|_| bad(format!("{id:?} is not a replica id (16 hex digits)")))
 }
 
-async fn retire(
+/// `POST /v1/stands/{stand}/replicas/{id}/retire` or `/reclaim`.
+async fn replica_action(
     State(app): State<App>,
     headers: HeaderMap,
-    Path((s, id)): Path<(String, String)>,
+    Path((s, id, action)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers, AdminRole::Admin).await?;
-    let op = AdminOp::Retire {
-        replica: replica_id(&id)?,
-    };
-    Ok(Json(admin_op(&app, &s, op).await?).into_response())
-}
-
-async fn reclaim(
-    State(app): State<App>,
-    headers: HeaderMap,
-    Path((s, id)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
-    authorize(&app, &headers, AdminRole::Admin).await?;
-    let op = AdminOp::Reclaim {
-        replica: replica_id(&id)?,
+    let replica = replica_id(&id)?;
+    let op = match action.as_str() {
+        "retire" => AdminOp::Retire { replica },
+        "reclaim" => AdminOp::Reclaim { replica },
+        _ => return Err(not_found().await),
     };
     Ok(Json(admin_op(&app, &s, op).await?).into_response())
 }
@@ -851,24 +830,7 @@ async fn stock_at(
     authorize(&app, &headers, AdminRole::Viewer).await?;
     let Query(q) = q.map_err(|e| bad(e.body_text()))?;
     let served = known(&app, &s)?;
-    let (reply, rx) = oneshot::channel();
-    let busy = || {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            "the stand is not answering",
-        )
-    };
-    served
-        .handle
-        .tx
-        .send(StandCmd::StockAt { at_ms: q.at, reply })
-        .await
-        .map_err(|_| busy())?;
-    let stock = tokio::time::timeout(Duration::from_millis(STAND_TIMEOUT_MS), rx)
-        .await
-        .map_err(|_| busy())?
-        .map_err(|_| busy())?;
+    let stock = ask(&served, |reply| StandCmd::StockAt { at_ms: q.at, reply }).await?;
     Ok(Json(serde_json::json!({"stand": s, "at": q.at, "available": stock})).into_response())
 }
 
@@ -990,8 +952,10 @@ pub fn router(app: App) -> Router {
         )
         .route("/v1/stands/{stand}/catalog", put(catalog))
         .route("/v1/stands/{stand}/replicas", post(enrol))
-        .route("/v1/stands/{stand}/replicas/{id}/retire", post(retire))
-        .route("/v1/stands/{stand}/replicas/{id}/reclaim", post(reclaim))
+        .route(
+            "/v1/stands/{stand}/replicas/{id}/{action}",
+            post(replica_action),
+        )
         .route("/v1/stands/{stand}/stock", get(stock))
         .route("/v1/stands/{stand}/sales", get(sales))
         .route("/v1/stands/{stand}/rejections", get(rejections))

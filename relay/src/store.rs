@@ -188,7 +188,7 @@ pub enum Lease {
     Single,
     /// This instance, for as long as the connection holding the lock lives.
     Held(sqlx::AnyConnection),
-    /// Another instance.
+    /// Another instance holds it.
     Elsewhere,
 }
 
