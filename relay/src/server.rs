@@ -591,19 +591,31 @@ struct StockInput {
     note: String,
 }
 
+/// A restock or a shrink adjustment, signed by the pool.
+async fn stock_move(
+    app: &App,
+    headers: &HeaderMap,
+    s: &str,
+    body: Result<Json<StockInput>, JsonRejection>,
+    make: fn(BTreeMap<Sku, u64>, String) -> AdminOp,
+) -> Result<Response, ApiError> {
+    authorize(app, headers, AdminRole::Manager).await?;
+    let input = json_body(body)?;
+    let op = make(units_of(input.units)?, input.note);
+    Ok((StatusCode::CREATED, Json(admin_op(app, s, op).await?)).into_response())
+}
+
 async fn restock(
     State(app): State<App>,
     headers: HeaderMap,
     Path(s): Path<String>,
     body: Result<Json<StockInput>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&app, &headers, AdminRole::Manager).await?;
-    let input = json_body(body)?;
-    let op = AdminOp::Restock {
-        units: units_of(input.units)?,
-        note: input.note,
-    };
-    Ok((StatusCode::CREATED, Json(admin_op(&app, &s, op).await?)).into_response())
+    stock_move(&app, &headers, &s, body, |units, note| AdminOp::Restock {
+        units,
+        note,
+    })
+    .await
 }
 
 async fn adjust(
@@ -612,13 +624,11 @@ async fn adjust(
     Path(s): Path<String>,
     body: Result<Json<StockInput>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&app, &headers, AdminRole::Manager).await?;
-    let input = json_body(body)?;
-    let op = AdminOp::Adjust {
-        units: units_of(input.units)?,
-        reason: input.note,
-    };
-    Ok((StatusCode::CREATED, Json(admin_op(&app, &s, op).await?)).into_response())
+    stock_move(&app, &headers, &s, body, |units, reason| AdminOp::Adjust {
+        units,
+        reason,
+    })
+    .await
 }
 
 #[derive(Debug, serde::Deserialize)]
