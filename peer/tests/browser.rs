@@ -556,12 +556,18 @@ async fn admin_scenario(c: &Client, pos: &str, relay: &str, token: &str) {
         move || async move { (number(text(c, row_available).await)? == 40).then_some(()) },
     )
     .await;
-    let units = c
-        .find(Locator::Css(&format!("{ROW} .restock-units")))
-        .await
-        .unwrap();
-    units.clear().await.unwrap();
-    units.send_keys("15").await.unwrap();
+    // The page redraws every second unless something in it has focus: focus the field first,
+    // and start again on the new one if a redraw replaced it meanwhile.
+    let units_css = format!("{ROW} .restock-units");
+    let units_css: &str = &units_css;
+    eventually(15, "typing 15 units", move || async move {
+        let units = c.find(Locator::Css(units_css)).await.ok()?;
+        units.click().await.ok()?;
+        units.clear().await.ok()?;
+        units.send_keys("15").await.ok()?;
+        (units.prop("value").await.ok()??.as_str() == "15").then_some(())
+    })
+    .await;
     click(
         c,
         &format!("{ROW} button.restock"),
