@@ -326,10 +326,31 @@ async fn memory(sales: usize) {
         }
     }
     drop(t);
+    // The first start replays every stored change (no snapshot yet); a clean stop writes the
+    // snapshot; the second start loads it.
+    let mut p = start_measured(&dir, sales, "no snapshot: every stored change replayed").await;
+    let t = Instant::now();
+    let pid = p.child.id().to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert!(p.child.wait().unwrap().success());
+    println!(
+        "  clean stop (SIGTERM), writing the snapshot: {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    let p = start_measured(&dir, sales, "from its snapshot").await;
+    assert!(p.log_text().contains("loaded from the snapshot"));
+}
+
+/// Start the peer in `dir`, wait for its API and print how long that took and its memory.
+async fn start_measured(dir: &std::path::Path, sales: usize, how: &str) -> Proc {
     let start = Instant::now();
     let p = spawn(
         "big",
-        &dir,
+        dir,
         "/ip4/127.0.0.1/tcp/0",
         free_port(),
         &[],
@@ -359,11 +380,12 @@ async fn memory(sales: usize) {
             .unwrap()
     };
     println!(
-        "peer holding a {sales}-sale stand: API up after {:.1} s; resident {} MB, peak {} MB",
+        "peer holding a {sales}-sale stand, {how}: API up after {:.2} s; resident {} MB, peak {} MB",
         up.as_secs_f64(),
         field("VmRSS:"),
         field("VmHWM:")
     );
+    p
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use halftime_ledger::{
     Allocation, CatalogItem, EventId, Ledger, Policy, PublicKey, Role, SignedChange, Sku, StandId,
     StandInfo,
 };
-use halftime_peer::store::{StandSettings, Store};
+use halftime_peer::store::{Loaded, StandSettings, Store, load_ledger};
 use halftime_peer::{api, net, node};
 use libp2p::Multiaddr;
 use rand::RngCore;
@@ -135,6 +135,10 @@ enum Cmd {
         /// is refused (the POS shows "checking stand stock" meanwhile).
         #[arg(long, default_value_t = halftime_engine::SALE_WAIT_MS)]
         sale_wait_ms: u64,
+        /// Write a snapshot of the replica after this many new changes (and on every clean
+        /// stop), so a restart loads it and replays only what came after. 0: only on stop.
+        #[arg(long, default_value_t = node::SNAPSHOT_EVERY)]
+        snapshot_every: u64,
         /// The relay (ws://HOST:PORT): keep an uplink to it whenever it can be reached, so
         /// that replicas on different networks converge through it while the internet is up.
         /// Repeat for several instances of one relay: they are tried in turn.
@@ -297,8 +301,7 @@ fn main() -> Result<()> {
             let mut store = store_at(&data)?;
             let key = store.key()?.context("no key in this data folder")?;
             let s = store.settings()?;
-            let (stored, _) = store.changes()?;
-            let (mut pool, _) = Ledger::restore(key, s.stand, s.pool, stored, now());
+            let (mut pool, _) = load_ledger(&store, key, &s, now())?;
             let role = match role.as_str() {
                 "terminal" => Role::Terminal,
                 "kitchen" => Role::Kitchen,
@@ -319,8 +322,7 @@ fn main() -> Result<()> {
             let mut store = store_at(&data)?;
             let key = store.key()?.context("no key in this data folder")?;
             let s = store.settings()?;
-            let (stored, _) = store.changes()?;
-            let (mut pool, _) = Ledger::restore(key, s.stand, s.pool, stored, now());
+            let (mut pool, _) = load_ledger(&store, key, &s, now())?;
             let rid: halftime_ledger::ReplicaId = replica.parse()?;
             let c = pool.reclaim(rid, now())?;
             store.append(&[c], true)?;
@@ -361,6 +363,7 @@ fn main() -> Result<()> {
             no_mdns,
             sync_interval_ms,
             sale_wait_ms,
+            snapshot_every,
             relay,
             relay_key,
         } => {
@@ -372,6 +375,7 @@ fn main() -> Result<()> {
                 static_peers: peers,
                 sync_interval_ms,
                 sale_wait_ms,
+                snapshot_every,
             };
             rt.block_on(run(data, listen, api, cfg, !no_mdns, relay, relay_key))
         }
@@ -393,24 +397,30 @@ async fn run(
         .context("run `halftime-peer init --data DIR` first")?;
     let s = store.settings()?;
     let psk = net::parse_psk(&s.psk).map_err(anyhow::Error::msg)?;
-    let (stored, bad) = store.changes()?;
     let t0 = std::time::Instant::now();
-    let n = stored.len();
-    let (ledger, report) = Ledger::restore(key.clone(), s.stand.clone(), s.pool, stored, now());
-    if bad > 0 || !report.rejected.is_empty() {
-        tracing::warn!(
-            undecodable = bad,
-            rejected = report.rejected.len(),
-            "some stored changes could not be used"
-        );
+    let (ledger, loaded) = load_ledger(&store, key.clone(), &s, now())?;
+    let restore_ms = t0.elapsed().as_millis() as u64;
+    match &loaded {
+        Loaded::Snapshot { covered, replayed } => tracing::info!(
+            covered,
+            replayed,
+            restore_ms,
+            "loaded from the snapshot and the changes stored after it"
+        ),
+        Loaded::Replay { changes, why } => tracing::info!(
+            changes,
+            restore_ms,
+            snapshot = why.as_deref().unwrap_or("none"),
+            "loaded by replaying every stored change"
+        ),
     }
     tracing::info!(
         replica = %key.replica_id(),
         peer_id = %key.public().peer_id()?,
         stand = %s.stand,
         stand_key_fingerprint = %psk.fingerprint(),
-        changes = n,
-        restore_ms = t0.elapsed().as_millis() as u64,
+        changes = ledger.len(),
+        restore_ms,
         "starting"
     );
     let mut swarm =
@@ -420,7 +430,8 @@ async fn run(
         .with_context(|| format!("cannot listen on {listen}"))?;
     let (live, _) = broadcast::channel(node::LIVE_QUEUE_LEN);
     let (cmd_tx, cmd_rx) = mpsc::channel(node::COMMAND_QUEUE_LEN);
-    let mut node = node::Node::new(ledger, store, swarm, cfg, live.clone());
+    let mut node =
+        node::Node::new(ledger, store, swarm, cfg, live.clone()).snapshot_covers(loaded.covered());
     if !relay.is_empty() {
         let urls = relay
             .iter()

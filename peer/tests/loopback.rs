@@ -497,3 +497,113 @@ async fn a_terminal_short_of_rights_sells_by_asking_a_holder() {
     })
     .await;
 }
+
+/// The value of an unlabelled metric.
+async fn metric(api: &str, name: &str) -> u64 {
+    let text = metrics(api).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_restarts_from_its_snapshot_and_replays_all_when_it_is_damaged() {
+    use halftime_ledger::{Ledger, SaleId};
+    use halftime_peer::store::Store;
+    let stand = make_stand(1, false, &["hotdog=Hot dog:400:1000", "soda=Soda:250:60"]);
+    let mut pool = start_one(&stand, "pool", &[]);
+    wait_up(&pool).await;
+    let t0_dir = stand.dir.path().join("t0");
+    let start_t0 = |peers: &[String]| {
+        spawn_with(
+            "t0",
+            &t0_dir,
+            &mesh_addr(free_port()),
+            free_port(),
+            peers,
+            false,
+            None,
+            &["--snapshot-every", "100"],
+        )
+    };
+    let mut t0 = start_t0(std::slice::from_ref(&pool.mesh));
+    wait_up(&t0).await;
+    wait_available(15, &t0.api, "hotdog", 1000).await;
+    let mut acked: Vec<SaleId> = Vec::new();
+    for _ in 0..250 {
+        let (code, body) = sell(&t0.api, "hotdog", 1).await;
+        assert_eq!(code, 201, "{body}");
+        acked.push(body["sale_id"].as_str().unwrap().parse().unwrap());
+    }
+    assert!(metric(&t0.api, "halftime_snapshots_total").await >= 2);
+    let covers = metric(&t0.api, "halftime_snapshot_covers").await;
+    // The pool goes first: whatever t0 shows after its restart comes from its own disk.
+    pool.kill9();
+    t0.kill9();
+
+    let mut t0 = start_t0(&[]);
+    wait_up(&t0).await;
+    let log = t0.log_text();
+    assert!(
+        log.contains("loaded from the snapshot and the changes stored after it"),
+        "{log}"
+    );
+    assert!(log.contains(&format!("covered={covers}")), "{log}");
+    assert!(
+        !log.contains("replayed=0 "),
+        "sales came after the snapshot: {log}"
+    );
+    assert_eq!(available(&t0.api, "hotdog").await, Some(750));
+    let recent = get(&t0.api, "/v1/sales").await;
+    let last = acked.last().unwrap().to_string();
+    assert!(recent.to_string().contains(&last), "{recent}");
+    t0.kill9();
+
+    // Damage the snapshot on disk: one byte in the middle.
+    {
+        let mut store = Store::open(&t0_dir.join("replica.redb")).unwrap();
+        let mut snap = store.snapshot().unwrap().expect("a snapshot on disk");
+        let mid = snap.len() / 2;
+        snap[mid] ^= 0x20;
+        store.put_snapshot(&snap).unwrap();
+    }
+    let mut t0 = start_t0(&[]);
+    wait_up(&t0).await;
+    let log = t0.log_text();
+    assert!(
+        log.contains("the snapshot cannot be used") && log.contains("checksum mismatch"),
+        "{log}"
+    );
+    assert!(
+        log.contains("loaded by replaying every stored change"),
+        "{log}"
+    );
+    assert_eq!(available(&t0.api, "hotdog").await, Some(750));
+    // The next sale takes the next number: nothing of the replica was forgotten.
+    let (code, body) = sell(&t0.api, "hotdog", 1).await;
+    assert_eq!(code, 201, "{body}");
+    let next: SaleId = body["sale_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(next.seq, acked.iter().map(|s| s.seq).max().unwrap() + 1);
+    acked.push(next);
+    let status = sigterm(&mut t0);
+    assert!(status.success(), "{status}");
+    assert!(t0.log_text().contains("snapshot written"));
+
+    // Every acknowledged sale is on disk, read back without the snapshot.
+    let store = Store::open(&t0_dir.join("replica.redb")).unwrap();
+    let key = store.key().unwrap().unwrap();
+    let s = store.settings().unwrap();
+    let (stored, bad) = store.changes().unwrap();
+    assert_eq!(bad, 0);
+    let (l, report) = Ledger::restore(key.clone(), s.stand.clone(), s.pool, stored.clone(), 0);
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    for id in &acked {
+        assert!(l.sale(*id).is_some(), "sale {id} lost");
+    }
+    // And the snapshot written on the clean stop loads to the same replica.
+    let snap = store.snapshot().unwrap().unwrap();
+    let (back, _, load) = Ledger::from_snapshot(key, s.stand, s.pool, &snap, stored, 0).unwrap();
+    assert_eq!(load.replayed, 0);
+    assert_eq!(back.sales().len(), l.sales().len());
+}

@@ -294,6 +294,11 @@ impl Engine {
         &self.ledger
     }
 
+    /// The ledger's snapshot (see `Ledger::snapshot`), for the driver to store.
+    pub fn snapshot(&mut self) -> Vec<u8> {
+        self.ledger.snapshot()
+    }
+
     pub fn stats(&self) -> &EngineStats {
         &self.stats
     }

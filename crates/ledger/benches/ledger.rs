@@ -126,7 +126,7 @@ fn rss_kb(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn load_child(path: &str) {
+fn read_changes(path: &str) -> Vec<SignedChange> {
     let bytes = std::fs::read(path).unwrap();
     let mut changes = Vec::new();
     let mut rest = &bytes[..];
@@ -135,10 +135,43 @@ fn load_child(path: &str) {
         changes.push(SignedChange::from_slice(&rest[4..4 + len]).unwrap());
         rest = &rest[4 + len..];
     }
+    changes
+}
+
+/// Load the stand from its snapshot (`path`.snap) and its stored changes, in a fresh process.
+fn snapshot_child(path: &str) {
+    let changes = read_changes(path);
+    let snap = std::fs::read(format!("{path}.snap")).unwrap();
+    let before = rss_kb("VmRSS:");
+    let t = Instant::now();
+    let (l, _, load) = Ledger::from_snapshot(
+        key(99),
+        StandId::new("s1").unwrap(),
+        key(1).public(),
+        &snap,
+        changes,
+        10,
+    )
+    .unwrap();
+    let dt = t.elapsed();
+    println!(
+        "load of the same stand from its snapshot ({} changes covered, {} replayed): {:.2} s; resident {} MB after load, peak {} MB (before load {} MB incl. the stored changes and the snapshot)",
+        load.covered,
+        load.replayed,
+        dt.as_secs_f64(),
+        rss_kb("VmRSS:") / 1024,
+        rss_kb("VmHWM:") / 1024,
+        before / 1024
+    );
+    drop(l);
+}
+
+fn load_child(path: &str) {
+    let changes = read_changes(path);
     let before = rss_kb("VmRSS:");
     let n = changes.len();
     let t = Instant::now();
-    let (l, rep) = Ledger::restore(
+    let (mut l, rep) = Ledger::restore(
         key(99),
         StandId::new("s1").unwrap(),
         key(1).public(),
@@ -154,6 +187,14 @@ fn load_child(path: &str) {
         rss_kb("VmHWM:") / 1024,
         before / 1024
     );
+    let t = Instant::now();
+    let snap = l.snapshot();
+    println!(
+        "snapshot of that stand: {} KB, made in {:.2} s",
+        snap.len() / 1024,
+        t.elapsed().as_secs_f64()
+    );
+    std::fs::write(format!("{path}.snap"), &snap).unwrap();
     let saved = l.doc().save();
     let t = Instant::now();
     let _doc = automerge::Automerge::load(&saved).unwrap();
@@ -168,6 +209,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--load-child") {
         load_child(&args[i + 1]);
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--snapshot-child") {
+        snapshot_child(&args[i + 1]);
         return;
     }
     let sales: usize = args
@@ -262,5 +307,12 @@ fn main() {
         .unwrap();
     print!("{}", String::from_utf8_lossy(&out.stdout));
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--snapshot-child", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(format!("{}.snap", path.display()));
 }

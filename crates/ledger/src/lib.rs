@@ -74,8 +74,8 @@ pub use ledger::{Applied, LedgerBug, SignatureMemo};
 pub use ledger::{
     ApplyReport, ChangeInfo, Ledger, LedgerStats, MAX_OPS_PER_CHANGE, MAX_PENDING_BYTES,
     MAX_PENDING_BYTES_PER_AUTHOR, MAX_TRACKED_KEYS, MAX_UNKNOWN_PENDING_BYTES,
-    MAX_UNKNOWN_PENDING_BYTES_PER_AUTHOR, ReclaimView, SaleOutcome, SaleRequest, StockStatus,
-    VersionVector,
+    MAX_UNKNOWN_PENDING_BYTES_PER_AUTHOR, ReclaimView, SaleOutcome, SaleRequest, SnapshotError,
+    SnapshotLoad, StockStatus, VersionVector, change_hash,
 };
 pub use message::{
     Allocation, CatalogItem, ChangeMessage, Operation, Payment, PaymentMethod, Policy, SaleLine,

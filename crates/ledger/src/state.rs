@@ -7,13 +7,14 @@ use crate::hlc::Hlc;
 use crate::identity::PublicKey;
 use crate::ids::{ReplicaId, Role, SaleId, Sku};
 use crate::message::{CatalogItem, SaleRecord, StandInfo};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Sales kept per replica for the recent-rate window.
 pub const RATE_HISTORY_LEN: usize = 256;
 
 /// A registered replica.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaInfo {
     /// Display name.
     pub name: String,
@@ -26,7 +27,7 @@ pub struct ReplicaInfo {
 }
 
 /// A counter of a replica's per-sku cell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Field {
     /// Units that came into being here.
     In,
@@ -80,7 +81,7 @@ pub type OpAddr = (u64, ReplicaId);
 pub type ObjAddr = Option<OpAddr>;
 
 /// One replica's counters for one sku, and where they live in the document.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cell {
     /// Counter values.
     pub values: BTreeMap<Field, u64>,
@@ -104,7 +105,7 @@ impl Cell {
 }
 
 /// What an object id of the document is, in the layout.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Obj {
     /// `/event`.
     Event,
@@ -127,9 +128,10 @@ pub enum Obj {
 }
 
 /// A sale as known to this replica.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SaleEntry {
     /// The record from the change message.
+    #[serde(with = "record_fields")]
     pub record: SaleRecord,
     /// Voided since.
     pub voided: bool,
@@ -139,7 +141,7 @@ pub struct SaleEntry {
 }
 
 /// The materialised state.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct State {
     /// `/event`.
     pub stand: Option<StandInfo>,
@@ -188,7 +190,7 @@ pub struct State {
 
 /// The newest availability marks of an item across the stand: the later one wins, and a tie
 /// (two replicas marking at the same instant) leaves the item available.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Marks {
     /// Packed time of the latest "unavailable" mark.
     pub off_at: u64,
@@ -361,4 +363,39 @@ impl State {
 
 fn to_i64(v: i128) -> i64 {
     v.clamp(i64::MIN as i128, i64::MAX as i128) as i64
+}
+
+/// A sale record as every field in order, for binary formats (snapshots): the change message's
+/// JSON form leaves an empty overdraft out, which a format without field names cannot do.
+mod record_fields {
+    use crate::hlc::Hlc;
+    use crate::ids::{SaleId, Sku};
+    use crate::message::{Payment, SaleLine, SaleRecord};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::BTreeMap;
+
+    type Fields = (
+        SaleId,
+        Hlc,
+        Vec<SaleLine>,
+        Payment,
+        bool,
+        BTreeMap<Sku, u64>,
+    );
+
+    pub(super) fn serialize<S: Serializer>(r: &SaleRecord, s: S) -> Result<S::Ok, S::Error> {
+        (&r.id, &r.at, &r.lines, &r.payment, &r.offline, &r.overdraft).serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SaleRecord, D::Error> {
+        let (id, at, lines, payment, offline, overdraft) = Fields::deserialize(d)?;
+        Ok(SaleRecord {
+            id,
+            at,
+            lines,
+            payment,
+            offline,
+            overdraft,
+        })
+    }
 }

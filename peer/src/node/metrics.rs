@@ -11,6 +11,8 @@ pub(super) struct Metrics {
     pub(super) ack_us_sum: u64,
     pub(super) ack_count: u64,
     pub(super) store_errors: u64,
+    pub(super) snapshots: u64,
+    pub(super) snapshot_ms: u64,
 }
 
 impl Node {
@@ -99,6 +101,24 @@ impl Node {
             "Failed durable writes.",
             "counter",
             m.store_errors.to_string(),
+        );
+        line(
+            "snapshots_total",
+            "Snapshots of the replica written.",
+            "counter",
+            m.snapshots.to_string(),
+        );
+        line(
+            "snapshot_last_ms",
+            "Time the latest snapshot took to make and write.",
+            "gauge",
+            m.snapshot_ms.to_string(),
+        );
+        line(
+            "snapshot_covers",
+            "Changes the latest snapshot (written or loaded) covers.",
+            "gauge",
+            self.snapshot_len.to_string(),
         );
         line(
             "ack_seconds_sum",

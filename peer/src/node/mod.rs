@@ -54,6 +54,8 @@ pub const MAX_INFLIGHT_PER_PEER: usize = 64;
 pub const KITCHEN_QUEUE_LEN: usize = 500;
 /// Sales listed by `GET /v1/sales`.
 pub const RECENT_SALES: usize = 20;
+/// A snapshot is written once this many changes were added since the last one.
+pub const SNAPSHOT_EVERY: u64 = 20_000;
 
 /// Wall-clock milliseconds.
 pub fn now_ms() -> u64 {
@@ -78,6 +80,8 @@ pub struct NodeConfig {
     pub sync_interval_ms: u64,
     /// Longest a sale waits for rights from other replicas.
     pub sale_wait_ms: u64,
+    /// Changes between snapshots (0: only on a clean stop).
+    pub snapshot_every: u64,
 }
 
 /// The node state owned by the loop.
@@ -108,6 +112,9 @@ pub struct Node {
     relay: Option<relay::RelayConn>,
     relay_key: Option<halftime_ledger::PublicKey>,
     uplink: Option<mpsc::Receiver<crate::uplink::UplinkEvent>>,
+    snapshot_every: u64,
+    /// Changes held when the latest snapshot was written or loaded.
+    snapshot_len: usize,
 }
 
 impl std::fmt::Debug for Node {
@@ -153,6 +160,8 @@ impl Node {
             relay: None,
             relay_key: None,
             uplink: None,
+            snapshot_every: cfg.snapshot_every,
+            snapshot_len: 0,
         };
         n.refresh_allowlist();
         let now = now_ms();
@@ -167,6 +176,12 @@ impl Node {
             n.note_order(&s, now, false);
         }
         n
+    }
+
+    /// The replica was loaded from a snapshot covering `covered` changes.
+    pub fn snapshot_covers(mut self, covered: usize) -> Self {
+        self.snapshot_len = covered;
+        self
     }
 
     /// Take the relay uplink's events (see [`crate::uplink::run`]).
@@ -228,8 +243,10 @@ impl Node {
             }
             self.sync_received(false);
             self.flush();
+            self.snapshot(false);
         }
         self.sync_received(true);
+        self.snapshot(true);
         tracing::info!(
             changes = self.engine.ledger().len(),
             "stopped; every change held is on disk"
@@ -252,6 +269,45 @@ impl Node {
                 // Not fatal: what is not durable is fetched again by the repair.
                 self.metrics.store_errors += 1;
                 tracing::error!(error = %e, "could not make received changes durable");
+            }
+        }
+    }
+
+    /// Write a snapshot once `snapshot_every` changes came in since the last one, or now when
+    /// `force`d and anything did (on the way out). It runs on this task, between events: the
+    /// time it takes is in `/metrics`. A failure is logged; the store of changes is intact
+    /// and the next start replays more of it.
+    fn snapshot(&mut self, force: bool) {
+        let held = self.engine.ledger().len();
+        let new = held.saturating_sub(self.snapshot_len) as u64;
+        let due = if force {
+            new > 0
+        } else {
+            self.snapshot_every > 0 && new >= self.snapshot_every
+        };
+        if !due {
+            return;
+        }
+        let t = Instant::now();
+        let bytes = self.engine.snapshot();
+        match self.store.put_snapshot(&bytes) {
+            Ok(()) => {
+                self.received_unsynced = None;
+                self.snapshot_len = held;
+                self.metrics.snapshots += 1;
+                self.metrics.snapshot_ms = t.elapsed().as_millis() as u64;
+                tracing::info!(
+                    covers = held,
+                    bytes = bytes.len(),
+                    ms = self.metrics.snapshot_ms,
+                    "snapshot written"
+                );
+            }
+            Err(e) => {
+                self.metrics.store_errors += 1;
+                // Retried after as many changes again, not on every event.
+                self.snapshot_len = held;
+                tracing::error!(error = %e, "could not write a snapshot; the next start replays more");
             }
         }
     }

@@ -77,6 +77,21 @@ pub fn spawn(
     mdns: bool,
     netns: Option<&str>,
 ) -> Proc {
+    spawn_with(name, data, mesh, api_port, peers, mdns, netns, &[])
+}
+
+/// [`spawn`] with more arguments for `run`.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_with(
+    name: &str,
+    data: &Path,
+    mesh: &str,
+    api_port: u16,
+    peers: &[String],
+    mdns: bool,
+    netns: Option<&str>,
+    extra: &[&str],
+) -> Proc {
     let log = data.join("peer.log");
     let mut args: Vec<String> = vec![
         "run".into(),
@@ -95,6 +110,7 @@ pub fn spawn(
     if !mdns {
         args.push("--no-mdns".into());
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     for p in peers {
         args.push("--peer".into());
         args.push(p.clone());

@@ -11,6 +11,7 @@ mod invariants;
 mod local;
 mod pending;
 mod receive;
+mod snapshot;
 mod validate;
 
 pub use pending::{
@@ -18,6 +19,7 @@ pub use pending::{
     MAX_UNKNOWN_PENDING_BYTES_PER_AUTHOR,
 };
 pub use receive::{MAX_OPS_PER_CHANGE, MAX_TRACKED_KEYS};
+pub use snapshot::{SnapshotError, SnapshotLoad, change_hash};
 
 use crate::error::{NotAdmitted, OpError, Refusal, Rejection};
 use crate::hlc::{Clock, Hlc};

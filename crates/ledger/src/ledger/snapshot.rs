@@ -1,0 +1,243 @@
+//! A replica's snapshot of itself, so a restart loads its state instead of re-deriving it from
+//! every stored change.
+//!
+//! A snapshot holds the saved Automerge document, the materialised state, the clock, and per
+//! held change what the receive path derived from it (author, hash, time, causal summary,
+//! deps). It does not hold the signed bytes: those stay in the replica's store, and loading
+//! matches every stored change to the snapshot by its hash. Stored changes the snapshot does
+//! not cover (the tail written after it) are replayed as [`Ledger::restore`] would.
+//!
+//! A snapshot is only ever read from the replica's own disk, but disks fail: it carries a
+//! SHA-256 of its body, checked before anything is decoded; the loaded document's heads must
+//! be the ones recorded; and every change it covers must be in the store. Any failure is an
+//! error, and the caller falls back to a full replay, which needs nothing but the store.
+
+use super::{ApplyReport, Entry, Ledger};
+use crate::hlc::Hlc;
+use crate::identity::{PublicKey, ReplicaKey};
+use crate::ids::{ReplicaId, StandId};
+use crate::signed::SignedChange;
+use crate::state::State;
+use automerge::{Automerge, ChangeHash, LoadOptions, VerificationMode};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use std::collections::{HashMap, HashSet};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+/// The first bytes of a snapshot; the last two digits are its format version.
+const MAGIC: &[u8; 8] = b"HTSNAP01";
+const HEADER_LEN: usize = MAGIC.len() + 32;
+
+/// Why a snapshot cannot be used (the replica then replays its whole store).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    /// Too short, or not a snapshot of this format.
+    #[error("not a snapshot of this format")]
+    NotASnapshot,
+    /// The body's SHA-256 differs from the one recorded: the bytes changed on disk.
+    #[error("checksum mismatch: the snapshot was damaged")]
+    Checksum,
+    /// The body does not decode.
+    #[error("the snapshot does not decode: {0}")]
+    Decode(String),
+    /// Written by another replica or for another stand.
+    #[error("the snapshot belongs to replica {replica} of stand {stand}")]
+    Foreign { replica: ReplicaId, stand: StandId },
+    /// The saved document does not load, or loads with other heads than recorded.
+    #[error("the snapshot's document: {0}")]
+    Document(String),
+    /// A change the snapshot covers is not in the store.
+    #[error("{missing} changes the snapshot covers are not in the store")]
+    Missing { missing: usize },
+}
+
+/// How a ledger was loaded from a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotLoad {
+    /// Changes the snapshot covered.
+    pub covered: usize,
+    /// Stored changes after it, replayed.
+    pub replayed: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Body {
+    stand: StandId,
+    me: ReplicaId,
+    clock: Hlc,
+    heads: Vec<[u8; 32]>,
+    entries: Vec<EntryMeta>,
+    state: State,
+    #[serde(with = "serde_bytes")]
+    doc: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EntryMeta {
+    author: ReplicaId,
+    hash: [u8; 32],
+    at: Hlc,
+    pool_seq_seen: u64,
+    max_op: u64,
+    own_max_op: u64,
+    deps: Vec<[u8; 32]>,
+}
+
+/// The Automerge hash of an uncompressed change chunk, from its bytes: SHA-256 over everything
+/// after the magic and the checksum (Automerge's own definition). `None` when the bytes are
+/// too short to be a chunk.
+pub fn change_hash(bytes: &[u8]) -> Option<[u8; 32]> {
+    bytes
+        .get(8..)
+        .filter(|b| !b.is_empty())
+        .map(|b| sha2::Sha256::digest(b).into())
+}
+
+impl Ledger {
+    /// This replica as it is now, for [`Ledger::from_snapshot`]. Changes waiting for a
+    /// dependency are not part of it (a restart fetches them again), nor are the counters of
+    /// what was received.
+    pub fn snapshot(&mut self) -> Vec<u8> {
+        let now = self.clock.last().wall_ms();
+        self.flush_doc(now);
+        let author_of: HashMap<usize, ReplicaId> = self
+            .by_actor
+            .iter()
+            .flat_map(|(r, v)| v.iter().map(move |i| (*i, *r)))
+            .collect();
+        let entries = self
+            .log
+            .iter()
+            .enumerate()
+            .map(|(i, e)| EntryMeta {
+                author: author_of.get(&i).copied().unwrap_or(self.me),
+                hash: e.hash.0,
+                at: e.at,
+                pool_seq_seen: e.pool_seq_seen,
+                max_op: e.max_op,
+                own_max_op: e.own_max_op,
+                deps: e.deps.iter().map(|d| d.0).collect(),
+            })
+            .collect();
+        let body = Body {
+            stand: self.stand_id.clone(),
+            me: self.me,
+            clock: self.clock.last(),
+            heads: self.doc.get_heads().iter().map(|h| h.0).collect(),
+            entries,
+            state: self.state.clone(),
+            doc: self.doc.save_nocompress(),
+        };
+        let body = postcard::to_stdvec(&body).unwrap_or_default();
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&sha2::Sha256::digest(&body));
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Rebuild this replica from a snapshot it wrote and its own stored changes (any order).
+    /// The changes the snapshot covers are taken as they are; the others are replayed as
+    /// [`Ledger::restore`] does. An error leaves nothing behind: the caller calls
+    /// [`Ledger::restore`] with the same changes.
+    pub fn from_snapshot(
+        key: ReplicaKey,
+        stand_id: StandId,
+        pool_key: PublicKey,
+        snapshot: &[u8],
+        stored: Vec<SignedChange>,
+        now_ms: u64,
+    ) -> Result<(Self, ApplyReport, SnapshotLoad), SnapshotError> {
+        let body = decode(snapshot)?;
+        if body.stand != stand_id || body.me != key.replica_id() {
+            return Err(SnapshotError::Foreign {
+                replica: body.me,
+                stand: body.stand,
+            });
+        }
+        let doc = load_doc(&body.doc)?;
+        let mut heads: Vec<[u8; 32]> = doc.get_heads().iter().map(|h| h.0).collect();
+        let mut recorded = body.heads.clone();
+        heads.sort_unstable();
+        recorded.sort_unstable();
+        if heads != recorded {
+            return Err(SnapshotError::Document(
+                "its heads differ from the recorded ones".into(),
+            ));
+        }
+        let covered: HashSet<[u8; 32]> = body.entries.iter().map(|e| e.hash).collect();
+        let mut signed_of: HashMap<[u8; 32], SignedChange> = HashMap::with_capacity(covered.len());
+        let mut tail = Vec::new();
+        for c in stored {
+            match change_hash(&c.bytes) {
+                Some(h) if covered.contains(&h) => {
+                    signed_of.insert(h, c);
+                }
+                _ => tail.push(c),
+            }
+        }
+        let missing = covered.len() - signed_of.len();
+        if missing > 0 {
+            return Err(SnapshotError::Missing { missing });
+        }
+
+        let mut l = Self::join(key.clone(), stand_id, pool_key);
+        l.doc = doc.with_actor(key.public().actor());
+        l.state = body.state;
+        l.log.reserve(body.entries.len());
+        for e in body.entries {
+            let Some(signed) = signed_of.remove(&e.hash) else {
+                return Err(SnapshotError::Missing { missing: 1 });
+            };
+            let i = l.log.len();
+            let hash = ChangeHash(e.hash);
+            l.log.push(Entry {
+                signed,
+                hash,
+                at: e.at,
+                pool_seq_seen: e.pool_seq_seen,
+                max_op: e.max_op,
+                own_max_op: e.own_max_op,
+                deps: e.deps.into_iter().map(ChangeHash).collect(),
+            });
+            l.by_hash.insert(hash, i);
+            l.by_actor.entry(e.author).or_default().push(i);
+        }
+        let latest = Hlc::from_packed(u64::MAX).wall_ms();
+        l.clock.observe(body.clock, latest);
+        let load = SnapshotLoad {
+            covered: l.log.len(),
+            replayed: tail.len(),
+        };
+        l.pending.trusted = true;
+        let report = l.apply_remote(tail, latest.max(now_ms));
+        l.pending.trusted = false;
+        #[cfg(any(debug_assertions, feature = "check-invariants"))]
+        l.check_invariants();
+        Ok((l, report, load))
+    }
+}
+
+fn decode(snapshot: &[u8]) -> Result<Body, SnapshotError> {
+    if snapshot.len() < HEADER_LEN || &snapshot[..MAGIC.len()] != MAGIC {
+        return Err(SnapshotError::NotASnapshot);
+    }
+    let (sum, body) = snapshot[MAGIC.len()..].split_at(32);
+    if sha2::Sha256::digest(body).as_slice() != sum {
+        return Err(SnapshotError::Checksum);
+    }
+    postcard::from_bytes(body).map_err(|e| SnapshotError::Decode(e.to_string()))
+}
+
+fn load_doc(bytes: &[u8]) -> Result<Automerge, SnapshotError> {
+    let opts = LoadOptions::new().verification_mode(VerificationMode::Check);
+    match catch_unwind(AssertUnwindSafe(|| {
+        Automerge::load_with_options(bytes, opts)
+    })) {
+        Ok(Ok(doc)) => Ok(doc),
+        Ok(Err(e)) => Err(SnapshotError::Document(e.to_string())),
+        Err(_) => Err(SnapshotError::Document(
+            "Automerge panicked loading it".into(),
+        )),
+    }
+}

@@ -1,0 +1,178 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Snapshots: a replica loaded from its snapshot plus the tail of its store is the replica that
+//! wrote it; a damaged or foreign snapshot is refused with the reason, and the full replay
+//! still works from the same store.
+
+mod common;
+use common::*;
+use halftime_ledger::*;
+
+fn north() -> StandId {
+    StandId::new("north").unwrap()
+}
+
+/// A terminal that has sold `n` hot dogs and received the other terminal's sales.
+fn busy_terminal(n: u64) -> (Stand, Ledger) {
+    let mut st = stand(Policy::Strict, 2, 1_000, 400);
+    let mut other = st.terminals.remove(1);
+    let mut t = st.terminals.remove(0);
+    for i in 0..n {
+        let SaleOutcome::Committed { .. } = t.sell(sale_req("hotdog", 1, true), 3_000 + i) else {
+            panic!()
+        };
+        if i % 3 == 0 {
+            let SaleOutcome::Committed { change, .. } =
+                other.sell(sale_req("soda", 1, true), 3_000 + i)
+            else {
+                panic!()
+            };
+            let r = t.apply_remote(vec![change], 3_000 + i);
+            assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+        }
+    }
+    st.terminals.push(other);
+    (st, t)
+}
+
+fn stored(l: &Ledger) -> Vec<SignedChange> {
+    l.all_changes().cloned().collect()
+}
+
+fn same(a: &Ledger, b: &Ledger) {
+    assert_eq!(a.counters_from_state(), b.counters_from_state());
+    assert_eq!(a.version_vector(), b.version_vector());
+    assert_eq!(a.local_seq(), b.local_seq());
+    // In the order each learned of them, which follows the order the store gave.
+    let sorted = |l: &Ledger| {
+        let mut v = l.sales().to_vec();
+        v.sort_by_key(|e| e.record.id);
+        v
+    };
+    assert_eq!(sorted(a), sorted(b));
+    assert_eq!(a.heads(), b.heads());
+    assert_eq!(a.clock(), b.clock());
+    for s in SKUS {
+        assert_eq!(a.available(&sku(s)), b.available(&sku(s)));
+        assert_eq!(a.rights(a.me(), &sku(s)), b.rights(b.me(), &sku(s)));
+    }
+}
+
+#[test]
+fn the_hash_read_from_the_bytes_is_automerges() {
+    let (_, t) = busy_terminal(5);
+    for c in t.all_changes() {
+        let parsed = automerge::Change::try_from(&c.bytes[..]).unwrap();
+        assert_eq!(change_hash(&c.bytes), Some(parsed.hash().0));
+    }
+    assert_eq!(change_hash(&[0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0]), None);
+}
+
+#[test]
+fn a_replica_loaded_from_its_snapshot_and_tail_is_the_replica_that_wrote_it() {
+    let (mut st, mut t) = busy_terminal(60);
+    let snap = t.snapshot();
+    // The tail: more own sales and received ones after the snapshot.
+    for i in 0..20 {
+        let SaleOutcome::Committed { .. } = t.sell(sale_req("fries", 1, true), 9_000 + i) else {
+            panic!()
+        };
+        let SaleOutcome::Committed { change, .. } =
+            st.terminals[0].sell(sale_req("soda", 1, true), 9_000 + i)
+        else {
+            panic!()
+        };
+        t.apply_remote(vec![change], 9_000 + i);
+    }
+    // The store holds the changes in any order.
+    let mut changes = stored(&t);
+    changes.reverse();
+    let (mut back, report, load) =
+        Ledger::from_snapshot(key(10), north(), key(1).public(), &snap, changes, 10_000).unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert_eq!(load.replayed, 40);
+    assert_eq!(load.covered + load.replayed, t.len());
+    same(&back, &t);
+
+    // It carries on where the writer would: the next sale has the next number, and another
+    // replica takes it.
+    let SaleOutcome::Committed { sale_id, change } = back.sell(sale_req("hotdog", 1, true), 11_000)
+    else {
+        panic!()
+    };
+    assert_eq!(sale_id.seq, t.local_seq() + 1);
+    let r = st.pool.apply_remote(stored(&back), 11_001);
+    assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+    assert!(r.accepted.contains(&change) || st.pool.all_changes().any(|c| c == &change));
+
+    // A snapshot of the loaded replica loads again to the same replica.
+    let again = back.snapshot();
+    let (twice, _, load) = Ledger::from_snapshot(
+        key(10),
+        north(),
+        key(1).public(),
+        &again,
+        stored(&back),
+        11_002,
+    )
+    .unwrap();
+    assert_eq!(load.replayed, 0);
+    same(&twice, &back);
+}
+
+#[test]
+fn a_damaged_snapshot_is_refused_and_the_full_replay_still_works() {
+    let (_, mut t) = busy_terminal(30);
+    let snap = t.snapshot();
+    let load = |bytes: &[u8], changes: Vec<SignedChange>| {
+        Ledger::from_snapshot(key(10), north(), key(1).public(), bytes, changes, 10_000)
+            .map(|(l, _, _)| l)
+    };
+
+    // One byte flipped anywhere in the body.
+    for at in [40, snap.len() / 3, snap.len() / 2, snap.len() - 1] {
+        let mut bad = snap.clone();
+        bad[at] ^= 0x01;
+        assert_eq!(load(&bad, stored(&t)).unwrap_err(), SnapshotError::Checksum);
+    }
+    // Cut short, empty, or another file altogether.
+    assert_eq!(
+        load(&snap[..snap.len() - 10], stored(&t)).unwrap_err(),
+        SnapshotError::Checksum
+    );
+    assert_eq!(
+        load(&[], stored(&t)).unwrap_err(),
+        SnapshotError::NotASnapshot
+    );
+    assert_eq!(
+        load(b"HTSNAP99rest", stored(&t)).unwrap_err(),
+        SnapshotError::NotASnapshot
+    );
+    // A body that is well summed but is not a snapshot.
+    let mut forged = b"HTSNAP01".to_vec();
+    let junk = vec![0xffu8; 64];
+    use sha2::Digest as _;
+    forged.extend_from_slice(&sha2::Sha256::digest(&junk));
+    forged.extend_from_slice(&junk);
+    assert!(matches!(
+        load(&forged, stored(&t)).unwrap_err(),
+        SnapshotError::Decode(_)
+    ));
+    // A change the snapshot covers is gone from the store.
+    let mut short = stored(&t);
+    short.remove(short.len() / 2);
+    assert_eq!(
+        load(&snap, short).unwrap_err(),
+        SnapshotError::Missing { missing: 1 }
+    );
+    // Another replica's snapshot.
+    assert!(matches!(
+        Ledger::from_snapshot(key(11), north(), key(1).public(), &snap, stored(&t), 10_000)
+            .unwrap_err(),
+        SnapshotError::Foreign { .. }
+    ));
+
+    // The full replay needs only the store.
+    let (back, report) = Ledger::restore(key(10), north(), key(1).public(), stored(&t), 10_000);
+    assert!(report.rejected.is_empty());
+    same(&back, &t);
+}
