@@ -242,6 +242,11 @@ impl Store {
         &self.url
     }
 
+    /// The connection pool, for programs that share this store of record (the reconciler).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     /// Per author, the highest sequence number stored for a stand.
     pub async fn actor_heads(
         &self,
