@@ -458,3 +458,138 @@ async fn two_reconcilers_on_one_postgres_pay_each_refund_once() {
         .collect();
     assert_eq!(by.len(), 2, "{by:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_admin_api_shows_refunds_and_takes_cash_paid_out() {
+    use halftime_relay::server::{App, router};
+    use halftime_relay::store::{AdminRole, Store};
+    let stripe = fake().await;
+    let t = TestDb::sqlite();
+    let store = Store::open(&t.url).await.unwrap();
+    let viewer = store.create_token("v", AdminRole::Viewer, 1).await.unwrap();
+    let manager = store
+        .create_token("m", AdminRole::Manager, 1)
+        .await
+        .unwrap();
+    let admin = store.create_token("a", AdminRole::Admin, 1).await.unwrap();
+    let app = App::new(store).await.unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, router(app)).await });
+    let pool_key = halftime_ledger::ReplicaKey::from_seed([1; 32])
+        .public()
+        .to_string();
+    let made = http()
+        .post(format!("{relay}/v1/stands"))
+        .bearer_auth(&admin)
+        .json(&json!({ "stand": "north", "pool_key": pool_key }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        made.status().as_u16(),
+        201,
+        "{}",
+        made.text().await.unwrap()
+    );
+    let db = Db::open(&t.url).await.unwrap();
+    let pi = intent(&stripe, 400).await;
+    seed(
+        &db,
+        "north",
+        -2,
+        &[
+            ("t0-1", 1, 1, "cash", "", false),
+            ("t0-2", 2, 1, "card", &pi, false),
+        ],
+    )
+    .await;
+    settle(&db, &payer(&stripe), &cfg("r1"), 10).await;
+
+    let list: Value = http()
+        .get(format!("{relay}/v1/stands/north/refunds"))
+        .bearer_auth(&viewer)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows = list.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{list}");
+    let cash = rows.iter().find(|r| r["method"] == "cash").unwrap();
+    let card = rows.iter().find(|r| r["method"] == "card").unwrap();
+    assert_eq!(cash["status"], "manual");
+    assert_eq!(card["status"], "done");
+    assert!(card["stripe_refund"].as_str().unwrap().starts_with("re_"));
+    assert_eq!(card["amount_cents"], 400);
+    assert_eq!(card["available_then"], -2);
+
+    let paid = |id: String, token: String, body: Value| {
+        let relay = relay.clone();
+        async move {
+            let r = http()
+                .post(format!("{relay}/v1/stands/north/refunds/{id}/paid-out"))
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let cash_id = cash["id"].to_string();
+    let card_id = card["id"].to_string();
+    let by = json!({ "by": "Jo at the stand" });
+    assert_eq!(
+        paid(cash_id.clone(), viewer.clone(), by.clone()).await.0,
+        403
+    );
+    assert_eq!(
+        paid(
+            cash_id.clone(),
+            manager.clone(),
+            json!({ "by": "Jo", "amount": 1 })
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        paid(cash_id.clone(), manager.clone(), json!({ "by": " " }))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(paid("x".into(), manager.clone(), by.clone()).await.0, 400);
+    let (s, b) = paid("999".into(), manager.clone(), by.clone()).await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (404, Some("unknown_refund")),
+        "{b}"
+    );
+    let (s, b) = paid(cash_id.clone(), manager.clone(), by.clone()).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("paid_out")), "{b}");
+    let (s, b) = paid(cash_id.clone(), manager.clone(), by.clone()).await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (409, Some("not_a_cash_refund")),
+        "{b}"
+    );
+    let (s, _) = paid(card_id, manager.clone(), by.clone()).await;
+    assert_eq!(s, 409);
+
+    let m = http()
+        .get(format!("{relay}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("halftime_refunds{status=\"paid_out\"} 1"), "{m}");
+    assert!(m.contains("halftime_refunds{status=\"done\"} 1"), "{m}");
+}

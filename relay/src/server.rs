@@ -29,8 +29,8 @@
 
 use crate::stand::{self, AdminOp, StandCmd, StandHandle, StandView};
 use crate::store::{
-    AdminRole, Backend, Batch, CHANGES_CHANNEL, ChangeRow, Lease, Placement, StandRow, Store,
-    StoreError,
+    AdminRole, Backend, Batch, CHANGES_CHANNEL, ChangeRow, Lease, PaidOut, Placement, StandRow,
+    Store, StoreError,
 };
 use crate::uplink;
 use axum::extract::rejection::JsonRejection;
@@ -785,6 +785,71 @@ async fn sales(
     Ok(Json(app.store.sales(&served.handle.stand, limit).await?).into_response())
 }
 
+async fn refunds(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(s): Path<String>,
+    q: Result<Query<SalesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers, AdminRole::Viewer).await?;
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let served = known(&app, &s)?;
+    let limit = q.limit.unwrap_or(100).min(MAX_SALES_LISTED);
+    Ok(Json(app.store.refunds(&served.handle.stand, limit).await?).into_response())
+}
+
+/// Longest name accepted for who paid a cash refund out.
+pub const MAX_PAID_OUT_BY: usize = 100;
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PaidOutInput {
+    /// Who handed the cash back.
+    by: String,
+}
+
+async fn refund_paid_out(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((s, id)): Path<(String, String)>,
+    body: Result<Json<PaidOutInput>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers, AdminRole::Manager).await?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| bad(format!("refund id {id:?}: expected a number")))?;
+    let input = json_body(body)?;
+    let by = input.by.trim();
+    if by.is_empty() || by.chars().count() > MAX_PAID_OUT_BY || by.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "by: who paid it out, 1 to {MAX_PAID_OUT_BY} printable characters"
+        )));
+    }
+    let served = known(&app, &s)?;
+    match app
+        .store
+        .mark_paid_out(&served.handle.stand, id, by, stand::now_ms() as i64)
+        .await?
+    {
+        PaidOut::Marked => {
+            Ok(Json(serde_json::json!({"id": id, "status": "paid_out", "by": by})).into_response())
+        }
+        PaidOut::Unknown => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_refund",
+            format!("no refund {id} at stand {s}"),
+        )),
+        PaidOut::NotManual(status) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_a_cash_refund",
+            format!(
+                "refund {id} is {status}; only a cash refund waiting to be paid out (manual) can be marked paid out"
+            ),
+        )),
+    }
+}
+
 async fn rejections(
     State(app): State<App>,
     headers: HeaderMap,
@@ -929,6 +994,12 @@ async fn metrics(State(app): State<App>) -> Response {
         }
     }
     t.push_str(&per_stand);
+    if let Ok(counts) = app.store.refund_counts().await {
+        t.push_str("# HELP halftime_refunds Refunds decided by the reconciler, by status.\n# TYPE halftime_refunds gauge\n");
+        for (status, n) in counts {
+            let _ = writeln!(t, "halftime_refunds{{status=\"{status}\"}} {n}");
+        }
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -969,6 +1040,11 @@ pub fn router(app: App) -> Router {
         .route("/v1/stands/{stand}/stock", get(stock))
         .route("/v1/stands/{stand}/sales", get(sales))
         .route("/v1/stands/{stand}/rejections", get(rejections))
+        .route("/v1/stands/{stand}/refunds", get(refunds))
+        .route(
+            "/v1/stands/{stand}/refunds/{id}/paid-out",
+            post(refund_paid_out),
+        )
         .route("/v1/stands/{stand}/audit/verify", get(audit_verify))
         .route("/v1/stands/{stand}/stock/at", get(stock_at))
         .route("/v1/stands/{stand}/live", get(live))

@@ -174,6 +174,39 @@ pub struct SaleRow {
     pub voided: bool,
 }
 
+/// A refund decided by the reconciler, with where its payment stands.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RefundRow {
+    pub id: i64,
+    pub sale_id: String,
+    pub sku: String,
+    pub units: i64,
+    pub amount_cents: i64,
+    pub method: String,
+    /// `pending`, `done`, `dead`, `manual` (cash, to pay out by hand) or `paid_out`.
+    pub status: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub stripe_refund: Option<String>,
+    pub paid_out_by: Option<String>,
+    /// The item's `available` when it was decided.
+    pub available_then: i64,
+    pub decided_at: i64,
+    pub updated_at: i64,
+    /// Voided since (recorded beside the decision, which stands).
+    pub sale_voided: bool,
+}
+
+/// What marking a refund paid out found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PaidOut {
+    Marked,
+    /// No refund with that id at that stand.
+    Unknown,
+    /// Not a cash refund waiting to be paid out; its status.
+    NotManual(String),
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
@@ -557,6 +590,90 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// A stand's refunds, latest decision first.
+    pub async fn refunds(&self, stand: &StandId, limit: u32) -> Result<Vec<RefundRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT d.id, d.sale_id, d.sku, d.units, d.amount_cents, d.method, o.status, \
+             o.attempts, o.last_error, o.stripe_refund, o.paid_out_by, d.available, d.decided_at, \
+             o.updated_at, COALESCE(s.voided, 0) FROM refund_decisions d \
+             JOIN refund_outbox o ON o.decision_id = d.id \
+             LEFT JOIN sales s ON s.stand = d.stand AND s.sale_id = d.sale_id \
+             WHERE d.stand = $1 ORDER BY d.id DESC LIMIT $2",
+        )
+        .bind(stand.as_str())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(RefundRow {
+                    id: r.try_get(0)?,
+                    sale_id: r.try_get(1)?,
+                    sku: r.try_get(2)?,
+                    units: r.try_get(3)?,
+                    amount_cents: r.try_get(4)?,
+                    method: r.try_get(5)?,
+                    status: r.try_get(6)?,
+                    attempts: r.try_get(7)?,
+                    last_error: r.try_get(8)?,
+                    stripe_refund: r.try_get(9)?,
+                    paid_out_by: r.try_get(10)?,
+                    available_then: r.try_get(11)?,
+                    decided_at: r.try_get(12)?,
+                    updated_at: r.try_get(13)?,
+                    sale_voided: r.try_get::<i64, _>(14)? != 0,
+                })
+            })
+            .collect()
+    }
+
+    /// Refunds per status, over every stand.
+    pub async fn refund_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        sqlx::query(
+            "SELECT status, CAST(COUNT(*) AS BIGINT) FROM refund_outbox GROUP BY status ORDER BY status",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+    }
+
+    /// Mark a cash refund paid out by hand.
+    pub async fn mark_paid_out(
+        &self,
+        stand: &StandId,
+        id: i64,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<PaidOut, StoreError> {
+        let r = sqlx::query(
+            "UPDATE refund_outbox SET status = 'paid_out', paid_out_by = $1, updated_at = $2 \
+             WHERE decision_id = $3 AND status = 'manual' AND decision_id IN \
+             (SELECT id FROM refund_decisions WHERE stand = $4)",
+        )
+        .bind(by)
+        .bind(now_ms)
+        .bind(id)
+        .bind(stand.as_str())
+        .execute(&self.pool)
+        .await?;
+        if r.rows_affected() > 0 {
+            return Ok(PaidOut::Marked);
+        }
+        let status: Option<String> = sqlx::query(
+            "SELECT o.status FROM refund_outbox o JOIN refund_decisions d ON d.id = o.decision_id \
+             WHERE d.id = $1 AND d.stand = $2",
+        )
+        .bind(id)
+        .bind(stand.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| r.try_get(0))
+        .transpose()?;
+        Ok(status.map_or(PaidOut::Unknown, PaidOut::NotManual))
     }
 
     /// Rejected changes counted per (replica, rule).
