@@ -221,3 +221,295 @@ fn reconciler(db: &str, stripe: &str, dir: &std::path::Path, id: &str) -> Proc {
         &dir.join(format!("{id}.log")),
     )
 }
+
+/// A program built beside this one by `cargo test --workspace`.
+fn sibling(name: &str) -> std::path::PathBuf {
+    let p = std::path::Path::new(BIN).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run the workspace's tests (./scripts/test.sh)",
+        p.display()
+    );
+    p
+}
+
+fn run_cli(bin: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(bin).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} {args:?}: {}",
+        bin.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn spawn_bin(bin: &std::path::Path, args: &[String], log: &std::path::Path) -> Proc {
+    Proc(
+        Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info,libp2p=warn,sqlx=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn call(method: reqwest::Method, url: &str, token: &str, body: Value) -> (u16, Value) {
+    let r = http()
+        .request(method, url)
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get_json(url: &str, token: Option<&str>) -> Option<Value> {
+    let mut r = http().get(url);
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    r.send().await.ok()?.json().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_oversold_units() {
+    let (relay_bin, peer_bin) = (sibling("halftime-relay"), sibling("halftime-peer"));
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestDb::postgres().await;
+    let token = |role: &str| {
+        run_cli(
+            &relay_bin,
+            &["--database", &t.url, "token", "create", "--role", role],
+        )
+        .trim()
+        .to_owned()
+    };
+    let (admin, viewer) = (token("admin"), token("viewer"));
+    let rport = free_port();
+    let relay_args: Vec<String> = ["--database", &t.url, "serve", "--listen"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("127.0.0.1:{rport}")])
+        .collect();
+    let mut relay = spawn_bin(&relay_bin, &relay_args, &dir.path().join("relay.log"));
+    let url = format!("http://127.0.0.1:{rport}");
+    eventually(20, "the relay up", || async {
+        get_json(&format!("{url}/v1/relay"), Some(&viewer)).await
+    })
+    .await;
+    let stand = json!({
+        "stand": "east", "event": "game", "venue": "Field", "policy": "optimistic",
+        "items": [{"sku": "hotdog", "name": "Hot dog", "price_cents": 400, "stock": 6}],
+    });
+    let (code, body) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/stands"),
+        &admin,
+        stand,
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+
+    // Two terminals, on no shared network: they reach each other only through the relay.
+    let mut tills = Vec::new();
+    for i in 0..2 {
+        let data = dir.path().join(format!("t{i}"));
+        let out = run_cli(&peer_bin, &["init", "--data", data.to_str().unwrap()]);
+        let key = out
+            .lines()
+            .find(|l| l.starts_with("public key:"))
+            .unwrap()
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .to_owned();
+        let enrol = json!({"public_key": key, "name": format!("till{i}"), "role": "terminal"});
+        let (code, joined) = call(
+            reqwest::Method::POST,
+            &format!("{url}/v1/stands/east/replicas"),
+            &admin,
+            enrol,
+        )
+        .await;
+        assert_eq!(code, 201, "{joined}");
+        run_cli(
+            &peer_bin,
+            &[
+                "join",
+                "--data",
+                data.to_str().unwrap(),
+                "--stand",
+                "east",
+                "--pool-key",
+                joined["pool_key"].as_str().unwrap(),
+                "--psk",
+                joined["psk"].as_str().unwrap(),
+            ],
+        );
+        let api = free_port();
+        let args: Vec<String> = vec![
+            "run".into(),
+            "--data".into(),
+            data.to_str().unwrap().into(),
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--api".into(),
+            format!("127.0.0.1:{api}"),
+            "--no-mdns".into(),
+            "--sale-wait-ms".into(),
+            "500".into(),
+            "--relay".into(),
+            format!("ws://127.0.0.1:{rport}"),
+        ];
+        let p = spawn_bin(&peer_bin, &args, &data.join("peer.log"));
+        tills.push((p, format!("http://127.0.0.1:{api}")));
+    }
+    for (_, api) in &tills {
+        let api = api.clone();
+        eventually(30, "a till holds rights from the relay's pool", || {
+            let api = api.clone();
+            async move {
+                let s = get_json(&format!("{api}/v1/stock"), None).await?;
+                (s[0]["available"] == 6 && s[0]["rights"].as_i64()? > 0).then_some(())
+            }
+        })
+        .await;
+    }
+
+    // A fake Stripe that knows every card payment the tills take.
+    let sport = free_port();
+    let stripe = format!("http://127.0.0.1:{sport}");
+    let _fake = spawn(
+        &["fake-stripe", "--listen", &format!("127.0.0.1:{sport}")],
+        &dir.path().join("stripe.log"),
+    );
+    eventually(20, "the fake Stripe up", || async { stats(&stripe).await }).await;
+
+    // The internet drops: the relay is gone. Each till sells on its own until it refuses.
+    relay.0.kill().unwrap();
+    relay.0.wait().unwrap();
+    let mut sold: Vec<(String, String, String)> = Vec::new(); // (sale id, method, reference)
+    for (i, (_, api)) in tills.iter().enumerate() {
+        for n in 0..20 {
+            let (method, reference) = if n == 1 {
+                ("cash".to_owned(), String::new())
+            } else {
+                let pi: Value = http()
+                    .post(format!("{stripe}/v1/payment_intents"))
+                    .form(&[("amount", "400"), ("currency", "usd")])
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                ("card".to_owned(), pi["id"].as_str().unwrap().to_owned())
+            };
+            let r = http()
+                .post(format!("{api}/v1/sales"))
+                .json(&json!({"lines":[{"sku":"hotdog","qty":1}],"payment":{"method":method,"reference":reference}}))
+                .send()
+                .await
+                .unwrap();
+            let code = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            if code != 201 {
+                assert_eq!(code, 409, "till {i}: {body}");
+                break;
+            }
+            sold.push((
+                body["sale_id"].as_str().unwrap().to_owned(),
+                method,
+                reference,
+            ));
+        }
+    }
+    let oversold = sold.len() as i64 - 6;
+    assert!(
+        oversold > 0,
+        "the tills oversold offline: {} sold of 6",
+        sold.len()
+    );
+
+    // The reconciler runs from before the heal.
+    let mport = free_port();
+    let _reconciler = spawn(
+        &[
+            "run",
+            "--database",
+            &t.url,
+            "--stripe-url",
+            &stripe,
+            "--stripe-key",
+            "sk_test_halftime",
+            "--listen",
+            &format!("127.0.0.1:{mport}"),
+            "--tick-ms",
+            "100",
+        ],
+        &dir.path().join("reconciler.log"),
+    );
+    // The internet is back: the relay restarts and the tills hand their sales over.
+    let _relay = spawn_bin(&relay_bin, &relay_args, &dir.path().join("relay2.log"));
+    let stock_url = format!("{url}/v1/stands/east/stock");
+    eventually(60, "every sale at the relay", || {
+        let (stock_url, viewer) = (stock_url.clone(), viewer.clone());
+        async move {
+            let s = get_json(&stock_url, Some(&viewer)).await?;
+            (s["items"][0]["available"].as_i64()? == 6 - (oversold + 6)).then_some(())
+        }
+    })
+    .await;
+    let refunds_url = format!("{url}/v1/stands/east/refunds");
+    let refunds = eventually(60, "every oversold unit refunded or listed", || {
+        let (refunds_url, viewer) = (refunds_url.clone(), viewer.clone());
+        async move {
+            let r = get_json(&refunds_url, Some(&viewer)).await?;
+            let rows = r.as_array()?.clone();
+            let units: i64 = rows.iter().map(|x| x["units"].as_i64().unwrap_or(0)).sum();
+            let settled = rows
+                .iter()
+                .all(|x| x["status"] == "done" || x["status"] == "manual");
+            (units == oversold && settled).then_some(rows)
+        }
+    })
+    .await;
+
+    // Exactly the oversold units, each once; the latest sales; cash on the manual list.
+    let st = stats(&stripe).await.unwrap();
+    let card_refunds = refunds.iter().filter(|r| r["method"] == "card").count();
+    assert_eq!(st["refunds"], card_refunds as u64, "{st}");
+    for r in &refunds {
+        let (_, method, reference) = sold.iter().find(|s| s.0 == r["sale_id"]).unwrap();
+        assert_eq!(&r["method"], method.as_str());
+        if method == "card" {
+            assert_eq!(r["status"], "done");
+            assert_eq!(st["by_payment_intent"][reference]["refunds"], 1, "{st}");
+            assert_eq!(st["by_payment_intent"][reference]["amount"], 400, "{st}");
+        } else {
+            assert_eq!(r["status"], "manual");
+        }
+    }
+    let refunded: Vec<&str> = refunds
+        .iter()
+        .map(|r| r["sale_id"].as_str().unwrap())
+        .collect();
+    for (id, method, reference) in &sold {
+        if method == "card" && !refunded.contains(&id.as_str()) {
+            assert!(
+                st["by_payment_intent"].get(reference).is_none(),
+                "{id} was served: {st}"
+            );
+        }
+    }
+    // Nothing more is decided later.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        stats(&stripe).await.unwrap()["refunds"],
+        card_refunds as u64
+    );
+}
