@@ -530,7 +530,7 @@ fn relay_cli(db: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-async fn admin_scenario(c: &Client, pos: &str, relay: &str, token: &str) {
+async fn admin_scenario(c: &Client, pos: &str, relay: &str, token: &str, db: &str) {
     const POS_HOTDOG: &str = r#"button.item[data-sku="hotdog"] .available"#;
     const ROW: &str = r#"section.stand[data-stand="east"] .item[data-sku="hotdog"]"#;
     let number = |t: Option<String>| t.and_then(|t| t.trim().parse::<i64>().ok());
@@ -586,6 +586,48 @@ async fn admin_scenario(c: &Client, pos: &str, relay: &str, token: &str) {
     })
     .await;
     screenshot(c, "browser-admin.png").await;
+
+    // A cash refund the reconciler decided (written into the relay's store as it does): the
+    // page lists it as owed; the manager marks it paid out, naming who handed the cash back.
+    {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::SqliteConnection::connect(db).await.unwrap();
+        sqlx::query(
+            "INSERT INTO refund_decisions (stand, sale_id, sku, units, amount_cents, method, \
+             reference, available, decided_at) VALUES ('east', 'till0-x', 'hotdog', 1, 400, \
+             'cash', '', -1, 1)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO refund_outbox (decision_id, status, next_attempt_at, updated_at) \
+             VALUES (last_insert_rowid(), 'manual', 1, 1)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    const REFUND: &str = r#"section.stand[data-stand="east"] tr.refund"#;
+    let manual = format!("{REFUND}.manual td.status");
+    let manual: &str = &manual;
+    wait_text(
+        c,
+        manual,
+        "cash: pay out by hand",
+        "the refund listed as owed",
+    )
+    .await;
+    click(
+        c,
+        &format!("{REFUND}.manual button.paid-out"),
+        "marking it paid out",
+    )
+    .await;
+    c.send_alert_text("Jo").await.unwrap();
+    c.accept_alert().await.unwrap();
+    let paid = format!("{REFUND}.paid_out td.status");
+    wait_text(c, &paid, "paid out by Jo", "the refund shown paid out").await;
 
     // Back on the till: the POS page has risen by itself.
     c.switch_to_window(pos_window).await.unwrap();
@@ -699,7 +741,7 @@ async fn restocking_on_the_relays_admin_page_raises_the_pos_page() {
     let driver = Driver::start(&chromedriver, dir.path()).await;
     let profile = tempfile::tempdir().unwrap();
     let c = browser(&driver, &chromium, profile.path()).await;
-    let outcome = AssertUnwindSafe(admin_scenario(&c, &till.api, &relay_url, &manager))
+    let outcome = AssertUnwindSafe(admin_scenario(&c, &till.api, &relay_url, &manager, &db))
         .catch_unwind()
         .await;
     let _ = c.close().await;

@@ -58,6 +58,7 @@ enum Cmd {
         /// First retry delay; doubles per attempt up to --backoff-max-ms, ±50 % jitter.
         #[arg(long, default_value_t = 500)]
         backoff_base_ms: u64,
+        /// Longest retry delay.
         #[arg(long, default_value_t = 30_000)]
         backoff_max_ms: u64,
         /// Pause between passes when nothing is due.
@@ -161,7 +162,11 @@ fn main() -> Result<()> {
                     let _ = stop_tx.send(true);
                 });
                 tracing::info!(%id, %database, %stripe_url, metrics = %listen, "reconciler up");
-                worker::run(db, payer, cfg, metrics, stop_rx).await;
+                let wake = Arc::new(tokio::sync::Notify::new());
+                if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+                    tokio::spawn(worker::listen_changes(database.clone(), wake.clone()));
+                }
+                worker::run(db, payer, cfg, metrics, wake, stop_rx).await;
                 tracing::info!("stopped");
                 Ok(())
             }

@@ -6,7 +6,7 @@ use rand::Rng as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 /// How the loop behaves.
 #[derive(Debug, Clone)]
@@ -126,12 +126,14 @@ pub fn backoff(cfg: &Config, attempts: i64) -> Duration {
     Duration::from_millis((d as f64 * jitter) as u64)
 }
 
-/// Run passes until `stop` turns true; the pass under way is finished first.
+/// Run passes until `stop` turns true; the pass under way is finished first. A pass follows
+/// each `wake` (a commit at the relay) at once, and every `cfg.tick` otherwise.
 pub async fn run(
     db: Db,
     payer: Payer,
     cfg: Config,
     metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -142,9 +144,37 @@ pub async fn run(
         if !busy {
             tokio::select! {
                 _ = tokio::time::sleep(cfg.tick) => {}
+                _ = wake.notified() => {}
                 _ = stop.changed() => {}
             }
         }
+    }
+}
+
+/// On Postgres: wake the loop whenever the relay commits new changes (its `NOTIFY` on
+/// `halftime_changes`), so an oversell is decided as soon as it is stored. Reconnects with a
+/// pause when the connection drops; the loop's own tick covers the gap.
+pub async fn listen_changes(url: String, wake: Arc<Notify>) {
+    loop {
+        match sqlx::postgres::PgListener::connect(&url).await {
+            Ok(mut l) => {
+                if let Err(e) = l.listen(halftime_relay::store::CHANGES_CHANNEL).await {
+                    tracing::warn!(error = %e, "cannot listen for the relay's commits");
+                } else {
+                    loop {
+                        match l.recv().await {
+                            Ok(_) => wake.notify_one(),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "lost the relay's commit notifications; reconnecting");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for the relay's commits"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 
