@@ -7,6 +7,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../tests/fake/mod.rs"]
+mod fake;
+
 use halftime_reconciler::db::Db;
 use halftime_reconciler::fake_stripe::FakeStripe;
 use halftime_reconciler::pay::Payer;
@@ -29,24 +32,6 @@ fn cfg(batch: i64) -> Config {
         backoff_base: Duration::from_millis(500),
         backoff_max: Duration::from_secs(30),
     }
-}
-
-async fn intents(stripe: &str, n: usize) -> Vec<String> {
-    let http = reqwest::Client::new();
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let v: Value = http
-            .post(format!("{stripe}v1/payment_intents"))
-            .form(&[("amount", "400"), ("currency", "usd")])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        out.push(v["id"].as_str().unwrap().to_owned());
-    }
-    out
 }
 
 /// One more oversold unit of `stand`, sold with `pi`, committed with the relay's NOTIFY.
@@ -95,6 +80,14 @@ async fn stand(db: &Db, stand: &str) {
     .execute(db.pool())
     .await
     .unwrap();
+}
+
+async fn intents(stripe: &str, n: usize) -> Vec<String> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(fake::intent(stripe, 400).await);
+    }
+    out
 }
 
 fn pct(v: &mut [f64], q: f64) -> f64 {

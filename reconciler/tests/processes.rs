@@ -5,60 +5,20 @@
 
 #[path = "../../relay/tests/common/mod.rs"]
 mod common;
+mod fake;
 
-use common::{TestDb, eventually};
+use common::*;
+use fake::try_stats as stats;
 use serde_json::{Value, json};
 use sqlx::Row;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_halftime-reconciler");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// This package's program, with `args`.
 fn spawn(args: &[&str], log: &std::path::Path) -> Proc {
-    Proc(
-        Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap()
-}
-
-async fn stats(stripe: &str) -> Option<Value> {
-    http()
-        .get(format!("{stripe}/_stats"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    Proc::spawn(std::path::Path::new(BIN), &args, log.to_path_buf())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,16 +54,7 @@ async fn a_reconciler_killed_between_the_refund_and_its_record_never_refunds_twi
     let rounds = 3;
     for round in 1..=rounds {
         // One more unit oversold, sold with a card the fake knows.
-        let pi: Value = http()
-            .post(format!("{stripe}/v1/payment_intents"))
-            .form(&[("amount", "400"), ("currency", "usd")])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let pi = pi["id"].as_str().unwrap().to_owned();
+        let pi = fake::intent(&stripe, 400).await;
         let lines = json!([{ "sku": "hotdog", "qty": 1, "unit_price_cents": 400 }]).to_string();
         sqlx::query(
             "INSERT INTO sales (stand, sale_id, replica, seq, at_ms, lines, units, total_cents, \
@@ -141,8 +92,7 @@ async fn a_reconciler_killed_between_the_refund_and_its_record_never_refunds_twi
             }
         })
         .await;
-        doomed.0.kill().unwrap();
-        doomed.0.wait().unwrap();
+        doomed.kill9();
         let status: String = sqlx::query(
             "SELECT o.status FROM refund_outbox o JOIN refund_decisions d ON d.id = o.decision_id \
              WHERE d.sale_id = $1",
@@ -233,55 +183,13 @@ fn sibling(name: &str) -> std::path::PathBuf {
     p
 }
 
-fn run_cli(bin: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new(bin).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{} {args:?}: {}",
-        bin.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn spawn_bin(bin: &std::path::Path, args: &[String], log: &std::path::Path) -> Proc {
-    Proc(
-        Command::new(bin)
-            .args(args)
-            .env("RUST_LOG", "info,libp2p=warn,sqlx=warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-async fn call(method: reqwest::Method, url: &str, token: &str, body: Value) -> (u16, Value) {
-    let r = http()
-        .request(method, url)
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
-
-async fn get_json(url: &str, token: Option<&str>) -> Option<Value> {
-    let mut r = http().get(url);
-    if let Some(t) = token {
-        r = r.bearer_auth(t);
-    }
-    r.send().await.ok()?.json().await.ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_oversold_units() {
     let (relay_bin, peer_bin) = (sibling("halftime-relay"), sibling("halftime-peer"));
     let dir = tempfile::tempdir().unwrap();
     let t = TestDb::postgres().await;
     let token = |role: &str| {
-        run_cli(
+        run(
             &relay_bin,
             &["--database", &t.url, "token", "create", "--role", role],
         )
@@ -295,10 +203,10 @@ async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_over
         .map(|s| s.to_string())
         .chain([format!("127.0.0.1:{rport}")])
         .collect();
-    let mut relay = spawn_bin(&relay_bin, &relay_args, &dir.path().join("relay.log"));
+    let mut relay = Proc::spawn(&relay_bin, &relay_args, dir.path().join("relay.log"));
     let url = format!("http://127.0.0.1:{rport}");
     eventually(20, "the relay up", || async {
-        get_json(&format!("{url}/v1/relay"), Some(&viewer)).await
+        get(&format!("{url}/v1/relay"), Some(&viewer)).await
     })
     .await;
     let stand = json!({
@@ -318,7 +226,7 @@ async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_over
     let mut tills = Vec::new();
     for i in 0..2 {
         let data = dir.path().join(format!("t{i}"));
-        let out = run_cli(&peer_bin, &["init", "--data", data.to_str().unwrap()]);
+        let out = run(&peer_bin, &["init", "--data", data.to_str().unwrap()]);
         let key = out
             .lines()
             .find(|l| l.starts_with("public key:"))
@@ -336,7 +244,7 @@ async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_over
         )
         .await;
         assert_eq!(code, 201, "{joined}");
-        run_cli(
+        run(
             &peer_bin,
             &[
                 "join",
@@ -365,7 +273,7 @@ async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_over
             "--relay".into(),
             format!("ws://127.0.0.1:{rport}"),
         ];
-        let p = spawn_bin(&peer_bin, &args, &data.join("peer.log"));
+        let p = Proc::spawn(&peer_bin, &args, data.join("peer.log"));
         tills.push((p, format!("http://127.0.0.1:{api}")));
     }
     for (_, api) in &tills {
@@ -373,7 +281,7 @@ async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_over
         eventually(30, "a till holds rights from the relay's pool", || {
             let api = api.clone();
             async move {
-                let s = get_json(&format!("{api}/v1/stock"), None).await?;
+                let s = get(&format!("{api}/v1/stock"), None).await?;
                 (s[0]["available"] == 6 && s[0]["rights"].as_i64()? > 0).then_some(())
             }
         })
@@ -390,24 +298,14 @@ async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_over
     eventually(20, "the fake Stripe up", || async { stats(&stripe).await }).await;
 
     // The internet drops: the relay is gone. Each till sells on its own until it refuses.
-    relay.0.kill().unwrap();
-    relay.0.wait().unwrap();
+    relay.kill9();
     let mut sold: Vec<(String, String, String)> = Vec::new(); // (sale id, method, reference)
     for (i, (_, api)) in tills.iter().enumerate() {
         for n in 0..20 {
             let (method, reference) = if n == 1 {
                 ("cash".to_owned(), String::new())
             } else {
-                let pi: Value = http()
-                    .post(format!("{stripe}/v1/payment_intents"))
-                    .form(&[("amount", "400"), ("currency", "usd")])
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                ("card".to_owned(), pi["id"].as_str().unwrap().to_owned())
+                ("card".to_owned(), fake::intent(&stripe, 400).await)
             };
             let r = http()
                 .post(format!("{api}/v1/sales"))
@@ -454,12 +352,12 @@ async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_over
         &dir.path().join("reconciler.log"),
     );
     // The internet is back: the relay restarts and the tills hand their sales over.
-    let _relay = spawn_bin(&relay_bin, &relay_args, &dir.path().join("relay2.log"));
+    let _relay = Proc::spawn(&relay_bin, &relay_args, dir.path().join("relay2.log"));
     let stock_url = format!("{url}/v1/stands/east/stock");
     eventually(60, "every sale at the relay", || {
         let (stock_url, viewer) = (stock_url.clone(), viewer.clone());
         async move {
-            let s = get_json(&stock_url, Some(&viewer)).await?;
+            let s = get(&stock_url, Some(&viewer)).await?;
             (s["items"][0]["available"].as_i64()? == 6 - (oversold + 6)).then_some(())
         }
     })
@@ -468,7 +366,7 @@ async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_over
     let refunds = eventually(60, "every oversold unit refunded or listed", || {
         let (refunds_url, viewer) = (refunds_url.clone(), viewer.clone());
         async move {
-            let r = get_json(&refunds_url, Some(&viewer)).await?;
+            let r = get(&refunds_url, Some(&viewer)).await?;
             let rows = r.as_array()?.clone();
             let units: i64 = rows.iter().map(|x| x["units"].as_i64().unwrap_or(0)).sum();
             let settled = rows

@@ -4,8 +4,10 @@
 
 #[path = "../../relay/tests/common/mod.rs"]
 mod common;
+mod fake;
 
-use common::TestDb;
+use common::{TestDb, http};
+use fake::{fault, intent, stats};
 use halftime_reconciler::db::Db;
 use halftime_reconciler::fake_stripe::FakeStripe;
 use halftime_reconciler::pay::Payer;
@@ -19,51 +21,6 @@ async fn fake() -> String {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, FakeStripe::default().router()).await });
     format!("http://{addr}/")
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap()
-}
-
-async fn intent(stripe: &str, amount: i64) -> String {
-    let v: Value = http()
-        .post(format!("{stripe}v1/payment_intents"))
-        .form(&[("amount", amount.to_string()), ("currency", "usd".into())])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["id"].as_str().unwrap().to_owned()
-}
-
-async fn stats(stripe: &str) -> Value {
-    http()
-        .get(format!("{stripe}_stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-async fn fault(stripe: &str, f: Option<Value>) {
-    let r = match f {
-        Some(f) => {
-            http()
-                .post(format!("{stripe}_faults"))
-                .json(&f)
-                .send()
-                .await
-        }
-        None => http().delete(format!("{stripe}_faults")).send().await,
-    };
-    assert!(r.unwrap().status().is_success());
 }
 
 fn cfg(id: &str) -> Config {

@@ -40,6 +40,10 @@ enum Cmd {
     Serve {
         #[arg(long, default_value = "127.0.0.1:8090")]
         listen: SocketAddr,
+        /// Rewrite a stand's snapshot after this many new changes, so a restart loads it and
+        /// replays only what came after (0: never; every stored change is replayed).
+        #[arg(long, default_value_t = halftime_relay::stand::SNAPSHOT_EVERY)]
+        snapshot_every: usize,
     },
     /// Print the relay's public key (made on first use), to enrol it on a stand's pool.
     Key,
@@ -152,8 +156,11 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{token}");
             eprintln!("a {} token; it is shown only now", role.as_str());
         }
-        Cmd::Serve { listen } => {
-            let app = App::new(store).await?;
+        Cmd::Serve {
+            listen,
+            snapshot_every,
+        } => {
+            let app = App::open(store, snapshot_every).await?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("listening on {listen}"))?;

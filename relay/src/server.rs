@@ -15,10 +15,13 @@
 //! | `GET /v1/stands/{stand}/stock` | viewer | per item: available, total in, marked off; rights per replica |
 //! | `GET /v1/stands/{stand}/sales` | viewer | the latest sales (`?limit=`, at most 1000) |
 //! | `GET /v1/stands/{stand}/rejections` | viewer | rejected changes per replica and rule |
+//! | `GET /v1/stands/{stand}/refunds` | viewer | refunds the reconciler decided and where each payment stands |
+//! | `POST /v1/stands/{stand}/refunds/{id}/paid-out` | manager | `{by}`: a cash refund handed back |
 //! | `GET /v1/stands/{stand}/live` | viewer | server-sent events: `stock`, the items each committed change moved |
 //! | `GET /v1/stands/{stand}/stock/at?at=MS` | viewer | available per item as at a past time (ms since the epoch) |
 //! | `GET /v1/stands/{stand}/audit/verify` | viewer | re-checks every stored change's signature, hash links and columns; reports the first break |
 //! | `GET /metrics` | none | Prometheus text |
+//! | `GET /openapi.json` | none | this API described (OpenAPI 3.1) |
 //! | `GET /`, `GET /admin` | none (the calls it makes need a token) | the admin page |
 //!
 //! Without a valid `Authorization: Bearer …` token an admin call is 401; with too weak a
@@ -83,6 +86,7 @@ pub struct Inner {
     standby: RwLock<std::collections::BTreeSet<StandId>>,
     pub next_conn: AtomicU64,
     pub metrics: Metrics,
+    snapshot_every: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -98,8 +102,14 @@ impl std::ops::Deref for App {
 impl App {
     /// Open the relay over `store`: its key, and every stand it serves, loaded.
     pub async fn new(store: Store) -> Result<Self, StoreError> {
+        Self::open(store, stand::SNAPSHOT_EVERY).await
+    }
+
+    /// [`App::new`], writing each stand's snapshot every `snapshot_every` changes (0: never).
+    pub async fn open(store: Store, snapshot_every: usize) -> Result<Self, StoreError> {
         let relay_key = store.relay_key().await?;
         let app = App(Arc::new(Inner {
+            snapshot_every,
             store: store.clone(),
             relay_key,
             stands: RwLock::new(BTreeMap::new()),
@@ -200,7 +210,14 @@ impl App {
         };
         let placement = row.placement;
         let psk = row.psk.clone();
-        let handle = stand::start(self.store.clone(), self.relay_key.clone(), row, lease).await?;
+        let handle = stand::start(
+            self.store.clone(),
+            self.relay_key.clone(),
+            row,
+            lease,
+            self.snapshot_every,
+        )
+        .await?;
         let served = Served {
             handle,
             key,
@@ -767,36 +784,46 @@ async fn stock(
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SalesQuery {
+struct ListQuery {
     limit: Option<u32>,
+}
+
+/// A viewer's list of a stand's latest rows (`?limit=`, 100 unless asked, at most
+/// `MAX_SALES_LISTED`): the stand asked for and the limit.
+async fn list_args(
+    app: &App,
+    headers: &HeaderMap,
+    s: &str,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<(StandId, u32), ApiError> {
+    authorize(app, headers, AdminRole::Viewer).await?;
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let served = known(app, s)?;
+    Ok((
+        served.handle.stand,
+        q.limit.unwrap_or(100).min(MAX_SALES_LISTED),
+    ))
 }
 
 async fn sales(
     State(app): State<App>,
     headers: HeaderMap,
     Path(s): Path<String>,
-    q: Result<Query<SalesQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&app, &headers, AdminRole::Viewer).await?;
-    let Query(q) =
-        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
-    let served = known(&app, &s)?;
-    let limit = q.limit.unwrap_or(100).min(MAX_SALES_LISTED);
-    Ok(Json(app.store.sales(&served.handle.stand, limit).await?).into_response())
+    let (stand, limit) = list_args(&app, &headers, &s, q).await?;
+    Ok(Json(app.store.sales(&stand, limit).await?).into_response())
 }
 
 async fn refunds(
     State(app): State<App>,
     headers: HeaderMap,
     Path(s): Path<String>,
-    q: Result<Query<SalesQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&app, &headers, AdminRole::Viewer).await?;
-    let Query(q) =
-        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
-    let served = known(&app, &s)?;
-    let limit = q.limit.unwrap_or(100).min(MAX_SALES_LISTED);
-    Ok(Json(app.store.refunds(&served.handle.stand, limit).await?).into_response())
+    let (stand, limit) = list_args(&app, &headers, &s, q).await?;
+    Ok(Json(app.store.refunds(&stand, limit).await?).into_response())
 }
 
 /// Longest name accepted for who paid a cash refund out.
@@ -932,6 +959,17 @@ async fn live(
         .into_response())
 }
 
+/// The admin API described (OpenAPI 3.1); a test keeps it and the routes in step.
+pub const OPENAPI: &str = include_str!("../assets/openapi.json");
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
+}
+
 async fn metrics(State(app): State<App>) -> Response {
     let m = &app.metrics;
     let mut t = String::new();
@@ -1049,6 +1087,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/stands/{stand}/stock/at", get(stock_at))
         .route("/v1/stands/{stand}/live", get(live))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .route("/", get(admin_page))
         .route("/admin", get(admin_page))
         .fallback(not_found)

@@ -161,6 +161,8 @@ pub struct StandView {
     pub frames_rejected: u64,
     pub changes_rejected: u64,
     pub commit_failures: u64,
+    /// How the stand was loaded when this relay started.
+    pub loaded: Loaded,
 }
 
 /// The handle other tasks hold.
@@ -200,6 +202,20 @@ pub struct StandTask {
         oneshot::Sender<Result<serde_json::Value, AdminError>>,
         serde_json::Value,
     )>,
+    snapshot_every: usize,
+    /// Changes held when the latest snapshot was written or loaded.
+    snapshot_len: usize,
+    loaded: Loaded,
+}
+
+/// How a stand came back from the store when the relay started.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "from", rename_all = "snake_case")]
+pub enum Loaded {
+    /// Its snapshot, then the changes stored after it.
+    Snapshot { covered: usize, replayed: usize },
+    /// Every stored change; `why` the snapshot was not used, if there was one.
+    Replay { why: Option<String> },
 }
 
 impl std::fmt::Debug for StandTask {
@@ -208,15 +224,21 @@ impl std::fmt::Debug for StandTask {
     }
 }
 
-/// Load a stand from the store (every stored change, re-checked) and start its task.
+/// A stand's snapshot is rewritten once this many changes were added since the last.
+pub const SNAPSHOT_EVERY: usize = 20_000;
+
+/// Load a stand from the store (from its snapshot and the changes stored after it when the
+/// snapshot is sound, else every stored change, re-checked) and start its task, which writes
+/// a new snapshot every `snapshot_every` changes (0: never).
 pub async fn start(
     store: Store,
     relay_key: ReplicaKey,
     row: StandRow,
     lease: Option<crate::store::Lease>,
+    snapshot_every: usize,
 ) -> Result<StandHandle, StoreError> {
     let t0 = Instant::now();
-    let stored = store.load_changes(&row.stand).await?;
+    let mut stored = store.load_changes(&row.stand).await?;
     let key = match (row.placement, row.pool_secret) {
         (Placement::Relay, Some(secret)) => ReplicaKey::from_seed(secret),
         (Placement::Relay, None) => {
@@ -228,7 +250,33 @@ pub async fn start(
         (Placement::Device, _) => relay_key,
     };
     let n = stored.len();
-    let (ledger, report) = Ledger::restore(key, row.stand.clone(), row.pool_key, stored, now_ms());
+    let snapshot = store.stand_snapshot(&row.stand).await?;
+    let mut loaded = Loaded::Replay { why: None };
+    let mut from_snapshot = None;
+    if let Some(snap) = snapshot {
+        let (k, s, p) = (key.clone(), row.stand.clone(), row.pool_key);
+        let given = std::mem::take(&mut stored);
+        match Ledger::from_snapshot(k, s, p, &snap, given, now_ms()) {
+            Ok((l, report, load)) => {
+                loaded = Loaded::Snapshot {
+                    covered: load.covered,
+                    replayed: load.replayed,
+                };
+                from_snapshot = Some((l, report));
+            }
+            Err(e) => {
+                tracing::warn!(stand = %row.stand, error = %e, "the stand's snapshot cannot be used; replaying every stored change");
+                loaded = Loaded::Replay {
+                    why: Some(e.to_string()),
+                };
+                stored = store.load_changes(&row.stand).await?;
+            }
+        }
+    }
+    let (ledger, report) = match from_snapshot {
+        Some(r) => r,
+        None => Ledger::restore(key, row.stand.clone(), row.pool_key, stored, now_ms()),
+    };
     if !report.rejected.is_empty() || report.pending > 0 {
         tracing::error!(
             stand = %row.stand,
@@ -241,6 +289,7 @@ pub async fn start(
         stand = %row.stand,
         changes = n,
         placement = ?row.placement,
+        loaded = ?loaded,
         ms = t0.elapsed().as_millis() as u64,
         "stand loaded"
     );
@@ -262,6 +311,12 @@ pub async fn start(
         _lease: lease,
         live: tokio::sync::broadcast::channel(LIVE_QUEUE_LEN).0,
         answers: Vec::new(),
+        snapshot_every,
+        snapshot_len: match &loaded {
+            Loaded::Snapshot { covered, .. } => *covered,
+            Loaded::Replay { .. } => 0,
+        },
+        loaded,
     };
     let live = task.live.clone();
     let (tx, rx) = mpsc::channel(STAND_QUEUE_LEN);
@@ -309,6 +364,7 @@ impl StandTask {
                 let _ = reply.send(Ok(answer));
             }
             self.flush();
+            self.snapshot().await;
         }
         tracing::info!(stand = %self.stand, "stand stopped");
     }
@@ -428,6 +484,31 @@ impl StandTask {
             frames_rejected: s.frames_rejected,
             changes_rejected: s.changes_rejected,
             commit_failures: self.commit_failures,
+            loaded: self.loaded.clone(),
+        }
+    }
+
+    /// Once `snapshot_every` changes came in since the last snapshot, write one. Everything the
+    /// ledger holds is committed by now (`commit` ran), so the snapshot covers only stored
+    /// changes; a failure is logged and retried after as many changes again.
+    async fn snapshot(&mut self) {
+        let held = self.engine.ledger().len();
+        if self.snapshot_every == 0 || held.saturating_sub(self.snapshot_len) < self.snapshot_every
+        {
+            return;
+        }
+        let t = Instant::now();
+        let bytes = self.engine.snapshot();
+        self.snapshot_len = held;
+        match self
+            .store
+            .put_stand_snapshot(&self.stand, held, &bytes, now_ms())
+            .await
+        {
+            Ok(()) => tracing::info!(stand = %self.stand, covers = held, bytes = bytes.len(),
+                ms = t.elapsed().as_millis() as u64, "snapshot written"),
+            Err(e) => tracing::error!(stand = %self.stand, error = %e,
+                "could not write the stand's snapshot; the next start replays more"),
         }
     }
 

@@ -455,6 +455,36 @@ impl Store {
         Ok(out)
     }
 
+    /// The latest snapshot of a stand's replica here, if one was written.
+    pub async fn stand_snapshot(&self, stand: &StandId) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = sqlx::query("SELECT bytes FROM stand_snapshots WHERE stand = $1")
+            .bind(stand.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    /// Replace a stand's snapshot.
+    pub async fn put_stand_snapshot(
+        &self,
+        stand: &StandId,
+        covers: usize,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO stand_snapshots (stand, covers, bytes, written_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (stand) DO UPDATE SET covers = $2, bytes = $3, written_at = $4",
+        )
+        .bind(stand.as_str())
+        .bind(i64_of(covers as u64, "covers")?)
+        .bind(bytes)
+        .bind(i64_of(now_ms, "time")?)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Every stored change of a stand, in the order they were accepted (a causal order).
     pub async fn load_changes(&self, stand: &StandId) -> Result<Vec<SignedChange>, StoreError> {
         let rows = sqlx::query("SELECT bytes, signature FROM changes WHERE stand = $1 ORDER BY id")

@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const RELAY: &str = env!("CARGO_BIN_EXE_halftime-relay");
@@ -22,81 +21,6 @@ fn peer_bin() -> PathBuf {
         p.display()
     );
     p
-}
-
-fn run(bin: &Path, args: &[&str]) -> String {
-    let out = Command::new(bin).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{} {args:?}: {}",
-        bin.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn field(out: &str, prefix: &str) -> String {
-    out.lines()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no {prefix:?} in {out}"))
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .to_owned()
-}
-
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(bin: &Path, args: &[String], log: PathBuf) -> Self {
-        let child = Command::new(bin)
-            .args(args)
-            .env("RUST_LOG", "info,libp2p=warn,sqlx=warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Self { child, log }
-    }
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap()
-}
-
-async fn get(url: &str, token: Option<&str>) -> Option<Value> {
-    let mut r = http().get(url);
-    if let Some(t) = token {
-        r = r.bearer_auth(t);
-    }
-    r.send().await.ok()?.json().await.ok()
 }
 
 async fn available(api: &str, sku: &str) -> Option<i64> {
@@ -326,21 +250,6 @@ async fn terminals_on_no_shared_network_converge_through_the_relay_and_survive_i
     );
     relay.kill9();
     drop((t0, t1));
-}
-
-/// (status, body); (0, null) when the server cannot be reached.
-async fn call(method: reqwest::Method, url: &str, token: &str, body: Value) -> (u16, Value) {
-    let Ok(r) = http()
-        .request(method, url)
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-    else {
-        return (0, Value::Null);
-    };
-    let code = r.status().as_u16();
-    (code, r.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

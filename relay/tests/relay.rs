@@ -557,3 +557,188 @@ async fn a_dead_database_holds_every_acknowledgement_until_it_is_back() {
     }
     assert_eq!(stored(&store).await, setup.len() as u64 + 1);
 }
+
+async fn serve_app(app: App) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let r = router(app);
+    tokio::spawn(async move { axum::serve(listener, r).await });
+    format!("127.0.0.1:{}", addr.port())
+}
+
+/// How the relay at `addr` says it loaded stand north.
+async fn loaded(addr: &str, token: &str) -> serde_json::Value {
+    let stands: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{addr}/v1/stands"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    stands[0]["loaded"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_relay_loads_its_stands_from_snapshots_and_replays_a_damaged_one() {
+    let db = TestDb::sqlite();
+    let store = Store::open(&db.url).await.unwrap();
+    let token = store.create_token("v", AdminRole::Viewer, 1).await.unwrap();
+    let relay_key = store.relay_key().await.unwrap();
+    let (_pool, mut till, setup) = stand(relay_key.public());
+    let row = StandRow {
+        stand: north(),
+        pool_key: key(1).public(),
+        placement: Placement::Device,
+        pool_secret: None,
+        psk: None,
+    };
+    store.add_stand(&row, 1_000).await.unwrap();
+    let addr = serve_app(App::open(store.clone(), 10).await.unwrap()).await;
+    assert_eq!(loaded(&addr, &token).await["from"], "replay");
+    let mut p = connect(&addr, "north", &key(1)).await.unwrap();
+    send(
+        &mut p,
+        &WireMessage::Changes {
+            changes: setup.clone(),
+        },
+    )
+    .await;
+    until_stored(&store, setup.len() as u64).await;
+    // The till sells and voids, 15 times: 30 changes.
+    let mut t = connect(&addr, "north", &key(10)).await.unwrap();
+    let mut made = Vec::new();
+    for i in 0..15u64 {
+        let SaleOutcome::Committed { sale_id, change } = till.sell(
+            SaleRequest {
+                lines: vec![SaleLine {
+                    sku: sku("soda"),
+                    qty: 1,
+                    unit_price_cents: 300,
+                }],
+                payment: Payment {
+                    method: PaymentMethod::Cash,
+                    reference: String::new(),
+                },
+                pool_reachable: true,
+            },
+            2_000 + i * 10,
+        ) else {
+            panic!("the till could not sell")
+        };
+        made.push(change);
+        made.push(till.void(sale_id, 2_005 + i * 10).unwrap());
+    }
+    send(
+        &mut t,
+        &WireMessage::Changes {
+            changes: made.clone(),
+        },
+    )
+    .await;
+    let total = setup.len() + made.len();
+    until_stored(&store, total as u64).await;
+    let first = eventually(10, "a snapshot written", || async {
+        store.stand_snapshot(&north()).await.unwrap()
+    })
+    .await;
+    assert!(!first.is_empty());
+    drop((p, t));
+
+    // A restart loads the snapshot and replays the rest; the stand is whole.
+    let store2 = Store::open(&db.url).await.unwrap();
+    let addr2 = serve_app(App::open(store2, 10).await.unwrap()).await;
+    let how = loaded(&addr2, &token).await;
+    assert_eq!(how["from"], "snapshot", "{how}");
+    let covered = how["covered"].as_u64().unwrap() as usize;
+    assert!(covered >= 10, "{how}");
+    assert_eq!(
+        covered + how["replayed"].as_u64().unwrap() as usize,
+        total,
+        "{how}"
+    );
+    let mut t2 = connect(&addr2, "north", &key(10)).await.unwrap();
+    send(
+        &mut t2,
+        &WireMessage::Vector {
+            vector: VersionVector::new(),
+        },
+    )
+    .await;
+    assert_eq!(changes_received(&mut t2).await, total);
+    drop(t2);
+
+    // One byte of the snapshot changed on disk: refused with the reason, every change replayed.
+    let mut snap = store.stand_snapshot(&north()).await.unwrap().unwrap();
+    let mid = snap.len() / 2;
+    snap[mid] ^= 0x10;
+    store
+        .put_stand_snapshot(&north(), covered, &snap, 9_000)
+        .await
+        .unwrap();
+    let store3 = Store::open(&db.url).await.unwrap();
+    let addr3 = serve_app(App::open(store3, 0).await.unwrap()).await;
+    let how = loaded(&addr3, &token).await;
+    assert_eq!(how["from"], "replay", "{how}");
+    assert!(how["why"].as_str().unwrap().contains("checksum"), "{how}");
+    let mut t3 = connect(&addr3, "north", &key(10)).await.unwrap();
+    send(
+        &mut t3,
+        &WireMessage::Vector {
+            vector: VersionVector::new(),
+        },
+    )
+    .await;
+    assert_eq!(changes_received(&mut t3).await, total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_names_every_route_and_only_those() {
+    use std::collections::BTreeSet;
+    // The routes as the router declares them, read from its source.
+    let src =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/server.rs")).unwrap();
+    let body = &src[src.find("pub fn router(").unwrap()..];
+    let body = &body[..body.find("\n}\n").unwrap()];
+    let mut declared = BTreeSet::new();
+    for part in body.split(".route(").skip(1) {
+        let part = part.split(".fallback(").next().unwrap();
+        let path = part.split('"').nth(1).unwrap().to_owned();
+        for m in ["get", "post", "put", "delete", "patch"] {
+            let found = part.match_indices(&format!("{m}(")).any(|(i, _)| {
+                i == 0
+                    || !part.as_bytes()[i - 1].is_ascii_alphanumeric()
+                        && part.as_bytes()[i - 1] != b'_'
+            });
+            if found {
+                declared.insert((m.to_owned(), path.clone()));
+            }
+        }
+    }
+    assert!(declared.len() > 20, "{declared:?}");
+    let doc: serde_json::Value = serde_json::from_str(halftime_relay::server::OPENAPI).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let mut described = BTreeSet::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (m, op) in ops.as_object().unwrap() {
+            assert!(op["summary"].is_string(), "{m} {path} has no summary");
+            assert!(op["responses"].is_object(), "{m} {path} has no responses");
+            described.insert((m.clone(), path.clone()));
+        }
+    }
+    assert_eq!(
+        declared, described,
+        "the router and relay/assets/openapi.json differ"
+    );
+    // And it is served.
+    let db = TestDb::sqlite();
+    let (addr, _app) = serve(Store::open(&db.url).await.unwrap()).await;
+    let served: serde_json::Value = reqwest::get(format!("http://{addr}/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(served, doc);
+}

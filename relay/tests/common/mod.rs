@@ -1,8 +1,11 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
-//! Test databases (a SQLite file, or a database of its own on the machine's Postgres) and
-//! polling.
+//! Test databases (a SQLite file, or a database of its own on the machine's Postgres),
+//! polling, and the programs under test as processes.
 
+use serde_json::Value;
 use sqlx::Connection;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Where the tests find Postgres (trust auth on loopback); override with HALFTIME_TEST_POSTGRES.
@@ -95,4 +98,97 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Run a program to completion; its standard output (it must succeed).
+pub fn run(bin: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} {args:?}: {}",
+        bin.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The last word of `out`'s line starting with `prefix`.
+pub fn field(out: &str, prefix: &str) -> String {
+    out.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in {out}"))
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_owned()
+}
+
+/// A program under test, killed when dropped; its standard error goes to `log`.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(bin: &Path, args: &[String], log: PathBuf) -> Self {
+        let child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info,libp2p=warn,sqlx=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+pub async fn get(url: &str, token: Option<&str>) -> Option<Value> {
+    let mut r = http().get(url);
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    r.send().await.ok()?.json().await.ok()
+}
+
+/// (status, body); (0, null) when the server cannot be reached.
+pub async fn call(method: reqwest::Method, url: &str, token: &str, body: Value) -> (u16, Value) {
+    let Ok(r) = http()
+        .request(method, url)
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+    else {
+        return (0, Value::Null);
+    };
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or(Value::Null))
 }
