@@ -172,20 +172,12 @@ fn reconciler(db: &str, stripe: &str, dir: &std::path::Path, id: &str) -> Proc {
     )
 }
 
-/// A program built beside this one by `cargo test --workspace`.
-fn sibling(name: &str) -> std::path::PathBuf {
-    let p = std::path::Path::new(BIN).with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run the workspace's tests (./scripts/test.sh)",
-        p.display()
-    );
-    p
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_oversold_units() {
-    let (relay_bin, peer_bin) = (sibling("halftime-relay"), sibling("halftime-peer"));
+    let (relay_bin, peer_bin) = (
+        sibling(BIN, "halftime-relay"),
+        sibling(BIN, "halftime-peer"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let t = TestDb::postgres().await;
     let token = |role: &str| {
@@ -198,12 +190,7 @@ async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_over
     };
     let (admin, viewer) = (token("admin"), token("viewer"));
     let rport = free_port();
-    let relay_args: Vec<String> = ["--database", &t.url, "serve", "--listen"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([format!("127.0.0.1:{rport}")])
-        .collect();
-    let mut relay = Proc::spawn(&relay_bin, &relay_args, dir.path().join("relay.log"));
+    let mut relay = spawn_relay(&relay_bin, &t.url, rport, dir.path().join("relay.log"));
     let url = format!("http://127.0.0.1:{rport}");
     eventually(20, "the relay up", || async {
         get(&format!("{url}/v1/relay"), Some(&viewer)).await
@@ -226,54 +213,9 @@ async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_over
     let mut tills = Vec::new();
     for i in 0..2 {
         let data = dir.path().join(format!("t{i}"));
-        let out = run(&peer_bin, &["init", "--data", data.to_str().unwrap()]);
-        let key = out
-            .lines()
-            .find(|l| l.starts_with("public key:"))
-            .unwrap()
-            .split_whitespace()
-            .last()
-            .unwrap()
-            .to_owned();
-        let enrol = json!({"public_key": key, "name": format!("till{i}"), "role": "terminal"});
-        let (code, joined) = call(
-            reqwest::Method::POST,
-            &format!("{url}/v1/stands/east/replicas"),
-            &admin,
-            enrol,
-        )
-        .await;
-        assert_eq!(code, 201, "{joined}");
-        run(
-            &peer_bin,
-            &[
-                "join",
-                "--data",
-                data.to_str().unwrap(),
-                "--stand",
-                "east",
-                "--pool-key",
-                joined["pool_key"].as_str().unwrap(),
-                "--psk",
-                joined["psk"].as_str().unwrap(),
-            ],
-        );
+        enrol_till(&peer_bin, &url, &admin, "east", &data, &format!("till{i}")).await;
         let api = free_port();
-        let args: Vec<String> = vec![
-            "run".into(),
-            "--data".into(),
-            data.to_str().unwrap().into(),
-            "--listen".into(),
-            "/ip4/127.0.0.1/tcp/0".into(),
-            "--api".into(),
-            format!("127.0.0.1:{api}"),
-            "--no-mdns".into(),
-            "--sale-wait-ms".into(),
-            "500".into(),
-            "--relay".into(),
-            format!("ws://127.0.0.1:{rport}"),
-        ];
-        let p = Proc::spawn(&peer_bin, &args, data.join("peer.log"));
+        let p = spawn_till(&peer_bin, &data, api, &[rport], None, Some(500));
         tills.push((p, format!("http://127.0.0.1:{api}")));
     }
     for (_, api) in &tills {
@@ -352,7 +294,7 @@ async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_over
         &dir.path().join("reconciler.log"),
     );
     // The internet is back: the relay restarts and the tills hand their sales over.
-    let _relay = Proc::spawn(&relay_bin, &relay_args, dir.path().join("relay2.log"));
+    let _relay = spawn_relay(&relay_bin, &t.url, rport, dir.path().join("relay2.log"));
     let stock_url = format!("{url}/v1/stands/east/stock");
     eventually(60, "every sale at the relay", || {
         let (stock_url, viewer) = (stock_url.clone(), viewer.clone());

@@ -12,15 +12,8 @@ use std::time::Duration;
 
 const RELAY: &str = env!("CARGO_BIN_EXE_halftime-relay");
 
-/// The terminal daemon, built beside the relay by `cargo test --workspace`.
 fn peer_bin() -> PathBuf {
-    let p = Path::new(RELAY).with_file_name("halftime-peer");
-    assert!(
-        p.exists(),
-        "{} is missing: run the workspace's tests (./scripts/test.sh) or `cargo build -p halftime-peer`",
-        p.display()
-    );
-    p
+    sibling(RELAY, "halftime-peer")
 }
 
 async fn available(api: &str, sku: &str) -> Option<i64> {
@@ -39,33 +32,19 @@ async fn sell(api: &str, qty: u64) -> (u16, Value) {
     (code, r.json().await.unwrap_or(Value::Null))
 }
 
-fn spawn_relay(db: &str, port: u16, log: PathBuf) -> Proc {
-    let args: Vec<String> = ["--database", db, "serve", "--listen"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([format!("127.0.0.1:{port}")])
-        .collect();
-    Proc::spawn(Path::new(RELAY), &args, log)
+fn spawn_relay_at(db: &str, port: u16, log: PathBuf) -> Proc {
+    spawn_relay(Path::new(RELAY), db, port, log)
 }
 
 fn spawn_peer(data: &Path, api: u16, relay: u16, relay_key: &str) -> Proc {
-    let args: Vec<String> = vec![
-        "run".into(),
-        "--data".into(),
-        data.to_str().unwrap().into(),
-        "--listen".into(),
-        "/ip4/127.0.0.1/tcp/0".into(),
-        "--api".into(),
-        format!("127.0.0.1:{api}"),
-        "--no-mdns".into(),
-        "--sale-wait-ms".into(),
-        "2000".into(),
-        "--relay".into(),
-        format!("ws://127.0.0.1:{relay}"),
-        "--relay-key".into(),
-        relay_key.into(),
-    ];
-    Proc::spawn(&peer_bin(), &args, data.join("peer.log"))
+    spawn_till(
+        &peer_bin(),
+        data,
+        api,
+        &[relay],
+        Some(relay_key),
+        Some(2000),
+    )
 }
 
 /// A stand made on a pool device with terminals till0 and till1 (and, unenrolled, the devices
@@ -156,7 +135,7 @@ async fn terminals_on_no_shared_network_converge_through_the_relay_and_survive_i
     .to_owned();
 
     let rport = free_port();
-    let mut relay = spawn_relay(&db.url, rport, d("relay.log"));
+    let mut relay = spawn_relay_at(&db.url, rport, d("relay.log"));
     let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
     let _pool = spawn_peer(&d("pool"), ports[0], rport, &relay_key);
     let t0 = spawn_peer(&d("t0"), ports[1], rport, &relay_key);
@@ -186,7 +165,7 @@ async fn terminals_on_no_shared_network_converge_through_the_relay_and_survive_i
     assert_eq!(code, 201, "{body}");
     let (code, body) = sell(&api(2), 1).await;
     assert_eq!(code, 201, "{body}");
-    let mut relay = spawn_relay(&db.url, rport, d("relay2.log"));
+    let mut relay = spawn_relay_at(&db.url, rport, d("relay2.log"));
     for i in 0..3 {
         eventually(
             30,
@@ -269,7 +248,7 @@ async fn a_stand_made_at_the_relay_is_run_from_its_admin_api() {
     };
     let (admin, manager, viewer) = (token("admin"), token("manager"), token("viewer"));
     let rport = free_port();
-    let _relay = spawn_relay(&db.url, rport, dir.path().join("relay.log"));
+    let _relay = spawn_relay_at(&db.url, rport, dir.path().join("relay.log"));
     let url = format!("http://127.0.0.1:{rport}");
     eventually(10, "the relay is up", || async {
         get(&format!("{url}/v1/relay"), Some(&viewer)).await
@@ -294,53 +273,9 @@ async fn a_stand_made_at_the_relay_is_run_from_its_admin_api() {
 
     // Enrol a terminal through the admin API; the answer is what it needs to join.
     let data = dir.path().join("t0");
-    let key = field(
-        &run(&peer, &["init", "--data", data.to_str().unwrap()]),
-        "public key:",
-    );
-    let enrol = serde_json::json!({"public_key": key, "name": "till0", "role": "terminal"});
-    let (code, joined) = call(
-        Method::POST,
-        &format!("{url}/v1/stands/east/replicas"),
-        &admin,
-        enrol,
-    )
-    .await;
-    assert_eq!(code, 201, "{joined}");
-    let (pool_key, psk) = (
-        joined["pool_key"].as_str().unwrap(),
-        joined["psk"].as_str().unwrap(),
-    );
-    run(
-        &peer,
-        &[
-            "join",
-            "--data",
-            data.to_str().unwrap(),
-            "--stand",
-            "east",
-            "--pool-key",
-            pool_key,
-            "--psk",
-            psk,
-        ],
-    );
+    enrol_till(&peer, &url, &admin, "east", &data, "till0").await;
     let api_port = free_port();
-    let args: Vec<String> = vec![
-        "run".into(),
-        "--data".into(),
-        data.to_str().unwrap().into(),
-        "--listen".into(),
-        "/ip4/127.0.0.1/tcp/0".into(),
-        "--api".into(),
-        format!("127.0.0.1:{api_port}"),
-        "--no-mdns".into(),
-        "--sale-wait-ms".into(),
-        "3000".into(),
-        "--relay".into(),
-        format!("ws://127.0.0.1:{rport}"),
-    ];
-    let _t0 = Proc::spawn(&peer, &args, data.join("peer.log"));
+    let _t0 = spawn_till(&peer, &data, api_port, &[rport], None, Some(3000));
     let api = format!("http://127.0.0.1:{api_port}");
 
     // The pool at the relay allocates to the terminal it reaches; the terminal sells.
@@ -428,23 +363,7 @@ async fn a_stand_made_at_the_relay_is_run_from_its_admin_api() {
 }
 
 fn spawn_peer_to(data: &Path, api: u16, relays: &[u16], relay_key: &str) -> Proc {
-    let mut args: Vec<String> = vec![
-        "run".into(),
-        "--data".into(),
-        data.to_str().unwrap().into(),
-        "--listen".into(),
-        "/ip4/127.0.0.1/tcp/0".into(),
-        "--api".into(),
-        format!("127.0.0.1:{api}"),
-        "--no-mdns".into(),
-        "--relay-key".into(),
-        relay_key.into(),
-    ];
-    for r in relays {
-        args.push("--relay".into());
-        args.push(format!("ws://127.0.0.1:{r}"));
-    }
-    Proc::spawn(&peer_bin(), &args, data.join("peer.log"))
+    spawn_till(&peer_bin(), data, api, relays, Some(relay_key), None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,8 +382,8 @@ async fn two_relay_instances_share_a_stand_and_one_survives_the_other() {
     .to_owned();
 
     let (ra, rb) = (free_port(), free_port());
-    let mut a = spawn_relay(&db.url, ra, d("a.log"));
-    let b = spawn_relay(&db.url, rb, d("b.log"));
+    let mut a = spawn_relay_at(&db.url, ra, d("a.log"));
+    let b = spawn_relay_at(&db.url, rb, d("b.log"));
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let api = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
     let _pool = spawn_peer_to(&d("pool"), ports[0], &[ra, rb], &relay_key);
@@ -512,7 +431,7 @@ async fn two_relay_instances_share_a_stand_and_one_survives_the_other() {
     };
     // B learns of the new stand only at its next start; restart B so it stands by for east.
     drop(b);
-    let _b = spawn_relay(&db.url, rb, d("b2.log"));
+    let _b = spawn_relay_at(&db.url, rb, d("b2.log"));
     let (code, body) = eventually(10, "instance B answers", || async {
         let (code, body) = restock(rb).await;
         (code != 0 && code != 404 || body["error"] == "served_elsewhere").then_some((code, body))

@@ -155,8 +155,31 @@ async fn until_stored(store: &Store, n: u64) {
     .await;
 }
 
+/// The pool connects to the relay at `addr` and hands over the stand's set-up; its
+/// connection, once the relay stored all of it.
+async fn pool_hands_over(addr: &str, store: &Store, setup: &[SignedChange]) -> Ws {
+    let mut p = connect(addr, "north", &key(1)).await.unwrap();
+    send(
+        &mut p,
+        &WireMessage::Changes {
+            changes: setup.to_vec(),
+        },
+    )
+    .await;
+    until_stored(store, setup.len() as u64).await;
+    p
+}
+
 /// A relay on `db` serving the in-memory stand (device placement).
 async fn served_stand(db: &TestDb) -> (Store, String, App, (Ledger, Ledger, Vec<SignedChange>)) {
+    served_stand_with(db, halftime_relay::stand::SNAPSHOT_EVERY).await
+}
+
+/// [`served_stand`], writing the stand's snapshot every `snapshot_every` changes.
+async fn served_stand_with(
+    db: &TestDb,
+    snapshot_every: usize,
+) -> (Store, String, App, (Ledger, Ledger, Vec<SignedChange>)) {
     let store = Store::open(&db.url).await.unwrap();
     let relay_key = store.relay_key().await.unwrap();
     let made = stand(relay_key.public());
@@ -168,7 +191,8 @@ async fn served_stand(db: &TestDb) -> (Store, String, App, (Ledger, Ledger, Vec<
         psk: None,
     };
     store.add_stand(&row, 1_000).await.unwrap();
-    let (addr, app) = serve(store.clone()).await;
+    let app = App::open(store.clone(), snapshot_every).await.unwrap();
+    let addr = serve_app(app.clone()).await;
     (store, addr, app, made)
 }
 
@@ -182,15 +206,7 @@ async fn whole_story(db: &TestDb) {
     assert!(why.contains("does not serve stand"), "{why}");
 
     // The pool connects and hands over the stand; the relay stores every change once.
-    let mut p = connect(&addr, "north", &key(1)).await.unwrap();
-    send(
-        &mut p,
-        &WireMessage::Changes {
-            changes: setup.clone(),
-        },
-    )
-    .await;
-    until_stored(&store, setup.len() as u64).await;
+    let mut p = pool_hands_over(&addr, &store, &setup).await;
     // The same changes again are duplicates, not new rows.
     send(
         &mut p,
@@ -477,15 +493,7 @@ async fn watch(ws: &mut Ws, ms: u64, replica: ReplicaId) -> (bool, u64) {
 async fn a_dead_database_holds_every_acknowledgement_until_it_is_back() {
     let db = TestDb::postgres().await;
     let (store, addr, _app, (_pool, mut till, setup)) = served_stand(&db).await;
-    let mut p = connect(&addr, "north", &key(1)).await.unwrap();
-    send(
-        &mut p,
-        &WireMessage::Changes {
-            changes: setup.clone(),
-        },
-    )
-    .await;
-    until_stored(&store, setup.len() as u64).await;
+    let mut p = pool_hands_over(&addr, &store, &setup).await;
     let mut t = connect(&addr, "north", &key(10)).await.unwrap();
     watch(&mut p, 300, key(10).replica_id()).await;
 
@@ -583,29 +591,10 @@ async fn loaded(addr: &str, token: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_relay_loads_its_stands_from_snapshots_and_replays_a_damaged_one() {
     let db = TestDb::sqlite();
-    let store = Store::open(&db.url).await.unwrap();
+    let (store, addr, _app, (_pool, mut till, setup)) = served_stand_with(&db, 10).await;
     let token = store.create_token("v", AdminRole::Viewer, 1).await.unwrap();
-    let relay_key = store.relay_key().await.unwrap();
-    let (_pool, mut till, setup) = stand(relay_key.public());
-    let row = StandRow {
-        stand: north(),
-        pool_key: key(1).public(),
-        placement: Placement::Device,
-        pool_secret: None,
-        psk: None,
-    };
-    store.add_stand(&row, 1_000).await.unwrap();
-    let addr = serve_app(App::open(store.clone(), 10).await.unwrap()).await;
     assert_eq!(loaded(&addr, &token).await["from"], "replay");
-    let mut p = connect(&addr, "north", &key(1)).await.unwrap();
-    send(
-        &mut p,
-        &WireMessage::Changes {
-            changes: setup.clone(),
-        },
-    )
-    .await;
-    until_stored(&store, setup.len() as u64).await;
+    let p = pool_hands_over(&addr, &store, &setup).await;
     // The till sells and voids, 15 times: 30 changes.
     let mut t = connect(&addr, "north", &key(10)).await.unwrap();
     let mut made = Vec::new();

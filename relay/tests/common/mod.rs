@@ -192,3 +192,95 @@ pub async fn call(method: reqwest::Method, url: &str, token: &str, body: Value) 
     let code = r.status().as_u16();
     (code, r.json().await.unwrap_or(Value::Null))
 }
+
+/// A program built beside `bin` (the one under test) by `cargo test --workspace`.
+pub fn sibling(bin: &str, name: &str) -> PathBuf {
+    let p = Path::new(bin).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run the workspace's tests (./scripts/test.sh) or `cargo build -p {name}`",
+        p.display()
+    );
+    p
+}
+
+/// `halftime-relay serve` on `db`, listening on 127.0.0.1:`port`.
+pub fn spawn_relay(relay: &Path, db: &str, port: u16, log: PathBuf) -> Proc {
+    let args: Vec<String> = ["--database", db, "serve", "--listen"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("127.0.0.1:{port}")])
+        .collect();
+    Proc::spawn(relay, &args, log)
+}
+
+/// `halftime-peer run` on `data`: its API on `api`, no mesh discovery, an uplink to the relay at
+/// each of `relays`; `relay_key` pins the relay's key (a stand whose pool is a device).
+pub fn spawn_till(
+    peer: &Path,
+    data: &Path,
+    api: u16,
+    relays: &[u16],
+    relay_key: Option<&str>,
+    sale_wait_ms: Option<u64>,
+) -> Proc {
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--data".into(),
+        data.to_str().unwrap().into(),
+        "--listen".into(),
+        "/ip4/127.0.0.1/tcp/0".into(),
+        "--api".into(),
+        format!("127.0.0.1:{api}"),
+        "--no-mdns".into(),
+    ];
+    if let Some(k) = relay_key {
+        args.extend(["--relay-key".into(), k.into()]);
+    }
+    if let Some(ms) = sale_wait_ms {
+        args.extend(["--sale-wait-ms".into(), ms.to_string()]);
+    }
+    for r in relays {
+        args.extend(["--relay".into(), format!("ws://127.0.0.1:{r}")]);
+    }
+    Proc::spawn(peer, &args, data.join("peer.log"))
+}
+
+/// Make a device in `data`, enrol it as terminal `name` of `stand` (its pool at the relay at
+/// `relay_url`) through the admin API, and join it to the stand.
+pub async fn enrol_till(
+    peer: &Path,
+    relay_url: &str,
+    admin: &str,
+    stand: &str,
+    data: &Path,
+    name: &str,
+) {
+    let key = field(
+        &run(peer, &["init", "--data", data.to_str().unwrap()]),
+        "public key:",
+    );
+    let enrol = serde_json::json!({"public_key": key, "name": name, "role": "terminal"});
+    let (code, joined) = call(
+        reqwest::Method::POST,
+        &format!("{relay_url}/v1/stands/{stand}/replicas"),
+        admin,
+        enrol,
+    )
+    .await;
+    assert_eq!(code, 201, "{joined}");
+    run(
+        peer,
+        &[
+            "join",
+            "--data",
+            data.to_str().unwrap(),
+            "--stand",
+            stand,
+            "--pool-key",
+            joined["pool_key"].as_str().unwrap(),
+            "--psk",
+            joined["psk"].as_str().unwrap(),
+        ],
+    );
+}
