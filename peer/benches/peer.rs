@@ -68,6 +68,21 @@ async fn durable_ack() {
         acks.push(t.elapsed().as_secs_f64() * 1e3);
     }
     report("durable sale ack over HTTP, one client", &mut acks);
+    // The same HTTP round trip through the node's task without a sale or a write: the floor
+    // under every acknowledgement on this machine.
+    let mut status = Vec::new();
+    for _ in 0..500 {
+        let t = Instant::now();
+        let r = client()
+            .get(format!("{api}/v1/status"))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        r.bytes().await.unwrap();
+        status.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    report("GET /v1/status through the node task, one client", &mut status);
     // Eight concurrent clients: group commit shares one fsync.
     let t = Instant::now();
     let tasks: Vec<_> = (0..8)

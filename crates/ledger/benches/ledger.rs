@@ -196,13 +196,16 @@ fn load_child(path: &str) {
     );
     std::fs::write(format!("{path}.snap"), &snap).unwrap();
     let saved = l.doc().save();
+    let before_doc = rss_kb("VmRSS:");
     let t = Instant::now();
-    let _doc = automerge::Automerge::load(&saved).unwrap();
+    let doc = automerge::Automerge::load(&saved).unwrap();
     println!(
-        "automerge document: {} KB saved, Automerge::load {:.2} s",
+        "automerge document: {} KB saved, Automerge::load {:.2} s, {} MB resident once loaded",
         saved.len() / 1024,
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        rss_kb("VmRSS:").saturating_sub(before_doc) / 1024
     );
+    drop(doc);
 }
 
 fn main() {
@@ -231,6 +234,39 @@ fn main() {
         st.push(t.elapsed());
     }
     Stats(st).show("sale committed + signed (in memory)");
+
+    // 1b. The floors under a sale and a single receive, measured alone on the same bytes: the
+    //     ed25519 signature of a sale change, its verification, and an Automerge transaction
+    //     of the same shape (two counters put, a message, commit, the change taken out).
+    let change = sell(&mut terms[0], 20_000, 30_000);
+    let k = key(10);
+    let (mut sign, mut verify, mut am) = (Vec::new(), Vec::new(), Vec::new());
+    let sig = k.sign(&change.bytes);
+    for _ in 0..5_000 {
+        let t = Instant::now();
+        std::hint::black_box(k.sign(std::hint::black_box(&change.bytes)));
+        sign.push(t.elapsed());
+        let t = Instant::now();
+        std::hint::black_box(k.public().verify(std::hint::black_box(&change.bytes), &sig));
+        verify.push(t.elapsed());
+    }
+    {
+        use automerge::transaction::{CommitOptions, Transactable};
+        let mut doc = automerge::Automerge::new();
+        let msg = String::from_utf8_lossy(&change.bytes[..200.min(change.bytes.len())]).to_string();
+        for i in 0..5_000i64 {
+            let t = Instant::now();
+            let mut tx = doc.transaction();
+            tx.put(automerge::ROOT, "out", i).unwrap();
+            tx.put(automerge::ROOT, "at", i).unwrap();
+            tx.commit_with(CommitOptions::default().with_message(msg.clone()).with_time(i));
+            std::hint::black_box(doc.get_last_local_change());
+            am.push(t.elapsed());
+        }
+    }
+    Stats(sign).show("  of which: ed25519 signature of a sale change");
+    Stats(verify).show("  ed25519 verification of one change, alone");
+    Stats(am).show("  Automerge transaction of a sale's shape + commit");
 
     // 2. Build the event: `sales` sales spread over the terminals, everything applied at a
     //    fresh replica in batches of 100 (as a sync round delivers them).
