@@ -15,6 +15,10 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use std::path::Path;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// redb's page cache. Its default (1 GiB) kept every page a start-up read — the whole store of
+/// changes and the snapshot — resident for the life of the process; the replica reads its store
+/// only when it starts, and appends touch a handful of pages.
+pub const STORE_CACHE_BYTES: usize = 16 * 1024 * 1024;
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 
 /// Storage failure.
@@ -70,7 +74,9 @@ pub struct Store {
 impl Store {
     /// Open or create the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path)?;
+        let db = redb::Builder::new()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(path)?;
         let tx = db.begin_write()?;
         {
             tx.open_table(META)?;
