@@ -82,7 +82,10 @@ async fn durable_ack() {
         r.bytes().await.unwrap();
         status.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    report("GET /v1/status through the node task, one client", &mut status);
+    report(
+        "GET /v1/status through the node task, one client",
+        &mut status,
+    );
     // Eight concurrent clients: group commit shares one fsync.
     let t = Instant::now();
     let tasks: Vec<_> = (0..8)

@@ -259,7 +259,11 @@ fn main() {
             let mut tx = doc.transaction();
             tx.put(automerge::ROOT, "out", i).unwrap();
             tx.put(automerge::ROOT, "at", i).unwrap();
-            tx.commit_with(CommitOptions::default().with_message(msg.clone()).with_time(i));
+            tx.commit_with(
+                CommitOptions::default()
+                    .with_message(msg.clone())
+                    .with_time(i),
+            );
             std::hint::black_box(doc.get_last_local_change());
             am.push(t.elapsed());
         }
