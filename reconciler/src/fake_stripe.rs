@@ -445,9 +445,10 @@ async fn set_fault(State(s): State<FakeStripe>, Json(f): Json<Fault>) -> Respons
             json!({ "error": format!("unknown fault mode {:?} (error | hang | hang_after | slow)", f.mode) }),
         ));
     }
+    // A window too long to represent lasts until cleared.
     let until = f
         .for_ms
-        .map(|ms| Instant::now() + Duration::from_millis(ms));
+        .and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
     s.lock().fault = Some((f.clone(), until));
     reply((200, json!({ "fault": f })))
 }
