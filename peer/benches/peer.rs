@@ -217,6 +217,8 @@ async fn propagation(n: usize) {
 /// terminal holding the most, which answers with a signed give. Measured from the 201 of the sale
 /// that crossed the threshold to the moment the seller's own API shows the larger rights (this
 /// includes up to one 200 ms timer tick before the request leaves).
+/// From the 201 of the sale after which the terminal asked for rights (its
+/// `rights_requests_sent_total` moved) until its API shows the larger rights.
 async fn rights_request(rounds: usize) {
     let mut rtt = Vec::new();
     for _ in 0..rounds {
@@ -224,30 +226,39 @@ async fn rights_request(rounds: usize) {
         let procs = start_chain(&stand, &pool_and_terminals(2));
         ready(&procs, 2, 200).await;
         let api = procs[1].api.clone();
-        let row = |api: String| async move {
-            let v = get(&api, "/v1/stock").await;
-            (
-                v[0]["rights"].as_i64().unwrap_or(0),
-                v[0]["available"].as_i64().unwrap_or(0),
-            )
+        let rights = |api: String| async move {
+            get(&api, "/v1/stock").await[0]["rights"]
+                .as_i64()
+                .unwrap_or(0)
         };
+        let asked = |api: String| async move {
+            metrics(&api)
+                .await
+                .lines()
+                .find_map(|l| l.strip_prefix("halftime_rights_requests_sent_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let start = asked(api.clone()).await;
         let mut crossed = None;
         for _ in 0..100 {
+            let held = rights(api.clone()).await;
             if sell(&api, "hotdog", 1).await.0 != 201 {
                 break;
             }
-            let (rights, available) = row(api.clone()).await;
-            if rights * 100 < (available / 2) * 25 {
-                crossed = Some((Instant::now(), rights));
+            let t = Instant::now();
+            if asked(api.clone()).await > start {
+                // Without an answer the sale left it one right fewer.
+                crossed = Some((t, held - 1));
                 break;
             }
         }
         let Some((t0, before)) = crossed else {
-            println!("  the threshold was never crossed");
+            println!("  the terminal never asked for rights");
             continue;
         };
         loop {
-            if row(api.clone()).await.0 > before {
+            if rights(api.clone()).await > before {
                 rtt.push(t0.elapsed().as_secs_f64() * 1e3);
                 break;
             }
@@ -260,7 +271,7 @@ async fn rights_request(rounds: usize) {
     }
     if !rtt.is_empty() {
         report(
-            "rights request: threshold crossed → rights arrive",
+            "rights request: asked after a sale → rights arrive",
             &mut rtt,
         );
     }
