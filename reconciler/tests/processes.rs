@@ -11,6 +11,7 @@ use common::*;
 use fake::try_stats as stats;
 use serde_json::{Value, json};
 use sqlx::Row;
+use std::process::Command;
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_halftime-reconciler");
@@ -351,5 +352,221 @@ async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_over
     assert_eq!(
         stats(&stripe).await.unwrap()["refunds"],
         card_refunds as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reclaimed_terminal_that_kept_selling_hands_its_sales_over_and_they_are_refunded() {
+    let (relay_bin, peer_bin) = (
+        sibling(BIN, "halftime-relay"),
+        sibling(BIN, "halftime-peer"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestDb::postgres().await;
+    let token = |role: &str| {
+        run(
+            &relay_bin,
+            &["--database", &t.url, "token", "create", "--role", role],
+        )
+        .trim()
+        .to_owned()
+    };
+    let (admin, viewer) = (token("admin"), token("viewer"));
+    let rport = free_port();
+    let _relay = spawn_relay(&relay_bin, &t.url, rport, dir.path().join("relay.log"));
+    let url = format!("http://127.0.0.1:{rport}");
+    eventually(20, "the relay up", || async {
+        get(&format!("{url}/v1/relay"), Some(&viewer)).await
+    })
+    .await;
+    let stand = json!({
+        "stand": "west", "event": "game", "venue": "Field",
+        "items": [{"sku": "hotdog", "name": "Hot dog", "price_cents": 400, "stock": 10}],
+    });
+    let (code, body) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/stands"),
+        &admin,
+        stand,
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let (d0, d1) = (dir.path().join("t0"), dir.path().join("t1"));
+    enrol_till(&peer_bin, &url, &admin, "west", &d0, "till0").await;
+    enrol_till(&peer_bin, &url, &admin, "west", &d1, "till1").await;
+    let (a0, a1) = (free_port(), free_port());
+    let _t0 = spawn_till(&peer_bin, &d0, a0, &[rport], None, Some(500));
+    let mut t1 = spawn_till(&peer_bin, &d1, a1, &[rport], None, Some(500));
+    let (api0, api1) = (
+        format!("http://127.0.0.1:{a0}"),
+        format!("http://127.0.0.1:{a1}"),
+    );
+    let rights = |api: String| async move {
+        get(&format!("{api}/v1/stock"), None).await?[0]["rights"].as_i64()
+    };
+    for api in [&api0, &api1] {
+        let api = api.clone();
+        eventually(30, "a till holds rights", || {
+            let api = api.clone();
+            async move { (rights(api).await? > 0).then_some(()) }
+        })
+        .await;
+    }
+    let status = get(&format!("{api1}/v1/status"), None).await.unwrap();
+    let till1 = status["replica"].as_str().unwrap().to_owned();
+
+    // Till 1 loses the internet and keeps selling on its own (restarted without its uplink;
+    // a clean stop, so the rights it was just given are on its disk).
+    let pid = t1.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(t1.child.wait().unwrap().success());
+    let mut t1 = spawn_till(&peer_bin, &d1, a1, &[], None, Some(500));
+    eventually(20, "till 1 back, alone", || async {
+        get(&format!("{api1}/v1/status"), None).await
+    })
+    .await;
+    let mut late = Vec::new();
+    for _ in 0..3 {
+        let r = http()
+            .post(format!("{api1}/v1/sales"))
+            .json(&json!({"lines":[{"sku":"hotdog","qty":1}],"payment":{"method":"cash","reference":""}}))
+            .send()
+            .await
+            .unwrap();
+        let code = r.status().as_u16();
+        let b: Value = r.json().await.unwrap();
+        assert_eq!(code, 201, "{b}");
+        late.push(b["sale_id"].as_str().unwrap().to_owned());
+    }
+    // Meanwhile the manager reclaims it, and till 0 sells everything the stand has left.
+    let (code, body) = call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/stands/west/replicas/{till1}/reclaim"),
+        &admin,
+        json!({}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body["rights"]["hotdog"], 5,
+        "what it held, moved back: {body}"
+    );
+    let mut sold0 = 0;
+    for _ in 0..20 {
+        let r = http()
+            .post(format!("{api0}/v1/sales"))
+            .json(&json!({"lines":[{"sku":"hotdog","qty":1}],"payment":{"method":"cash","reference":""}}))
+            .send()
+            .await
+            .unwrap();
+        if r.status().as_u16() != 201 {
+            break;
+        }
+        sold0 += 1;
+    }
+    let stock_url = format!("{url}/v1/stands/west/stock");
+    let available = |stock_url: String, viewer: String| async move {
+        get(&stock_url, Some(&viewer)).await?["items"][0]["available"].as_i64()
+    };
+    assert_eq!(sold0, 10, "till 0 sold out the stand after the reclaim");
+    eventually(20, "every sale of till 0 at the relay", || {
+        let (s, v) = (stock_url.clone(), viewer.clone());
+        async move { (available(s, v).await? == 0).then_some(()) }
+    })
+    .await;
+
+    // Till 1 is back online: retired, it may only hand over. Its three sales reach the record.
+    t1.kill9();
+    let _t1 = spawn_till(&peer_bin, &d1, a1, &[rport], None, Some(500));
+    eventually(30, "the late sales at the relay", || {
+        let (s, v) = (stock_url.clone(), viewer.clone());
+        async move { (available(s, v).await? == -3).then_some(()) }
+    })
+    .await;
+    let relay_log = std::fs::read_to_string(dir.path().join("relay.log")).unwrap();
+    assert!(
+        relay_log.contains("a retired replica connected"),
+        "{relay_log}"
+    );
+    let sales = get(&format!("{url}/v1/stands/west/sales"), Some(&viewer))
+        .await
+        .unwrap();
+    for id in &late {
+        assert!(
+            sales.to_string().contains(id.as_str()),
+            "{id} not stored: {sales}"
+        );
+    }
+
+    // The reconciler refunds the three units oversold, each once: the latest sales by time.
+    let sport = free_port();
+    let stripe = format!("http://127.0.0.1:{sport}");
+    let _fake = spawn(
+        &["fake-stripe", "--listen", &format!("127.0.0.1:{sport}")],
+        &dir.path().join("stripe.log"),
+    );
+    let _reconciler = spawn(
+        &[
+            "run",
+            "--database",
+            &t.url,
+            "--stripe-url",
+            &stripe,
+            "--stripe-key",
+            "sk_test_halftime",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--tick-ms",
+            "100",
+        ],
+        &dir.path().join("reconciler.log"),
+    );
+    let refunds_url = format!("{url}/v1/stands/west/refunds");
+    let refunds = eventually(30, "the oversold units refunded", || {
+        let (u, v) = (refunds_url.clone(), viewer.clone());
+        async move {
+            let rows = get(&u, Some(&v)).await?.as_array()?.clone();
+            let units: i64 = rows.iter().map(|x| x["units"].as_i64().unwrap_or(0)).sum();
+            (units == 3).then_some(rows)
+        }
+    })
+    .await;
+    let mut by_time: Vec<(i64, String)> = sales
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| !s["voided"].as_bool().unwrap_or(false))
+        .map(|s| {
+            (
+                s["at_ms"].as_i64().unwrap(),
+                s["sale_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    by_time.sort();
+    let mut latest: Vec<String> = by_time.iter().rev().take(3).map(|x| x.1.clone()).collect();
+    let mut refunded: Vec<String> = refunds
+        .iter()
+        .map(|r| r["sale_id"].as_str().unwrap().to_owned())
+        .collect();
+    latest.sort();
+    refunded.sort();
+    assert_eq!(refunded, latest, "{refunds:?}");
+    assert!(
+        refunds.iter().all(|r| r["status"] == "manual"),
+        "cash: {refunds:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = get(&refunds_url, Some(&viewer)).await.unwrap();
+    assert_eq!(
+        again.as_array().unwrap().len(),
+        refunds.len(),
+        "nothing decided twice"
     );
 }

@@ -8,8 +8,8 @@
 use crate::store::{Batch, ChangeRow, ItemRow, Placement, StandRow, Store, StoreError};
 use halftime_engine::{Engine, EngineConfig, Event};
 use halftime_ledger::{
-    Applied, Ledger, NotAdmitted, Operation, PublicKey, ReplicaId, ReplicaKey, Role, SignedChange,
-    Sku, StandId,
+    Admission, Applied, Ledger, NotAdmitted, Operation, PublicKey, ReplicaId, ReplicaKey, Role,
+    SignedChange, Sku, StandId,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -378,18 +378,28 @@ impl StandTask {
                 out,
                 reply,
             } => {
-                let admitted = self.engine.ledger().admits(&key);
-                if let Ok(replica) = admitted {
+                let admitted = self.engine.ledger().admission(&key);
+                if let Ok(a) = admitted {
+                    let replica = a.replica();
                     // A replica that reconnects replaces its old connection.
                     if let Some(old) = self.by_replica.insert(replica, conn) {
                         self.conns.remove(&old);
                         self.engine.peer_down(replica, now);
                     }
                     self.conns.insert(conn, Conn { replica, out });
-                    self.engine.peer_up(replica, now);
-                    tracing::info!(stand = %self.stand, %replica, "replica connected");
+                    match a {
+                        Admission::Member(_) => {
+                            self.engine.peer_up(replica, now);
+                            tracing::info!(stand = %self.stand, %replica, "replica connected");
+                        }
+                        Admission::HandOver(_) => {
+                            self.engine.peer_up_hand_over(replica, now);
+                            tracing::warn!(stand = %self.stand, %replica,
+                                "a retired replica connected: it may hand over what it sold before it was retired, and is sent nothing");
+                        }
+                    }
                 }
-                let _ = reply.send(admitted);
+                let _ = reply.send(admitted.map(|a| a.replica()));
             }
             StandCmd::Frame { conn, bytes } => {
                 let Some(c) = self.conns.get(&conn) else {

@@ -346,6 +346,23 @@ impl Engine {
         );
     }
 
+    /// A retired replica connected to hand over what it wrote (see `Ledger::admission`): its
+    /// changes are received and checked like anyone's; it is sent vectors, never a change,
+    /// a give or an answer.
+    pub fn peer_up_hand_over(&mut self, peer: ReplicaId, now_ms: u64) {
+        if peer == self.ledger.me() || self.peers.contains_key(&peer) {
+            return;
+        }
+        let sync = PeerSync::hand_over(&self.ledger, now_ms, self.cfg.sync_interval_ms);
+        self.peers.insert(
+            peer,
+            Peer {
+                sync,
+                last_heard_ms: now_ms,
+            },
+        );
+    }
+
     /// The last connection to `peer` closed.
     pub fn peer_down(&mut self, peer: ReplicaId, now_ms: u64) {
         if self.peers.remove(&peer).is_some() {
@@ -607,7 +624,9 @@ impl Engine {
         // hub passes on every change.
         let me = self.ledger.me();
         for ((rid, seq), c) in report.accepted_ids.iter().zip(&report.accepted) {
-            if *rid == me || (!self.cfg.hub && self.peers.contains_key(rid)) {
+            // A replica that only hands over pushes to nobody else: its changes go on.
+            let pushes_itself = self.peers.get(rid).is_some_and(|p| !p.sync.is_hand_over());
+            if *rid == me || (!self.cfg.hub && pushes_itself) {
                 continue;
             }
             self.stats.changes_relayed += 1;

@@ -175,7 +175,9 @@ impl Rights {
                 .count() as u64;
             let mut holders: Vec<(u64, bool, ReplicaId)> = ctx
                 .peers
-                .keys()
+                .iter()
+                .filter(|(_, peer)| !peer.sync.is_hand_over())
+                .map(|(p, _)| p)
                 .filter(|p| **p != me)
                 .filter(|p| !matches!(h.asks.get(&(**p, sku.clone())), Some(None) | Some(Some(0))))
                 .map(|p| (ctx.ledger.rights(*p, &sku).max(0) as u64, *p == pool, *p))
@@ -451,8 +453,9 @@ impl Rights {
             }
             let holder = ctx
                 .peers
-                .keys()
-                .map(|p| (*p, ctx.ledger.rights(*p, &sku)))
+                .iter()
+                .filter(|(_, peer)| !peer.sync.is_hand_over())
+                .map(|(p, _)| (*p, ctx.ledger.rights(*p, &sku)))
                 .max_by_key(|(p, r)| (*p == pool && *r > 0, *r));
             let Some((p, r)) = holder else { continue };
             if r <= 1 {

@@ -569,3 +569,67 @@ fn a_hub_passes_every_change_on_at_once() {
         }
     }
 }
+
+#[test]
+fn a_retired_terminal_hands_over_its_last_sales_and_is_sent_nothing() {
+    // Terminals 1 and 2 reach each other only through the pool, a hub (as at a relay).
+    let mut s = stand(
+        10,
+        &[5, 5],
+        EngineConfig {
+            hub: true,
+            ..quiet()
+        },
+    );
+    s.cut(1, 2);
+    s.run_until(T0 + 10);
+    // Terminal 1 drops off and keeps selling on its own; meanwhile the pool retires it.
+    s.cut(0, 1);
+    s.sell(1, 1, 2);
+    s.run_until(T0 + 50);
+    assert!(matches!(s.outcome(1), Some(Event::Committed { .. })));
+    let t1 = s.id(1);
+    let now = s.now;
+    s.engines[0]
+        .local_op(now, |l, now| Ok((l.retire(t1, now)?, ())))
+        .unwrap();
+    s.sell(2, 2, 1);
+    s.run_until(T0 + 100);
+    assert!(s.engines[0].ledger().is_retired(t1));
+
+    // It comes back. The ledger lets it in only to hand over.
+    let key = ReplicaKey::from_seed([10; 32]).public();
+    assert_eq!(
+        s.engines[0].ledger().admission(&key),
+        Ok(halftime_ledger::Admission::HandOver(t1))
+    );
+    s.cut.remove(&(0, 1));
+    let (pool, now) = (s.id(0), s.now);
+    s.engines[0].peer_up_hand_over(t1, now);
+    s.engines[1].peer_up(pool, now);
+    // A sale beyond its rights makes it ask the pool, as any terminal would: nothing comes
+    // of it, and the sale is refused at its deadline.
+    s.run_until(T0 + 150);
+    s.sell(1, 3, 4);
+    s.run_until(T0 + 1_000);
+    assert!(
+        matches!(s.outcome(3), Some(Event::Refused { .. })),
+        "{:?}",
+        s.outcome(3)
+    );
+    assert!(s.engines[1].stats().rights_requests_sent > 0);
+
+    // Its two units reached the pool and, through the hub, terminal 2.
+    assert_eq!(s.engines[0].ledger().available(&sku("soda")), 17);
+    assert_eq!(s.engines[2].ledger().available(&sku("soda")), 17);
+    // It was sent nothing: not its retirement, not terminal 2's sale, no give.
+    let l1 = s.engines[1].ledger();
+    assert!(!l1.is_retired(t1));
+    assert_eq!(
+        l1.available(&sku("soda")),
+        18,
+        "it knows only its own sales"
+    );
+    assert_eq!(s.rights(1), 3);
+    assert_eq!(s.engines[0].stats().rights_requests_answered, 0);
+}

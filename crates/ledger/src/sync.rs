@@ -162,6 +162,9 @@ pub struct PeerSync {
     announced_len: usize,
     next_refresh_ms: u64,
     dropped: u64,
+    /// A replica that only hands over (see `Ledger::admission`): it is sent our vectors, so it
+    /// knows what we lack, and never a change or a rights message.
+    hand_over: bool,
 }
 
 impl PeerSync {
@@ -175,9 +178,23 @@ impl PeerSync {
             announced_len: 0,
             next_refresh_ms: 0,
             dropped: 0,
+            hand_over: false,
         };
         s.send_vector(ledger, now_ms);
         s
+    }
+
+    /// A connection to a replica that may only hand over what it wrote: it is sent vectors
+    /// and nothing else.
+    pub fn hand_over(ledger: &Ledger, now_ms: u64, interval_ms: u64) -> Self {
+        let mut s = Self::new(ledger, now_ms, interval_ms);
+        s.hand_over = true;
+        s
+    }
+
+    /// Whether the peer only hands over.
+    pub fn is_hand_over(&self) -> bool {
+        self.hand_over
     }
 
     /// What the peer last said it holds.
@@ -226,6 +243,9 @@ impl PeerSync {
     }
 
     fn enqueue(&mut self, m: WireMessage) {
+        if self.hand_over && !matches!(m, WireMessage::Vector { .. }) {
+            return;
+        }
         if self.outbox.len() >= PEER_OUTBOX_LEN {
             // Drop the oldest push; the vector exchange repairs whatever it carried.
             self.outbox.pop_front();
@@ -266,6 +286,8 @@ impl PeerSync {
                 }
                 events.push(SyncEvent::Applied(report));
             }
+            // A replica that only hands over asks for nothing.
+            WireMessage::RightsRequest { .. } if self.hand_over => {}
             WireMessage::RightsRequest { sku, want, urgent } => {
                 events.push(SyncEvent::RightsRequested { sku, want, urgent })
             }

@@ -106,6 +106,23 @@ pub struct ApplyReport {
     pub rejected: Vec<Rejection>,
 }
 
+/// How a connecting replica is let in (see [`Ledger::admission`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// A member: changes flow both ways.
+    Member(ReplicaId),
+    /// A retired replica, taken in only to hand over what it wrote; it is sent nothing.
+    HandOver(ReplicaId),
+}
+
+impl Admission {
+    pub fn replica(&self) -> ReplicaId {
+        match self {
+            Admission::Member(r) | Admission::HandOver(r) => *r,
+        }
+    }
+}
+
 /// A held change's hash, the hashes it depends on, and when it was made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangeInfo {
@@ -547,6 +564,21 @@ impl Ledger {
             }
             Some(_) => Ok(replica),
             None => Err(NotAdmitted::NotEnrolled { replica, stand }),
+        }
+    }
+
+    /// How the holder of `key` may connect: as a member ([`Ledger::admits`]), or, retired, only
+    /// to hand over what it wrote before it learned of its retirement. A device can be
+    /// reclaimed while it is in fact still selling offline; its sales are real and belong in
+    /// the record (oversold units are refunded from there). Letting it hand them over widens
+    /// nothing it can write: the receive path checks every change as from anyone, and refuses
+    /// any change whose past holds the retirement, so a retired key can still only write what
+    /// its rights allowed before it. It is sent nothing.
+    pub fn admission(&self, key: &PublicKey) -> Result<Admission, NotAdmitted> {
+        match self.admits(key) {
+            Ok(r) => Ok(Admission::Member(r)),
+            Err(NotAdmitted::Retired { replica, .. }) => Ok(Admission::HandOver(replica)),
+            Err(e) => Err(e),
         }
     }
 
