@@ -570,3 +570,130 @@ async fn a_reclaimed_terminal_that_kept_selling_hands_its_sales_over_and_they_ar
         "nothing decided twice"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_down_for_30_seconds_then_everything_owed_is_refunded_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestDb::postgres().await;
+    let db = halftime_reconciler::db::Db::open(&t.url).await.unwrap();
+    let sport = free_port();
+    let stripe = format!("http://127.0.0.1:{sport}");
+    let _fake = spawn(
+        &["fake-stripe", "--listen", &format!("127.0.0.1:{sport}")],
+        &dir.path().join("stripe.log"),
+    );
+    eventually(20, "the fake Stripe up", || async { stats(&stripe).await }).await;
+    sqlx::query(
+        "INSERT INTO stands (stand, pool_key, placement, created_at) VALUES ('north', 'k', 'device', 0)",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let n = 12;
+    let mut pis = Vec::new();
+    for i in 1..=n {
+        let pi = fake::intent(&stripe, 400).await;
+        let lines = json!([{ "sku": "hotdog", "qty": 1, "unit_price_cents": 400 }]).to_string();
+        sqlx::query(
+            "INSERT INTO sales (stand, sale_id, replica, seq, at_ms, lines, units, total_cents, \
+             method, reference, offline, voided) VALUES ('north', $1, 'r', $2, $2, $3, 1, 400, 'card', $4, 1, 0)",
+        )
+        .bind(format!("t0-{i}"))
+        .bind(i as i64)
+        .bind(lines)
+        .bind(&pi)
+        .execute(db.pool())
+        .await
+        .unwrap();
+        pis.push(pi);
+    }
+    // Stripe answers 500 to everything for 30 s from now.
+    fake::fault(&stripe, Some(json!({ "mode": "error", "for_ms": 30_000 }))).await;
+    let down = std::time::Instant::now();
+    sqlx::query(
+        "INSERT INTO items (stand, sku, name, price_cents, total_in, available, marked_off) \
+         VALUES ('north', 'hotdog', 'Hot dog', 400, 0, $1, 0)",
+    )
+    .bind(-(n as i64))
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let mport = free_port();
+    let _reconciler = spawn(
+        &[
+            "run",
+            "--database",
+            &t.url,
+            "--stripe-url",
+            &stripe,
+            "--stripe-key",
+            "sk_test_halftime",
+            "--listen",
+            &format!("127.0.0.1:{mport}"),
+            "--tick-ms",
+            "100",
+            "--backoff-base-ms",
+            "200",
+            "--backoff-max-ms",
+            "2000",
+            "--max-attempts",
+            "100",
+        ],
+        &dir.path().join("reconciler.log"),
+    );
+    let pool = db.pool().clone();
+    let statuses = || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(
+                "SELECT status, CAST(COUNT(*) AS BIGINT) FROM refund_outbox GROUP BY status",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                (
+                    r.try_get::<String, _>(0).unwrap(),
+                    r.try_get::<i64, _>(1).unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+        }
+    };
+    // While it is down: every unit decided, none refunded, the attempts retried.
+    eventually(20, "every unit decided", || async {
+        (statuses().await == vec![("pending".to_owned(), n as i64)]).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(stats(&stripe).await.unwrap()["refunds"], 0);
+    let m = http()
+        .get(format!("http://127.0.0.1:{mport}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let retries: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("halftime_reconciler_retries_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(retries >= n as u64, "{m}");
+    // Once it is back, everything owed is refunded, each once.
+    eventually(60, "every refund done", || async {
+        (statuses().await == vec![("done".to_owned(), n as i64)]).then_some(())
+    })
+    .await;
+    assert!(
+        down.elapsed() >= Duration::from_secs(30),
+        "not before Stripe was back"
+    );
+    let s = stats(&stripe).await.unwrap();
+    assert_eq!(s["refunds"], n, "{s}");
+    for pi in &pis {
+        assert_eq!(s["by_payment_intent"][pi]["refunds"], 1, "{s}");
+    }
+}
