@@ -173,42 +173,84 @@ fn reconciler(db: &str, stripe: &str, dir: &std::path::Path, id: &str) -> Proc {
     )
 }
 
+/// A relay (a real process) on a fresh Postgres database, serving `stand`, created at the relay
+/// from its admin API.
+struct Venue {
+    relay_bin: std::path::PathBuf,
+    peer_bin: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    db: TestDb,
+    relay: Proc,
+    rport: u16,
+    url: String,
+    admin: String,
+    viewer: String,
+}
+
+impl Venue {
+    async fn open(stand: Value) -> Self {
+        let (relay_bin, peer_bin) = (
+            sibling(BIN, "halftime-relay"),
+            sibling(BIN, "halftime-peer"),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::postgres().await;
+        let token = |role: &str| {
+            run(
+                &relay_bin,
+                &["--database", &db.url, "token", "create", "--role", role],
+            )
+            .trim()
+            .to_owned()
+        };
+        let (admin, viewer) = (token("admin"), token("viewer"));
+        let rport = free_port();
+        let relay = spawn_relay(&relay_bin, &db.url, rport, dir.path().join("relay.log"));
+        let url = format!("http://127.0.0.1:{rport}");
+        eventually(20, "the relay up", || async {
+            get(&format!("{url}/v1/relay"), Some(&viewer)).await
+        })
+        .await;
+        let (code, body) = call(
+            reqwest::Method::POST,
+            &format!("{url}/v1/stands"),
+            &admin,
+            stand,
+        )
+        .await;
+        assert_eq!(code, 201, "{body}");
+        Self {
+            relay_bin,
+            peer_bin,
+            dir,
+            db,
+            relay,
+            rport,
+            url,
+            admin,
+            viewer,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_oversold_units() {
-    let (relay_bin, peer_bin) = (
-        sibling(BIN, "halftime-relay"),
-        sibling(BIN, "halftime-peer"),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let t = TestDb::postgres().await;
-    let token = |role: &str| {
-        run(
-            &relay_bin,
-            &["--database", &t.url, "token", "create", "--role", role],
-        )
-        .trim()
-        .to_owned()
-    };
-    let (admin, viewer) = (token("admin"), token("viewer"));
-    let rport = free_port();
-    let mut relay = spawn_relay(&relay_bin, &t.url, rport, dir.path().join("relay.log"));
-    let url = format!("http://127.0.0.1:{rport}");
-    eventually(20, "the relay up", || async {
-        get(&format!("{url}/v1/relay"), Some(&viewer)).await
-    })
-    .await;
-    let stand = json!({
+    let venue = Venue::open(json!({
         "stand": "east", "event": "game", "venue": "Field", "policy": "optimistic",
         "items": [{"sku": "hotdog", "name": "Hot dog", "price_cents": 400, "stock": 6}],
-    });
-    let (code, body) = call(
-        reqwest::Method::POST,
-        &format!("{url}/v1/stands"),
-        &admin,
-        stand,
-    )
+    }))
     .await;
-    assert_eq!(code, 201, "{body}");
+    let Venue {
+        relay_bin,
+        peer_bin,
+        dir,
+        db: t,
+        mut relay,
+        rport,
+        url,
+        admin,
+        viewer,
+    } = venue;
 
     // Two terminals, on no shared network: they reach each other only through the relay.
     let mut tills = Vec::new();
@@ -357,40 +399,22 @@ async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_over
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reclaimed_terminal_that_kept_selling_hands_its_sales_over_and_they_are_refunded() {
-    let (relay_bin, peer_bin) = (
-        sibling(BIN, "halftime-relay"),
-        sibling(BIN, "halftime-peer"),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let t = TestDb::postgres().await;
-    let token = |role: &str| {
-        run(
-            &relay_bin,
-            &["--database", &t.url, "token", "create", "--role", role],
-        )
-        .trim()
-        .to_owned()
-    };
-    let (admin, viewer) = (token("admin"), token("viewer"));
-    let rport = free_port();
-    let _relay = spawn_relay(&relay_bin, &t.url, rport, dir.path().join("relay.log"));
-    let url = format!("http://127.0.0.1:{rport}");
-    eventually(20, "the relay up", || async {
-        get(&format!("{url}/v1/relay"), Some(&viewer)).await
-    })
-    .await;
-    let stand = json!({
+    let venue = Venue::open(json!({
         "stand": "west", "event": "game", "venue": "Field",
         "items": [{"sku": "hotdog", "name": "Hot dog", "price_cents": 400, "stock": 10}],
-    });
-    let (code, body) = call(
-        reqwest::Method::POST,
-        &format!("{url}/v1/stands"),
-        &admin,
-        stand,
-    )
+    }))
     .await;
-    assert_eq!(code, 201, "{body}");
+    let Venue {
+        relay_bin: _,
+        peer_bin,
+        dir,
+        db: t,
+        relay: _relay,
+        rport,
+        url,
+        admin,
+        viewer,
+    } = venue;
     let (d0, d1) = (dir.path().join("t0"), dir.path().join("t1"));
     enrol_till(&peer_bin, &url, &admin, "west", &d0, "till0").await;
     enrol_till(&peer_bin, &url, &admin, "west", &d1, "till1").await;

@@ -275,25 +275,29 @@ where
     }
 }
 
+/// Wait until `p`'s API answers; on timeout, fail with its log (the folder it was in is gone
+/// once the test has failed).
 pub async fn wait_up(p: &Proc) {
-    let api = p.api.clone();
-    let log = p.log.clone();
-    eventually(
-        20,
-        &format!("{} API up (log: {})", p.name, log.display()),
-        || {
-            let api = api.clone();
-            async move {
-                client()
-                    .get(format!("{api}/v1/status"))
-                    .send()
-                    .await
-                    .ok()
-                    .map(|_| ())
-            }
-        },
-    )
-    .await
+    let start = Instant::now();
+    loop {
+        let up = client()
+            .get(format!("{}/v1/status", p.api))
+            .send()
+            .await
+            .is_ok();
+        if up {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            panic!(
+                "timed out after 20s waiting for {}'s API at {}; its log:\n{}",
+                p.name,
+                p.api,
+                p.log_text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 pub async fn available(api: &str, sku: &str) -> Option<i64> {
