@@ -171,8 +171,7 @@ impl Inner {
     }
 }
 
-/// Run `work` under the current fault and the idempotency rules; `params` are the request's
-/// form fields.
+/// Run `work` on the request's form fields under the current fault and the idempotency rules.
 async fn guarded(
     s: &FakeStripe,
     headers: &HeaderMap,

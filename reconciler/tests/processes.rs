@@ -83,7 +83,13 @@ async fn a_reconciler_killed_between_the_refund_and_its_record_never_refunds_twi
             .await
             .unwrap();
         assert!(r.status().is_success());
-        let mut doomed = reconciler(&t.url, &stripe, dir.path(), &format!("doomed{round}"));
+        let (mut doomed, _) = reconciler(
+            &t.url,
+            &stripe,
+            dir.path(),
+            &format!("doomed{round}"),
+            &["--stripe-timeout-ms", "2000", "--lease-ms", "2500"],
+        );
         let before = round - 1;
         eventually(20, "Stripe refunds the new unit", || {
             let stripe = stripe.clone();
@@ -115,7 +121,13 @@ async fn a_reconciler_killed_between_the_refund_and_its_record_never_refunds_twi
             .send()
             .await
             .unwrap();
-        let _next = reconciler(&t.url, &stripe, dir.path(), &format!("next{round}"));
+        let _next = reconciler(
+            &t.url,
+            &stripe,
+            dir.path(),
+            &format!("next{round}"),
+            &["--stripe-timeout-ms", "2000", "--lease-ms", "2500"],
+        );
         let sale = format!("t0-{round}");
         eventually(30, "the refund recorded as done", || {
             let (pool, sale) = (db.pool().clone(), sale.clone());
@@ -147,30 +159,35 @@ async fn a_reconciler_killed_between_the_refund_and_its_record_never_refunds_twi
     );
 }
 
-fn reconciler(db: &str, stripe: &str, dir: &std::path::Path, id: &str) -> Proc {
-    let listen = format!("127.0.0.1:{}", free_port());
-    spawn(
-        &[
-            "run",
-            "--database",
-            db,
-            "--stripe-url",
-            stripe,
-            "--stripe-key",
-            "sk_test_halftime",
-            "--listen",
-            &listen,
-            "--id",
-            id,
-            "--stripe-timeout-ms",
-            "2000",
-            "--lease-ms",
-            "2500",
-            "--tick-ms",
-            "100",
-        ],
-        &dir.join(format!("{id}.log")),
-    )
+/// `halftime-reconciler run` named `id` on `db` against the fake Stripe at `stripe`, passes
+/// every 100 ms, with `extra` settings; its log is `dir/<id>.log`. Returns it and the port of
+/// its `/metrics`.
+fn reconciler(
+    db: &str,
+    stripe: &str,
+    dir: &std::path::Path,
+    id: &str,
+    extra: &[&str],
+) -> (Proc, u16) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "run",
+        "--database",
+        db,
+        "--stripe-url",
+        stripe,
+        "--stripe-key",
+        "sk_test_halftime",
+        "--listen",
+        &listen,
+        "--id",
+        id,
+        "--tick-ms",
+        "100",
+    ];
+    args.extend_from_slice(extra);
+    (spawn(&args, &dir.join(format!("{id}.log"))), port)
 }
 
 /// A relay (a real process) on a fresh Postgres database, serving `stand`, created at the relay
@@ -319,23 +336,7 @@ async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_over
     );
 
     // The reconciler runs from before the heal.
-    let mport = free_port();
-    let _reconciler = spawn(
-        &[
-            "run",
-            "--database",
-            &t.url,
-            "--stripe-url",
-            &stripe,
-            "--stripe-key",
-            "sk_test_halftime",
-            "--listen",
-            &format!("127.0.0.1:{mport}"),
-            "--tick-ms",
-            "100",
-        ],
-        &dir.path().join("reconciler.log"),
-    );
+    let (_reconciler, _) = reconciler(&t.url, &stripe, dir.path(), "reconciler", &[]);
     // The internet is back: the relay restarts and the tills hand their sales over.
     let _relay = spawn_relay(&relay_bin, &t.url, rport, dir.path().join("relay2.log"));
     let stock_url = format!("{url}/v1/stands/east/stock");
@@ -535,22 +536,7 @@ async fn a_reclaimed_terminal_that_kept_selling_hands_its_sales_over_and_they_ar
         &["fake-stripe", "--listen", &format!("127.0.0.1:{sport}")],
         &dir.path().join("stripe.log"),
     );
-    let _reconciler = spawn(
-        &[
-            "run",
-            "--database",
-            &t.url,
-            "--stripe-url",
-            &stripe,
-            "--stripe-key",
-            "sk_test_halftime",
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--tick-ms",
-            "100",
-        ],
-        &dir.path().join("reconciler.log"),
-    );
+    let (_reconciler, _) = reconciler(&t.url, &stripe, dir.path(), "reconciler", &[]);
     let refunds_url = format!("{url}/v1/stands/west/refunds");
     let refunds = eventually(30, "the oversold units refunded", || {
         let (u, v) = (refunds_url.clone(), viewer.clone());
@@ -642,20 +628,12 @@ async fn stripe_down_for_30_seconds_then_everything_owed_is_refunded_once() {
     .execute(db.pool())
     .await
     .unwrap();
-    let mport = free_port();
-    let _reconciler = spawn(
+    let (_reconciler, mport) = reconciler(
+        &t.url,
+        &stripe,
+        dir.path(),
+        "reconciler",
         &[
-            "run",
-            "--database",
-            &t.url,
-            "--stripe-url",
-            &stripe,
-            "--stripe-key",
-            "sk_test_halftime",
-            "--listen",
-            &format!("127.0.0.1:{mport}"),
-            "--tick-ms",
-            "100",
             "--backoff-base-ms",
             "200",
             "--backoff-max-ms",
@@ -663,7 +641,6 @@ async fn stripe_down_for_30_seconds_then_everything_owed_is_refunded_once() {
             "--max-attempts",
             "100",
         ],
-        &dir.path().join("reconciler.log"),
     );
     let pool = db.pool().clone();
     let statuses = || {
