@@ -508,12 +508,18 @@ async fn a_reclaimed_terminal_that_kept_selling_hands_its_sales_over_and_they_ar
 
     // Till 1 is back online: retired, it may only hand over. Its three sales reach the record.
     t1.kill9();
-    let _t1 = spawn_till(&peer_bin, &d1, a1, &[rport], None, Some(500));
-    eventually(30, "the late sales at the relay", || {
-        let (s, v) = (stock_url.clone(), viewer.clone());
-        async move { (available(s, v).await? == -3).then_some(()) }
-    })
-    .await;
+    let t1 = spawn_till(&peer_bin, &d1, a1, &[rport], None, Some(500));
+    let since = std::time::Instant::now();
+    while available(stock_url.clone(), viewer.clone()).await != Some(-3) {
+        // On failure, say why from both sides.
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "the late sales did not reach the relay in 30 s.\n--- till 1 ---\n{}\n--- relay ---\n{}",
+            t1.log(),
+            std::fs::read_to_string(dir.path().join("relay.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let relay_log = std::fs::read_to_string(dir.path().join("relay.log")).unwrap();
     assert!(
         relay_log.contains("a retired replica connected"),
