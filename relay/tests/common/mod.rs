@@ -155,13 +155,10 @@ impl Drop for Proc {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../../../peer/tests/common/ports.rs"]
+mod ports;
+#[allow(unused_imports)]
+pub use ports::free_port;
 
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
