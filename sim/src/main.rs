@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+mod venue;
+
 /// Deterministic simulation of a Halftime stand: the real ledger code on a virtual clock and a
 /// seeded virtual network with outages, partial partitions, crashes, lost devices and their
 /// replacements, shrink, skewed clocks and rushes. Every run checks the safety
@@ -33,6 +35,10 @@ enum Command {
     Compare(CompareArgs),
     /// Run one seed again; on failure print the steps leading to the failing step.
     Replay(RunArgs),
+    /// Run a whole venue as real processes (relay, reconciler, fake Stripe, a stand's pool,
+    /// terminals and kitchen display) through a seeded rush and an internet cut, and check every
+    /// acknowledged sale against the relay's store.
+    Venue(venue::VenueArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -481,5 +487,6 @@ fn main() -> Result<ExitCode> {
         Command::Replay(a) => cmd_replay(a),
         Command::Sweep(a) => cmd_sweep(a),
         Command::Compare(a) => cmd_compare(a),
+        Command::Venue(a) => venue::cmd_venue(a),
     }
 }

@@ -1,0 +1,180 @@
+//! The venue's processes: finding the programs, one-shot commands, and the long-running
+//! children, every one of which is stopped on every way out (return, error, Ctrl-C, panic).
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a child has to stop after SIGTERM before it is killed.
+pub const STOP_GRACE_MS: u64 = 5_000;
+
+/// The three programs the venue runs, found beside this one.
+#[derive(Debug, Clone)]
+pub struct Programs {
+    pub peer: PathBuf,
+    pub relay: PathBuf,
+    pub reconciler: PathBuf,
+}
+
+impl Programs {
+    pub fn beside_this_one() -> Result<Self> {
+        let me = std::env::current_exe().context("cannot tell where halftime-sim is")?;
+        let dir = me
+            .parent()
+            .context("halftime-sim has no parent folder")?
+            .to_path_buf();
+        let find = |name: &str| -> Result<PathBuf> {
+            let p = dir.join(name);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                bail!(
+                    "{} is missing: the venue runs the real programs built beside halftime-sim. \
+                     Build them with `cargo build --release --locked --workspace --bins` (then run \
+                     target/release/halftime-sim venue) or run ./scripts/venue.sh, which does both",
+                    p.display()
+                )
+            }
+        };
+        Ok(Self {
+            peer: find("halftime-peer")?,
+            relay: find("halftime-relay")?,
+            reconciler: find("halftime-reconciler")?,
+        })
+    }
+}
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Run `bin args` to completion; its standard output, or an error carrying its standard error.
+pub fn run(bin: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} {} failed ({}): {}",
+            bin.display(),
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8(out.stdout).context("a program printed something that is not UTF-8")
+}
+
+/// The last word of `out`'s line that starts with `prefix`.
+pub fn field(out: &str, prefix: &str) -> Result<String> {
+    out.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.split_whitespace().last())
+        .map(str::to_owned)
+        .with_context(|| format!("no `{prefix}` line in: {out}"))
+}
+
+/// A long-running child: its name, and the log its standard error goes to.
+#[derive(Debug)]
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+/// Every child the venue started. Cloned handles share the list; `stop_all` (also run on
+/// drop of the last handle) stops them all.
+#[derive(Debug, Clone, Default)]
+pub struct Children {
+    procs: Arc<Mutex<Vec<Proc>>>,
+}
+
+impl Children {
+    /// Start `bin args` with its standard error in `log`.
+    pub fn spawn(&self, name: &str, bin: &Path, args: &[String], log: &Path) -> Result<u32> {
+        let err = std::fs::File::create(log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        let child = Command::new(bin)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,libp2p=warn,sqlx=warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let pid = child.id();
+        self.lock().push(Proc {
+            name: name.to_owned(),
+            child,
+        });
+        Ok(pid)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Proc>> {
+        // A panic while holding the list must not keep the children running.
+        self.procs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Kill `name` at once (SIGKILL, as a power cut or a dropped link would), and forget it.
+    pub fn kill_now(&self, name: &str) {
+        let mut procs = self.lock();
+        if let Some(i) = procs.iter().position(|p| p.name == name) {
+            let mut p = procs.remove(i);
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
+    /// Names of children that have exited on their own.
+    pub fn exited(&self) -> Vec<String> {
+        self.lock()
+            .iter_mut()
+            .filter_map(|p| matches!(p.child.try_wait(), Ok(Some(_))).then(|| p.name.clone()))
+            .collect()
+    }
+
+    /// SIGTERM to every child, then SIGKILL to those still running after the grace.
+    pub fn stop_all(&self) {
+        let mut procs = std::mem::take(&mut *self.lock());
+        for p in &mut procs {
+            if !matches!(p.child.try_wait(), Ok(None)) {
+                continue;
+            }
+            if let Ok(pid) = i32::try_from(p.child.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_millis(STOP_GRACE_MS);
+        while Instant::now() < deadline
+            && procs
+                .iter_mut()
+                .any(|p| matches!(p.child.try_wait(), Ok(None)))
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for p in &mut procs {
+            if matches!(p.child.try_wait(), Ok(None)) {
+                let _ = p.child.kill();
+            }
+            let _ = p.child.wait();
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.procs) == 1 {
+            self.stop_all();
+        }
+    }
+}
