@@ -587,16 +587,29 @@ async fn admin_scenario(c: &Client, pos: &str, relay: &str, token: &str, db: &st
     .await;
     screenshot(c, "browser-admin.png").await;
 
-    // A cash refund the reconciler decided (written into the relay's store as it does): the
-    // page lists it as owed; the manager marks it paid out, naming who handed the cash back.
+    // A cash sale at the till, then a refund of it the reconciler decided (written into the
+    // relay's store as it does): the page lists it as owed; the manager marks it paid out,
+    // naming who handed the cash back.
+    let sale: serde_json::Value = client()
+        .post(format!("{pos}/v1/sales"))
+        .json(&serde_json::json!({"lines": [{"sku": "hotdog", "qty": 1}],
+            "payment": {"method": "cash", "reference": ""}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sale_id = sale["sale_id"].as_str().unwrap().to_owned();
     {
         use sqlx::Connection as _;
         let mut conn = sqlx::SqliteConnection::connect(db).await.unwrap();
         sqlx::query(
             "INSERT INTO refund_decisions (stand, sale_id, sku, units, amount_cents, method, \
-             reference, available, decided_at) VALUES ('east', 'till0-x', 'hotdog', 1, 400, \
+             reference, available, decided_at) VALUES ('east', $1, 'hotdog', 1, 400, \
              'cash', '', -1, 1)",
         )
+        .bind(&sale_id)
         .execute(&mut conn)
         .await
         .unwrap();
@@ -629,12 +642,21 @@ async fn admin_scenario(c: &Client, pos: &str, relay: &str, token: &str, db: &st
     let paid = format!("{REFUND}.paid_out td.status");
     wait_text(c, &paid, "paid out by Jo", "the refund shown paid out").await;
 
-    // Back on the till: the POS page has risen by itself.
+    // Back on the till: the POS page has risen by itself (less the one sold), and the relay
+    // wrote the refund into the stand, so the till's recent sales show it.
     c.switch_to_window(pos_window).await.unwrap();
     eventually(
         15,
         "the POS page rises after the restock",
-        move || async move { (number(text(c, POS_HOTDOG).await)? == 55).then_some(()) },
+        move || async move { (number(text(c, POS_HOTDOG).await)? == 54).then_some(()) },
+    )
+    .await;
+    let row = format!(r#"#recent li[data-sale="{sale_id}"] .refund"#);
+    wait_text(
+        c,
+        &row,
+        "Refunded: 1 × Hot dog",
+        "the POS page shows the refund on the sale",
     )
     .await;
 }

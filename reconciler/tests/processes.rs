@@ -396,6 +396,35 @@ async fn an_optimistic_stand_that_oversells_offline_is_refunded_exactly_the_over
         stats(&stripe).await.unwrap()["refunds"],
         card_refunds as u64
     );
+
+    // Each refund reaches the stand as a change of its pool: every till shows it on the sale.
+    let mut shown = 0;
+    for (_, api) in &tills {
+        let (api, refunds) = (api.clone(), refunds.clone());
+        let n = eventually(30, "the till shows every refund of its sales", || {
+            let (api, refunds) = (api.clone(), refunds.clone());
+            async move {
+                let mine = get(&format!("{api}/v1/sales"), None).await?;
+                let mine = mine.as_array()?;
+                let all = mine.iter().all(|s| {
+                    let owed: i64 = refunds
+                        .iter()
+                        .filter(|r| r["sale_id"] == s["sale_id"])
+                        .map(|r| r["units"].as_i64().unwrap_or(0))
+                        .sum();
+                    s["refunded"]["hotdog"].as_i64().unwrap_or(0) == owed
+                });
+                let n: i64 = mine
+                    .iter()
+                    .map(|s| s["refunded"]["hotdog"].as_i64().unwrap_or(0))
+                    .sum();
+                all.then_some(n)
+            }
+        })
+        .await;
+        shown += n;
+    }
+    assert_eq!(shown, oversold, "the tills show every refunded unit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

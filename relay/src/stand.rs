@@ -32,6 +32,15 @@ pub const COMMIT_RETRY_MAX_MS: u64 = 5_000;
 pub const STORE_POLL_MS: u64 = 2_000;
 /// Changes fetched per author per look.
 pub const STORE_POLL_LIMIT: u32 = 1_024;
+/// How often the store's refund decisions are looked for, to be written into the stand.
+pub const REFUND_SCAN_MS: u64 = 1_000;
+/// Decisions read per look.
+pub const REFUND_SCAN_LIMIT: u32 = 256;
+/// Every so often the look starts again from the first decision: ids are not committed in
+/// order when several reconcilers decide at once, and writing is idempotent.
+pub const REFUND_RESCAN_MS: u64 = 60_000;
+/// Pause after a refund could not be written (the relay not enrolled, a store fault).
+pub const REFUND_RETRY_MS: u64 = 30_000;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -206,6 +215,17 @@ pub struct StandTask {
     /// Changes held when the latest snapshot was written or loaded.
     snapshot_len: usize,
     loaded: Loaded,
+    refunds: RefundScan,
+}
+
+/// Where writing the store's refund decisions into the stand has got to.
+struct RefundScan {
+    /// Decisions up to this id are written.
+    after: i64,
+    next: Instant,
+    next_rescan: Instant,
+    /// On a device stand, the lease that makes this instance the one that writes them.
+    lease: Option<crate::store::Lease>,
 }
 
 /// How a stand came back from the store when the relay started.
@@ -317,6 +337,12 @@ pub async fn start(
             Loaded::Replay { .. } => 0,
         },
         loaded,
+        refunds: RefundScan {
+            after: 0,
+            next: Instant::now(),
+            next_rescan: Instant::now() + Duration::from_millis(REFUND_RESCAN_MS),
+            lease: None,
+        },
     };
     let live = task.live.clone();
     let (tx, rx) = mpsc::channel(STAND_QUEUE_LEN);
@@ -358,6 +384,10 @@ impl StandTask {
                 self.poll_due = false;
                 self.next_poll = Instant::now() + Duration::from_millis(STORE_POLL_MS);
                 self.poll_store().await;
+            }
+            if Instant::now() >= self.refunds.next {
+                self.refunds.next = Instant::now() + Duration::from_millis(REFUND_SCAN_MS);
+                self.record_refunds().await;
             }
             self.commit().await;
             for (reply, answer) in self.answers.drain(..) {
@@ -595,6 +625,84 @@ impl StandTask {
         }
     }
 
+    /// Write the store's refund decisions into the stand's document, so the terminals' and the
+    /// kitchen's pages show them: as the pool when it is here, else as the relay. One instance
+    /// writes (the pool's lease holder, or the holder of the stand's refund lease), and only
+    /// once the store holds no change of its key that it lacks; a line already recorded is
+    /// skipped, so reading a decision again writes nothing.
+    async fn record_refunds(&mut self) {
+        if Instant::now() >= self.refunds.next_rescan {
+            self.refunds.next_rescan = Instant::now() + Duration::from_millis(REFUND_RESCAN_MS);
+            self.refunds.after = 0;
+        }
+        let retry_later = |s: &mut Self| {
+            s.refunds.next = Instant::now() + Duration::from_millis(REFUND_RETRY_MS);
+        };
+        let rows = match self
+            .store
+            .refund_decisions_after(&self.stand, self.refunds.after, REFUND_SCAN_LIMIT)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(stand = %self.stand, error = %e, "could not read refund decisions");
+                return retry_later(self);
+            }
+        };
+        if rows.is_empty() {
+            return;
+        }
+        if self.placement == Placement::Device && self.refunds.lease.is_none() {
+            match self.store.try_refund_lease(&self.stand).await {
+                Ok(crate::store::Lease::Elsewhere) => return,
+                Ok(l) => self.refunds.lease = Some(l),
+                Err(e) => {
+                    tracing::warn!(stand = %self.stand, error = %e, "could not try the refund lease");
+                    return retry_later(self);
+                }
+            }
+        }
+        let me = self.engine.ledger().me();
+        match self.store.actor_heads(&self.stand).await {
+            Ok(h) if h.get(&me).copied().unwrap_or(0) > self.engine.ledger().local_seq() => {
+                self.poll_due = true;
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(stand = %self.stand, error = %e, "could not read the store's heads");
+                return retry_later(self);
+            }
+        }
+        let now = now_ms();
+        for (id, sale, sku, units) in rows {
+            let parsed = (
+                sale.parse::<halftime_ledger::SaleId>(),
+                Sku::new(sku.clone()),
+                u64::try_from(units),
+            );
+            let (Ok(sale), Ok(sku), Ok(units)) = parsed else {
+                tracing::error!(stand = %self.stand, id, %sale, %sku, units, "a stored refund decision does not parse; skipped");
+                self.refunds.after = id;
+                continue;
+            };
+            if self.engine.ledger().sale(sale).is_none() {
+                break;
+            }
+            let have = self.engine.ledger().refunded_by_me(sale, &sku);
+            if have < units {
+                let r = self.engine.local_op(now, |l, now| {
+                    Ok((l.refund(sale, &sku, units - have, now)?, ()))
+                });
+                if let Err(e) = r {
+                    tracing::warn!(stand = %self.stand, %sale, %sku, error = %e, "could not record a refund in the stand");
+                    return retry_later(self);
+                }
+            }
+            self.refunds.after = id;
+        }
+    }
+
     /// Fetch what other instances stored and this replica lacks, author by author.
     async fn poll_store(&mut self) {
         let heads = match self.store.actor_heads(&self.stand).await {
@@ -672,6 +780,7 @@ impl StandTask {
                 Operation::Mark { sku, .. } => {
                     touched.insert(sku.clone());
                 }
+                Operation::Refund { .. } => {}
                 Operation::Catalog { items } => touched.extend(items.iter().map(|i| i.sku.clone())),
                 Operation::Genesis { .. } | Operation::Enrol { .. } | Operation::Retire { .. } => {}
             }

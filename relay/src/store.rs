@@ -334,12 +334,24 @@ impl Store {
     /// connection of its own for as long as the returned lease lives (and released by Postgres
     /// when this process dies); on a SQLite file there is one instance and the lease is its.
     pub async fn try_lease(&self, stand: &StandId) -> Result<Lease, StoreError> {
+        self.try_lease_named(&format!("halftime pool {stand}")).await
+    }
+
+    /// Take the lease on writing a device stand's refunds into its document as the relay:
+    /// every instance shares the relay's key, and two writers of one key would fork its
+    /// changes.
+    pub async fn try_refund_lease(&self, stand: &StandId) -> Result<Lease, StoreError> {
+        self.try_lease_named(&format!("halftime refunds {stand}"))
+            .await
+    }
+
+    async fn try_lease_named(&self, name: &str) -> Result<Lease, StoreError> {
         if self.backend != Backend::Postgres {
             return Ok(Lease::Single);
         }
         use sqlx::Connection as _;
         let mut c = sqlx::AnyConnection::connect(&self.url).await?;
-        let digest = sha2::Sha256::digest(format!("halftime pool {stand}").as_bytes());
+        let digest = sha2::Sha256::digest(name.as_bytes());
         let mut k = [0u8; 8];
         k.copy_from_slice(&digest[..8]);
         let got: bool = sqlx::query("SELECT pg_try_advisory_lock($1)")
@@ -656,6 +668,27 @@ impl Store {
                     sale_voided: r.try_get::<i64, _>(14)? != 0,
                 })
             })
+            .collect()
+    }
+
+    /// A stand's refund decisions after decision `after`, oldest first: (id, sale, sku, units).
+    pub async fn refund_decisions_after(
+        &self,
+        stand: &StandId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, String, String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, sale_id, sku, units FROM refund_decisions \
+             WHERE stand = $1 AND id > $2 ORDER BY id LIMIT $3",
+        )
+        .bind(stand.as_str())
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
             .collect()
     }
 

@@ -731,3 +731,99 @@ async fn the_openapi_document_names_every_route_and_only_those() {
         .unwrap();
     assert_eq!(served, doc);
 }
+
+/// Changes the relay sends on `ws` within `secs`, applied to `to`, until `done` holds.
+async fn apply_until(ws: &mut Ws, to: &mut Ledger, secs: u64, done: impl Fn(&Ledger) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !done(to) {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => {
+                if let Ok(WireMessage::Changes { changes }) = WireMessage::decode(&b, &north()) {
+                    let r = to.apply_remote(changes, now_ms());
+                    assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("the relay sent nothing that satisfies the test: {other:?}"),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    halftime_relay::stand::now_ms()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_decided_for_a_device_stand_reaches_it_once_as_a_change_of_the_relay() {
+    let db = TestDb::postgres().await;
+    let (store, addr, _app, (_pool, mut till, setup)) = served_stand(&db).await;
+    // A second instance on the same database: the two share the relay's key, one writes.
+    let second = App::open(store.clone(), halftime_relay::stand::SNAPSHOT_EVERY)
+        .await
+        .unwrap();
+    let _p = pool_hands_over(&addr, &store, &setup).await;
+    let mut t = connect(&addr, "north", &key(10)).await.unwrap();
+    let SaleOutcome::Committed { sale_id, change } = till.sell(
+        SaleRequest {
+            lines: vec![SaleLine {
+                sku: sku("soda"),
+                qty: 3,
+                unit_price_cents: 300,
+            }],
+            payment: Payment {
+                method: PaymentMethod::Cash,
+                reference: String::new(),
+            },
+            pool_reachable: true,
+        },
+        now_ms(),
+    ) else {
+        panic!("the till could not sell")
+    };
+    send(&mut t, &WireMessage::Changes { changes: vec![change] }).await;
+    until_stored(&store, setup.len() as u64 + 1).await;
+
+    // The store of record decides to refund 2 of the 3 units.
+    sqlx::query(
+        "INSERT INTO refund_decisions (stand, sale_id, sku, units, amount_cents, method, \
+         reference, available, decided_at) VALUES ('north', $1, 'soda', 2, 600, 'cash', '', -2, 0)",
+    )
+    .bind(sale_id.to_string())
+    .execute(store.pool())
+    .await
+    .unwrap();
+    apply_until(&mut t, &mut till, 15, |l| l.refunded(sale_id, &sku("soda")) == 2).await;
+    assert_eq!(till.available(&sku("soda")), 17, "a refund moves no stock");
+    let relay = store.relay_key().await.unwrap().replica_id();
+    let heads = store.actor_heads(&north()).await.unwrap();
+    assert_eq!(heads.get(&relay), Some(&1), "{heads:?}");
+
+    // Read again by both instances, and by a third started now: nothing more is written.
+    let third = App::open(store.clone(), halftime_relay::stand::SNAPSHOT_EVERY)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(
+        3 * halftime_relay::stand::REFUND_SCAN_MS,
+    ))
+    .await;
+    let heads = store.actor_heads(&north()).await.unwrap();
+    assert_eq!(heads.get(&relay), Some(&1), "{heads:?}");
+    assert_eq!(stored(&store).await, setup.len() as u64 + 2);
+    // Every instance holds that one change and no fork of it.
+    for app in [&_app, &second, &third] {
+        let want = setup.len() + 2;
+        let v = eventually(10, "each instance holds the refund", || async {
+            let v = view_of(app).await;
+            (v.changes == want).then_some(v)
+        })
+        .await;
+        assert_eq!((v.commit_failures, v.changes_rejected), (0, 0), "{v:?}");
+    }
+}
+
+async fn view_of(app: &App) -> halftime_relay::stand::StandView {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let cmd = halftime_relay::stand::StandCmd::View { reply: tx };
+    app.stand(&north()).unwrap().handle.tx.send(cmd).await.unwrap();
+    rx.await.unwrap()
+}

@@ -230,6 +230,13 @@ pub enum Operation {
         /// Units returned per sku (must equal the sale's).
         units: BTreeMap<Sku, u64>,
     },
+    /// The store of record refunded `units` of a sale's line (written by the pool or the
+    /// relay, so every page of the stand can show it). Moves no stock: the units were sold.
+    Refund {
+        sale: SaleId,
+        sku: Sku,
+        units: u64,
+    },
 }
 
 fn check_units(units: &BTreeMap<Sku, u64>, what: &str) -> Result<(), String> {
@@ -279,6 +286,11 @@ impl Operation {
             }
             Operation::Enrol { name, .. } => check_text(name, "name")?,
             Operation::Retire { .. } | Operation::Mark { .. } => {}
+            Operation::Refund { units, .. } => {
+                if *units == 0 || *units > MAX_UNITS {
+                    return Err(format!("refund: quantity must be 1..={MAX_UNITS}"));
+                }
+            }
             Operation::Reclaim { units, gives, .. } => {
                 if units.len() > MAX_CATALOG_ITEMS || gives.len() > MAX_CATALOG_ITEMS {
                     return Err("reclaim names too many items".into());
@@ -358,6 +370,7 @@ impl Operation {
             Operation::Sale(_) => "sale",
             Operation::Void { .. } => "void",
             Operation::Mark { .. } => "mark",
+            Operation::Refund { .. } => "refund",
         }
     }
 }

@@ -42,6 +42,8 @@ pub enum Field {
     OffAt,
     /// The packed time this replica last marked the item available again.
     OnAt,
+    /// Not stock: units of the item this replica has recorded as refunded.
+    Refunded,
 }
 
 impl Field {
@@ -54,6 +56,7 @@ impl Field {
             Field::Reclaim(from) => format!("reclaim>{from}"),
             Field::OffAt => "off_at".to_owned(),
             Field::OnAt => "on_at".to_owned(),
+            Field::Refunded => "refunded".to_owned(),
         }
     }
     /// Whether the field holds a time (an availability mark) rather than a number of units.
@@ -67,6 +70,7 @@ impl Field {
             "out" => Some(Field::Out),
             "off_at" => Some(Field::OffAt),
             "on_at" => Some(Field::OnAt),
+            "refunded" => Some(Field::Refunded),
             _ => match k.strip_prefix("give>") {
                 Some(r) => r.parse().ok().map(Field::Give),
                 None => k.strip_prefix("reclaim>")?.parse().ok().map(Field::Reclaim),
@@ -186,6 +190,8 @@ pub struct State {
     pub recent: BTreeMap<ReplicaId, VecDeque<(Hlc, u64)>>,
     /// Per sku, the latest "unavailable" and "available again" marks of any replica.
     pub marks: BTreeMap<Sku, Marks>,
+    /// Units refunded per (sale, sku, writer of the refund).
+    pub refunds: BTreeMap<(SaleId, Sku, ReplicaId), u64>,
 }
 
 /// The newest availability marks of an item across the stand: the later one wins, and a tie
@@ -267,7 +273,26 @@ impl State {
                 let m = self.marks.entry(sku.clone()).or_default();
                 m.on_at = m.on_at.max(new);
             }
+            Field::Refunded => {}
         }
+    }
+
+    /// Units of `sale`'s `sku` refunded, as the most any one writer recorded, never more
+    /// than the sale sold (a writer is trusted to record, not to mint refunds).
+    pub fn refunded(&self, sale: SaleId, sku: &Sku) -> u64 {
+        let sold = self
+            .sale_index
+            .get(&sale)
+            .and_then(|&i| self.sales.get(i))
+            .and_then(|e| e.record.units().get(sku).copied())
+            .unwrap_or(0);
+        self.refunds
+            .iter()
+            .filter(|((s, k, _), _)| *s == sale && k == sku)
+            .map(|(_, n)| *n)
+            .max()
+            .unwrap_or(0)
+            .min(sold)
     }
 
     /// Whether the pool has reclaimed `r`.

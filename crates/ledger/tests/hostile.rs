@@ -522,7 +522,7 @@ fn misbehaviour_is_counted_per_key() {
 }
 
 #[test]
-fn a_relay_writes_nothing_is_given_nothing_and_admits_only_members() {
+fn a_relay_writes_only_refunds_is_given_nothing_and_admits_only_members() {
     let mut st = stand(Policy::Strict, 1, 100, 10);
     let t0 = 2_000;
     let mut history = st.setup.clone();
@@ -558,7 +558,7 @@ fn a_relay_writes_nothing_is_given_nothing_and_admits_only_members() {
     let forged = reforge(&mark, &key(50), |ex| ex.actor_id = key(50).public().actor());
     let r = st.pool.apply_remote(vec![forged], 3_000);
     assert_eq!(rules(&r), vec!["invalid_operation"], "{:?}", r.rejected);
-    assert!(r.rejected[0].to_string().contains("a relay writes nothing"));
+    assert!(r.rejected[0].to_string().contains("a relay writes only refunds"));
 
     // Who may connect: the pool and enrolled, unretired replicas, by the same rule everywhere.
     assert_eq!(relay.admits(&key(1).public()), Ok(key(1).replica_id()));
@@ -590,4 +590,69 @@ fn a_relay_writes_nothing_is_given_nothing_and_admits_only_members() {
             .is_err(),
         "a pin does not outlive the pool's word"
     );
+}
+
+#[test]
+fn forged_refunds_are_rejected_by_their_rule() {
+    let hd = sku("hotdog");
+    let mut st = stand(Policy::Strict, 1, 100, 10);
+    let t0 = 2_000;
+    let mut history = st.setup.clone();
+    for (n, name, role) in [(40, "kitchen", Role::Kitchen), (50, "relay", Role::Relay)] {
+        history.push(st.pool.enrol(key(n).public(), name, role, t0).unwrap());
+    }
+    let north = StandId::new("north").unwrap();
+    let mut relay = Ledger::join(key(50), north.clone(), key(1).public());
+    relay.apply_remote(history.clone(), t0);
+    st.terminals[0].apply_remote(history.clone(), t0);
+    let sale = sell(&mut st.terminals[0], "hotdog", 2, t0);
+    relay.apply_remote(vec![sale.clone()], t0);
+    st.pool.apply_remote(vec![sale], t0);
+    let sale_id = relay.sales()[0].record.id;
+    let note = relay.refund(sale_id, &hd, 1, 3_000).unwrap();
+
+    // The kitchen's key on a refund: the role rule, before anything else is read.
+    let by_kitchen = reforge(&note, &key(40), |ex| ex.actor_id = key(40).public().actor());
+    let r = st.pool.apply_remote(vec![by_kitchen], 3_000);
+    assert_eq!(rules(&r), vec!["invalid_operation"], "{:?}", r.rejected);
+    assert!(r.rejected[0].to_string().contains("does not record refunds"));
+
+    // The counter moves more than the message says.
+    let inflated = reforge(&note, &key(50), |ex| {
+        for op in &mut ex.operations {
+            if let (Key::Map(k), OpType::Put(ScalarValue::Uint(v))) = (&op.key, &mut op.action) {
+                if k == "refunded" {
+                    *v += 1;
+                }
+            }
+        }
+    });
+    let r = st.pool.apply_remote(vec![inflated], 3_000);
+    assert_eq!(rules(&r), vec!["message_mismatch"], "{:?}", r.rejected);
+
+    // A quantity out of bounds in the message, the counter matching it.
+    let huge = reforge(&note, &key(50), |ex| {
+        let mut m = message(&note);
+        if let Operation::Refund { units, .. } = &mut m.op {
+            *units = u64::MAX;
+        }
+        set_message(ex, &m);
+    });
+    let r = st.pool.apply_remote(vec![huge], 3_000);
+    assert_eq!(rules(&r), vec!["invalid_operation"], "{:?}", r.rejected);
+
+    // A refund of a sale nobody made is kept as written but shows nothing: whether a replica
+    // knows a sale must not decide whether it accepts the change.
+    let ghost = reforge(&note, &key(50), |ex| {
+        let mut m = message(&note);
+        if let Operation::Refund { sale, .. } = &mut m.op {
+            sale.seq = 77;
+        }
+        set_message(ex, &m);
+    });
+    let r = st.pool.apply_remote(vec![ghost], 3_000);
+    assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+    assert!(st.pool.refunds().is_empty());
+    assert_eq!(st.pool.refunded(sale_id, &hd), 0);
+    still_healthy(&mut st, 4_000);
 }

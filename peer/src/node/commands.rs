@@ -193,6 +193,7 @@ impl Node {
             total_cents: e.record.total_cents(),
             sale: e.record.clone(),
             voided: e.voided,
+            refunded: self.engine.ledger().refunded_lines(id),
             waited_ms: 0,
         })
     }

@@ -35,6 +35,7 @@ impl Node {
                 Operation::Mark { sku, .. } => {
                     skus.insert(sku.clone());
                 }
+                Operation::Refund { sale, sku, .. } => self.note_refund(*sale, sku),
                 Operation::Genesis { .. }
                 | Operation::Catalog { .. }
                 | Operation::Enrol { .. }
@@ -50,6 +51,32 @@ impl Node {
             let rows = self.stock_rows(Some(&skus));
             let _ = self.live.send(LiveEvent::Stock { rows });
         }
+    }
+
+    /// Show a refund: on the order it belongs to, and as a notice for every page.
+    fn note_refund(&mut self, sale: SaleId, sku: &Sku) {
+        let l = self.engine.ledger();
+        let units = l.refunded(sale, sku);
+        if units == 0 {
+            return;
+        }
+        let name = l
+            .catalog()
+            .get(sku)
+            .map_or_else(|| sku.to_string(), |c| c.name.clone());
+        let lines = l.refunded_lines(sale);
+        let (order_no, _) = self.order_no(sale);
+        if let Some(o) = self.orders.iter_mut().find(|o| o.sale_id == sale) {
+            o.refunded = lines;
+            let _ = self.live.send(LiveEvent::Order { order: o.clone() });
+        }
+        let _ = self.live.send(LiveEvent::Refund {
+            sale_id: sale,
+            order_no,
+            sku: sku.clone(),
+            name,
+            units,
+        });
     }
 
     pub(super) fn note_order(
@@ -83,6 +110,7 @@ impl Node {
             received_ms: now,
             done: false,
             voided: false,
+            refunded: self.engine.ledger().refunded_lines(rec.id),
         };
         if self.orders.len() >= KITCHEN_QUEUE_LEN {
             self.orders.pop_front();

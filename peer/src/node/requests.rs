@@ -3,6 +3,7 @@
 use halftime_engine::SaleRefusal;
 use halftime_ledger::{Policy, Refusal, ReplicaId, Role, SaleId, Sku, StockStatus};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use tokio::sync::oneshot;
 
 /// A request from the API to the node.
@@ -83,6 +84,8 @@ pub struct SaleView {
     pub sale: halftime_ledger::SaleRecord,
     pub total_cents: u64,
     pub voided: bool,
+    /// Units refunded per sku by the store of record.
+    pub refunded: BTreeMap<Sku, u64>,
     /// How long the sale waited for rights from other replicas before it committed (0: it
     /// committed at once).
     pub waited_ms: u64,
@@ -214,6 +217,8 @@ pub struct OrderView {
     pub done: bool,
     /// Voided by the seller.
     pub voided: bool,
+    /// Units refunded per sku by the store of record (the customer has their money back).
+    pub refunded: BTreeMap<Sku, u64>,
 }
 
 /// One line of a kitchen ticket.
@@ -235,5 +240,13 @@ pub enum LiveEvent {
     Peers {
         peers: Vec<ReplicaId>,
         pool_reachable: bool,
+    },
+    /// The store of record refunded units of a sale: `units` of `sku` in all so far.
+    Refund {
+        sale_id: SaleId,
+        order_no: String,
+        sku: Sku,
+        name: String,
+        units: u64,
     },
 }

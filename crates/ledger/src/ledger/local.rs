@@ -146,6 +146,44 @@ impl Ledger {
         self.commit_local_stock(Operation::Void { sale, units }, now_ms, writes)
     }
 
+    /// Record that the store of record refunded `units` of `sale`'s `sku` line (pool or
+    /// relay). Refused beyond what the line sold less what this writer has recorded.
+    pub fn refund(
+        &mut self,
+        sale: SaleId,
+        sku: &Sku,
+        units: u64,
+        now_ms: u64,
+    ) -> Result<SignedChange, OpError> {
+        self.require_role(&[Role::Pool, Role::Relay])?;
+        let entry = self.sale(sale).ok_or(Refusal::UnknownSale { sale })?;
+        let sold = entry.record.units().get(sku).copied().unwrap_or(0);
+        let mine = self
+            .state
+            .refunds
+            .get(&(sale, sku.clone(), self.me))
+            .copied()
+            .unwrap_or(0);
+        if units == 0 || mine.saturating_add(units) > sold {
+            return Err(Refusal::Invalid {
+                why: format!(
+                    "refund of {units} {sku} on sale {sale}: it sold {sold}, {mine} already refunded"
+                ),
+            }
+            .into());
+        }
+        let writes = self.bump(&BTreeMap::from([(sku.clone(), units)]), Field::Refunded);
+        self.commit_local_stock(
+            Operation::Refund {
+                sale,
+                sku: sku.clone(),
+                units,
+            },
+            now_ms,
+            writes,
+        )
+    }
+
     /// Units arrive at the pool.
     pub fn restock(
         &mut self,

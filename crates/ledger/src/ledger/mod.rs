@@ -627,6 +627,54 @@ impl Ledger {
     pub fn sales(&self) -> &[SaleEntry] {
         &self.state.sales
     }
+    /// Refunds recorded at the stand: units per (sale, sku), as [`State::refunded`] counts them.
+    pub fn refunds(&self) -> BTreeMap<(SaleId, Sku), u64> {
+        let lines: BTreeSet<(SaleId, Sku)> = self
+            .state
+            .refunds
+            .keys()
+            .map(|(s, k, _)| (*s, k.clone()))
+            .collect();
+        lines
+            .into_iter()
+            .map(|(s, k)| {
+                let n = self.state.refunded(s, &k);
+                ((s, k), n)
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// Units of `sale`'s `sku` line refunded (see [`State::refunded`]).
+    pub fn refunded(&self, sale: SaleId, sku: &Sku) -> u64 {
+        self.state.refunded(sale, sku)
+    }
+
+    /// Refunded units per sku of `sale`'s lines (only those with any).
+    pub fn refunded_lines(&self, sale: SaleId) -> BTreeMap<Sku, u64> {
+        let Some(e) = self.sale(sale) else {
+            return BTreeMap::new();
+        };
+        e.record
+            .units()
+            .into_keys()
+            .map(|k| {
+                let n = self.state.refunded(sale, &k);
+                (k, n)
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// Units of `sale`'s `sku` line this replica has recorded as refunded itself.
+    pub fn refunded_by_me(&self, sale: SaleId, sku: &Sku) -> u64 {
+        self.state
+            .refunds
+            .get(&(sale, sku.clone(), self.me))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// The sale with this id, if this replica has received it.
     pub fn sale(&self, id: SaleId) -> Option<&SaleEntry> {
         self.state

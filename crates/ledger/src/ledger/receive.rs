@@ -642,6 +642,10 @@ impl Ledger {
                     }
                 }
             }
+            Operation::Refund { sale, sku, units } => {
+                let n = st.refunds.entry((*sale, sku.clone(), actor)).or_insert(0);
+                *n = n.saturating_add(*units);
+            }
             Operation::Restock { .. }
             | Operation::Adjust { .. }
             | Operation::Give { .. }

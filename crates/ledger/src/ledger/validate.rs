@@ -149,6 +149,17 @@ impl Ledger {
             Operation::Mark { sku, .. } if !self.state.catalog.contains_key(sku) => {
                 return Err(invalid(format!("unknown sku {sku}")));
             }
+            // The sale need not be known here: whether it is depends on arrival order, and
+            // every replica must reach the same verdict. Pages show at most what was sold.
+            Operation::Refund { .. } if !matches!(role, Role::Pool | Role::Relay) => {
+                return Err(invalid(format!(
+                    "a {} does not record refunds",
+                    role.as_str()
+                )));
+            }
+            Operation::Refund { sku, .. } if !self.state.catalog.contains_key(sku) => {
+                return Err(invalid(format!("unknown sku {sku}")));
+            }
             _ => {}
         }
         if role == Role::Kitchen && !matches!(msg.op, Operation::Mark { .. }) {
@@ -156,8 +167,8 @@ impl Ledger {
                 "a kitchen display only marks items unavailable".into(),
             ));
         }
-        if role == Role::Relay {
-            return Err(invalid("a relay writes nothing".into()));
+        if role == Role::Relay && !matches!(msg.op, Operation::Refund { .. }) {
+            return Err(invalid("a relay writes only refunds".into()));
         }
 
         let mut fx = Effects::default();
@@ -497,6 +508,9 @@ impl Ledger {
             }
             Operation::Reclaim { replica, units, .. } => keyed(units, Field::Reclaim(*replica)),
             Operation::Adjust { units, .. } => keyed(units, Field::Out),
+            Operation::Refund { sku, units, .. } => {
+                BTreeMap::from([((sku.clone(), Field::Refunded), *units)])
+            }
             Operation::Give { to, units } => keyed(units, Field::Give(*to)),
             Operation::Mark { sku, available } => {
                 let field = if *available {
