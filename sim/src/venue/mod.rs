@@ -8,17 +8,22 @@
 //! started as processes and spoken to over HTTP only, so the run exercises the same wire a
 //! real venue does.
 //!
-//! The internet cut on loopback: the stand's devices share one machine with the relay, so the
-//! relay is killed (SIGKILL, as a cut line looks to the stand) and restarted on the same port
-//! and the same database when the internet comes back. The stand keeps selling over its mesh
-//! meanwhile, its pool included.
+//! Two ways to lay out the network, said in the output:
+//! - namespaces (as root): every device in a network namespace of its own on one bridge,
+//!   finding the others by mDNS, and the relay in one more namespace on the same bridge; the
+//!   internet cut takes the relay's bridge port down, and the heal brings it back up.
+//! - loopback (otherwise): every device on 127.0.0.1 with static peers (libp2p's mDNS ignores
+//!   loopback); the cut kills the relay (SIGKILL, as a cut line looks to the stand) and the
+//!   heal restarts it on the same port and database.
+//!
+//! Either way the stand keeps selling over its mesh meanwhile, its pool included.
 
 mod procs;
 mod rush;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use procs::{Children, Programs, field, free_port};
+use procs::{Children, Lan, Programs, field, free_port};
 use rush::{Acked, CATALOG, Pace, Phase, Seller, SharedPhase, SharedTally, lock};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -57,6 +62,16 @@ impl VenuePolicy {
     }
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum NetworkChoice {
+    /// Namespaces when run as root, loopback otherwise.
+    Auto,
+    /// Network namespaces on a bridge, mDNS (needs root and iproute2).
+    Namespaces,
+    /// 127.0.0.1 with static peers.
+    Loopback,
+}
+
 #[derive(Args, Debug)]
 pub struct VenueArgs {
     /// Seed of the rush: which items each customer buys, how, and when.
@@ -74,6 +89,9 @@ pub struct VenueArgs {
     /// The stand's selling policy.
     #[arg(long, value_enum, default_value_t = VenuePolicy::Strict)]
     policy: VenuePolicy,
+    /// How the stand's network is laid out.
+    #[arg(long, value_enum, default_value_t = NetworkChoice::Auto)]
+    network: NetworkChoice,
     /// Leave the venue running after the report, until Ctrl-C.
     #[arg(long)]
     keep: bool,
@@ -151,6 +169,20 @@ pub fn cmd_venue(a: &VenueArgs) -> Result<ExitCode> {
     a.check()?;
     let programs = Programs::beside_this_one()?;
     let mut work = Workdir::new(a.dir.as_deref())?;
+    // Pool, terminals, kitchen display.
+    let devices = a.terminals + 2;
+    let lan = match a.network {
+        NetworkChoice::Loopback => None,
+        NetworkChoice::Namespaces => Some(Arc::new(Lan::new(devices)?)),
+        NetworkChoice::Auto if procs::can_make_namespaces() => match Lan::new(devices) {
+            Ok(l) => Some(Arc::new(l)),
+            Err(e) => {
+                eprintln!("network namespaces could not be made ({e:#}); using loopback");
+                None
+            }
+        },
+        NetworkChoice::Auto => None,
+    };
     let children = Children::default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -165,7 +197,7 @@ pub fn cmd_venue(a: &VenueArgs) -> Result<ExitCode> {
             biased;
             _ = int.recv() => Ok(Outcome::Stopped),
             _ = term.recv() => Ok(Outcome::Stopped),
-            r = venue(a, &programs, &work.path, children.clone()) => r,
+            r = venue(a, &programs, &work.path, children.clone(), lan.clone()) => r,
         }
     });
     // The runtime goes first so no task holds a child or the folder.
@@ -207,11 +239,13 @@ enum Outcome {
     Stopped,
 }
 
-/// A device of the stand: its name, role, data folder and ports.
+/// A device of the stand: its name, data folder, address, namespace and ports.
 #[derive(Debug, Clone)]
 struct Device {
     name: String,
     data: PathBuf,
+    host: String,
+    ns: Option<String>,
     mesh: u16,
     api: u16,
     key: String,
@@ -219,9 +253,13 @@ struct Device {
 
 impl Device {
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.api)
+        format!("http://{}:{}", self.host, self.api)
     }
 }
+
+/// The namespaces' fixed ports (each device has an address of its own there).
+const NS_API_PORT: u16 = 8080;
+const NS_RELAY_PORT: u16 = 8090;
 
 async fn run_cmd(bin: &Path, args: Vec<String>) -> Result<String> {
     let bin = bin.to_path_buf();
@@ -236,11 +274,36 @@ fn s(x: &str) -> String {
     x.to_owned()
 }
 
+/// Start `bin args`, inside network namespace `ns` when given.
+fn spawn_in(
+    children: &Children,
+    name: &str,
+    ns: Option<&str>,
+    bin: &Path,
+    args: Vec<String>,
+    log: &Path,
+) -> Result<()> {
+    match ns {
+        Some(ns) => {
+            let mut a = vec![s("netns"), s("exec"), s(ns), bin.display().to_string()];
+            a.extend(args);
+            children.spawn(name, Path::new("ip"), &a, log)?;
+        }
+        None => {
+            children.spawn(name, bin, &args, log)?;
+        }
+    }
+    Ok(())
+}
+
 struct Venue {
     programs: Programs,
     children: Children,
     dir: PathBuf,
     db: String,
+    lan: Option<Arc<Lan>>,
+    relay_host: String,
+    relay_ns: Option<String>,
     relay_port: u16,
     stripe_port: u16,
     viewer: String,
@@ -254,7 +317,35 @@ struct Venue {
 
 impl Venue {
     fn relay_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.relay_port)
+        format!("http://{}:{}", self.relay_host, self.relay_port)
+    }
+    fn mode(&self) -> String {
+        match &self.lan {
+            Some(l) => format!(
+                "namespaces — {}; devices find each other by mDNS; the internet cut takes the relay's bridge port down",
+                l.describe()
+            ),
+            None => s(
+                "loopback — every device on 127.0.0.1 with static peers (no mDNS); the internet cut kills the relay and restarts it",
+            ),
+        }
+    }
+
+    /// The internet goes.
+    fn cut(&self) -> Result<()> {
+        match &self.lan {
+            Some(l) => l.cut(),
+            None => {
+                self.children.kill_now("relay");
+                Ok(())
+            }
+        }
+    }
+    fn heal(&self) -> Result<()> {
+        match &self.lan {
+            Some(l) => l.heal(),
+            None => self.spawn_relay("logs/relay-after-the-cut.log"),
+        }
     }
     fn stripe_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.stripe_port)
@@ -272,11 +363,16 @@ impl Venue {
             self.db.clone(),
             s("serve"),
             s("--listen"),
-            format!("127.0.0.1:{}", self.relay_port),
+            format!("{}:{}", self.relay_host, self.relay_port),
         ];
-        self.children
-            .spawn("relay", &self.programs.relay, &args, &self.dir.join(log))?;
-        Ok(())
+        spawn_in(
+            &self.children,
+            "relay",
+            self.relay_ns.as_deref(),
+            &self.programs.relay,
+            args,
+            &self.dir.join(log),
+        )
     }
 
     async fn get(&self, url: &str, token: Option<&str>) -> Option<Value> {
@@ -334,6 +430,7 @@ async fn set_up(
     programs: &Programs,
     dir: &Path,
     children: Children,
+    lan: Option<Arc<Lan>>,
 ) -> Result<Venue> {
     let db = format!("sqlite:{}", dir.join("relay.db").display());
     let relay = &programs.relay;
@@ -359,20 +456,26 @@ async fn set_up(
     let admin = token("admin").await?.trim().to_owned();
     let viewer = token("viewer").await?.trim().to_owned();
 
-    let device = |name: String| -> Result<Device> {
+    let device = |i: usize, name: String| -> Result<Device> {
+        let (host, ns, mesh, api) = match &lan {
+            Some(l) => (l.addr(i), Some(l.ns(i)), 0, NS_API_PORT),
+            None => (s("127.0.0.1"), None, free_port()?, free_port()?),
+        };
         Ok(Device {
             data: dir.join(&name),
             name,
-            mesh: free_port()?,
-            api: free_port()?,
+            host,
+            ns,
+            mesh,
+            api,
             key: String::new(),
         })
     };
-    let mut pool = device(s("pool"))?;
+    let mut pool = device(0, s("pool"))?;
     let mut tills = (1..=a.terminals)
-        .map(|i| device(format!("till{i}")))
+        .map(|i| device(i, format!("till{i}")))
         .collect::<Result<Vec<_>>>()?;
-    let mut kitchen = device(s("kitchen"))?;
+    let mut kitchen = device(a.terminals + 1, s("kitchen"))?;
     for d in std::iter::once(&mut pool)
         .chain(tills.iter_mut())
         .chain(std::iter::once(&mut kitchen))
@@ -472,7 +575,16 @@ async fn set_up(
         children,
         dir: dir.to_path_buf(),
         db,
-        relay_port: free_port()?,
+        relay_host: lan
+            .as_ref()
+            .map_or_else(|| s("127.0.0.1"), |l| l.addr(l.relay_index())),
+        relay_ns: lan.as_ref().map(|l| l.ns(l.relay_index())),
+        relay_port: if lan.is_some() {
+            NS_RELAY_PORT
+        } else {
+            free_port()?
+        },
+        lan,
         stripe_port: free_port()?,
         viewer,
         admin,
@@ -520,23 +632,29 @@ async fn set_up(
             s("run"),
             s("--data"),
             d.data.display().to_string(),
-            s("--no-mdns"),
-            s("--listen"),
-            format!("/ip4/127.0.0.1/tcp/{}", d.mesh),
             s("--api"),
-            format!("127.0.0.1:{}", d.api),
+            format!("{}:{}", d.host, d.api),
             s("--relay"),
-            format!("ws://127.0.0.1:{}", v.relay_port),
+            format!("ws://{}:{}", v.relay_host, v.relay_port),
             s("--relay-key"),
             relay_key.clone(),
         ];
-        for o in all.iter().filter(|o| o.name != d.name) {
-            args.extend([s("--peer"), format!("/ip4/127.0.0.1/tcp/{}", o.mesh)]);
+        if v.lan.is_none() {
+            args.extend([
+                s("--no-mdns"),
+                s("--listen"),
+                format!("/ip4/127.0.0.1/tcp/{}", d.mesh),
+            ]);
+            for o in all.iter().filter(|o| o.name != d.name) {
+                args.extend([s("--peer"), format!("/ip4/127.0.0.1/tcp/{}", o.mesh)]);
+            }
         }
-        v.children.spawn(
+        spawn_in(
+            &v.children,
             &d.name,
+            d.ns.as_deref(),
             &programs.peer,
-            &args,
+            args,
             &logs.join(format!("{}.log", d.name)),
         )?;
     }
@@ -715,9 +833,7 @@ fn print_urls(v: &Venue) {
         "venue up: stand {STAND}, {} terminals, a kitchen display, the pool, the relay, the reconciler and a fake Stripe",
         v.tills.len()
     );
-    println!(
-        "  mode: loopback — every device on 127.0.0.1 with static peers (no mDNS); the internet cut kills the relay and restarts it"
-    );
+    println!("  mode: {}", v.mode());
     println!("  data and logs: {}", v.dir.display());
     for t in &v.tills {
         println!("  POS page     {}: {}/", t.name, t.url());
@@ -737,6 +853,7 @@ async fn venue(
     programs: &Programs,
     dir: &Path,
     children: Children,
+    lan: Option<Arc<Lan>>,
 ) -> Result<Outcome> {
     let started = Instant::now();
     println!(
@@ -746,7 +863,7 @@ async fn venue(
         a.policy.name(),
         a.seed
     );
-    let v = set_up(a, programs, dir, children).await?;
+    let v = set_up(a, programs, dir, children, lan).await?;
     wait_ready(&v).await?;
     print_urls(&v);
     println!("  up in {:.1} s", started.elapsed().as_secs_f64());
@@ -794,10 +911,10 @@ async fn venue(
     let cut_at = start + Duration::from_millis((rush_ms - a.outage_secs * 1000) / 2);
     let heal_at = cut_at + Duration::from_secs(a.outage_secs);
     tokio::time::sleep_until(cut_at.into()).await;
-    v.children.kill_now("relay");
+    v.cut()?;
     phase.set(Phase::InternetDown);
     tokio::time::sleep_until(heal_at.into()).await;
-    v.spawn_relay("logs/relay-after-the-cut.log")?;
+    v.heal()?;
     let healed = Instant::now();
     phase.set(Phase::Healed);
     while sellers.join_next().await.is_some() {}
@@ -946,7 +1063,7 @@ impl Report {
         let t = lock(tally);
         let seen = seen_lock(seen);
         l.push(format!(
-            "policy {}, seed {}, {} terminals, rush {} s with the internet down from {} s to {} s; mode: loopback (static peers; the cut killed the relay, the heal restarted it)",
+            "policy {}, seed {}, {} terminals, rush {} s with the internet down from {} s to {} s",
             a.policy.name(),
             a.seed,
             a.terminals,
@@ -954,6 +1071,7 @@ impl Report {
             ms(start, cut_at) / 1000,
             ms(start, heal_at) / 1000,
         ));
+        l.push(format!("mode: {}", v.mode()));
         let down: Vec<&Acked> = t
             .acked
             .values()

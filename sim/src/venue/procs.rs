@@ -178,3 +178,160 @@ impl Drop for Children {
         }
     }
 }
+
+/// `ip ARGS`, or an error with what it said.
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("iproute2's `ip` is needed for network namespaces")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A stand LAN of network namespaces: one per device and one for the relay (the internet),
+/// each with a veth port on one bridge (in a namespace of its own), and one more port from
+/// this host so the run, and a person's browser, reach the pages and the admin API. Cutting
+/// the internet takes the relay's port down; the stand's own ports stay up. Removed on drop.
+#[derive(Debug)]
+pub struct Lan {
+    tag: String,
+    subnet: String,
+    nodes: usize,
+}
+
+impl Lan {
+    /// `devices` namespaces for the stand plus one for the relay.
+    pub fn new(devices: usize) -> Result<Self> {
+        let pid = std::process::id() % 100_000;
+        let lan = Self {
+            tag: format!("hv{pid}"),
+            subnet: format!("10.214.{}", pid % 250),
+            nodes: devices + 1,
+        };
+        lan.remove();
+        if let Err(e) = lan.build() {
+            lan.remove();
+            return Err(e);
+        }
+        Ok(lan)
+    }
+
+    fn build(&self) -> Result<()> {
+        let br = self.bridge_ns();
+        ip(&["netns", "add", &br])?;
+        ip(&[
+            "-n",
+            &br,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        ip(&["-n", &br, "link", "set", "br0", "up"])?;
+        for i in 0..self.nodes {
+            let ns = self.ns(i);
+            let (inner, port) = (format!("{}n{i}", self.tag), self.port(i));
+            ip(&["netns", "add", &ns])?;
+            ip(&["link", "add", &inner, "type", "veth", "peer", "name", &port])?;
+            ip(&["link", "set", &inner, "netns", &ns])?;
+            ip(&["link", "set", &port, "netns", &br])?;
+            ip(&["-n", &br, "link", "set", &port, "master", "br0"])?;
+            ip(&["-n", &br, "link", "set", &port, "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", self.addr(i)),
+                "dev",
+                &inner,
+            ])?;
+            ip(&["-n", &ns, "link", "set", &inner, "up"])?;
+        }
+        let (host, port) = (format!("{}h", self.tag), format!("{}ph", self.tag));
+        ip(&["link", "add", &host, "type", "veth", "peer", "name", &port])?;
+        ip(&["link", "set", &port, "netns", &br])?;
+        ip(&["-n", &br, "link", "set", &port, "master", "br0"])?;
+        ip(&["-n", &br, "link", "set", &port, "up"])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}.1/24", self.subnet),
+            "dev",
+            &host,
+        ])?;
+        ip(&["link", "set", &host, "up"])?;
+        Ok(())
+    }
+
+    fn bridge_ns(&self) -> String {
+        format!("{}b", self.tag)
+    }
+    fn port(&self, i: usize) -> String {
+        format!("{}p{i}", self.tag)
+    }
+    /// Namespace of device `i` (the relay's is the last).
+    pub fn ns(&self, i: usize) -> String {
+        format!("{}d{i}", self.tag)
+    }
+    pub fn addr(&self, i: usize) -> String {
+        format!("{}.{}", self.subnet, i + 2)
+    }
+    pub fn relay_index(&self) -> usize {
+        self.nodes - 1
+    }
+    pub fn describe(&self) -> String {
+        format!(
+            "network namespaces {}* on a bridge, {}.0/24, this host at {}.1",
+            self.tag, self.subnet, self.subnet
+        )
+    }
+
+    /// The internet goes: the relay's port on the bridge is taken down.
+    pub fn cut(&self) -> Result<()> {
+        let port = self.port(self.relay_index());
+        ip(&["-n", &self.bridge_ns(), "link", "set", &port, "down"])
+    }
+    pub fn heal(&self) -> Result<()> {
+        let port = self.port(self.relay_index());
+        ip(&["-n", &self.bridge_ns(), "link", "set", &port, "up"])
+    }
+
+    fn remove(&self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("{}h", self.tag)])
+            .output();
+        for ns in (0..self.nodes)
+            .map(|i| self.ns(i))
+            .chain([self.bridge_ns()])
+        {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Whether this process may make network namespaces.
+pub fn can_make_namespaces() -> bool {
+    nix::unistd::geteuid().is_root()
+        && Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
