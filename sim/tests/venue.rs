@@ -5,6 +5,9 @@
 //! Ctrl-C. The report's claims are checked again against the relay's store through its admin
 //! API while the venue is kept running; the browser test opens the pages the run prints.
 //!
+//! The smoke takes the default network (namespaces and mDNS as root, loopback otherwise); the
+//! browser test takes loopback, so a root run covers both.
+//!
 //! The two tests take turns: each runs a whole venue, and two at once on a small machine only
 //! make both slower.
 
@@ -266,12 +269,36 @@ async fn a_short_venue_accounts_for_every_acknowledged_sale_in_the_relays_store_
     let st = v.interrupt();
     assert_eq!(st.code(), Some(130), "{}", v.out);
     assert!(!p.dir.exists(), "{} removed", p.dir.display());
-    for url in p.pos.iter().chain([&p.kitchen, &p.relay]) {
-        assert!(
-            http().get(format!("{url}/metrics")).send().await.is_err(),
-            "{url} stopped"
-        );
+    let left = processes_mentioning(&p.dir.display().to_string());
+    assert!(left.is_empty(), "still running: {left:?}");
+    let stripe = line(&out, "  fake Stripe")
+        .split_whitespace()
+        .last()
+        .unwrap();
+    assert!(
+        http().get(stripe).send().await.is_err(),
+        "the fake Stripe stopped"
+    );
+    if let Ok(o) = Command::new("ip").args(["netns", "list"]).output() {
+        let tag = format!("hv{}", v.child.id() % 100_000);
+        let list = String::from_utf8_lossy(&o.stdout);
+        assert!(!list.contains(&tag), "namespaces removed: {list}");
     }
+}
+
+/// Command lines of running processes that contain `s` (every program of a venue names its
+/// data folder or database in its arguments).
+fn processes_mentioning(s: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(s) {
+                found.push(cmd);
+            }
+        }
+    }
+    found
 }
 
 /// A binary named by `env`, else found on PATH.
@@ -398,6 +425,8 @@ async fn the_pages_a_venue_prints_show_its_live_stand() {
         "2",
         "--seed",
         "5",
+        "--network",
+        "loopback",
         "--keep",
     ]);
     let out = v.wait_for("keeps running", 180).to_owned();
