@@ -7,7 +7,7 @@
 //! | `GET /v1/relay` | viewer | the relay's public key (enrol it on a stand's pool as `relay`) |
 //! | `GET /v1/stands` | viewer | every stand served: placement, changes held, connected replicas |
 //! | `POST /v1/stands` | admin | `{stand, pool_key}`: serve a stand whose pool is a stand device; `{stand, event, venue, policy, allocation, low_stock_pct, items:[{sku,name,price_cents,stock}]}`: create one with its pool here |
-//! | `POST /v1/stands/{stand}/restock`, `/adjust` | manager | `{units:{sku:n}, note}` signed by the pool |
+//! | `POST /v1/stands/{stand}/restock`, `/adjust` | manager | `{units:{sku:n}, note}` signed by the pool (a stand device's pool: queued, carried over its uplink; 202 until it answers) |
 //! | `PUT /v1/stands/{stand}/items/{sku}/availability` | manager | `{available}`: "86" an item or bring it back |
 //! | `PUT /v1/stands/{stand}/catalog` | admin | `{items:[…]}` |
 //! | `POST /v1/stands/{stand}/replicas` | admin | `{public_key, name, role}`: enrol a device; answers what it needs to join |
@@ -17,6 +17,7 @@
 //! | `GET /v1/stands/{stand}/rejections` | viewer | rejected changes per replica and rule |
 //! | `GET /v1/stands/{stand}/refunds` | viewer | refunds the reconciler decided and where each payment stands |
 //! | `POST /v1/stands/{stand}/refunds/{id}/paid-out` | manager | `{by}`: a cash refund handed back |
+//! | `GET /v1/stands/{stand}/requests` | viewer | admin operations queued for a stand device's pool and what became of each |
 //! | `GET /v1/stands/{stand}/live` | viewer | server-sent events: `stock`, the items each committed change moved |
 //! | `GET /v1/stands/{stand}/stock/at?at=MS` | viewer | available per item as at a past time (ms since the epoch) |
 //! | `GET /v1/stands/{stand}/audit/verify` | viewer | re-checks every stored change's signature, hash links and columns; reports the first break |
@@ -26,11 +27,12 @@
 //!
 //! Without a valid `Authorization: Bearer …` token an admin call is 401; with too weak a
 //! role, 403. Tokens are made with `halftime-relay token create` and stored hashed. Operations
-//! on a stand are signed by its pool, so they work where the pool is at the relay; a stand
-//! whose pool is a device answers `409 pool_on_device`. An operation answers once its change
-//! is committed.
+//! on a stand are signed by its pool. Where the pool is at the relay an operation answers once
+//! its change is committed; where it is a stand device the operation is queued, carried to the
+//! pool over its uplink and made there once: the call answers when the pool has (201/200, or
+//! 409 with the pool's reason), or after 3 s with `202` and the queued request.
 
-use crate::stand::{self, AdminOp, StandCmd, StandHandle, StandView};
+use crate::stand::{self, AdminOp, StandCmd, StandHandle, StandView, now_ms};
 use crate::store::{
     AdminRole, Backend, Batch, CHANGES_CHANNEL, ChangeRow, Lease, PaidOut, Placement, StandRow,
     Store, StoreError,
@@ -74,6 +76,7 @@ pub struct Metrics {
 pub struct Served {
     pub handle: StandHandle,
     pub key: ReplicaKey,
+    pub pool_key: PublicKey,
     pub placement: Placement,
     pub psk: Option<String>,
 }
@@ -210,6 +213,7 @@ impl App {
         };
         let placement = row.placement;
         let psk = row.psk.clone();
+        let pool_key = row.pool_key;
         let handle = stand::start(
             self.store.clone(),
             self.relay_key.clone(),
@@ -221,6 +225,7 @@ impl App {
         let served = Served {
             handle,
             key,
+            pool_key,
             placement,
             psk,
         };
@@ -581,16 +586,80 @@ async fn add_stand(
 }
 
 /// Send an admin operation to a stand's pool and wait until its change is committed.
-async fn admin_op(app: &App, s: &str, op: AdminOp) -> Result<serde_json::Value, ApiError> {
+/// How long an admin call for a stand device's pool waits for the pool's answer before it
+/// answers 202 with the queued request.
+pub const ADMIN_WAIT_MS: u64 = 3_000;
+
+/// What became of an admin operation.
+enum Made {
+    /// Made by the pool (here, or the stand device's within [`ADMIN_WAIT_MS`]).
+    Done(serde_json::Value),
+    /// Queued for the stand device's pool, which is not connected or has not answered yet.
+    Queued(serde_json::Value),
+}
+
+impl Made {
+    fn reply(self, done: StatusCode) -> Response {
+        match self {
+            Made::Done(v) => (done, Json(v)).into_response(),
+            Made::Queued(v) => (StatusCode::ACCEPTED, Json(v)).into_response(),
+        }
+    }
+}
+
+/// Make an admin operation as the stand's pool: at once when the pool is here; else queued,
+/// carried to the pool device over its uplink, and made there once.
+async fn admin_op(app: &App, s: &str, op: AdminOp) -> Result<Made, ApiError> {
     let served = known(app, s)?;
+    if served.placement == Placement::Device {
+        return queue_for_device(app, &served, op).await;
+    }
     let answer = ask(&served, |reply| StandCmd::Admin { op, reply }).await?;
-    answer.map_err(|e| {
+    answer.map(Made::Done).map_err(|e| {
         ApiError::new(
             StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             e.error,
             e.message,
         )
     })
+}
+
+async fn queue_for_device(app: &App, served: &Served, op: AdminOp) -> Result<Made, ApiError> {
+    op.check_limits().map_err(bad)?;
+    let stand = served.handle.stand.clone();
+    let id = app.store.queue_admin_request(&stand, &op, now_ms()).await?;
+    let _ = served.handle.tx.try_send(StandCmd::AdminQueued);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ADMIN_WAIT_MS);
+    loop {
+        let row = app.store.admin_requests(&stand, Some(id), 1).await?.pop();
+        match row.as_ref().map(|r| r.status.as_str()) {
+            Some("done") => {
+                return Ok(Made::Done(serde_json::json!({
+                    "stand": stand.to_string(),
+                    "request": id,
+                    "pool_seq": row.and_then(|r| r.pool_seq),
+                })));
+            }
+            Some("refused") => {
+                let why = row.and_then(|r| r.detail).unwrap_or_default();
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "refused",
+                    format!("the stand's pool refused request {id}: {why}"),
+                ));
+            }
+            _ if std::time::Instant::now() >= deadline => {
+                return Ok(Made::Queued(serde_json::json!({
+                    "stand": stand.to_string(),
+                    "request": id,
+                    "status": "queued",
+                    "message": "the stand's pool is a stand device that has not answered yet; \
+                                it makes this once it is connected (see GET /v1/stands/{stand}/requests)",
+                })));
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
 }
 
 fn units_of(units: BTreeMap<String, u64>) -> Result<BTreeMap<Sku, u64>, ApiError> {
@@ -619,7 +688,7 @@ async fn stock_move(
     authorize(app, headers, AdminRole::Manager).await?;
     let input = json_body(body)?;
     let op = make(units_of(input.units)?, input.note);
-    Ok((StatusCode::CREATED, Json(admin_op(app, s, op).await?)).into_response())
+    Ok(admin_op(app, s, op).await?.reply(StatusCode::CREATED))
 }
 
 async fn restock(
@@ -667,7 +736,7 @@ async fn availability(
         sku,
         available: input.available,
     };
-    Ok(Json(admin_op(&app, &s, op).await?).into_response())
+    Ok(admin_op(&app, &s, op).await?.reply(StatusCode::OK))
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -689,7 +758,9 @@ async fn catalog(
         .into_iter()
         .map(|i| catalog_item(i, 10).map(|(c, _)| c))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(admin_op(&app, &s, AdminOp::Catalog { items }).await?).into_response())
+    Ok(admin_op(&app, &s, AdminOp::Catalog { items })
+        .await?
+        .reply(StatusCode::OK))
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -719,19 +790,27 @@ async fn enrol(
         name: input.name,
         role: input.role,
     };
-    admin_op(&app, &s, op).await?;
-    let pool_key = served.key.public().to_string();
-    let psk = served.psk.clone().unwrap_or_default();
+    let made = admin_op(&app, &s, op).await?;
+    let pool_key = served.pool_key.to_string();
+    // A device stand's network key is its pool operator's, never the relay's.
+    let psk = served.psk.clone().unwrap_or_else(|| "PSK".into());
     let join =
         format!("halftime-peer join --data DIR --stand {s} --pool-key {pool_key} --psk {psk}");
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "replica": key.replica_id().to_string(),
         "stand": s,
         "pool_key": pool_key,
-        "psk": psk,
+        "psk": served.psk,
         "join": join,
     });
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    match made {
+        Made::Done(_) => Ok((StatusCode::CREATED, Json(body)).into_response()),
+        Made::Queued(q) => {
+            body["request"] = q["request"].clone();
+            body["status"] = q["status"].clone();
+            Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+        }
+    }
 }
 
 fn replica_id(id: &str) -> Result<ReplicaId, ApiError> {
@@ -752,7 +831,7 @@ async fn replica_action(
         "reclaim" => AdminOp::Reclaim { replica },
         _ => return Err(not_found().await),
     };
-    Ok(Json(admin_op(&app, &s, op).await?).into_response())
+    Ok(admin_op(&app, &s, op).await?.reply(StatusCode::OK))
 }
 
 async fn stock(
@@ -814,6 +893,16 @@ async fn sales(
 ) -> Result<Response, ApiError> {
     let (stand, limit) = list_args(&app, &headers, &s, q).await?;
     Ok(Json(app.store.sales(&stand, limit).await?).into_response())
+}
+
+async fn admin_requests(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(s): Path<String>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (stand, limit) = list_args(&app, &headers, &s, q).await?;
+    Ok(Json(app.store.admin_requests(&stand, None, limit).await?).into_response())
 }
 
 async fn refunds(
@@ -1079,6 +1168,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/stands/{stand}/sales", get(sales))
         .route("/v1/stands/{stand}/rejections", get(rejections))
         .route("/v1/stands/{stand}/refunds", get(refunds))
+        .route("/v1/stands/{stand}/requests", get(admin_requests))
         .route(
             "/v1/stands/{stand}/refunds/{id}/paid-out",
             post(refund_paid_out),

@@ -41,6 +41,13 @@ pub const REFUND_SCAN_LIMIT: u32 = 256;
 pub const REFUND_RESCAN_MS: u64 = 60_000;
 /// Pause after a refund could not be written (the relay not enrolled, a store fault).
 pub const REFUND_RETRY_MS: u64 = 30_000;
+/// How often queued admin requests are looked for while a device stand's pool is connected.
+pub const ADMIN_SCAN_MS: u64 = 1_000;
+/// A request sent to the pool and not answered within this is sent again (the pool makes it
+/// once; an answer or the request may have been dropped with a connection).
+pub const ADMIN_RESEND_MS: u64 = 5_000;
+/// Queued requests sent per look.
+pub const ADMIN_SCAN_LIMIT: u32 = 64;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -73,6 +80,8 @@ pub enum StandCmd {
     },
     /// Another instance committed changes of this stand: fetch what this one lacks.
     Poll,
+    /// An admin request was queued for this device stand's pool: send it if the pool is here.
+    AdminQueued,
     /// Available per item as at `at_ms`.
     StockAt {
         at_ms: u64,
@@ -85,36 +94,7 @@ pub enum StandCmd {
     },
 }
 
-/// What an admin asks of a stand's pool.
-#[derive(Debug, Clone)]
-pub enum AdminOp {
-    Restock {
-        units: BTreeMap<Sku, u64>,
-        note: String,
-    },
-    Adjust {
-        units: BTreeMap<Sku, u64>,
-        reason: String,
-    },
-    Mark {
-        sku: Sku,
-        available: bool,
-    },
-    Catalog {
-        items: Vec<halftime_ledger::CatalogItem>,
-    },
-    Enrol {
-        key: PublicKey,
-        name: String,
-        role: Role,
-    },
-    Retire {
-        replica: ReplicaId,
-    },
-    Reclaim {
-        replica: ReplicaId,
-    },
-}
+pub use halftime_ledger::AdminOp;
 
 /// Why an admin operation was not made (nothing was written).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +134,7 @@ impl std::fmt::Debug for StandCmd {
             StandCmd::Admin { op, .. } => write!(f, "Admin({op:?})"),
             StandCmd::StockAt { at_ms, .. } => write!(f, "StockAt({at_ms})"),
             StandCmd::Poll => write!(f, "Poll"),
+            StandCmd::AdminQueued => write!(f, "AdminQueued"),
         }
     }
 }
@@ -216,6 +197,9 @@ pub struct StandTask {
     snapshot_len: usize,
     loaded: Loaded,
     refunds: RefundScan,
+    /// Queued admin requests sent to a device stand's pool, and when.
+    admin_sent: BTreeMap<i64, Instant>,
+    next_admin_scan: Instant,
 }
 
 /// Where writing the store's refund decisions into the stand has got to.
@@ -343,6 +327,8 @@ pub async fn start(
             next_rescan: Instant::now() + Duration::from_millis(REFUND_RESCAN_MS),
             lease: None,
         },
+        admin_sent: BTreeMap::new(),
+        next_admin_scan: Instant::now(),
     };
     let live = task.live.clone();
     let (tx, rx) = mpsc::channel(STAND_QUEUE_LEN);
@@ -384,6 +370,10 @@ impl StandTask {
                 self.poll_due = false;
                 self.next_poll = Instant::now() + Duration::from_millis(STORE_POLL_MS);
                 self.poll_store().await;
+            }
+            if Instant::now() >= self.next_admin_scan {
+                self.next_admin_scan = Instant::now() + Duration::from_millis(ADMIN_SCAN_MS);
+                self.send_admin_requests().await;
             }
             if Instant::now() >= self.refunds.next {
                 self.refunds.next = Instant::now() + Duration::from_millis(REFUND_SCAN_MS);
@@ -458,6 +448,7 @@ impl StandTask {
                 let _ = reply.send(self.view());
             }
             StandCmd::Poll => self.poll_due = true,
+            StandCmd::AdminQueued => self.next_admin_scan = Instant::now(),
             StandCmd::StockAt { at_ms, reply } => {
                 let t = halftime_ledger::Hlc::new(at_ms, u16::MAX);
                 let _ = reply.send(self.engine.ledger().stock_at_time(t));
@@ -471,44 +462,18 @@ impl StandTask {
         }
     }
 
-    /// Make an admin operation as the pool (only when the pool is here).
+    /// Make an admin operation as the pool, here (a stand device's pool gets it queued over
+    /// its uplink instead; there the ledger refuses this replica as not the pool).
     fn admin(&mut self, op: AdminOp, now: u64) -> Result<serde_json::Value, AdminError> {
-        if self.placement != Placement::Relay {
-            return Err(AdminError {
-                status: 409,
-                error: "pool_on_device",
-                message: format!(
-                    "the pool of stand {} is a stand device: make this operation on its API",
-                    self.stand
-                ),
-            });
+        let done = self
+            .engine
+            .admin(op, None, now)
+            .map_err(AdminError::of)?;
+        let mut answer = serde_json::json!({"stand": self.stand.to_string(), "pool_seq": done.pool_seq});
+        if let Some(view) = done.reclaim {
+            answer = serde_json::to_value(view).unwrap_or(answer);
         }
-        let e = &mut self.engine;
-        let done = |c| Ok((c, ()));
-        let r = match op {
-            AdminOp::Restock { units, note } => {
-                e.local_op(now, |l, now| done(l.restock(units, &note, now)?))
-            }
-            AdminOp::Adjust { units, reason } => {
-                e.local_op(now, |l, now| done(l.adjust(units, &reason, now)?))
-            }
-            AdminOp::Mark { sku, available } => {
-                e.local_op(now, |l, now| done(l.mark(&sku, available, now)?))
-            }
-            AdminOp::Catalog { items } => {
-                e.local_op(now, |l, now| done(l.set_catalog(items, now)?))
-            }
-            AdminOp::Enrol { key, name, role } => {
-                e.local_op(now, |l, now| done(l.enrol(key, &name, role, now)?))
-            }
-            AdminOp::Retire { replica } => e.local_op(now, |l, now| done(l.retire(replica, now)?)),
-            AdminOp::Reclaim { replica } => {
-                let view = e.reclaim(replica, now).map_err(AdminError::of)?;
-                return Ok(serde_json::to_value(view).unwrap_or_default());
-            }
-        };
-        r.map_err(AdminError::of)?;
-        Ok(serde_json::json!({"stand": self.stand.to_string(), "pool_seq": e.ledger().local_seq()}))
+        Ok(answer)
     }
 
     fn view(&self) -> StandView {
@@ -558,6 +523,7 @@ impl StandTask {
             let mut batch = Batch::default();
             let mut local: Vec<SignedChange> = Vec::new();
             let mut applied: Vec<Applied> = Vec::new();
+            let mut answers: Vec<(u64, Result<u64, String>)> = Vec::new();
             while let Some(ev) = self.engine.poll_event() {
                 match ev {
                     Event::Persist(changes) => local.extend(changes),
@@ -583,8 +549,22 @@ impl StandTask {
                     Event::Fault(why) => {
                         tracing::error!(stand = %self.stand, %why, "an operation of the relay's own failed");
                     }
+                    Event::AdminAnswered { from, id, outcome } => {
+                        if from == self.engine.ledger().pool() {
+                            answers.push((id, outcome));
+                        }
+                    }
                     Event::Committed { .. } | Event::Refused { .. } => {}
                 }
+            }
+            let pool = self.engine.ledger().pool();
+            if self.placement == Placement::Device {
+                answers.extend(
+                    applied
+                        .iter()
+                        .filter(|a| a.author == pool)
+                        .filter_map(|a| a.req.map(|id| (id, Ok(a.seq)))),
+                );
             }
             let me = self.engine.ledger().me();
             let last = self.engine.ledger().local_seq();
@@ -594,6 +574,7 @@ impl StandTask {
             }
             self.project(&mut batch, &applied);
             self.from_store.clear();
+            self.finish_admin_requests(answers).await;
             if batch.is_empty() {
                 return;
             }
@@ -622,6 +603,62 @@ impl StandTask {
             // Our own changes are durable: the engine releases what waited on them, which
             // may include their decoded effects for the projections (another turn).
             self.engine.persisted();
+        }
+    }
+
+    /// Send a device stand's queued admin requests to its pool, when the pool is connected
+    /// here; a request unanswered for a while is sent again.
+    async fn send_admin_requests(&mut self) {
+        let pool = self.engine.ledger().pool();
+        if self.placement != Placement::Device || !self.by_replica.contains_key(&pool) {
+            return;
+        }
+        let open = match self
+            .store
+            .open_admin_requests(&self.stand, ADMIN_SCAN_LIMIT)
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(stand = %self.stand, error = %e, "could not read queued admin requests");
+                return;
+            }
+        };
+        let now = Instant::now();
+        self.admin_sent.retain(|id, _| open.iter().any(|(o, _)| o == id));
+        for (id, op) in open {
+            let due = self
+                .admin_sent
+                .get(&id)
+                .is_none_or(|t| now.duration_since(*t) >= Duration::from_millis(ADMIN_RESEND_MS));
+            let Ok(wire_id) = u64::try_from(id) else {
+                continue;
+            };
+            if due && self.engine.request_admin(pool, wire_id, op) {
+                tracing::info!(stand = %self.stand, id, "admin request sent to the pool");
+                self.admin_sent.insert(id, now);
+            }
+        }
+    }
+
+    /// Record the pool's answers to admin requests.
+    async fn finish_admin_requests(&mut self, answers: Vec<(u64, Result<u64, String>)>) {
+        for (id, outcome) in answers {
+            let Ok(id) = i64::try_from(id) else {
+                continue;
+            };
+            self.admin_sent.remove(&id);
+            match &outcome {
+                Ok(seq) => tracing::info!(stand = %self.stand, id, pool_seq = seq, "the pool carried out an admin request"),
+                Err(why) => tracing::warn!(stand = %self.stand, id, %why, "the pool refused an admin request"),
+            }
+            if let Err(e) = self
+                .store
+                .finish_admin_request(&self.stand, id, &outcome, now_ms())
+                .await
+            {
+                tracing::warn!(stand = %self.stand, id, error = %e, "could not record the pool's answer; it is asked again");
+            }
         }
     }
 

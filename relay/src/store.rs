@@ -174,6 +174,22 @@ pub struct SaleRow {
     pub voided: bool,
 }
 
+/// An admin operation queued for a stand device's pool, and what became of it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AdminRequestRow {
+    pub id: i64,
+    pub kind: String,
+    pub op: serde_json::Value,
+    /// `queued`, `done` or `refused`.
+    pub status: String,
+    /// The pool's change that made it.
+    pub pool_seq: Option<i64>,
+    /// Why it was refused.
+    pub detail: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
 /// A refund decided by the reconciler, with where its payment stands.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RefundRow {
@@ -669,6 +685,114 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Queue an admin operation for a stand device's pool; its id.
+    pub async fn queue_admin_request(
+        &self,
+        stand: &StandId,
+        op: &halftime_ledger::AdminOp,
+        now_ms: u64,
+    ) -> Result<i64, StoreError> {
+        let json = serde_json::to_string(op).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        let row = sqlx::query(
+            "INSERT INTO admin_requests (stand, kind, op, status, created_at, updated_at) \
+             VALUES ($1, $2, $3, 'queued', $4, $4) RETURNING id",
+        )
+        .bind(stand.as_str())
+        .bind(op.kind())
+        .bind(json)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// A stand's admin requests, newest first (`id`: only that one).
+    pub async fn admin_requests(
+        &self,
+        stand: &StandId,
+        id: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<AdminRequestRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, kind, op, status, pool_seq, detail, created_at, updated_at \
+             FROM admin_requests WHERE stand = $1 AND ($2 < 0 OR id = $2) \
+             ORDER BY id DESC LIMIT $3",
+        )
+        .bind(stand.as_str())
+        .bind(id.unwrap_or(-1))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                let op: String = r.try_get(2)?;
+                Ok(AdminRequestRow {
+                    id: r.try_get(0)?,
+                    kind: r.try_get(1)?,
+                    op: serde_json::from_str(&op).unwrap_or(serde_json::Value::Null),
+                    status: r.try_get(3)?,
+                    pool_seq: r.try_get(4)?,
+                    detail: r.try_get(5)?,
+                    created_at: r.try_get(6)?,
+                    updated_at: r.try_get(7)?,
+                })
+            })
+            .collect()
+    }
+
+    /// A stand's requests still waiting for the pool, oldest first.
+    pub async fn open_admin_requests(
+        &self,
+        stand: &StandId,
+        limit: u32,
+    ) -> Result<Vec<(i64, halftime_ledger::AdminOp)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, op FROM admin_requests WHERE stand = $1 AND status = 'queued' \
+             ORDER BY id LIMIT $2",
+        )
+        .bind(stand.as_str())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (id, op): (i64, String) = (r.try_get(0)?, r.try_get(1)?);
+            match serde_json::from_str(&op) {
+                Ok(op) => out.push((id, op)),
+                Err(e) => tracing::error!(%stand, id, error = %e, "a queued admin request does not parse"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Record the pool's answer to a queued request (a later answer changes nothing).
+    pub async fn finish_admin_request(
+        &self,
+        stand: &StandId,
+        id: i64,
+        outcome: &Result<u64, String>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let (status, seq, detail) = match outcome {
+            Ok(seq) => ("done", i64::try_from(*seq).ok(), None),
+            Err(why) => ("refused", None, Some(why.clone())),
+        };
+        sqlx::query(
+            "UPDATE admin_requests SET status = $1, pool_seq = $2, detail = $3, updated_at = $4 \
+             WHERE stand = $5 AND id = $6 AND status = 'queued'",
+        )
+        .bind(status)
+        .bind(seq)
+        .bind(detail)
+        .bind(i64::try_from(now_ms).unwrap_or(i64::MAX))
+        .bind(stand.as_str())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// A stand's refund decisions after decision `after`, oldest first: (id, sale, sku, units).

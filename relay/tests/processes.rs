@@ -487,3 +487,95 @@ async fn two_relay_instances_share_a_stand_and_one_survives_the_other() {
     .await;
     assert_eq!(north["member"], true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_pool_carries_out_admin_requests_once_including_those_queued_while_away() {
+    use reqwest::Method;
+    let db = TestDb::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    let relay_key = device_stand(&db.url, dir.path(), &[]);
+    let admin = run(
+        Path::new(RELAY),
+        &["--database", &db.url, "token", "create", "--role", "admin"],
+    )
+    .trim()
+    .to_owned();
+    let rport = free_port();
+    let url = format!("http://127.0.0.1:{rport}");
+    let mut relay = spawn_relay_at(&db.url, rport, d("relay.log"));
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let mut pool = spawn_peer(&d("pool"), ports[0], rport, &relay_key);
+    let _t0 = spawn_peer(&d("t0"), ports[1], rport, &relay_key);
+    let till = format!("http://127.0.0.1:{}", ports[1]);
+    eventually(30, "the till learns the stand through the relay", || async {
+        (available(&till, "hotdog").await == Some(100)).then_some(())
+    })
+    .await;
+    let stock_move = |what: &'static str, units: u64| {
+        let (url, admin) = (url.clone(), admin.clone());
+        async move {
+            call(
+                Method::POST,
+                &format!("{url}/v1/stands/north/{what}"),
+                &admin,
+                serde_json::json!({"units": {"hotdog": units}, "note": "from the relay"}),
+            )
+            .await
+        }
+    };
+
+    // The pool is connected: the restock is made by it within the call.
+    let (code, body) = eventually(20, "the pool answers through its uplink", || async {
+        let (code, body) = stock_move("restock", 5).await;
+        (code == 201).then_some((code, body))
+    })
+    .await;
+    assert_eq!(code, 201, "{body}");
+    assert!(body["pool_seq"].as_u64().is_some(), "{body}");
+    eventually(10, "the till sees the restock", || async {
+        (available(&till, "hotdog").await == Some(105)).then_some(())
+    })
+    .await;
+
+    // The pool is away: requests wait, visibly, and one it cannot make is queued too.
+    pool.kill9();
+    let (code, queued) = stock_move("restock", 7).await;
+    assert_eq!(code, 202, "{queued}");
+    assert_eq!(queued["status"], "queued", "{queued}");
+    let (code, doomed) = stock_move("adjust", 1_000).await;
+    assert_eq!(code, 202, "{doomed}");
+    let listed = get(&format!("{url}/v1/stands/north/requests"), Some(&admin))
+        .await
+        .unwrap();
+    let status_of = |v: &Value, id: &Value| {
+        v.as_array()
+            .and_then(|a| a.iter().find(|r| r["id"] == *id))
+            .map(|r| r["status"].clone())
+    };
+    assert_eq!(status_of(&listed, &queued["request"]), Some("queued".into()));
+
+    // The relay restarts meanwhile; the pool comes back: each request is made once.
+    relay.kill9();
+    let mut relay = spawn_relay_at(&db.url, rport, d("relay2.log"));
+    let _pool = spawn_peer(&d("pool"), ports[0], rport, &relay_key);
+    let done = eventually(30, "the queued requests are answered", || async {
+        let v = get(&format!("{url}/v1/stands/north/requests"), Some(&admin)).await?;
+        let open = v.as_array()?.iter().any(|r| r["status"] == "queued");
+        (!open).then_some(v)
+    })
+    .await;
+    assert_eq!(status_of(&done, &queued["request"]), Some("done".into()), "{done}");
+    assert_eq!(status_of(&done, &doomed["request"]), Some("refused".into()), "{done}");
+    eventually(10, "the till sees the queued restock", || async {
+        (available(&till, "hotdog").await == Some(112)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    assert_eq!(available(&till, "hotdog").await, Some(112), "made once");
+    let stock = get(&format!("{url}/v1/stands/north/stock"), Some(&admin))
+        .await
+        .unwrap();
+    assert_eq!(stock["items"][0]["available"], 112, "{stock}");
+    relay.kill9();
+}

@@ -78,7 +78,7 @@ mod rights;
 
 use halftime_ledger::sync::{ANTI_ENTROPY_INTERVAL_MS, SyncEvent};
 use halftime_ledger::{
-    Applied, ApplyReport, Ledger, OpError, PeerSync, Refusal, ReplicaId, Role, SaleId, SaleLine,
+    AdminOp, Applied, ApplyReport, Ledger, OpError, PeerSync, Refusal, ReplicaId, Role, SaleId, SaleLine,
     SignedChange, VersionVector, WireError, WireMessage,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -220,6 +220,24 @@ pub enum Event {
     /// An operation the engine made on its own (an allocation give, an answer) failed inside
     /// the ledger: a bug, never a refusal. Nothing of it was written.
     Fault(String),
+    /// The pool answered admin request `id` (relay): carried out by its change `Ok(seq)`, or
+    /// refused with the reason.
+    AdminAnswered {
+        from: ReplicaId,
+        id: u64,
+        outcome: Result<u64, String>,
+    },
+}
+
+/// An admin operation the pool made, or had made before for the same request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminDone {
+    /// The pool's change that carried it out.
+    pub pool_seq: u64,
+    /// What a reclaim moved, and what it was based on.
+    pub reclaim: Option<halftime_ledger::ReclaimView>,
+    /// The request had been carried out before; nothing was written now.
+    pub again: bool,
 }
 
 /// Figures of what the engine did, for metrics and the simulator's report.
@@ -453,6 +471,17 @@ impl Engine {
                     SyncEvent::RightsAnswered { sku, granted } => {
                         self.rights.answered(from, &sku, granted)
                     }
+                    SyncEvent::AdminRequested { id, op } => {
+                        let outcome = self.admin_requested(from, id, op, now_ms);
+                        if let Some(p) = self.peers.get_mut(&from) {
+                            p.sync
+                                .send_admin(WireMessage::AdminAnswer { id, outcome });
+                        }
+                    }
+                    SyncEvent::AdminAnswered { id, outcome } => {
+                        self.events
+                            .push_back(Event::AdminAnswered { from, id, outcome });
+                    }
                 }
             }
         }
@@ -491,6 +520,95 @@ impl Engine {
         self.split().1.record_local(change, None);
         self.progress(now_ms);
         Ok(out)
+    }
+
+    /// Pool: make an admin operation, once per `request` (the relay's id for it, carried in the
+    /// change): a request carried out before answers with that change and writes nothing.
+    pub fn admin(
+        &mut self,
+        op: AdminOp,
+        request: Option<u64>,
+        now_ms: u64,
+    ) -> Result<AdminDone, OpError> {
+        if let Some(seq) = request.and_then(|id| self.ledger.request_done(id)) {
+            return Ok(AdminDone {
+                pool_seq: seq,
+                reclaim: None,
+                again: true,
+            });
+        }
+        let plain = |c: SignedChange| Ok((c, None));
+        let reclaim = match op {
+            AdminOp::Restock { units, note } => self.local_op(now_ms, |l, now| {
+                l.with_request(request, |l| plain(l.restock(units, &note, now)?))
+            }),
+            AdminOp::Adjust { units, reason } => self.local_op(now_ms, |l, now| {
+                l.with_request(request, |l| plain(l.adjust(units, &reason, now)?))
+            }),
+            AdminOp::Mark { sku, available } => self.local_op(now_ms, |l, now| {
+                l.with_request(request, |l| plain(l.mark(&sku, available, now)?))
+            }),
+            AdminOp::Catalog { items } => self.local_op(now_ms, |l, now| {
+                l.with_request(request, |l| plain(l.set_catalog(items, now)?))
+            }),
+            AdminOp::Enrol { key, name, role } => self.local_op(now_ms, |l, now| {
+                l.with_request(request, |l| plain(l.enrol(key, &name, role, now)?))
+            }),
+            AdminOp::Retire { replica } => self.local_op(now_ms, |l, now| {
+                l.with_request(request, |l| plain(l.retire(replica, now)?))
+            }),
+            AdminOp::Reclaim { replica } => {
+                let known: Vec<VersionVector> = self
+                    .peers
+                    .values()
+                    .map(|p| p.sync.their_vector().clone())
+                    .collect();
+                self.local_op(now_ms, |l, now| {
+                    l.with_request(request, |l| {
+                        let (c, view) = l.reclaim_checked(replica, &known, now)?;
+                        Ok((c, Some(view)))
+                    })
+                })
+            }
+        }?;
+        Ok(AdminDone {
+            pool_seq: self.ledger.local_seq(),
+            reclaim,
+            again: false,
+        })
+    }
+
+    /// The rule of who may ask the pool for admin operations over the wire: an enrolled,
+    /// unretired relay, and only of the pool.
+    fn admin_requested(
+        &mut self,
+        from: ReplicaId,
+        id: u64,
+        op: AdminOp,
+        now_ms: u64,
+    ) -> Result<u64, String> {
+        if self.ledger.role() != Some(Role::Pool) {
+            return Err("this replica is not the stand's pool".into());
+        }
+        match self.ledger.replicas().get(&from) {
+            Some(i) if i.role == Role::Relay && i.retired_at_pool_seq.is_none() => {}
+            _ => return Err(format!("{from} is not an enrolled relay of this stand")),
+        }
+        self.admin(op, Some(id), now_ms)
+            .map(|d| d.pool_seq)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Relay: ask the pool, connected as `pool`, for admin operation `id`; the answer comes
+    /// as [`Event::AdminAnswered`]. Ask again if none comes: the pool makes it once.
+    pub fn request_admin(&mut self, pool: ReplicaId, id: u64, op: AdminOp) -> bool {
+        match self.peers.get_mut(&pool) {
+            Some(p) if pool == self.ledger.pool() => {
+                p.sync.send_admin(WireMessage::AdminRequest { id, op });
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Pool: retire a lost replica and take its rights back, refused while any reachable

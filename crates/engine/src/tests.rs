@@ -146,9 +146,9 @@ impl Stand {
                 while let Some(ev) = self.engines[i].poll_event() {
                     match ev {
                         Event::Persist(_) => persist = true,
-                        Event::Committed { .. } | Event::Refused { .. } => {
-                            self.outcomes.push((i, ev))
-                        }
+                        Event::Committed { .. }
+                        | Event::Refused { .. }
+                        | Event::AdminAnswered { .. } => self.outcomes.push((i, ev)),
                         _ => {}
                     }
                 }
@@ -632,4 +632,75 @@ fn a_retired_terminal_hands_over_its_last_sales_and_is_sent_nothing() {
     );
     assert_eq!(s.rights(1), 3);
     assert_eq!(s.engines[0].stats().rights_requests_answered, 0);
+}
+
+#[test]
+fn the_pool_makes_a_relays_admin_request_once_and_answers_everyone_else_no() {
+    let mut s = stand(10, &[0], quiet());
+    // A relay enrolled by the pool, holding the stand.
+    let relay_key = ReplicaKey::from_seed([50; 32]);
+    let now = s.now;
+    s.engines[0]
+        .local_op(now, |l, now| {
+            Ok((l.enrol(relay_key.public(), "relay", Role::Relay, now)?, ()))
+        })
+        .unwrap();
+    let pool_key = ReplicaKey::from_seed([1; 32]).public();
+    let mut l = Ledger::join(relay_key, StandId::new("north").unwrap(), pool_key);
+    let all: Vec<SignedChange> = s.engines[0].ledger().all_changes().cloned().collect();
+    assert!(l.apply_remote(all, now).rejected.is_empty());
+    s.engines.push(Engine::new(l, quiet(), now));
+    s.connect_all();
+    let (pool, relay) = (s.id(0), 2);
+    let answers = |s: &Stand, id: u64| -> Vec<Result<u64, String>> {
+        s.outcomes
+            .iter()
+            .filter_map(|(i, e)| match e {
+                Event::AdminAnswered { id: x, outcome, .. } if *x == id => {
+                    assert_eq!(*i, relay, "only the asker hears the answer");
+                    Some(outcome.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let restock = AdminOp::Restock {
+        units: BTreeMap::from([(sku("soda"), 5)]),
+        note: "truck".into(),
+    };
+
+    assert!(s.engines[relay].request_admin(pool, 7, restock.clone()));
+    s.run_until(T0 + 100);
+    let seq = s.engines[0].ledger().local_seq();
+    assert_eq!(answers(&s, 7), vec![Ok(seq)]);
+    assert_eq!(s.engines[0].ledger().request_done(7), Some(seq));
+    for e in &s.engines {
+        assert_eq!(e.ledger().available(&sku("soda")), 15);
+    }
+
+    // Asked again (the answer was lost, say): the same answer, nothing written.
+    assert!(s.engines[relay].request_admin(pool, 7, restock.clone()));
+    s.run_until(T0 + 200);
+    assert_eq!(answers(&s, 7), vec![Ok(seq), Ok(seq)]);
+    assert_eq!(s.engines[0].ledger().local_seq(), seq);
+    assert_eq!(s.engines[0].ledger().available(&sku("soda")), 15);
+
+    // An operation the pool cannot make is refused with its reason; nothing is written.
+    let too_much = AdminOp::Adjust {
+        units: BTreeMap::from([(sku("soda"), 500)]),
+        reason: "spilled".into(),
+    };
+    assert!(s.engines[relay].request_admin(pool, 8, too_much));
+    s.run_until(T0 + 300);
+    assert!(matches!(&answers(&s, 8)[..], [Err(_)]), "{:?}", answers(&s, 8));
+    assert_eq!(s.engines[0].ledger().local_seq(), seq);
+
+    // A terminal is not a relay: refused, whatever it asks.
+    assert!(s.engines[1].request_admin(pool, 9, restock));
+    s.run_until(T0 + 400);
+    assert_eq!(s.engines[0].ledger().local_seq(), seq);
+    assert_eq!(s.engines[0].ledger().request_done(9), None);
+    assert!(s.outcomes.iter().any(|(i, e)| *i == 1
+        && matches!(e, Event::AdminAnswered { id: 9, outcome: Err(w), .. }
+            if w.contains("not an enrolled relay"))));
 }

@@ -78,7 +78,7 @@ pub use ledger::{
 };
 pub use ledger::{Applied, LedgerBug, SignatureMemo};
 pub use message::{
-    Allocation, CatalogItem, ChangeMessage, Operation, Payment, PaymentMethod, Policy, SaleLine,
+    AdminOp, Allocation, CatalogItem, ChangeMessage, Operation, Payment, PaymentMethod, Policy, SaleLine,
     SaleRecord, StandInfo,
 };
 pub use signed::SignedChange;

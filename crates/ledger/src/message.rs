@@ -375,6 +375,74 @@ impl Operation {
     }
 }
 
+/// What an admin asks of a stand's pool: made at once when the pool is at the relay, else
+/// carried to the pool device over the uplink as [`crate::WireMessage::AdminRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminOp {
+    Restock {
+        units: BTreeMap<Sku, u64>,
+        note: String,
+    },
+    Adjust {
+        units: BTreeMap<Sku, u64>,
+        reason: String,
+    },
+    Mark {
+        sku: Sku,
+        available: bool,
+    },
+    Catalog {
+        items: Vec<CatalogItem>,
+    },
+    Enrol {
+        key: PublicKey,
+        name: String,
+        role: Role,
+    },
+    Retire {
+        replica: ReplicaId,
+    },
+    Reclaim {
+        replica: ReplicaId,
+    },
+}
+
+impl AdminOp {
+    /// The bounds of the change it would make, checked before it travels or is made.
+    pub fn check_limits(&self) -> Result<(), String> {
+        match self {
+            AdminOp::Restock { units, note } => {
+                check_units(units, "restock")?;
+                check_text(note, "note")
+            }
+            AdminOp::Adjust { units, reason } => {
+                check_units(units, "adjustment")?;
+                check_text(reason, "reason")
+            }
+            AdminOp::Catalog { items } => Operation::Catalog {
+                items: items.clone(),
+            }
+            .check_limits(),
+            AdminOp::Enrol { name, .. } => check_text(name, "name"),
+            AdminOp::Mark { .. } | AdminOp::Retire { .. } | AdminOp::Reclaim { .. } => Ok(()),
+        }
+    }
+
+    /// Short name for logs and listings.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AdminOp::Restock { .. } => "restock",
+            AdminOp::Adjust { .. } => "adjust",
+            AdminOp::Mark { .. } => "mark",
+            AdminOp::Catalog { .. } => "catalog",
+            AdminOp::Enrol { .. } => "enrol",
+            AdminOp::Retire { .. } => "retire",
+            AdminOp::Reclaim { .. } => "reclaim",
+        }
+    }
+}
+
 /// The envelope stored as the Automerge change message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeMessage {
@@ -386,6 +454,10 @@ pub struct ChangeMessage {
     /// The operation.
     #[serde(flatten)]
     pub op: Operation,
+    /// The admin request (its id at the relay) this pool change carries out: each is carried
+    /// out once, whatever is resent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<u64>,
 }
 
 /// A change message that cannot be read.
@@ -443,6 +515,7 @@ mod tests {
         let r = ReplicaId::from_public(&[1; 32]);
         let m = ChangeMessage {
             v: MESSAGE_VERSION,
+            req: None,
             at: Hlc::new(5, 1),
             op: Operation::Sale(SaleRecord {
                 id: SaleId { replica: r, seq: 3 },

@@ -192,6 +192,8 @@ pub struct State {
     pub marks: BTreeMap<Sku, Marks>,
     /// Units refunded per (sale, sku, writer of the refund).
     pub refunds: BTreeMap<(SaleId, Sku, ReplicaId), u64>,
+    /// Admin requests carried out by the pool: request id → the pool change's sequence number.
+    pub requests: BTreeMap<u64, u64>,
 }
 
 /// The newest availability marks of an item across the stand: the later one wins, and a tie

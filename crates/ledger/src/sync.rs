@@ -10,6 +10,7 @@
 //! changes with no validation hook.
 
 use crate::ids::{ReplicaId, Sku, StandId};
+use crate::message::AdminOp;
 use crate::ledger::{ApplyReport, Ledger, VersionVector};
 use crate::signed::SignedChange;
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,9 @@ pub const ANTI_ENTROPY_INTERVAL_MS: u64 = 1_000;
 pub const VECTOR_REFRESH_MS: u64 = 10_000;
 /// Messages queued for one peer before older pushes are dropped (repair resends them).
 pub const PEER_OUTBOX_LEN: usize = 1_024;
+
+/// Longest refusal an admin answer carries.
+pub const MAX_ANSWER_BYTES: usize = 1_024;
 
 /// A message between two replicas of one stand.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +68,11 @@ pub enum WireMessage {
         /// The give change.
         change: Option<SignedChange>,
     },
+    /// Relay to pool: an admin asks for this (`id`: the relay's number for the request). The
+    /// pool carries it out once, whatever is resent, and answers.
+    AdminRequest { id: u64, op: AdminOp },
+    /// Pool to relay: request `id` was carried out by the pool's change `Ok(seq)`, or refused.
+    AdminAnswer { id: u64, outcome: Result<u64, String> },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -123,6 +132,12 @@ impl WireMessage {
             WireMessage::Changes { changes } if changes.len() > MAX_CHANGES_PER_MESSAGE => {
                 Err(WireError::OverLimit("changes per message"))
             }
+            WireMessage::AdminRequest { op, .. } if op.check_limits().is_err() => {
+                Err(WireError::OverLimit("admin request"))
+            }
+            WireMessage::AdminAnswer {
+                outcome: Err(why), ..
+            } if why.len() > MAX_ANSWER_BYTES => Err(WireError::OverLimit("admin answer")),
             _ => Ok(f.msg),
         }
     }
@@ -142,6 +157,10 @@ pub enum SyncEvent {
         /// A sale waits on the answer.
         urgent: bool,
     },
+    /// The peer asks the pool for an admin operation.
+    AdminRequested { id: u64, op: AdminOp },
+    /// The pool answered an admin request.
+    AdminAnswered { id: u64, outcome: Result<u64, String> },
     /// The peer answered our rights request.
     RightsAnswered {
         /// Item.
@@ -233,6 +252,16 @@ impl PeerSync {
         self.enqueue(WireMessage::RightsRequest { sku, want, urgent });
     }
 
+    /// Queue an admin request (relay) or its answer (pool).
+    pub fn send_admin(&mut self, m: WireMessage) {
+        if matches!(
+            m,
+            WireMessage::AdminRequest { .. } | WireMessage::AdminAnswer { .. }
+        ) {
+            self.enqueue(m);
+        }
+    }
+
     /// Answer a rights request.
     pub fn answer_rights(&mut self, sku: Sku, granted: u64, change: Option<SignedChange>) {
         self.enqueue(WireMessage::RightsAnswer {
@@ -287,7 +316,14 @@ impl PeerSync {
                 events.push(SyncEvent::Applied(report));
             }
             // A replica that only hands over asks for nothing.
-            WireMessage::RightsRequest { .. } if self.hand_over => {}
+            WireMessage::RightsRequest { .. } | WireMessage::AdminRequest { .. }
+                if self.hand_over => {}
+            WireMessage::AdminRequest { id, op } => {
+                events.push(SyncEvent::AdminRequested { id, op })
+            }
+            WireMessage::AdminAnswer { id, outcome } => {
+                events.push(SyncEvent::AdminAnswered { id, outcome })
+            }
             WireMessage::RightsRequest { sku, want, urgent } => {
                 events.push(SyncEvent::RightsRequested { sku, want, urgent })
             }

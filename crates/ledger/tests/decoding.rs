@@ -61,6 +61,63 @@ fn wire_frames_round_trip_and_check_the_stand() {
 }
 
 #[test]
+fn admin_frames_round_trip_and_are_bounded_before_use() {
+    let north = StandId::new("north").unwrap();
+    let ok = WireMessage::AdminRequest {
+        id: 3,
+        op: AdminOp::Restock {
+            units: BTreeMap::from([(sku("hotdog"), 5)]),
+            note: "truck".into(),
+        },
+    };
+    assert_eq!(WireMessage::decode(&ok.encode(&north), &north).unwrap(), ok);
+    let answer = WireMessage::AdminAnswer {
+        id: 3,
+        outcome: Err("no".into()),
+    };
+    assert_eq!(WireMessage::decode(&answer.encode(&north), &north).unwrap(), answer);
+
+    // Built by hand past each bound: a note longer than a change may carry, a restock of
+    // nothing, a quantity past the counters' range, a refusal longer than an answer carries.
+    let over = [
+        WireMessage::AdminRequest {
+            id: 4,
+            op: AdminOp::Restock {
+                units: BTreeMap::from([(sku("hotdog"), 5)]),
+                note: "x".repeat(message::MAX_TEXT_BYTES + 1),
+            },
+        },
+        WireMessage::AdminRequest {
+            id: 5,
+            op: AdminOp::Adjust {
+                units: BTreeMap::new(),
+                reason: String::new(),
+            },
+        },
+        WireMessage::AdminRequest {
+            id: 6,
+            op: AdminOp::Restock {
+                units: BTreeMap::from([(sku("hotdog"), u64::MAX)]),
+                note: String::new(),
+            },
+        },
+        WireMessage::AdminAnswer {
+            id: 7,
+            outcome: Err("x".repeat(sync::MAX_ANSWER_BYTES + 1)),
+        },
+    ];
+    for m in over {
+        assert!(
+            matches!(
+                WireMessage::decode(&m.encode(&north), &north),
+                Err(WireError::OverLimit(_))
+            ),
+            "{m:?}"
+        );
+    }
+}
+
+#[test]
 fn stock_at_a_past_time_matches_a_replay_of_the_history() {
     let mut st = stand(Policy::Strict, 2, 50, 20);
     let mut all = st.setup.clone();

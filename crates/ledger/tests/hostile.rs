@@ -246,6 +246,7 @@ fn reforge_give(st: &Stand, units: u64) -> SignedChange {
     let at = Hlc::at_wall(2_050);
     let m = ChangeMessage {
         v: 1,
+        req: None,
         at,
         op: Operation::Give {
             to,
@@ -655,4 +656,52 @@ fn forged_refunds_are_rejected_by_their_rule() {
     assert!(st.pool.refunds().is_empty());
     assert_eq!(st.pool.refunded(sale_id, &hd), 0);
     still_healthy(&mut st, 4_000);
+}
+
+#[test]
+fn an_admin_request_is_carried_out_by_the_pool_once() {
+    let mut st = stand(Policy::Strict, 1, 100, 10);
+    let five = || BTreeMap::from([(sku("soda"), 5)]);
+    let first = st
+        .pool
+        .with_request(Some(5), |l| l.restock(five(), "truck", 2_000))
+        .unwrap();
+    assert_eq!(message(&first).req, Some(5));
+    let r = st.terminals[0].apply_remote(vec![first], 2_000);
+    assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+    assert_eq!(st.terminals[0].request_done(5), Some(st.pool.local_seq()));
+    // The pool's own ledger refuses to carry it out again.
+    let again = st
+        .pool
+        .with_request(Some(5), |l| l.restock(five(), "truck", 2_100))
+        .unwrap_err();
+    assert!(again.to_string().contains("already carried out"), "{again}");
+
+    // By hand: the pool's next change claiming the same request.
+    let next = st.pool.restock(five(), "more", 2_200).unwrap();
+    let replay = reforge(&next, &key(1), |ex| {
+        let mut m = message(&next);
+        m.req = Some(5);
+        set_message(ex, &m);
+    });
+    let r = st.terminals[0].apply_remote(vec![replay], 2_200);
+    assert_eq!(rules(&r), vec!["invalid_operation"], "{:?}", r.rejected);
+    assert!(r.rejected[0].to_string().contains("already carried out"));
+
+    // A terminal's change claiming to carry out a request.
+    let sale = sell(&mut st.terminals[0], "soda", 1, 2_300);
+    let claimed = reforge(&sale, &key(10), |ex| {
+        let mut m = message(&sale);
+        m.req = Some(6);
+        set_message(ex, &m);
+    });
+    let r = st.pool.apply_remote(vec![claimed], 2_300);
+    assert_eq!(rules(&r), vec!["invalid_operation"], "{:?}", r.rejected);
+    assert!(r.rejected[0].to_string().contains("only the pool"));
+    assert_eq!(st.pool.request_done(6), None);
+    let r = st.pool.apply_remote(vec![sale], 2_300);
+    assert!(r.rejected.is_empty());
+    let r = st.terminals[0].apply_remote(vec![next], 2_300);
+    assert!(r.rejected.is_empty());
+    still_healthy(&mut st, 3_000);
 }

@@ -20,7 +20,12 @@ fn forge(
     let mut doc = base.doc().fork();
     doc.set_actor(author.public().actor());
     let hlc = Hlc::at_wall(at);
-    let msg = ChangeMessage { v: 1, at: hlc, op };
+    let msg = ChangeMessage {
+        v: 1,
+        at: hlc,
+        op,
+        req: None,
+    };
     let mut tx = doc.transaction();
     f(&mut tx);
     tx.commit_with(
@@ -366,6 +371,7 @@ fn dependants_of_a_rejected_change_are_rejected() {
     let hlc = Hlc::at_wall(4_500);
     let msg = ChangeMessage {
         v: 1,
+        req: None,
         at: hlc,
         op: Operation::Adjust {
             units: BTreeMap::new(),

@@ -359,6 +359,11 @@ impl Node {
                     Event::Fault(why) => {
                         tracing::error!(%why, "an operation of this replica's own failed (a bug); nothing of it was written");
                     }
+                    // Answers to admin requests go to the relay that asks them; a device
+                    // asks none.
+                    Event::AdminAnswered { from, id, .. } => {
+                        tracing::debug!(%from, id, "an admin answer this replica did not ask for");
+                    }
                     Event::PeerGone(replica) => {
                         // A silent cut leaves TCP connections open and closing them waits on
                         // the dead link: the engine has dropped the peer, close it here too;

@@ -86,6 +86,10 @@ impl World {
                         let (from, to) = (m.from, m.to);
                         let kind = match &msg {
                             WireMessage::Vector { .. } => "vector".to_owned(),
+                            WireMessage::AdminRequest { id, op } => {
+                                format!("admin-request {id} {}", op.kind())
+                            }
+                            WireMessage::AdminAnswer { id, .. } => format!("admin-answer {id}"),
                             WireMessage::RightsRequest { sku, want, urgent } => {
                                 format!("rights-request {sku} x{want} urgent={urgent}")
                             }

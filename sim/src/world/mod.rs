@@ -570,6 +570,7 @@ impl World {
                         }
                         self.log(|| format!("node {node} rejected {rejections:?}"));
                     }
+                    Event::AdminAnswered { .. } => {}
                     Event::Fault(why) => {
                         self.bug_seen.get_or_insert_with(|| {
                             (

@@ -54,6 +54,7 @@ impl Rogue {
             v: MESSAGE_VERSION,
             at: hlc,
             op: Operation::Sale(record),
+            req: None,
         };
         let mut tx = doc.transaction();
         let write = |tx: &mut automerge::transaction::Transaction<'_>| {

@@ -556,6 +556,7 @@ impl Ledger {
             v: MESSAGE_VERSION,
             at,
             op,
+            req: self.request.take(),
         };
         let text = msg.encode();
         if text.len() > MAX_MESSAGE_BYTES {

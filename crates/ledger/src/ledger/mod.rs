@@ -240,6 +240,8 @@ pub struct Ledger {
     memo: Option<SignatureMemo>,
     /// When recording: what each change applied since the last `take_applied` was.
     applied: Option<Vec<Applied>>,
+    /// The admin request the next local change carries out (see [`Ledger::with_request`]).
+    request: Option<u64>,
 }
 
 /// A change applied to the state, local or received: who wrote it and what it was (its
@@ -252,6 +254,8 @@ pub struct Applied {
     pub seq: u64,
     /// What it did.
     pub op: Operation,
+    /// The admin request it carried out, if any.
+    pub req: Option<u64>,
 }
 
 /// Signatures found good, shared by the replicas of one process that receive the same changes
@@ -331,6 +335,7 @@ impl Ledger {
             last_enrolled: None,
             #[cfg(feature = "planted-bugs")]
             planted: None,
+            request: None,
             memo: None,
             applied: None,
         }
@@ -664,6 +669,20 @@ impl Ledger {
             })
             .filter(|(_, n)| *n > 0)
             .collect()
+    }
+
+    /// The pool's change that carried out admin request `id` (its sequence number), if any.
+    pub fn request_done(&self, id: u64) -> Option<u64> {
+        self.state.requests.get(&id).copied()
+    }
+
+    /// Run `f` with its change (the first it makes) carrying out admin request `id`: a receiver
+    /// refuses a second change for the same request, so it is carried out once.
+    pub fn with_request<T>(&mut self, id: Option<u64>, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.request = id;
+        let out = f(self);
+        self.request = None;
+        out
     }
 
     /// Units of `sale`'s `sku` line this replica has recorded as refunded itself.

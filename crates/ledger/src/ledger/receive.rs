@@ -537,9 +537,13 @@ impl Ledger {
                 author: actor,
                 seq,
                 op: msg.op.clone(),
+                req: msg.req,
             });
         }
         let st = &mut self.state;
+        if let Some(id) = msg.req {
+            st.requests.insert(id, seq);
+        }
         for (id, o) in fx.objects {
             st.objects.insert(id, o);
         }

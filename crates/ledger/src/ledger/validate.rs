@@ -35,6 +35,16 @@ impl Ledger {
         }
         let op_kind = msg.op.kind();
         let invalid = |why: String| Rejection::InvalidOperation { op: op_kind, why };
+        if let Some(id) = msg.req {
+            if !is_pool {
+                return Err(invalid("only the pool carries out admin requests".into()));
+            }
+            if self.state.requests.contains_key(&id) {
+                return Err(invalid(format!(
+                    "admin request {id} was already carried out"
+                )));
+            }
+        }
         if i64::try_from(msg.at.packed()).ok() != Some(change.timestamp()) {
             return Err(invalid("message time differs from the change time".into()));
         }
