@@ -556,24 +556,7 @@ async fn admin_scenario(c: &Client, pos: &str, relay: &str, token: &str, db: &st
         move || async move { (number(text(c, row_available).await)? == 40).then_some(()) },
     )
     .await;
-    // The page redraws every second unless something in it has focus: focus the field first,
-    // and start again on the new one if a redraw replaced it meanwhile.
-    let units_css = format!("{ROW} .restock-units");
-    let units_css: &str = &units_css;
-    eventually(15, "typing 15 units", move || async move {
-        let units = c.find(Locator::Css(units_css)).await.ok()?;
-        units.click().await.ok()?;
-        units.clear().await.ok()?;
-        units.send_keys("15").await.ok()?;
-        (units.prop("value").await.ok()??.as_str() == "15").then_some(())
-    })
-    .await;
-    click(
-        c,
-        &format!("{ROW} button.restock"),
-        "restocking on the admin page",
-    )
-    .await;
+    restock_on_admin_page(c, ROW, "15").await;
     wait_text(
         c,
         "#banner",
@@ -778,4 +761,145 @@ async fn restocking_on_the_relays_admin_page_raises_the_pos_page() {
         );
         std::panic::resume_unwind(panic);
     }
+}
+
+/// On the admin page, type `units` into the restock field of `row` and press its Restock
+/// button. The page redraws every second unless something in it has focus: the field is
+/// focused first, and typed into again if a redraw replaced it meanwhile.
+async fn restock_on_admin_page(c: &Client, row: &str, units: &str) {
+    let units_css = format!("{row} .restock-units");
+    let units_css: &str = &units_css;
+    eventually(15, "typing the units", move || async move {
+        let f = c.find(Locator::Css(units_css)).await.ok()?;
+        f.click().await.ok()?;
+        f.clear().await.ok()?;
+        f.send_keys(units).await.ok()?;
+        (f.prop("value").await.ok()??.as_str() == units).then_some(())
+    })
+    .await;
+    click(c, &format!("{row} button.restock"), "restocking on the admin page").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_page_restocks_a_device_stands_pool_at_once_or_when_it_is_back() {
+    let chromium = binary("CHROMIUM", "chromium");
+    let chromedriver = binary("CHROMEDRIVER", "chromedriver");
+    let stand = make_stand(1, false, &ITEMS[..1]);
+    let dir = stand.dir.path();
+    let db = format!("sqlite:{}", dir.join("relay.db").display());
+    let relay_key = field_of(&relay_cli(&db, &["key"]), "public key:");
+    let pool_dir = dir.join("pool");
+    cli(&[
+        "enrol",
+        "--data",
+        pool_dir.to_str().unwrap(),
+        "--replica",
+        &format!("{relay_key}=relay"),
+        "--role",
+        "relay",
+    ]);
+    relay_cli(&db, &["stand", "add", "--stand", "north", "--pool-key", &stand.pool_key]);
+    let manager = relay_cli(&db, &["token", "create", "--role", "manager"])
+        .trim()
+        .to_owned();
+    let rport = free_port();
+    let relay_log = dir.join("relay.log");
+    let mut relay = Command::new(relay_bin())
+        .args(["--database", &db, "serve", "--listen", &format!("127.0.0.1:{rport}")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&relay_log).unwrap())
+        .spawn()
+        .unwrap();
+    let relay_url = format!("http://127.0.0.1:{rport}");
+    let uplink = format!("ws://127.0.0.1:{rport}");
+    let extra = ["--relay", uplink.as_str(), "--relay-key", relay_key.as_str()];
+    let (pool_port, till_port) = (free_port(), free_port());
+    let pool = |port| {
+        spawn_with("pool", &pool_dir, "/ip4/127.0.0.1/tcp/0", port, &[], false, None, &extra)
+    };
+    let mut first_pool = pool(pool_port);
+    let till = spawn_with(
+        "t0",
+        &dir.join("t0"),
+        "/ip4/127.0.0.1/tcp/0",
+        till_port,
+        &[],
+        false,
+        None,
+        &extra,
+    );
+    let till_api = till.api.clone();
+    let till_api: &str = &till_api;
+    eventually(30, "the till learns the stand through the relay", move || async move {
+        (available(till_api, "hotdog").await == Some(100)).then_some(())
+    })
+    .await;
+
+    let driver = Driver::start(&chromedriver, dir).await;
+    let profile = tempfile::tempdir().unwrap();
+    let c = browser(&driver, &chromium, profile.path()).await;
+    let scenario = async {
+        const ROW: &str = r#"section.stand[data-stand="north"] .item[data-sku="hotdog"]"#;
+        let c = &c;
+        c.goto(&format!("{relay_url}/admin")).await.unwrap();
+        c.find(Locator::Css("#token"))
+            .await
+            .unwrap()
+            .send_keys(&manager)
+            .await
+            .unwrap();
+        click(c, "#save-token", "using the token").await;
+        wait_text(c, &format!("{ROW} .available"), "100", "the device stand's hot dogs").await;
+
+        // The pool is connected: the restock is made by it and the till rises.
+        restock_on_admin_page(c, ROW, "15").await;
+        wait_text(c, "#banner", "Restocked 15 Hot dog", "the page confirms").await;
+        eventually(15, "the till rises", move || async move {
+            (available(till_api, "hotdog").await == Some(115)).then_some(())
+        })
+        .await;
+
+        // The pool is away: the page says the restock is queued and lists it until the pool,
+        // back, makes it.
+        first_pool.kill9();
+        restock_on_admin_page(c, ROW, "5").await;
+        let queued = eventually(15, "the page says it is queued", move || async move {
+            let t = text(c, "#banner").await?;
+            t.contains("queued for the stand's pool").then_some(t)
+        })
+        .await;
+        assert!(queued.contains("Restocked 5 Hot dog"), "{queued}");
+        let waiting = r#"section.stand[data-stand="north"] li.request.queued"#;
+        wait_text(c, waiting, "restock: queued", "the queued request is listed").await;
+        screenshot(c, "browser-admin-queued.png").await;
+        let _pool = pool(pool_port);
+        eventually(30, "the pool, back, makes it", move || async move {
+            (available(till_api, "hotdog").await == Some(120)).then_some(())
+        })
+        .await;
+        eventually(15, "the page no longer lists it", move || async move {
+            c.find(Locator::Css(waiting)).await.is_err().then_some(())
+        })
+        .await;
+    };
+    let outcome = AssertUnwindSafe(scenario).catch_unwind().await;
+    let _ = c.close().await;
+    drop(driver);
+    let _ = relay.kill();
+    let _ = relay.wait();
+    if let Err(panic) = outcome {
+        eprintln!("--- till log ---\n{}", till.log_text());
+        eprintln!(
+            "--- relay log ---\n{}",
+            std::fs::read_to_string(&relay_log).unwrap_or_default()
+        );
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn field_of(out: &str, label: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(label))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|| panic!("no {label:?} in {out}"))
 }
