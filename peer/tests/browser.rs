@@ -777,7 +777,12 @@ async fn restock_on_admin_page(c: &Client, row: &str, units: &str) {
         (f.prop("value").await.ok()??.as_str() == units).then_some(())
     })
     .await;
-    click(c, &format!("{row} button.restock"), "restocking on the admin page").await;
+    click(
+        c,
+        &format!("{row} button.restock"),
+        "restocking on the admin page",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -798,24 +803,54 @@ async fn the_admin_page_restocks_a_device_stands_pool_at_once_or_when_it_is_back
         "--role",
         "relay",
     ]);
-    relay_cli(&db, &["stand", "add", "--stand", "north", "--pool-key", &stand.pool_key]);
+    relay_cli(
+        &db,
+        &[
+            "stand",
+            "add",
+            "--stand",
+            "north",
+            "--pool-key",
+            &stand.pool_key,
+        ],
+    );
     let manager = relay_cli(&db, &["token", "create", "--role", "manager"])
         .trim()
         .to_owned();
     let rport = free_port();
     let relay_log = dir.join("relay.log");
     let mut relay = Command::new(relay_bin())
-        .args(["--database", &db, "serve", "--listen", &format!("127.0.0.1:{rport}")])
+        .args([
+            "--database",
+            &db,
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{rport}"),
+        ])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&relay_log).unwrap())
         .spawn()
         .unwrap();
     let relay_url = format!("http://127.0.0.1:{rport}");
     let uplink = format!("ws://127.0.0.1:{rport}");
-    let extra = ["--relay", uplink.as_str(), "--relay-key", relay_key.as_str()];
+    let extra = [
+        "--relay",
+        uplink.as_str(),
+        "--relay-key",
+        relay_key.as_str(),
+    ];
     let (pool_port, till_port) = (free_port(), free_port());
     let pool = |port| {
-        spawn_with("pool", &pool_dir, "/ip4/127.0.0.1/tcp/0", port, &[], false, None, &extra)
+        spawn_with(
+            "pool",
+            &pool_dir,
+            "/ip4/127.0.0.1/tcp/0",
+            port,
+            &[],
+            false,
+            None,
+            &extra,
+        )
     };
     let mut first_pool = pool(pool_port);
     let till = spawn_with(
@@ -830,9 +865,11 @@ async fn the_admin_page_restocks_a_device_stands_pool_at_once_or_when_it_is_back
     );
     let till_api = till.api.clone();
     let till_api: &str = &till_api;
-    eventually(30, "the till learns the stand through the relay", move || async move {
-        (available(till_api, "hotdog").await == Some(100)).then_some(())
-    })
+    eventually(
+        30,
+        "the till learns the stand through the relay",
+        move || async move { (available(till_api, "hotdog").await == Some(100)).then_some(()) },
+    )
     .await;
 
     let driver = Driver::start(&chromedriver, dir).await;
@@ -849,7 +886,13 @@ async fn the_admin_page_restocks_a_device_stands_pool_at_once_or_when_it_is_back
             .await
             .unwrap();
         click(c, "#save-token", "using the token").await;
-        wait_text(c, &format!("{ROW} .available"), "100", "the device stand's hot dogs").await;
+        wait_text(
+            c,
+            &format!("{ROW} .available"),
+            "100",
+            "the device stand's hot dogs",
+        )
+        .await;
 
         // The pool is connected: the restock is made by it and the till rises.
         restock_on_admin_page(c, ROW, "15").await;
@@ -870,7 +913,13 @@ async fn the_admin_page_restocks_a_device_stands_pool_at_once_or_when_it_is_back
         .await;
         assert!(queued.contains("Restocked 5 Hot dog"), "{queued}");
         let waiting = r#"section.stand[data-stand="north"] li.request.queued"#;
-        wait_text(c, waiting, "restock: queued", "the queued request is listed").await;
+        wait_text(
+            c,
+            waiting,
+            "restock: queued",
+            "the queued request is listed",
+        )
+        .await;
         screenshot(c, "browser-admin-queued.png").await;
         let _pool = pool(pool_port);
         eventually(30, "the pool, back, makes it", move || async move {

@@ -465,11 +465,9 @@ impl StandTask {
     /// Make an admin operation as the pool, here (a stand device's pool gets it queued over
     /// its uplink instead; there the ledger refuses this replica as not the pool).
     fn admin(&mut self, op: AdminOp, now: u64) -> Result<serde_json::Value, AdminError> {
-        let done = self
-            .engine
-            .admin(op, None, now)
-            .map_err(AdminError::of)?;
-        let mut answer = serde_json::json!({"stand": self.stand.to_string(), "pool_seq": done.pool_seq});
+        let done = self.engine.admin(op, None, now).map_err(AdminError::of)?;
+        let mut answer =
+            serde_json::json!({"stand": self.stand.to_string(), "pool_seq": done.pool_seq});
         if let Some(view) = done.reclaim {
             answer = serde_json::to_value(view).unwrap_or(answer);
         }
@@ -625,7 +623,8 @@ impl StandTask {
             }
         };
         let now = Instant::now();
-        self.admin_sent.retain(|id, _| open.iter().any(|(o, _)| o == id));
+        self.admin_sent
+            .retain(|id, _| open.iter().any(|(o, _)| o == id));
         for (id, op) in open {
             let due = self
                 .admin_sent
@@ -649,8 +648,12 @@ impl StandTask {
             };
             self.admin_sent.remove(&id);
             match &outcome {
-                Ok(seq) => tracing::info!(stand = %self.stand, id, pool_seq = seq, "the pool carried out an admin request"),
-                Err(why) => tracing::warn!(stand = %self.stand, id, %why, "the pool refused an admin request"),
+                Ok(seq) => {
+                    tracing::info!(stand = %self.stand, id, pool_seq = seq, "the pool carried out an admin request")
+                }
+                Err(why) => {
+                    tracing::warn!(stand = %self.stand, id, %why, "the pool refused an admin request")
+                }
             }
             if let Err(e) = self
                 .store

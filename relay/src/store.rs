@@ -350,7 +350,8 @@ impl Store {
     /// connection of its own for as long as the returned lease lives (and released by Postgres
     /// when this process dies); on a SQLite file there is one instance and the lease is its.
     pub async fn try_lease(&self, stand: &StandId) -> Result<Lease, StoreError> {
-        self.try_lease_named(&format!("halftime pool {stand}")).await
+        self.try_lease_named(&format!("halftime pool {stand}"))
+            .await
     }
 
     /// Take the lease on writing a device stand's refunds into its document as the relay:
@@ -762,7 +763,9 @@ impl Store {
             let (id, op): (i64, String) = (r.try_get(0)?, r.try_get(1)?);
             match serde_json::from_str(&op) {
                 Ok(op) => out.push((id, op)),
-                Err(e) => tracing::error!(%stand, id, error = %e, "a queued admin request does not parse"),
+                Err(e) => {
+                    tracing::error!(%stand, id, error = %e, "a queued admin request does not parse")
+                }
             }
         }
         Ok(out)

@@ -508,9 +508,11 @@ async fn a_device_pool_carries_out_admin_requests_once_including_those_queued_wh
     let mut pool = spawn_peer(&d("pool"), ports[0], rport, &relay_key);
     let _t0 = spawn_peer(&d("t0"), ports[1], rport, &relay_key);
     let till = format!("http://127.0.0.1:{}", ports[1]);
-    eventually(30, "the till learns the stand through the relay", || async {
-        (available(&till, "hotdog").await == Some(100)).then_some(())
-    })
+    eventually(
+        30,
+        "the till learns the stand through the relay",
+        || async { (available(&till, "hotdog").await == Some(100)).then_some(()) },
+    )
     .await;
     let stock_move = |what: &'static str, units: u64| {
         let (url, admin) = (url.clone(), admin.clone());
@@ -553,7 +555,10 @@ async fn a_device_pool_carries_out_admin_requests_once_including_those_queued_wh
             .and_then(|a| a.iter().find(|r| r["id"] == *id))
             .map(|r| r["status"].clone())
     };
-    assert_eq!(status_of(&listed, &queued["request"]), Some("queued".into()));
+    assert_eq!(
+        status_of(&listed, &queued["request"]),
+        Some("queued".into())
+    );
 
     // The relay restarts meanwhile; the pool comes back: each request is made once.
     relay.kill9();
@@ -565,8 +570,16 @@ async fn a_device_pool_carries_out_admin_requests_once_including_those_queued_wh
         (!open).then_some(v)
     })
     .await;
-    assert_eq!(status_of(&done, &queued["request"]), Some("done".into()), "{done}");
-    assert_eq!(status_of(&done, &doomed["request"]), Some("refused".into()), "{done}");
+    assert_eq!(
+        status_of(&done, &queued["request"]),
+        Some("done".into()),
+        "{done}"
+    );
+    assert_eq!(
+        status_of(&done, &doomed["request"]),
+        Some("refused".into()),
+        "{done}"
+    );
     eventually(10, "the till sees the queued restock", || async {
         (available(&till, "hotdog").await == Some(112)).then_some(())
     })

@@ -780,7 +780,13 @@ async fn a_refund_decided_for_a_device_stand_reaches_it_once_as_a_change_of_the_
     ) else {
         panic!("the till could not sell")
     };
-    send(&mut t, &WireMessage::Changes { changes: vec![change] }).await;
+    send(
+        &mut t,
+        &WireMessage::Changes {
+            changes: vec![change],
+        },
+    )
+    .await;
     until_stored(&store, setup.len() as u64 + 1).await;
 
     // The store of record decides to refund 2 of the 3 units.
@@ -792,7 +798,10 @@ async fn a_refund_decided_for_a_device_stand_reaches_it_once_as_a_change_of_the_
     .execute(store.pool())
     .await
     .unwrap();
-    apply_until(&mut t, &mut till, 15, |l| l.refunded(sale_id, &sku("soda")) == 2).await;
+    apply_until(&mut t, &mut till, 15, |l| {
+        l.refunded(sale_id, &sku("soda")) == 2
+    })
+    .await;
     assert_eq!(till.available(&sku("soda")), 17, "a refund moves no stock");
     let relay = store.relay_key().await.unwrap().replica_id();
     let heads = store.actor_heads(&north()).await.unwrap();
@@ -824,6 +833,12 @@ async fn a_refund_decided_for_a_device_stand_reaches_it_once_as_a_change_of_the_
 async fn view_of(app: &App) -> halftime_relay::stand::StandView {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let cmd = halftime_relay::stand::StandCmd::View { reply: tx };
-    app.stand(&north()).unwrap().handle.tx.send(cmd).await.unwrap();
+    app.stand(&north())
+        .unwrap()
+        .handle
+        .tx
+        .send(cmd)
+        .await
+        .unwrap();
     rx.await.unwrap()
 }

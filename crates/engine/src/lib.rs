@@ -78,8 +78,8 @@ mod rights;
 
 use halftime_ledger::sync::{ANTI_ENTROPY_INTERVAL_MS, SyncEvent};
 use halftime_ledger::{
-    AdminOp, Applied, ApplyReport, Ledger, OpError, PeerSync, Refusal, ReplicaId, Role, SaleId, SaleLine,
-    SignedChange, VersionVector, WireError, WireMessage,
+    AdminOp, Applied, ApplyReport, Ledger, OpError, PeerSync, Refusal, ReplicaId, Role, SaleId,
+    SaleLine, SignedChange, VersionVector, WireError, WireMessage,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -474,8 +474,7 @@ impl Engine {
                     SyncEvent::AdminRequested { id, op } => {
                         let outcome = self.admin_requested(from, id, op, now_ms);
                         if let Some(p) = self.peers.get_mut(&from) {
-                            p.sync
-                                .send_admin(WireMessage::AdminAnswer { id, outcome });
+                            p.sync.send_admin(WireMessage::AdminAnswer { id, outcome });
                         }
                     }
                     SyncEvent::AdminAnswered { id, outcome } => {

@@ -692,7 +692,11 @@ fn the_pool_makes_a_relays_admin_request_once_and_answers_everyone_else_no() {
     };
     assert!(s.engines[relay].request_admin(pool, 8, too_much));
     s.run_until(T0 + 300);
-    assert!(matches!(&answers(&s, 8)[..], [Err(_)]), "{:?}", answers(&s, 8));
+    assert!(
+        matches!(&answers(&s, 8)[..], [Err(_)]),
+        "{:?}",
+        answers(&s, 8)
+    );
     assert_eq!(s.engines[0].ledger().local_seq(), seq);
 
     // A terminal is not a relay: refused, whatever it asks.

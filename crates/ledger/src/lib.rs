@@ -78,8 +78,8 @@ pub use ledger::{
 };
 pub use ledger::{Applied, LedgerBug, SignatureMemo};
 pub use message::{
-    AdminOp, Allocation, CatalogItem, ChangeMessage, Operation, Payment, PaymentMethod, Policy, SaleLine,
-    SaleRecord, StandInfo,
+    AdminOp, Allocation, CatalogItem, ChangeMessage, Operation, Payment, PaymentMethod, Policy,
+    SaleLine, SaleRecord, StandInfo,
 };
 pub use signed::SignedChange;
 pub use sync::{PeerSync, WireError, WireMessage};

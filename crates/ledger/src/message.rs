@@ -232,11 +232,7 @@ pub enum Operation {
     },
     /// The store of record refunded `units` of a sale's line (written by the pool or the
     /// relay, so every page of the stand can show it). Moves no stock: the units were sold.
-    Refund {
-        sale: SaleId,
-        sku: Sku,
-        units: u64,
-    },
+    Refund { sale: SaleId, sku: Sku, units: u64 },
 }
 
 fn check_units(units: &BTreeMap<Sku, u64>, what: &str) -> Result<(), String> {

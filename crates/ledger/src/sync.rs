@@ -10,8 +10,8 @@
 //! changes with no validation hook.
 
 use crate::ids::{ReplicaId, Sku, StandId};
-use crate::message::AdminOp;
 use crate::ledger::{ApplyReport, Ledger, VersionVector};
+use crate::message::AdminOp;
 use crate::signed::SignedChange;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -72,7 +72,10 @@ pub enum WireMessage {
     /// pool carries it out once, whatever is resent, and answers.
     AdminRequest { id: u64, op: AdminOp },
     /// Pool to relay: request `id` was carried out by the pool's change `Ok(seq)`, or refused.
-    AdminAnswer { id: u64, outcome: Result<u64, String> },
+    AdminAnswer {
+        id: u64,
+        outcome: Result<u64, String>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -160,7 +163,10 @@ pub enum SyncEvent {
     /// The peer asks the pool for an admin operation.
     AdminRequested { id: u64, op: AdminOp },
     /// The pool answered an admin request.
-    AdminAnswered { id: u64, outcome: Result<u64, String> },
+    AdminAnswered {
+        id: u64,
+        outcome: Result<u64, String>,
+    },
     /// The peer answered our rights request.
     RightsAnswered {
         /// Item.

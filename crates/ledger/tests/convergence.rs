@@ -86,7 +86,11 @@ impl Model {
             .map(|((_, _, f), n)| match f {
                 Field::In => *n as i64,
                 Field::Out => -(*n as i64),
-                Field::Give(_) | Field::Reclaim(_) | Field::OffAt | Field::OnAt | Field::Refunded => 0,
+                Field::Give(_)
+                | Field::Reclaim(_)
+                | Field::OffAt
+                | Field::OnAt
+                | Field::Refunded => 0,
             })
             .sum()
     }

@@ -75,7 +75,10 @@ fn admin_frames_round_trip_and_are_bounded_before_use() {
         id: 3,
         outcome: Err("no".into()),
     };
-    assert_eq!(WireMessage::decode(&answer.encode(&north), &north).unwrap(), answer);
+    assert_eq!(
+        WireMessage::decode(&answer.encode(&north), &north).unwrap(),
+        answer
+    );
 
     // Built by hand past each bound: a note longer than a change may carry, a restock of
     // nothing, a quantity past the counters' range, a refusal longer than an answer carries.

@@ -559,7 +559,11 @@ fn a_relay_writes_only_refunds_is_given_nothing_and_admits_only_members() {
     let forged = reforge(&mark, &key(50), |ex| ex.actor_id = key(50).public().actor());
     let r = st.pool.apply_remote(vec![forged], 3_000);
     assert_eq!(rules(&r), vec!["invalid_operation"], "{:?}", r.rejected);
-    assert!(r.rejected[0].to_string().contains("a relay writes only refunds"));
+    assert!(
+        r.rejected[0]
+            .to_string()
+            .contains("a relay writes only refunds")
+    );
 
     // Who may connect: the pool and enrolled, unretired replicas, by the same rule everywhere.
     assert_eq!(relay.admits(&key(1).public()), Ok(key(1).replica_id()));
@@ -616,7 +620,11 @@ fn forged_refunds_are_rejected_by_their_rule() {
     let by_kitchen = reforge(&note, &key(40), |ex| ex.actor_id = key(40).public().actor());
     let r = st.pool.apply_remote(vec![by_kitchen], 3_000);
     assert_eq!(rules(&r), vec!["invalid_operation"], "{:?}", r.rejected);
-    assert!(r.rejected[0].to_string().contains("does not record refunds"));
+    assert!(
+        r.rejected[0]
+            .to_string()
+            .contains("does not record refunds")
+    );
 
     // The counter moves more than the message says.
     let inflated = reforge(&note, &key(50), |ex| {

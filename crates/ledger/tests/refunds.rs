@@ -16,7 +16,11 @@ fn stand_with_relay(alloc: u64) -> (Stand, Ledger) {
         .unwrap();
     st.setup.push(enrol.clone());
     for t in &mut st.terminals {
-        assert!(t.apply_remote(vec![enrol.clone()], 1_500).rejected.is_empty());
+        assert!(
+            t.apply_remote(vec![enrol.clone()], 1_500)
+                .rejected
+                .is_empty()
+        );
     }
     let mut relay = Ledger::join(key(50), StandId::new("north").unwrap(), key(1).public());
     let r = relay.apply_remote(st.setup.clone(), 1_500);
@@ -64,12 +68,18 @@ fn a_refund_recorded_by_the_relay_shows_everywhere_and_moves_no_stock() {
 
     // Never more than the line sold, counting what this writer recorded.
     let over = relay.refund(sale, &hd, 2, 3_100).unwrap_err();
-    assert!(over.to_string().contains("it sold 2, 1 already refunded"), "{over}");
+    assert!(
+        over.to_string().contains("it sold 2, 1 already refunded"),
+        "{over}"
+    );
     let two = relay.refund(sale, &hd, 1, 3_200).unwrap();
     deliver(&mut st.pool, std::slice::from_ref(&two), 3_200);
     deliver(&mut st.terminals[0], &[two], 3_200);
     assert_eq!(st.pool.refunded(sale, &hd), 2);
-    assert!(relay.refund(sale, &sku("soda"), 1, 3_300).is_err(), "not on the sale");
+    assert!(
+        relay.refund(sale, &sku("soda"), 1, 3_300).is_err(),
+        "not on the sale"
+    );
     let nothing = SaleId {
         replica: key(11).replica_id(),
         seq: 40,
@@ -124,5 +134,8 @@ fn many_refunds_by_one_writer_roll_its_counter_over_epochs() {
     }
     deliver(&mut st.pool, &notes, 4_000);
     assert_eq!(st.pool.refunds().len(), sales.len());
-    assert_eq!(st.pool.counters_at(&st.pool.heads()), st.pool.counters_from_state());
+    assert_eq!(
+        st.pool.counters_at(&st.pool.heads()),
+        st.pool.counters_from_state()
+    );
 }
