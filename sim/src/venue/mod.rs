@@ -20,6 +20,7 @@
 
 mod procs;
 mod rush;
+mod south;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
@@ -86,6 +87,11 @@ pub struct VenueArgs {
     /// Terminals in the stand.
     #[arg(long, default_value_t = 6)]
     terminals: usize,
+    /// Terminals of a second stand, `south`: optimistic, its pool at the relay and no stand
+    /// network, so it can oversell while the internet is down and the reconciler refunds it.
+    /// 0: no second stand.
+    #[arg(long, default_value_t = 3)]
+    south_terminals: usize,
     /// The stand's selling policy.
     #[arg(long, value_enum, default_value_t = VenuePolicy::Strict)]
     policy: VenuePolicy,
@@ -107,6 +113,12 @@ impl VenueArgs {
             bail!(
                 "--terminals must be 1 to {MAX_TERMINALS}, not {}",
                 self.terminals
+            );
+        }
+        if self.south_terminals > MAX_TERMINALS {
+            bail!(
+                "--south-terminals must be 0 to {MAX_TERMINALS}, not {}",
+                self.south_terminals
             );
         }
         if self.rush_secs < 6 {
@@ -169,8 +181,8 @@ pub fn cmd_venue(a: &VenueArgs) -> Result<ExitCode> {
     a.check()?;
     let programs = Programs::beside_this_one()?;
     let mut work = Workdir::new(a.dir.as_deref())?;
-    // Pool, terminals, kitchen display.
-    let devices = a.terminals + 2;
+    // Pool, terminals, kitchen display, and the second stand's terminals.
+    let devices = a.terminals + 2 + a.south_terminals;
     let lan = match a.network {
         NetworkChoice::Loopback => None,
         NetworkChoice::Namespaces => Some(Arc::new(Lan::new(devices)?)),
@@ -865,11 +877,22 @@ async fn venue(
     );
     let v = set_up(a, programs, dir, children, lan).await?;
     wait_ready(&v).await?;
+    let south = if a.south_terminals > 0 {
+        Some(south::start(&v, a, a.terminals + 2).await?)
+    } else {
+        None
+    };
     print_urls(&v);
+    if let Some(so) = &south {
+        for t in &so.tills {
+            println!("  POS page     {} (stand south): {}/", t.name, t.url());
+        }
+    }
     println!("  up in {:.1} s", started.elapsed().as_secs_f64());
 
     let seen: SharedSeen = Arc::default();
     let tally: SharedTally = Arc::default();
+    let south_tally: SharedTally = Arc::default();
     let phase = Arc::new(SharedPhase::default());
     let mut watchers = tokio::task::JoinSet::new();
     watchers.spawn(watch_kitchen(v.http.clone(), v.kitchen.url(), seen.clone()));
@@ -907,6 +930,26 @@ async fn venue(
             }
             .run(),
         );
+    }
+    if let Some(so) = &south {
+        let pace = Pace::new(so.tills.len(), rush_ms);
+        for (i, t) in so.tills.iter().enumerate() {
+            sellers.spawn(
+                Seller {
+                    terminal: i,
+                    api: t.url(),
+                    stripe: v.stripe_url(),
+                    // Streams of their own, apart from the first stand's.
+                    rng: Seller::new(a.seed, MAX_TERMINALS + i),
+                    think_ms: pace.think_ms,
+                    end,
+                    phase: phase.clone(),
+                    tally: south_tally.clone(),
+                    http: v.http.clone(),
+                }
+                .run(),
+            );
+        }
     }
     let cut_at = start + Duration::from_millis((rush_ms - a.outage_secs * 1000) / 2);
     let heal_at = cut_at + Duration::from_secs(a.outage_secs);
@@ -978,6 +1021,42 @@ async fn venue(
         )
         .await
         .is_ok();
+    let south_acked: Vec<String> = lock(&south_tally).acked.keys().cloned().collect();
+    let south_settled = match &south {
+        None => true,
+        Some(_) => {
+            v.until(
+                SETTLE_TIMEOUT_MS,
+                "every sale of south in the relay's store",
+                || async {
+                    let rows = v
+                        .relay_get(&format!(
+                            "/v1/stands/{}/sales?limit={RELAY_MAX_LISTED}",
+                            south::SOUTH
+                        ))
+                        .await?;
+                    let ids: std::collections::BTreeSet<&str> = rows
+                        .as_array()?
+                        .iter()
+                        .filter_map(|r| r["sale_id"].as_str())
+                        .collect();
+                    south_acked
+                        .iter()
+                        .all(|id| ids.contains(id.as_str()))
+                        .then_some(())
+                },
+            )
+            .await
+            .is_ok()
+                && v.until(
+                    SETTLE_TIMEOUT_MS,
+                    "the reconciler to settle south's oversold units",
+                    || south::settled(&v),
+                )
+                .await
+                .is_ok()
+        }
+    };
     if std::io::stdout().is_terminal() {
         println!();
     }
@@ -997,7 +1076,13 @@ async fn venue(
         refunds_settled,
     )
     .await?;
-    let pass = report.print();
+    let mut south_lines = Vec::new();
+    let south_pass = match &south {
+        Some(so) => south::report(&v, so, &south_tally, &mut south_lines).await? && south_settled,
+        None => true,
+    };
+    let pass = report.print(&south_lines) && south_pass;
+    println!("verdict: {}", if pass { "PASS" } else { "FAIL" });
     if let Err(e) = settle {
         println!("settling failed: {e:#}");
     }
@@ -1035,6 +1120,87 @@ fn spread(mut xs: Vec<u64>) -> String {
         xs[xs.len() - 1],
         xs.len()
     )
+}
+
+/// The exactly-once line for `stand`: every sale its terminals acknowledged is in the relay's
+/// store once, with the same units; whether it holds.
+async fn check_exactly_once(
+    v: &Venue,
+    stand: &str,
+    t: &rush::Tally,
+    failed: u64,
+) -> Result<(String, bool)> {
+    let sales = v
+        .relay_get(&format!(
+            "/v1/stands/{stand}/sales?limit={RELAY_MAX_LISTED}"
+        ))
+        .await
+        .context("the relay does not list the stand's sales")?;
+    let rows = sales
+        .as_array()
+        .context("the relay's sales are not a list")?;
+    let mut in_store: BTreeMap<&str, (u64, i64)> = BTreeMap::new();
+    for r in rows {
+        let id = r["sale_id"]
+            .as_str()
+            .context("a stored sale without an id")?;
+        let e = in_store
+            .entry(id)
+            .or_insert((0, r["units"].as_i64().unwrap_or(-1)));
+        e.0 += 1;
+    }
+    let missing: Vec<&String> = t
+        .acked
+        .keys()
+        .filter(|id| !in_store.contains_key(id.as_str()))
+        .collect();
+    let twice: Vec<&&str> = in_store
+        .iter()
+        .filter(|(_, (n, _))| *n > 1)
+        .map(|(k, _)| k)
+        .collect();
+    let wrong_units: Vec<&String> = t
+        .acked
+        .iter()
+        .filter(|(id, x)| {
+            in_store
+                .get(id.as_str())
+                .is_some_and(|(_, u)| *u != x.units)
+        })
+        .map(|(id, _)| id)
+        .collect();
+    let unacked = in_store
+        .keys()
+        .filter(|id| !t.acked.contains_key(**id))
+        .count();
+    let truncated = rows.len() >= RELAY_MAX_LISTED;
+    let exactly_once = !truncated
+        && !t.acked.is_empty()
+        && missing.is_empty()
+        && twice.is_empty()
+        && wrong_units.is_empty()
+        && t.acked_twice.is_empty()
+        && (unacked as u64) <= failed;
+    let mut line = format!(
+        "exactly once: {} — {} acknowledged sales, {} sales in the relay's store; {} missing, {} stored twice, {} with other units, {} stored but never acknowledged (requests unanswered: {failed}){}",
+        if exactly_once { "ok" } else { "FAILED" },
+        t.acked.len(),
+        rows.len(),
+        missing.len(),
+        twice.len(),
+        wrong_units.len(),
+        unacked,
+        if truncated {
+            "; the store lists at most 1000 sales, so not every sale could be checked"
+        } else {
+            ""
+        },
+    );
+    if !missing.is_empty() {
+        let first: Vec<&str> = missing.iter().take(5).map(|x| x.as_str()).collect();
+        line.push_str(&format!("; missing, first: {}", first.join(", ")));
+    }
+    Ok((line, exactly_once))
 }
 
 struct Report {
@@ -1185,71 +1351,8 @@ impl Report {
         }
 
         // The store of record, read through the relay's admin API.
-        let sales = v
-            .relay_get(&format!(
-                "/v1/stands/{STAND}/sales?limit={RELAY_MAX_LISTED}"
-            ))
-            .await
-            .context("the relay does not list the stand's sales")?;
-        let rows = sales
-            .as_array()
-            .context("the relay's sales are not a list")?;
-        let mut in_store: BTreeMap<&str, (u64, i64)> = BTreeMap::new();
-        for r in rows {
-            let id = r["sale_id"]
-                .as_str()
-                .context("a stored sale without an id")?;
-            let e = in_store
-                .entry(id)
-                .or_insert((0, r["units"].as_i64().unwrap_or(-1)));
-            e.0 += 1;
-        }
-        let missing: Vec<&String> = t
-            .acked
-            .keys()
-            .filter(|id| !in_store.contains_key(id.as_str()))
-            .collect();
-        let twice: Vec<&&str> = in_store
-            .iter()
-            .filter(|(_, (n, _))| *n > 1)
-            .map(|(k, _)| k)
-            .collect();
-        let wrong_units: Vec<&String> = t
-            .acked
-            .iter()
-            .filter(|(id, x)| {
-                in_store
-                    .get(id.as_str())
-                    .is_some_and(|(_, u)| *u != x.units)
-            })
-            .map(|(id, _)| id)
-            .collect();
-        let unacked = in_store
-            .keys()
-            .filter(|id| !t.acked.contains_key(**id))
-            .count();
-        let truncated = rows.len() >= RELAY_MAX_LISTED;
-        let exactly_once = !truncated
-            && !t.acked.is_empty()
-            && missing.is_empty()
-            && twice.is_empty()
-            && wrong_units.is_empty()
-            && t.acked_twice.is_empty()
-            && (unacked as u64) <= failed;
-        l.push(format!(
-            "exactly once: {} — {} acknowledged sales, {} sales in the relay's store; {} missing, {} stored twice, {} with other units, {} stored but never acknowledged (requests unanswered: {failed}){}",
-            if exactly_once { "ok" } else { "FAILED" },
-            t.acked.len(),
-            rows.len(),
-            missing.len(),
-            twice.len(),
-            wrong_units.len(),
-            unacked,
-            if truncated { "; the store lists at most 1000 sales, so not every sale could be checked" } else { "" },
-        ));
-        for id in missing.iter().take(5) {
-            l.push(format!("  missing from the store: {id}"));
-        }
+        let (line, exactly_once) = check_exactly_once(v, STAND, &t, failed).await?;
+        l.push(line);
 
         let stock = v
             .relay_get(&format!("/v1/stands/{STAND}/stock"))
@@ -1285,17 +1388,25 @@ impl Report {
                 .or_default() += r["units"].as_i64().unwrap_or(0);
         }
         let refunded: i64 = by_status.values().sum();
-        let stripe = v.get(&format!("{}/_stats", v.stripe_url()), None).await;
-        let stripe_refunds = stripe.as_ref().and_then(|s| s["refunds"].as_u64());
         l.push(format!(
-            "oversell: {oversold} units; refunds decided: {refunded} units{}; the fake Stripe made {} refunds{}",
+            "oversell: {oversold} units; refunds decided: {refunded} units{}{}",
             if by_status.is_empty() {
                 String::new()
             } else {
-                format!(" ({})", by_status.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "))
+                format!(
+                    " ({})",
+                    by_status
+                        .iter()
+                        .map(|(k, n)| format!("{k} {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             },
-            stripe_refunds.map_or_else(|| s("?"), |n| n.to_string()),
-            if refunds_settled { "" } else { " (not settled in time)" },
+            if refunds_settled {
+                ""
+            } else {
+                " (not settled in time)"
+            },
         ));
         let strict_ok =
             (a.policy == VenuePolicy::Strict).then_some(oversold == 0 && refunds.is_empty());
@@ -1320,14 +1431,12 @@ impl Report {
         })
     }
 
-    /// Print it; whether the run passed.
-    fn print(&self) -> bool {
+    /// Print it, then `more`; whether the first stand passed.
+    fn print(&self, more: &[String]) -> bool {
         println!("== venue report");
-        for l in &self.lines {
+        for l in self.lines.iter().chain(more) {
             println!("{l}");
         }
-        let pass = self.exactly_once && self.strict_ok != Some(false) && self.settled;
-        println!("verdict: {}", if pass { "PASS" } else { "FAIL" });
-        pass
+        self.exactly_once && self.strict_ok != Some(false) && self.settled
     }
 }

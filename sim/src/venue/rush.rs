@@ -76,6 +76,8 @@ pub struct Acked {
     pub acked: Instant,
     pub units: i64,
     pub card: bool,
+    /// The payment intent of a card payment.
+    pub reference: String,
     pub offline: bool,
     pub phase: Phase,
 }
@@ -201,6 +203,7 @@ impl Seller {
         } else {
             json!({"method": "cash", "reference": ""})
         };
+        let reference = payment["reference"].as_str().unwrap_or("").to_owned();
         let body = json!({"lines": lines, "payment": payment});
         let r = self
             .http
@@ -228,6 +231,7 @@ impl Seller {
                         acked: Instant::now(),
                         units,
                         card,
+                        reference,
                         offline: v["sale"]["offline"].as_bool().unwrap_or(false),
                         phase,
                     };
