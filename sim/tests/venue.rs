@@ -151,7 +151,7 @@ fn printed(out: &str) -> Printed {
     let pos = out
         .lines()
         .take_while(|l| !l.starts_with("== venue report"))
-        .filter(|l| l.trim_start().starts_with("POS page"))
+        .filter(|l| l.trim_start().starts_with("POS page") && !l.contains("(stand south)"))
         .map(|l| {
             l.split_whitespace()
                 .last()
@@ -255,6 +255,38 @@ async fn a_short_venue_accounts_for_every_acknowledged_sale_in_the_relays_store_
     }
     let refunds = relay_get(&p, "/v1/stands/north/refunds").await;
     assert_eq!(refunds, serde_json::json!([]), "nothing refunded");
+
+    // The second stand oversold what it oversold, and every such unit was refunded once.
+    let south_once = line(&out, "  exactly once:");
+    assert!(south_once.starts_with("  exactly once: ok"), "{south_once}");
+    let refunded = line(&out, "  refunds exactly once:");
+    assert!(
+        refunded.starts_with("  refunds exactly once: ok"),
+        "{refunded}"
+    );
+    let stock = relay_get(&p, "/v1/stands/south/stock").await;
+    let oversold: i64 = stock["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (-i["available"].as_i64().unwrap()).max(0))
+        .sum();
+    let refunds = relay_get(&p, "/v1/stands/south/refunds?limit=1000").await;
+    let units: i64 = refunds
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["units"].as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        units, oversold,
+        "every oversold unit refunded once: {refunds}"
+    );
+    assert_eq!(
+        number_before(refunded, " units refunded of"),
+        units,
+        "{refunded}"
+    );
     let status: Value = http()
         .get(format!("{}/v1/status", p.pos[0]))
         .send()
