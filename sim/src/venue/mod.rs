@@ -840,7 +840,7 @@ async fn progress(
     }
 }
 
-fn print_urls(v: &Venue) {
+fn print_urls(v: &Venue, south: Option<&south::South>) {
     println!(
         "venue up: stand {STAND}, {} terminals, a kitchen display, the pool, the relay, the reconciler and a fake Stripe",
         v.tills.len()
@@ -858,6 +858,9 @@ fn print_urls(v: &Venue) {
         v.admin
     );
     println!("  fake Stripe  {}/_stats", v.stripe_url());
+    for t in south.iter().flat_map(|so| &so.tills) {
+        println!("  POS page     {} (stand south): {}/", t.name, t.url());
+    }
 }
 
 async fn venue(
@@ -882,12 +885,7 @@ async fn venue(
     } else {
         None
     };
-    print_urls(&v);
-    if let Some(so) = &south {
-        for t in &so.tills {
-            println!("  POS page     {} (stand south): {}/", t.name, t.url());
-        }
-    }
+    print_urls(&v, south.as_ref());
     println!("  up in {:.1} s", started.elapsed().as_secs_f64());
 
     let seen: SharedSeen = Arc::default();
@@ -1088,7 +1086,7 @@ async fn venue(
     }
     if a.keep {
         println!();
-        print_urls(&v);
+        print_urls(&v, south.as_ref());
         println!(
             "the venue keeps running (--keep); Ctrl-C stops every process and removes what it made"
         );
