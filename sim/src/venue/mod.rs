@@ -181,6 +181,20 @@ pub fn cmd_venue(a: &VenueArgs) -> Result<ExitCode> {
     a.check()?;
     let programs = Programs::beside_this_one()?;
     let mut work = Workdir::new(a.dir.as_deref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    // Caught from here on, so a Ctrl-C while the namespaces are made still cleans up.
+    let (mut int, mut term) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _in_rt = rt.enter();
+        (
+            signal(SignalKind::interrupt()).context("cannot catch SIGINT")?,
+            signal(SignalKind::terminate()).context("cannot catch SIGTERM")?,
+        )
+    };
     // Pool, terminals, kitchen display, and the second stand's terminals.
     let devices = a.terminals + 2 + a.south_terminals;
     let lan = match a.network {
@@ -195,16 +209,9 @@ pub fn cmd_venue(a: &VenueArgs) -> Result<ExitCode> {
         },
         NetworkChoice::Auto => None,
     };
+    // Declared after the namespaces, so dropped (every child stopped) before them.
     let children = Children::default();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     let outcome = rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut int = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
-        let mut term = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
         tokio::select! {
             biased;
             _ = int.recv() => Ok(Outcome::Stopped),
