@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 const STAND: &str = "north";
 /// Largest stand this command builds (one process per terminal).
 pub const MAX_TERMINALS: usize = 32;
+pub const MAX_RUSH_SECS: u64 = 24 * 3600;
 /// How long the venue may take to come up, and to settle after the rush.
 const START_TIMEOUT_MS: u64 = 90_000;
 const SETTLE_TIMEOUT_MS: u64 = 90_000;
@@ -81,9 +82,10 @@ pub struct VenueArgs {
     /// Length of the rush in seconds.
     #[arg(long, default_value_t = 60)]
     rush_secs: u64,
-    /// How long the internet is down, in the middle of the rush, in seconds.
-    #[arg(long, default_value_t = 20)]
-    outage_secs: u64,
+    /// How long the internet is down, in the middle of the rush, in seconds [default: a third
+    /// of the rush].
+    #[arg(long)]
+    outage_secs: Option<u64>,
     /// Terminals in the stand.
     #[arg(long, default_value_t = 6)]
     terminals: usize,
@@ -108,6 +110,10 @@ pub struct VenueArgs {
 }
 
 impl VenueArgs {
+    fn outage_secs(&self) -> u64 {
+        self.outage_secs.unwrap_or(self.rush_secs / 3)
+    }
+
     fn check(&self) -> Result<()> {
         if self.terminals == 0 || self.terminals > MAX_TERMINALS {
             bail!(
@@ -121,10 +127,14 @@ impl VenueArgs {
                 self.south_terminals
             );
         }
-        if self.rush_secs < 6 {
-            bail!("--rush-secs must be at least 6, not {}", self.rush_secs);
+        if !(6..=MAX_RUSH_SECS).contains(&self.rush_secs) {
+            bail!(
+                "--rush-secs must be 6 to {MAX_RUSH_SECS}, not {}",
+                self.rush_secs
+            );
         }
-        if self.outage_secs == 0 || self.outage_secs * 3 > self.rush_secs * 2 {
+        let outage = self.outage_secs();
+        if outage == 0 || outage.saturating_mul(3) > self.rush_secs * 2 {
             bail!(
                 "--outage-secs must be at least 1 and leave a third of the {} s rush with the internet up",
                 self.rush_secs
@@ -956,8 +966,8 @@ async fn venue(
             );
         }
     }
-    let cut_at = start + Duration::from_millis((rush_ms - a.outage_secs * 1000) / 2);
-    let heal_at = cut_at + Duration::from_secs(a.outage_secs);
+    let cut_at = start + Duration::from_millis((rush_ms - a.outage_secs() * 1000) / 2);
+    let heal_at = cut_at + Duration::from_secs(a.outage_secs());
     tokio::time::sleep_until(cut_at.into()).await;
     v.cut()?;
     phase.set(Phase::InternetDown);
@@ -1443,5 +1453,69 @@ impl Report {
             println!("{l}");
         }
         self.exactly_once && self.strict_ok != Some(false) && self.settled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        venue: VenueArgs,
+    }
+
+    fn args(a: &[&str]) -> VenueArgs {
+        Cli::parse_from(std::iter::once("venue").chain(a.iter().copied())).venue
+    }
+
+    #[test]
+    fn bad_options_are_refused_with_a_reason() {
+        assert!(args(&[]).check().is_ok());
+        let short = args(&["--rush-secs", "20"]);
+        assert!(short.check().is_ok());
+        assert_eq!(short.outage_secs(), 6, "a third of the rush");
+        for (bad, says) in [
+            (&["--terminals", "0"][..], "--terminals"),
+            (&["--terminals", "33"][..], "--terminals"),
+            (&["--south-terminals", "40"][..], "--south-terminals"),
+            (&["--rush-secs", "5"][..], "--rush-secs"),
+            (&["--rush-secs", "18446744073709551615"][..], "--rush-secs"),
+            (
+                &["--outage-secs", "18446744073709551615"][..],
+                "--outage-secs",
+            ),
+            (&["--outage-secs", "0"][..], "--outage-secs"),
+            (
+                &["--rush-secs", "30", "--outage-secs", "21"][..],
+                "--outage-secs",
+            ),
+        ] {
+            let e = args(bad).check().expect_err("refused");
+            assert!(e.to_string().contains(says), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_long_rush_stays_within_what_the_relay_lists() {
+        for terminals in [1, 6, MAX_TERMINALS] {
+            for rush_ms in [6_000, 60_000, 3_600_000] {
+                let p = rush::Pace::new(terminals, rush_ms);
+                assert!(
+                    p.expected_sales <= rush::MAX_EXPECTED_SALES,
+                    "{terminals} terminals over {rush_ms} ms: {p:?}"
+                );
+                assert!(p.stock().iter().all(|n| *n >= 5), "{p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn spread_reads_percentiles_of_what_it_is_given() {
+        assert_eq!(spread(vec![]), "none");
+        let xs: Vec<u64> = (1..=100).rev().collect();
+        assert_eq!(spread(xs), "p50 50 ms, p99 99 ms, max 100 ms over 100");
     }
 }

@@ -30,7 +30,7 @@ pub struct South {
 fn stock(a: &VenueArgs) -> Vec<i64> {
     let rush_ms = a.rush_secs * 1000;
     let pace = Pace::new(a.south_terminals, rush_ms);
-    let mid_outage_ms = (rush_ms - a.outage_secs * 1000) / 2 + a.outage_secs * 500;
+    let mid_outage_ms = (rush_ms - a.outage_secs() * 1000) / 2 + a.outage_secs() * 500;
     let units = pace.expected_sales as f64 * UNITS_PER_SALE * mid_outage_ms as f64 / rush_ms as f64;
     CATALOG
         .iter()
