@@ -691,6 +691,7 @@ async fn set_up(
 }
 
 async fn wait_ready(v: &Venue) -> Result<()> {
+    let mesh = v.devices().len();
     let stats = format!("{}/_stats", v.stripe_url());
     v.until(START_TIMEOUT_MS, "the fake Stripe", || v.get(&stats, None))
         .await?;
@@ -705,10 +706,18 @@ async fn wait_ready(v: &Venue) -> Result<()> {
             .collect();
         v.until(
             START_TIMEOUT_MS,
-            &format!("{} to hold the stand and reach the pool", d.name),
+            &format!(
+                "{} to hold the stand and be connected to the stand's {} other devices",
+                d.name,
+                mesh - 1
+            ),
             || async {
                 let st = v.get(&format!("{url}/v1/status"), None).await?;
                 if st["role"].is_null() || st["pool_reachable"] != true {
+                    return None;
+                }
+                // The relay counts among the peers too.
+                if st["peers"].as_array()?.len() < mesh - 1 {
                     return None;
                 }
                 let stock = v.get(&format!("{url}/v1/stock"), None).await?;
