@@ -16,81 +16,10 @@ use futures::SinkExt;
 use halftime_ledger::*;
 use halftime_relay::server::{App, router};
 use halftime_relay::store::{Batch, ChangeRow, Placement, StandRow, Store};
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
-const TERMINALS: usize = 10;
 const PER_FRAME: usize = 256;
-
-fn sku() -> Sku {
-    Sku::new("soda").unwrap_or_else(|_| unreachable!())
-}
-
-fn key(n: u8) -> ReplicaKey {
-    ReplicaKey::from_seed([n; 32])
-}
-
-/// The stand's set-up and `n` sales spread over the terminals, all signed.
-fn changes(n: usize, relay: PublicKey) -> Result<Vec<SignedChange>, OpError> {
-    let stand = StandId::new("bench").unwrap_or_else(|_| unreachable!());
-    let info = StandInfo {
-        event: EventId::new("game").unwrap_or_else(|_| unreachable!()),
-        venue: "bench".into(),
-        stand: stand.clone(),
-        policy: Policy::Strict,
-        allocation: Allocation::Proportional,
-        low_stock_pct: 0,
-    };
-    let t0 = 1_700_000_000_000;
-    let (mut pool, g) = Ledger::create_stand(key(1), info, "pool", t0)?;
-    let mut out = vec![g];
-    out.push(pool.set_catalog(
-        vec![CatalogItem {
-            sku: sku(),
-            name: "Soda".into(),
-            price_cents: 300,
-            low_stock_at: 0,
-        }],
-        t0,
-    )?);
-    out.push(pool.enrol(relay, "relay", Role::Relay, t0)?);
-    let per = (n / TERMINALS + 1) as u64;
-    out.push(pool.restock(
-        BTreeMap::from([(sku(), per * TERMINALS as u64)]),
-        "open",
-        t0,
-    )?);
-    let mut tills = Vec::new();
-    for i in 0..TERMINALS {
-        let k = key(10 + i as u8);
-        out.push(pool.enrol(k.public(), &format!("till {i}"), Role::Terminal, t0)?);
-        out.push(pool.give(k.replica_id(), BTreeMap::from([(sku(), per)]), t0)?);
-        tills.push(Ledger::join(k, stand.clone(), key(1).public()));
-    }
-    for t in &mut tills {
-        t.apply_remote(out.clone(), t0);
-    }
-    for i in 0..n {
-        let req = SaleRequest {
-            lines: vec![SaleLine {
-                sku: sku(),
-                qty: 1,
-                unit_price_cents: 300,
-            }],
-            payment: Payment {
-                method: PaymentMethod::Card,
-                reference: format!("pi_{i}"),
-            },
-            pool_reachable: true,
-        };
-        match tills[i % TERMINALS].sell(req, t0 + 1 + i as u64) {
-            SaleOutcome::Committed { change, .. } => out.push(change),
-            SaleOutcome::Refused { reason } => return Err(reason.into()),
-        }
-    }
-    Ok(out)
-}
 
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
@@ -113,7 +42,7 @@ async fn main() {
     let store = Store::open(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
     let relay = store.relay_key().await.unwrap_or_else(|e| panic!("{e}"));
     let t = Instant::now();
-    let all = changes(n, relay.public()).unwrap_or_else(|e| panic!("{e}"));
+    let all = common::stand_changes("bench", n, relay.public()).unwrap_or_else(|e| panic!("{e}"));
     eprintln!(
         "signed {} changes in {:.1} s",
         all.len(),
@@ -122,7 +51,7 @@ async fn main() {
     let stand = StandId::new("bench").unwrap_or_else(|_| unreachable!());
     let row = StandRow {
         stand: stand.clone(),
-        pool_key: key(1).public(),
+        pool_key: common::key(1).public(),
         placement: Placement::Device,
         pool_secret: None,
         psk: None,
@@ -142,7 +71,7 @@ async fn main() {
         .unwrap_or_else(|e| panic!("{e}"))
         .to_string();
     tokio::spawn(async move { axum::serve(listener, router(app)).await });
-    let mut ws = common::connect_as(&addr, &key(1)).await;
+    let mut ws = common::connect_as(&addr, &common::key(1)).await;
     let t = Instant::now();
     for chunk in all.chunks(PER_FRAME) {
         let frame = WireMessage::Changes {
@@ -181,7 +110,7 @@ async fn main() {
         .iter()
         .enumerate()
         .map(|(i, c)| ChangeRow {
-            actor: key((i % 200) as u8).replica_id(),
+            actor: common::key((i % 200) as u8).replica_id(),
             seq: (i / 200 + 1) as u64,
             info: ChangeInfo {
                 hash: [(i % 251) as u8; 32],

@@ -1,0 +1,216 @@
+//! Restart of a relay holding many large stands: how long until `halftime-relay serve` answers
+//! its admin API with every stand loaded, and what it holds in memory, first with no snapshot
+//! (every stored change replayed; this start writes each stand's snapshot, `--snapshot-every
+//! 1000`) and then from the snapshots.
+//!
+//! `cargo bench -p halftime-relay --bench restart` (Postgres at 127.0.0.1:5432 with trust auth,
+//! or HALFTIME_TEST_POSTGRES=postgres://…/postgres; `-- --sqlite` for a SQLite file;
+//! `-- --stands N --sales M`, default 10 stands of 100,000 sales).
+
+mod common;
+
+use halftime_ledger::*;
+use halftime_relay::store::{Batch, ChangeRow, Placement, StandRow, Store};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PER_COMMIT: usize = 256;
+
+fn arg(args: &[String], name: &str, default: usize) -> usize {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Stand `name`'s changes with what the store keeps beside each (hash, deps, time), in the
+/// order a replica accepts them.
+fn stand_rows(name: &str, sales: usize, relay: &ReplicaKey) -> Vec<ChangeRow> {
+    let all = common::stand_changes(name, sales, relay.public()).unwrap_or_else(|e| panic!("{e}"));
+    let stand = StandId::new(name).unwrap_or_else(|e| panic!("{e}"));
+    let mut l = Ledger::join(relay.clone(), stand, common::key(1).public());
+    let report = l.apply_remote(all, 1_700_000_000_000);
+    assert!(report.rejected.is_empty() && report.pending == 0);
+    report
+        .accepted
+        .into_iter()
+        .zip(report.accepted_ids)
+        .map(|(change, (actor, seq))| ChangeRow {
+            actor,
+            seq,
+            info: l
+                .change_info(actor, seq)
+                .unwrap_or_else(|| panic!("{actor}/{seq} not held")),
+            change,
+        })
+        .collect()
+}
+
+/// kB from a `/proc/<pid>/status` line.
+fn status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Started {
+    child: Child,
+    up: Duration,
+}
+
+/// Start the relay and wait until `GET /v1/stands` lists `stands` stands.
+async fn start(db: &str, token: &str, stands: usize, log: &std::path::Path) -> Started {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let t = Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_halftime-relay"))
+        .args(["--database", db, "serve", "--snapshot-every", "1000", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}")))
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v1/stands");
+    loop {
+        let listed = client.get(&url).bearer_auth(token).send().await;
+        if let Ok(r) = listed {
+            if let Ok(v) = r.json::<serde_json::Value>().await {
+                if v.as_array().map(Vec::len) == Some(stands) {
+                    return Started {
+                        child,
+                        up: t.elapsed(),
+                    };
+                }
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "the relay did not come up; see {}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn stop(mut s: Started) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status();
+    let _ = s.child.wait();
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let sqlite = args.iter().any(|a| a == "--sqlite");
+    let stands = arg(&args, "--stands", 10);
+    let sales = arg(&args, "--sales", 100_000);
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let db = common::database(sqlite, dir.path(), "restart").await;
+    let store = Store::open(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+    let relay = store.relay_key().await.unwrap_or_else(|e| panic!("{e}"));
+
+    // Two stands at a time are signed and checked (one per core), then stored.
+    let t = Instant::now();
+    let names: Vec<String> = (0..stands).map(|i| format!("s{i}")).collect();
+    let mut total = 0;
+    for pair in names.chunks(2) {
+        let made: Vec<(String, Vec<ChangeRow>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = pair
+                .iter()
+                .map(|n| {
+                    let relay = relay.clone();
+                    s.spawn(move || (n.clone(), stand_rows(n, sales, &relay)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| panic!("a generator failed")))
+                .collect()
+        });
+        for (name, rows) in made {
+            let stand = StandId::new(&name).unwrap_or_else(|e| panic!("{e}"));
+            let row = StandRow {
+                stand: stand.clone(),
+                pool_key: common::key(1).public(),
+                placement: Placement::Device,
+                pool_secret: None,
+                psk: None,
+            };
+            store
+                .add_stand(&row, 0)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            total += rows.len();
+            for chunk in rows.chunks(PER_COMMIT) {
+                let batch = Batch {
+                    changes: chunk.to_vec(),
+                    ..Batch::default()
+                };
+                store
+                    .commit(&stand, &batch, 0)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+            eprintln!(
+                "stored stand {name}: {} changes ({:.0} s so far)",
+                rows.len(),
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let token = store
+        .create_token("bench", halftime_relay::store::AdminRole::Viewer, 0)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let store_kind = if sqlite { "SQLite file" } else { "Postgres" };
+    println!("{stands} stands × {sales} sales ({total} stored changes) on {store_kind}");
+
+    // First start: no snapshots; each stand replays its changes and then writes its snapshot.
+    let first = start(&db.url, &token, stands, &dir.path().join("first.log")).await;
+    let pid = first.child.id();
+    println!(
+        "start with no snapshot (every change replayed): API up with every stand in {:.2} s, resident {} MB, peak {} MB",
+        first.up.as_secs_f64(),
+        status_kb(pid, "VmRSS:") / 1024,
+        status_kb(pid, "VmHWM:") / 1024
+    );
+    let t = Instant::now();
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM stand_snapshots")
+            .fetch_one(store.pool())
+            .await
+            .unwrap_or(0);
+        if n as usize == stands {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "the snapshots were not written"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(first);
+
+    // Second start: from the snapshots.
+    let second = start(&db.url, &token, stands, &dir.path().join("second.log")).await;
+    let pid = second.child.id();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    println!(
+        "start from the snapshots: API up with every stand in {:.2} s, resident {} MB, peak {} MB",
+        second.up.as_secs_f64(),
+        status_kb(pid, "VmRSS:") / 1024,
+        status_kb(pid, "VmHWM:") / 1024
+    );
+    stop(second);
+    store.pool().close().await;
+    common::drop_database(&db).await;
+}
