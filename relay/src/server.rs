@@ -120,9 +120,18 @@ impl App {
             next_conn: AtomicU64::new(1),
             metrics: Metrics::default(),
         }));
-        for row in store.stands().await? {
-            app.start_stand(row).await?;
+        // Stands load side by side, one per core: each is CPU work on a blocking thread.
+        use futures::StreamExt as _;
+        let width = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let mut loads = futures::stream::iter(store.stands().await?.into_iter().map(|row| {
+            let app = app.clone();
+            async move { app.start_stand(row).await }
+        }))
+        .buffer_unordered(width);
+        while let Some(loaded) = loads.next().await {
+            loaded?;
         }
+        drop(loads);
         if store.backend() == Backend::Postgres {
             let listener = app.clone();
             tokio::spawn(async move { listener.listen().await });

@@ -260,7 +260,12 @@ pub async fn start(
     if let Some(snap) = snapshot {
         let (k, s, p) = (key.clone(), row.stand.clone(), row.pool_key);
         let given = std::mem::take(&mut stored);
-        match Ledger::from_snapshot(k, s, p, &snap, given, now_ms()) {
+        let load = tokio::task::spawn_blocking(move || {
+            Ledger::from_snapshot(k, s, p, &snap, given, now_ms())
+        })
+        .await
+        .map_err(|e| StoreError::Invalid(format!("loading stand {}: {e}", row.stand)))?;
+        match load {
             Ok((l, report, load)) => {
                 loaded = Loaded::Snapshot {
                     covered: load.covered,
@@ -279,7 +284,12 @@ pub async fn start(
     }
     let (ledger, report) = match from_snapshot {
         Some(r) => r,
-        None => Ledger::restore(key, row.stand.clone(), row.pool_key, stored, now_ms()),
+        None => {
+            let (s, p) = (row.stand.clone(), row.pool_key);
+            tokio::task::spawn_blocking(move || Ledger::restore(key, s, p, stored, now_ms()))
+                .await
+                .map_err(|e| StoreError::Invalid(format!("loading stand {}: {e}", row.stand)))?
+        }
     };
     if !report.rejected.is_empty() || report.pending > 0 {
         tracing::error!(
