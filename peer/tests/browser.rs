@@ -516,6 +516,17 @@ fn relay_bin() -> PathBuf {
     p
 }
 
+/// `halftime-relay serve` on `db` at 127.0.0.1:`port`, logging to `log`.
+fn serve_relay(db: &str, port: u16, log: &Path) -> Child {
+    Command::new(relay_bin())
+        .args(["--database", db, "serve", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
 fn relay_cli(db: &str, args: &[&str]) -> String {
     let out = Command::new(relay_bin())
         .args(["--database", db])
@@ -658,18 +669,7 @@ async fn restocking_on_the_relays_admin_page_raises_the_pos_page() {
         .to_owned();
     let rport = free_port();
     let relay_log = dir.path().join("relay.log");
-    let mut relay = Command::new(relay_bin())
-        .args([
-            "--database",
-            &db,
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{rport}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&relay_log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut relay = serve_relay(&db, rport, &relay_log);
     let relay_url = format!("http://127.0.0.1:{rport}");
     let post = |path: &str, body: serde_json::Value| {
         client()
@@ -819,18 +819,7 @@ async fn the_admin_page_restocks_a_device_stands_pool_at_once_or_when_it_is_back
         .to_owned();
     let rport = free_port();
     let relay_log = dir.join("relay.log");
-    let mut relay = Command::new(relay_bin())
-        .args([
-            "--database",
-            &db,
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{rport}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&relay_log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut relay = serve_relay(&db, rport, &relay_log);
     let relay_url = format!("http://127.0.0.1:{rport}");
     let uplink = format!("ws://127.0.0.1:{rport}");
     let extra = [

@@ -70,7 +70,14 @@ async fn start(db: &str, token: &str, stands: usize, log: &std::path::Path) -> S
         .unwrap_or_else(|e| panic!("{e}"));
     let t = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_halftime-relay"))
-        .args(["--database", db, "serve", "--snapshot-every", "1000", "--listen"])
+        .args([
+            "--database",
+            db,
+            "serve",
+            "--snapshot-every",
+            "1000",
+            "--listen",
+        ])
         .arg(format!("127.0.0.1:{port}"))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

@@ -725,6 +725,9 @@ impl StandTask {
             }
         }
         let now = now_ms();
+        // Decisions up to the first whose sale is not here yet are done; the rest are written
+        // now and read again next time (writing is idempotent).
+        let mut advance = true;
         for (id, sale, sku, units) in rows {
             let parsed = (
                 sale.parse::<halftime_ledger::SaleId>(),
@@ -733,11 +736,14 @@ impl StandTask {
             );
             let (Ok(sale), Ok(sku), Ok(units)) = parsed else {
                 tracing::error!(stand = %self.stand, id, %sale, %sku, units, "a stored refund decision does not parse; skipped");
-                self.refunds.after = id;
+                if advance {
+                    self.refunds.after = id;
+                }
                 continue;
             };
             if self.engine.ledger().sale(sale).is_none() {
-                break;
+                advance = false;
+                continue;
             }
             let have = self.engine.ledger().refunded_by_me(sale, &sku);
             if have < units {
@@ -749,7 +755,9 @@ impl StandTask {
                     return retry_later(self);
                 }
             }
-            self.refunds.after = id;
+            if advance {
+                self.refunds.after = id;
+            }
         }
     }
 

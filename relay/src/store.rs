@@ -354,9 +354,8 @@ impl Store {
             .await
     }
 
-    /// Take the lease on writing a device stand's refunds into its document as the relay:
-    /// every instance shares the relay's key, and two writers of one key would fork its
-    /// changes.
+    /// Take the lease on writing a device stand's refunds into its document as the relay.
+    /// Every instance shares the relay's key, and two writers of one key fork its history.
     pub async fn try_refund_lease(&self, stand: &StandId) -> Result<Lease, StoreError> {
         self.try_lease_named(&format!("halftime refunds {stand}"))
             .await

@@ -66,6 +66,32 @@ fn stand(relay: PublicKey) -> (Ledger, Ledger, Vec<SignedChange>) {
     (pool, till, setup)
 }
 
+/// The till sells `qty` sodas; the sale's id and change.
+fn sell_soda(
+    till: &mut Ledger,
+    qty: u64,
+    method: PaymentMethod,
+    at: u64,
+) -> (SaleId, SignedChange) {
+    let reference = match method {
+        PaymentMethod::Card => "pi_1".into(),
+        _ => String::new(),
+    };
+    let req = SaleRequest {
+        lines: vec![SaleLine {
+            sku: sku("soda"),
+            qty,
+            unit_price_cents: 300,
+        }],
+        payment: Payment { method, reference },
+        pool_reachable: true,
+    };
+    match till.sell(req, at) {
+        SaleOutcome::Committed { sale_id, change } => (sale_id, change),
+        SaleOutcome::Refused { reason } => panic!("the till could not sell: {reason}"),
+    }
+}
+
 fn key(n: u8) -> ReplicaKey {
     ReplicaKey::from_seed([n; 32])
 }
@@ -218,23 +244,7 @@ async fn whole_story(db: &TestDb) {
 
     // The terminal is now a known member: it connects, sells, and the pool hears at once.
     let mut t = connect(&addr, "north", &key(10)).await.unwrap();
-    let SaleOutcome::Committed { change, .. } = till.sell(
-        SaleRequest {
-            lines: vec![SaleLine {
-                sku: sku("soda"),
-                qty: 2,
-                unit_price_cents: 300,
-            }],
-            payment: Payment {
-                method: PaymentMethod::Card,
-                reference: "pi_1".into(),
-            },
-            pool_reachable: true,
-        },
-        2_000,
-    ) else {
-        panic!("the till could not sell")
-    };
+    let (_, change) = sell_soda(&mut till, 2, PaymentMethod::Card, 2_000);
     send(
         &mut t,
         &WireMessage::Changes {
@@ -508,23 +518,7 @@ async fn a_dead_database_holds_every_acknowledgement_until_it_is_back() {
     ] {
         sqlx::query(&sql).execute(&mut admin).await.unwrap();
     }
-    let SaleOutcome::Committed { change, .. } = till.sell(
-        SaleRequest {
-            lines: vec![SaleLine {
-                sku: sku("soda"),
-                qty: 1,
-                unit_price_cents: 300,
-            }],
-            payment: Payment {
-                method: PaymentMethod::Cash,
-                reference: String::new(),
-            },
-            pool_reachable: true,
-        },
-        2_000,
-    ) else {
-        panic!("the till could not sell")
-    };
+    let (_, change) = sell_soda(&mut till, 1, PaymentMethod::Cash, 2_000);
     send(
         &mut t,
         &WireMessage::Changes {
@@ -599,23 +593,7 @@ async fn a_restarted_relay_loads_its_stands_from_snapshots_and_replays_a_damaged
     let mut t = connect(&addr, "north", &key(10)).await.unwrap();
     let mut made = Vec::new();
     for i in 0..15u64 {
-        let SaleOutcome::Committed { sale_id, change } = till.sell(
-            SaleRequest {
-                lines: vec![SaleLine {
-                    sku: sku("soda"),
-                    qty: 1,
-                    unit_price_cents: 300,
-                }],
-                payment: Payment {
-                    method: PaymentMethod::Cash,
-                    reference: String::new(),
-                },
-                pool_reachable: true,
-            },
-            2_000 + i * 10,
-        ) else {
-            panic!("the till could not sell")
-        };
+        let (sale_id, change) = sell_soda(&mut till, 1, PaymentMethod::Cash, 2_000 + i * 10);
         made.push(change);
         made.push(till.void(sale_id, 2_005 + i * 10).unwrap());
     }
@@ -763,23 +741,7 @@ async fn a_refund_decided_for_a_device_stand_reaches_it_once_as_a_change_of_the_
         .unwrap();
     let _p = pool_hands_over(&addr, &store, &setup).await;
     let mut t = connect(&addr, "north", &key(10)).await.unwrap();
-    let SaleOutcome::Committed { sale_id, change } = till.sell(
-        SaleRequest {
-            lines: vec![SaleLine {
-                sku: sku("soda"),
-                qty: 3,
-                unit_price_cents: 300,
-            }],
-            payment: Payment {
-                method: PaymentMethod::Cash,
-                reference: String::new(),
-            },
-            pool_reachable: true,
-        },
-        now_ms(),
-    ) else {
-        panic!("the till could not sell")
-    };
+    let (sale_id, change) = sell_soda(&mut till, 3, PaymentMethod::Cash, now_ms());
     send(
         &mut t,
         &WireMessage::Changes {
@@ -789,15 +751,23 @@ async fn a_refund_decided_for_a_device_stand_reaches_it_once_as_a_change_of_the_
     .await;
     until_stored(&store, setup.len() as u64 + 1).await;
 
-    // The store of record decides to refund 2 of the 3 units.
-    sqlx::query(
-        "INSERT INTO refund_decisions (stand, sale_id, sku, units, amount_cents, method, \
-         reference, available, decided_at) VALUES ('north', $1, 'soda', 2, 600, 'cash', '', -2, 0)",
-    )
-    .bind(sale_id.to_string())
-    .execute(store.pool())
-    .await
-    .unwrap();
+    // The store of record decides to refund 2 of the 3 units, after a decision about a sale
+    // this relay does not hold (it must not hold the others back).
+    let unheard = SaleId {
+        replica: sale_id.replica,
+        seq: 99,
+    };
+    for (sale, units) in [(unheard, 1i64), (sale_id, 2)] {
+        sqlx::query(
+            "INSERT INTO refund_decisions (stand, sale_id, sku, units, amount_cents, method, \
+             reference, available, decided_at) VALUES ('north', $1, 'soda', $2, 600, 'cash', '', -2, 0)",
+        )
+        .bind(sale.to_string())
+        .bind(units)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
     apply_until(&mut t, &mut till, 15, |l| {
         l.refunded(sale_id, &sku("soda")) == 2
     })

@@ -1027,21 +1027,7 @@ async fn venue(
         .until(
             SETTLE_TIMEOUT_MS,
             "the reconciler to settle every oversold unit",
-            || async {
-                let stock = v.relay_get(&format!("/v1/stands/{STAND}/stock")).await?;
-                let oversold: i64 = stock["items"]
-                    .as_array()?
-                    .iter()
-                    .map(|i| (-i["available"].as_i64().unwrap_or(0)).max(0))
-                    .sum();
-                let refunds = v
-                    .relay_get(&format!("/v1/stands/{STAND}/refunds?limit=1000"))
-                    .await?;
-                let rows = refunds.as_array()?;
-                let units: i64 = rows.iter().map(|r| r["units"].as_i64().unwrap_or(0)).sum();
-                let open = rows.iter().any(|r| r["status"] == "pending");
-                (units >= oversold && !open).then_some(())
-            },
+            || all_refunds_settled(&v, STAND),
         )
         .await
         .is_ok();
@@ -1075,7 +1061,7 @@ async fn venue(
                 && v.until(
                     SETTLE_TIMEOUT_MS,
                     "the reconciler to settle south's oversold units",
-                    || south::settled(&v),
+                    || all_refunds_settled(&v, south::SOUTH),
                 )
                 .await
                 .is_ok()
@@ -1144,6 +1130,47 @@ fn spread(mut xs: Vec<u64>) -> String {
         xs[xs.len() - 1],
         xs.len()
     )
+}
+
+/// Whether every unit stand `stand` oversold at the relay has a settled refund decision.
+async fn all_refunds_settled(v: &Venue, stand: &str) -> Option<()> {
+    let stock = v.relay_get(&format!("/v1/stands/{stand}/stock")).await?;
+    let oversold: i64 = stock["items"]
+        .as_array()?
+        .iter()
+        .map(|i| (-i["available"].as_i64().unwrap_or(0)).max(0))
+        .sum();
+    let refunds = v
+        .relay_get(&format!("/v1/stands/{stand}/refunds?limit=1000"))
+        .await?;
+    let rows = refunds.as_array()?;
+    let units: i64 = rows.iter().map(|r| r["units"].as_i64().unwrap_or(0)).sum();
+    let open = rows.iter().any(|r| r["status"] == "pending");
+    (units >= oversold && !open).then_some(())
+}
+
+/// Stand `stand`'s stock at the relay beside its opening stock: the units oversold in all,
+/// and "sku opening→now" per item.
+async fn relay_stock(v: &Venue, stand: &str, opening: &[i64]) -> Result<(i64, Vec<String>)> {
+    let stock = v
+        .relay_get(&format!("/v1/stands/{stand}/stock"))
+        .await
+        .with_context(|| format!("the relay does not give {stand}'s stock"))?;
+    let items = stock["items"]
+        .as_array()
+        .with_context(|| format!("{stand}'s stock at the relay has no items"))?;
+    let mut oversold = 0i64;
+    let mut left = Vec::new();
+    for (c, start_n) in CATALOG.iter().zip(opening) {
+        let avail = items
+            .iter()
+            .find(|i| i["sku"] == c.0)
+            .and_then(|i| i["available"].as_i64())
+            .with_context(|| format!("{stand}'s stock at the relay has no {}", c.0))?;
+        oversold += (-avail).max(0);
+        left.push(format!("{} {start_n}→{avail}", c.0));
+    }
+    Ok((oversold, left))
 }
 
 /// The exactly-once line for `stand`: every sale its terminals acknowledged is in the relay's
@@ -1378,24 +1405,7 @@ impl Report {
         let (line, exactly_once) = check_exactly_once(v, STAND, &t, failed).await?;
         l.push(line);
 
-        let stock = v
-            .relay_get(&format!("/v1/stands/{STAND}/stock"))
-            .await
-            .context("the relay does not give the stand's stock")?;
-        let items = stock["items"]
-            .as_array()
-            .context("the relay's stock has no items")?;
-        let mut oversold = 0i64;
-        let mut left = Vec::new();
-        for (c, start_n) in CATALOG.iter().zip(&v.stock) {
-            let avail = items
-                .iter()
-                .find(|i| i["sku"] == c.0)
-                .and_then(|i| i["available"].as_i64())
-                .with_context(|| format!("the relay's stock has no {}", c.0))?;
-            oversold += (-avail).max(0);
-            left.push(format!("{} {start_n}→{avail}", c.0));
-        }
+        let (oversold, left) = relay_stock(v, STAND, &v.stock).await?;
         l.push(format!(
             "stock at the relay (start→now): {}",
             left.join(", ")

@@ -8,7 +8,7 @@
 use super::rush::{CATALOG, Pace, SharedTally, lock};
 use super::{
     Device, NS_API_PORT, RELAY_MAX_LISTED, START_TIMEOUT_MS, Venue, VenueArgs, check_exactly_once,
-    run_cmd, s, spawn_in,
+    relay_stock, run_cmd, s, spawn_in,
 };
 use crate::venue::procs::{field, free_port};
 use anyhow::{Context, Result, bail};
@@ -167,23 +167,6 @@ pub async fn start(v: &Venue, a: &VenueArgs, first_index: usize) -> Result<South
     Ok(South { tills, stock })
 }
 
-/// Oversold units at the relay and whether every one has a settled refund decision.
-pub async fn settled(v: &Venue) -> Option<()> {
-    let stock = v.relay_get(&format!("/v1/stands/{SOUTH}/stock")).await?;
-    let oversold: i64 = stock["items"]
-        .as_array()?
-        .iter()
-        .map(|i| (-i["available"].as_i64().unwrap_or(0)).max(0))
-        .sum();
-    let refunds = v
-        .relay_get(&format!("/v1/stands/{SOUTH}/refunds?limit=1000"))
-        .await?;
-    let rows = refunds.as_array()?;
-    let units: i64 = rows.iter().map(|r| r["units"].as_i64().unwrap_or(0)).sum();
-    let open = rows.iter().any(|r| r["status"] == "pending");
-    (units >= oversold && !open).then_some(())
-}
-
 /// The stand's part of the report; whether it passed.
 pub async fn report(
     v: &Venue,
@@ -213,24 +196,7 @@ pub async fn report(
     let (line, once_ok) = check_exactly_once(v, SOUTH, &t, failed).await?;
     lines.push(format!("  {line}"));
 
-    let stock = v
-        .relay_get(&format!("/v1/stands/{SOUTH}/stock"))
-        .await
-        .context("the relay does not give south's stock")?;
-    let items = stock["items"]
-        .as_array()
-        .context("south's stock has no items")?;
-    let mut oversold = 0i64;
-    let mut left = Vec::new();
-    for (c, n) in CATALOG.iter().zip(&south.stock) {
-        let avail = items
-            .iter()
-            .find(|i| i["sku"] == c.0)
-            .and_then(|i| i["available"].as_i64())
-            .with_context(|| format!("south's stock has no {}", c.0))?;
-        oversold += (-avail).max(0);
-        left.push(format!("{} {n}→{avail}", c.0));
-    }
+    let (oversold, left) = relay_stock(v, SOUTH, &south.stock).await?;
     lines.push(format!(
         "  stock at the relay (start→now): {}",
         left.join(", ")
