@@ -210,6 +210,29 @@ impl App {
         }
     }
 
+    /// A pool whose lease was lost stands by again and is taken over, from the store, by
+    /// whichever instance gets the lease next (this one included). Boxed: it starts the stand
+    /// again, which starts this again.
+    fn stand_by_if_lost(
+        &self,
+        lost: tokio::sync::oneshot::Receiver<()>,
+        row: StandRow,
+    ) -> futures::future::BoxFuture<'static, ()> {
+        let app = self.clone();
+        Box::pin(async move {
+            if lost.await.is_err() {
+                return;
+            }
+            if let Ok(mut m) = app.stands.write() {
+                m.remove(&row.stand);
+            }
+            if let Ok(mut s) = app.standby.write() {
+                s.insert(row.stand.clone());
+            }
+            app.take_over(row).await;
+        })
+    }
+
     /// Whether another instance serves this stand (its pool's lease is elsewhere).
     pub fn standing_by(&self, s: &StandId) -> bool {
         self.standby.read().is_ok_and(|m| m.contains(s))
@@ -223,7 +246,8 @@ impl App {
         let placement = row.placement;
         let psk = row.psk.clone();
         let pool_key = row.pool_key;
-        let handle = stand::start(
+        let again = row.clone();
+        let (handle, lost) = stand::start(
             self.store.clone(),
             self.relay_key.clone(),
             row,
@@ -231,6 +255,7 @@ impl App {
             self.snapshot_every,
         )
         .await?;
+        tokio::spawn(self.stand_by_if_lost(lost, again));
         let served = Served {
             handle,
             key,

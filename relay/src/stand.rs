@@ -186,7 +186,10 @@ pub struct StandTask {
     next_poll: Instant,
     live: tokio::sync::broadcast::Sender<String>,
     /// The lease on the pool's key, for a stand whose pool is here.
-    _lease: Option<crate::store::Lease>,
+    lease: Option<crate::store::Lease>,
+    /// Set once the lease is found lost: the task stops and says so on `stepped_down`.
+    lost_lease: bool,
+    stepped_down: Option<oneshot::Sender<()>>,
     /// Answers to admin operations, sent once their changes are committed.
     answers: Vec<(
         oneshot::Sender<Result<serde_json::Value, AdminError>>,
@@ -233,15 +236,17 @@ pub const SNAPSHOT_EVERY: usize = 20_000;
 
 /// Load a stand from the store (from its snapshot and the changes stored after it when the
 /// snapshot is sound, else every stored change, re-checked) and start its task, which writes
-/// a new snapshot every `snapshot_every` changes (0: never).
+/// a new snapshot every `snapshot_every` changes (0: never). The receiver fires if the task
+/// stopped because it lost the pool's lease.
 pub async fn start(
     store: Store,
     relay_key: ReplicaKey,
     row: StandRow,
     lease: Option<crate::store::Lease>,
     snapshot_every: usize,
-) -> Result<StandHandle, StoreError> {
+) -> Result<(StandHandle, oneshot::Receiver<()>), StoreError> {
     let t0 = Instant::now();
+    let (stepped_down, lost) = oneshot::channel();
     let mut stored = store.load_changes(&row.stand).await?;
     let key = match (row.placement, row.pool_secret) {
         (Placement::Relay, Some(secret)) => ReplicaKey::from_seed(secret),
@@ -322,7 +327,9 @@ pub async fn start(
         from_store: Default::default(),
         poll_due: false,
         next_poll: Instant::now(),
-        _lease: lease,
+        lease,
+        lost_lease: false,
+        stepped_down: Some(stepped_down),
         live: tokio::sync::broadcast::channel(LIVE_QUEUE_LEN).0,
         answers: Vec::new(),
         snapshot_every,
@@ -343,11 +350,12 @@ pub async fn start(
     let live = task.live.clone();
     let (tx, rx) = mpsc::channel(STAND_QUEUE_LEN);
     tokio::spawn(task.run(rx));
-    Ok(StandHandle {
+    let handle = StandHandle {
         stand: row.stand,
         tx,
         live,
-    })
+    };
+    Ok((handle, lost))
 }
 
 impl StandTask {
@@ -390,6 +398,9 @@ impl StandTask {
                 self.record_refunds().await;
             }
             self.commit().await;
+            if self.lost_lease {
+                break;
+            }
             for (reply, answer) in self.answers.drain(..) {
                 let _ = reply.send(Ok(answer));
             }
@@ -397,6 +408,11 @@ impl StandTask {
             self.snapshot().await;
         }
         tracing::info!(stand = %self.stand, "stand stopped");
+        if self.lost_lease {
+            if let Some(tx) = self.stepped_down.take() {
+                let _ = tx.send(());
+            }
+        }
     }
 
     fn handle(&mut self, cmd: StandCmd) {
@@ -588,13 +604,24 @@ impl StandTask {
             }
             let mut backoff = COMMIT_RETRY_MS;
             loop {
-                match self.store.commit(&self.stand, &batch, now_ms()).await {
+                let fence = self.lease.as_ref().and_then(crate::store::Lease::fence);
+                match self
+                    .store
+                    .commit_fenced(&self.stand, &batch, now_ms(), fence)
+                    .await
+                {
                     Ok(()) => {
                         if !batch.items.is_empty() && self.live.receiver_count() > 0 {
                             let ev = serde_json::json!({"stand": self.stand.to_string(), "items": batch.items});
                             let _ = self.live.send(ev.to_string());
                         }
                         break;
+                    }
+                    Err(StoreError::LeaseLost(_)) => {
+                        tracing::error!(stand = %self.stand,
+                            "this instance lost the pool's lease; stepping down (nothing it signed since is stored or acknowledged)");
+                        self.lost_lease = true;
+                        return;
                     }
                     Err(e) => {
                         self.commit_failures += 1;

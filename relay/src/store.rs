@@ -32,6 +32,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Invalid(String),
+    /// This instance no longer holds the stand's pool lease (its lock's connection was lost,
+    /// and another instance may have taken it): nothing was written.
+    #[error("stand {0}: the pool's lease was lost")]
+    LeaseLost(String),
     /// Two different changes with one author and sequence number: never stored.
     #[error("stand {stand}: replica {actor} change {seq} differs from the one stored (a fork)")]
     Fork {
@@ -230,15 +234,36 @@ pub struct Store {
     url: String,
 }
 
+/// What proves a lease still held, checked inside each commit: the advisory lock's key and
+/// the server process of the connection holding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    key: i64,
+    pid: i32,
+}
+
 /// Who may sign as a stand's pool.
 #[derive(Debug)]
 pub enum Lease {
     /// The only instance (a SQLite file).
     Single,
     /// This instance, for as long as the connection holding the lock lives.
-    Held(sqlx::AnyConnection),
+    Held {
+        conn: sqlx::AnyConnection,
+        fence: Fence,
+    },
     /// Another instance holds it.
     Elsewhere,
+}
+
+impl Lease {
+    /// What a commit checks to be sure this lease is still held (none on a SQLite file).
+    pub fn fence(&self) -> Option<Fence> {
+        match self {
+            Lease::Held { fence, .. } => Some(*fence),
+            _ => None,
+        }
+    }
 }
 
 /// The Postgres channel on which a commit of new changes names its stand.
@@ -370,13 +395,17 @@ impl Store {
         let digest = sha2::Sha256::digest(name.as_bytes());
         let mut k = [0u8; 8];
         k.copy_from_slice(&digest[..8]);
-        let got: bool = sqlx::query("SELECT pg_try_advisory_lock($1)")
-            .bind(i64::from_be_bytes(k))
+        let key = i64::from_be_bytes(k);
+        let row = sqlx::query("SELECT pg_try_advisory_lock($1), pg_backend_pid()")
+            .bind(key)
             .fetch_one(&mut c)
-            .await?
-            .try_get(0)?;
+            .await?;
+        let (got, pid): (bool, i32) = (row.try_get(0)?, row.try_get(1)?);
         Ok(if got {
-            Lease::Held(c)
+            Lease::Held {
+                conn: c,
+                fence: Fence { key, pid },
+            }
         } else {
             Lease::Elsewhere
         })
@@ -531,10 +560,38 @@ impl Store {
 
     /// Write one batch in one transaction: all of it, or (on error) none of it.
     pub async fn commit(&self, stand: &StandId, b: &Batch, now_ms: u64) -> Result<(), StoreError> {
+        self.commit_fenced(stand, b, now_ms, None).await
+    }
+
+    /// [`Store::commit`], only while `fence`'s lease is still held: a stand's pool signed by
+    /// an instance that lost its lease (another may hold it now) is never stored.
+    pub async fn commit_fenced(
+        &self,
+        stand: &StandId,
+        b: &Batch,
+        now_ms: u64,
+        fence: Option<Fence>,
+    ) -> Result<(), StoreError> {
         if b.is_empty() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
+        if let Some(f) = fence {
+            // A bigint advisory key shows in pg_locks as its high and low 32 bits.
+            let held: i64 = sqlx::query(
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND pid = $1 AND classid::bigint = (($2 >> 32) & 4294967295) \
+                 AND objid::bigint = ($2 & 4294967295) AND objsubid = 1",
+            )
+            .bind(f.pid)
+            .bind(f.key)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+            if held == 0 {
+                return Err(StoreError::LeaseLost(stand.to_string()));
+            }
+        }
         write_batch(&mut tx, stand, b, now_ms).await?;
         if self.backend == Backend::Postgres && !b.changes.is_empty() {
             // Delivered at commit to every instance listening: they fetch what they lack.

@@ -812,3 +812,69 @@ async fn view_of(app: &App) -> halftime_relay::stand::StandView {
         .unwrap();
     rx.await.unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_lost_the_pools_lease_stores_nothing_it_signs_and_stands_by() {
+    use reqwest::Method;
+    let db = TestDb::postgres().await;
+    let store = Store::open(&db.url).await.unwrap();
+    let token = store.create_token("t", AdminRole::Admin, 0).await.unwrap();
+    let a = serve_app(App::open(store.clone(), 0).await.unwrap()).await;
+    let east = serde_json::json!({"stand": "east", "event": "game",
+        "items": [{"sku": "soda", "name": "Soda", "price_cents": 250, "stock": 10}]});
+    let (code, body) = call(Method::POST, &format!("http://{a}/v1/stands"), &token, east).await;
+    assert_eq!(code, 201, "{body}");
+    let b = serve_app(App::open(store.clone(), 0).await.unwrap()).await;
+    let restock = |addr: String| {
+        let token = token.clone();
+        async move {
+            call(
+                Method::POST,
+                &format!("http://{addr}/v1/stands/east/restock"),
+                &token,
+                serde_json::json!({"units": {"soda": 5}}),
+            )
+            .await
+        }
+    };
+    assert_eq!(restock(b.clone()).await.1["error"], "served_elsewhere");
+
+    // A's lock connection dies (as in a network cut between A and the database): B takes the
+    // lease while A still believes it holds it.
+    let cut: i64 = sqlx::query_scalar(
+        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_locks \
+         WHERE locktype = 'advisory' AND granted",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(cut, 1);
+    eventually(10, "B takes the pool over", || async {
+        (restock(b.clone()).await.0 == 201).then_some(())
+    })
+    .await;
+
+    // A signs a restock as the pool: its commit finds the lease gone, stores nothing, answers
+    // no success, and A stands by.
+    let (code, body) = restock(a.clone()).await;
+    assert_ne!(code, 201, "{body}");
+    eventually(10, "A stands by", || async {
+        (restock(a.clone()).await.1["error"] == "served_elsewhere").then_some(())
+    })
+    .await;
+    assert_eq!(restock(b.clone()).await.0, 201);
+    let stock = get(&format!("http://{b}/v1/stands/east/stock"), Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(
+        stock["items"][0]["available"], 20,
+        "B's two restocks only: {stock}"
+    );
+    let audit = get(
+        &format!("http://{b}/v1/stands/east/audit/verify"),
+        Some(&token),
+    )
+    .await
+    .unwrap();
+    assert_eq!(audit["ok"], true, "{audit}");
+}
