@@ -516,6 +516,30 @@ fn relay_bin() -> PathBuf {
     p
 }
 
+/// End a relay browser test: close the browser, stop the relay, and on a failure show the
+/// till's and the relay's logs before passing the panic on.
+async fn finish(
+    outcome: std::thread::Result<()>,
+    c: Client,
+    driver: Driver,
+    mut relay: Child,
+    till: &Proc,
+    relay_log: &Path,
+) {
+    let _ = c.close().await;
+    drop(driver);
+    let _ = relay.kill();
+    let _ = relay.wait();
+    if let Err(panic) = outcome {
+        eprintln!("--- till log ---\n{}", till.log_text());
+        eprintln!(
+            "--- relay log ---\n{}",
+            std::fs::read_to_string(relay_log).unwrap_or_default()
+        );
+        std::panic::resume_unwind(panic);
+    }
+}
+
 /// `halftime-relay serve` on `db` at 127.0.0.1:`port`, logging to `log`.
 fn serve_relay(db: &str, port: u16, log: &Path) -> Child {
     Command::new(relay_bin())
@@ -669,7 +693,7 @@ async fn restocking_on_the_relays_admin_page_raises_the_pos_page() {
         .to_owned();
     let rport = free_port();
     let relay_log = dir.path().join("relay.log");
-    let mut relay = serve_relay(&db, rport, &relay_log);
+    let relay = serve_relay(&db, rport, &relay_log);
     let relay_url = format!("http://127.0.0.1:{rport}");
     let post = |path: &str, body: serde_json::Value| {
         client()
@@ -749,18 +773,7 @@ async fn restocking_on_the_relays_admin_page_raises_the_pos_page() {
     let outcome = AssertUnwindSafe(admin_scenario(&c, &till.api, &relay_url, &manager, &db))
         .catch_unwind()
         .await;
-    let _ = c.close().await;
-    drop(driver);
-    let _ = relay.kill();
-    let _ = relay.wait();
-    if let Err(panic) = outcome {
-        eprintln!("--- till log ---\n{}", till.log_text());
-        eprintln!(
-            "--- relay log ---\n{}",
-            std::fs::read_to_string(&relay_log).unwrap_or_default()
-        );
-        std::panic::resume_unwind(panic);
-    }
+    finish(outcome, c, driver, relay, &till, &relay_log).await;
 }
 
 /// On the admin page, type `units` into the restock field of `row` and press its Restock
@@ -819,7 +832,7 @@ async fn the_admin_page_restocks_a_device_stands_pool_at_once_or_when_it_is_back
         .to_owned();
     let rport = free_port();
     let relay_log = dir.join("relay.log");
-    let mut relay = serve_relay(&db, rport, &relay_log);
+    let relay = serve_relay(&db, rport, &relay_log);
     let relay_url = format!("http://127.0.0.1:{rport}");
     let uplink = format!("ws://127.0.0.1:{rport}");
     let extra = [
@@ -921,18 +934,7 @@ async fn the_admin_page_restocks_a_device_stands_pool_at_once_or_when_it_is_back
         .await;
     };
     let outcome = AssertUnwindSafe(scenario).catch_unwind().await;
-    let _ = c.close().await;
-    drop(driver);
-    let _ = relay.kill();
-    let _ = relay.wait();
-    if let Err(panic) = outcome {
-        eprintln!("--- till log ---\n{}", till.log_text());
-        eprintln!(
-            "--- relay log ---\n{}",
-            std::fs::read_to_string(&relay_log).unwrap_or_default()
-        );
-        std::panic::resume_unwind(panic);
-    }
+    finish(outcome, c, driver, relay, &till, &relay_log).await;
 }
 
 fn field_of(out: &str, label: &str) -> String {

@@ -26,6 +26,25 @@ fn summary(mut xs: Vec<Duration>) -> String {
     )
 }
 
+/// Commit one row, with `notify` sent on [`CHANNEL`] inside the transaction when given.
+async fn commit_row(pool: &sqlx::PgPool, body: &[u8], notify: Option<&str>) {
+    let mut tx = pool.begin().await.unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query("INSERT INTO rows (body) VALUES ($1)")
+        .bind(body)
+        .execute(&mut *tx)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    if let Some(payload) = notify {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(payload)
+            .execute(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -57,19 +76,7 @@ async fn main() {
     let mut pg = Vec::with_capacity(rounds);
     for i in 0..rounds {
         let t = Instant::now();
-        let mut tx = pool.begin().await.unwrap_or_else(|e| panic!("{e}"));
-        sqlx::query("INSERT INTO rows (body) VALUES ($1)")
-            .bind(&body)
-            .execute(&mut *tx)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(i.to_string())
-            .execute(&mut *tx)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
+        commit_row(&pool, &body, Some(&i.to_string())).await;
         let n = listener.recv().await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(n.payload(), i.to_string());
         pg.push(t.elapsed());
@@ -88,13 +95,7 @@ async fn main() {
     let mut nt = Vec::with_capacity(rounds);
     for i in 0..rounds {
         let t = Instant::now();
-        let mut tx = pool.begin().await.unwrap_or_else(|e| panic!("{e}"));
-        sqlx::query("INSERT INTO rows (body) VALUES ($1)")
-            .bind(&body)
-            .execute(&mut *tx)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
+        commit_row(&pool, &body, None).await;
         nats.publish(CHANNEL, i.to_string().into())
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -108,13 +109,7 @@ async fn main() {
     let mut commit = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         let t = Instant::now();
-        let mut tx = pool.begin().await.unwrap_or_else(|e| panic!("{e}"));
-        sqlx::query("INSERT INTO rows (body) VALUES ($1)")
-            .bind(&body)
-            .execute(&mut *tx)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
+        commit_row(&pool, &body, None).await;
         commit.push(t.elapsed());
     }
     println!("commit of one row alone: {}", summary(commit));
