@@ -7,12 +7,20 @@
 //! commit makes every non-durable commit before it durable): the node syncs within
 //! `RECEIVED_SYNC_MS` of receiving and before it stops on SIGTERM or SIGINT.
 //!
-//! Beside the changes the store keeps the replica's latest snapshot (`Ledger::snapshot`), so a
-//! restart loads it and replays only the changes stored after it.
+//! Beside the changes the store keeps the replica's latest snapshot (`Ledger::snapshot`) and
+//! where the store stood when it was written, so a restart loads it and reads and replays only
+//! the changes stored after it. The ledger does not keep the changes' signed bytes in memory:
+//! it reads them from here ([`StoreBytes`], by hash) when a peer needs them.
 
-use halftime_ledger::{Ledger, PublicKey, ReplicaKey, SignedChange, StandId};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use halftime_ledger::{
+    ChangeBytes, ChangeHash, Ledger, PublicKey, ReplicaKey, SignedChange, StandId, change_hash,
+};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
+use std::sync::Arc;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// redb's page cache. Its default (1 GiB) kept every page a start-up read — the whole store of
@@ -20,6 +28,11 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// only when it starts, and appends touch a handful of pages.
 pub const STORE_CACHE_BYTES: usize = 16 * 1024 * 1024;
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
+/// A stored change's hash → its key in `CHANGES`.
+const BY_HASH: TableDefinition<&[u8], u64> = TableDefinition::new("changes_by_hash");
+/// Accepted changes whose bytes [`StoreBytes`] keeps in memory besides the store: the latest,
+/// which peers ask for most, and any the node has not written yet.
+pub const RECENT_CHANGES: usize = 4096;
 
 /// Storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +80,7 @@ pub struct StandSettings {
 /// The replica's redb file.
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
     next: u64,
 }
 
@@ -78,17 +91,48 @@ impl Store {
             .set_cache_size(STORE_CACHE_BYTES)
             .create(path)?;
         let tx = db.begin_write()?;
-        {
+        let indexed = {
+            let changes = tx.open_table(CHANGES)?;
+            let by_hash = tx.open_table(BY_HASH)?;
             tx.open_table(META)?;
-            tx.open_table(CHANGES)?;
-        }
+            changes.is_empty()? || !by_hash.is_empty()?
+        };
         tx.commit()?;
+        if !indexed {
+            Self::index(&db)?;
+        }
         let next = {
             let rx = db.begin_read().map_err(redb::Error::from)?;
             let t = rx.open_table(CHANGES)?;
             t.last()?.map_or(0, |(k, _)| k.value() + 1)
         };
-        Ok(Self { db, next })
+        Ok(Self {
+            db: Arc::new(db),
+            next,
+        })
+    }
+
+    /// Index by hash every stored change of a store written before the index existed.
+    fn index(db: &Database) -> Result<(), StoreError> {
+        let tx = db.begin_write()?;
+        let mut n = 0u64;
+        {
+            let changes = tx.open_table(CHANGES)?;
+            let mut by_hash = tx.open_table(BY_HASH)?;
+            for row in changes.iter()? {
+                let (k, v) = row?;
+                if let Some(h) = SignedChange::from_slice(v.value())
+                    .ok()
+                    .and_then(|c| change_hash(&c.bytes))
+                {
+                    by_hash.insert(&h[..], k.value())?;
+                    n += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        tracing::info!(changes = n, "indexed the stored changes by hash");
+        Ok(())
     }
 
     fn meta(&self, k: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -166,8 +210,12 @@ impl Store {
         let mut next = self.next;
         {
             let mut t = tx.open_table(CHANGES)?;
+            let mut by_hash = tx.open_table(BY_HASH)?;
             for c in changes {
                 t.insert(next, c.to_vec().as_slice())?;
+                if let Some(h) = change_hash(&c.bytes) {
+                    by_hash.insert(&h[..], next)?;
+                }
                 next += 1;
             }
         }
@@ -179,11 +227,16 @@ impl Store {
     /// Every stored change, in the order stored. Entries that do not decode are reported and
     /// skipped (the ledger re-validates everything it is given anyway).
     pub fn changes(&self) -> Result<(Vec<SignedChange>, usize), StoreError> {
+        self.changes_from(0)
+    }
+
+    /// The changes stored at position `from` and after, as [`Store::changes`].
+    pub fn changes_from(&self, from: u64) -> Result<(Vec<SignedChange>, usize), StoreError> {
         let rx = self.db.begin_read().map_err(redb::Error::from)?;
         let t = rx.open_table(CHANGES)?;
         let mut out = Vec::new();
         let mut bad = 0;
-        for row in t.iter()? {
+        for row in t.range(from..)? {
             let (_, v) = row?;
             match SignedChange::from_slice(v.value()) {
                 Ok(c) => out.push(c),
@@ -208,15 +261,101 @@ impl Store {
         self.meta("snapshot")
     }
 
-    /// Replace the snapshot, durably. The commit also makes every change appended before it
-    /// durable, so a snapshot never covers a change the disk could still lose.
+    /// Where the store stood when the latest snapshot was written: the changes stored from
+    /// there on are the ones it may not cover.
+    pub fn snapshot_at(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .meta("snapshot_at")?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(u64::from_le_bytes))
+    }
+
+    /// Replace the snapshot, durably, with where the store stands. The commit also makes
+    /// every change appended before it durable, so a snapshot never covers a change the disk
+    /// could still lose.
     pub fn put_snapshot(&mut self, snapshot: &[u8]) -> Result<(), StoreError> {
-        self.put_meta("snapshot", snapshot)
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        {
+            let mut t = tx.open_table(META)?;
+            t.insert("snapshot", snapshot)?;
+            t.insert("snapshot_at", &self.next.to_le_bytes()[..])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The stored changes' bytes, read by hash, for the ledger (see [`StoreBytes`]).
+    pub fn bytes(&self) -> StoreBytes {
+        StoreBytes {
+            db: self.db.clone(),
+            recent: HashMap::new(),
+            order: VecDeque::new(),
+        }
     }
 
     /// Raw fsync cost probe for benchmarks: one tiny immediate commit into the meta table.
     pub fn probe_fsync(&self) -> Result<(), StoreError> {
         self.put_meta("probe", &[0u8; 8])
+    }
+}
+
+/// The signed bytes of the replica's changes, read from its store by hash, so the ledger
+/// keeps none of them in memory. The latest [`RECENT_CHANGES`] accepted are also kept in
+/// memory: peers mostly ask for those, and a change the node has not written yet (it writes
+/// received changes between events) is served all the same.
+#[derive(Debug)]
+pub struct StoreBytes {
+    db: Arc<Database>,
+    recent: HashMap<ChangeHash, SignedChange>,
+    order: VecDeque<ChangeHash>,
+}
+
+impl StoreBytes {
+    fn read(&self, hash: &ChangeHash) -> Result<Option<SignedChange>, StoreError> {
+        let rx = self.db.begin_read().map_err(redb::Error::from)?;
+        let Some(k) = rx.open_table(BY_HASH)?.get(&hash.0[..])?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        let t = rx.open_table(CHANGES)?;
+        let Some(v) = t.get(k)? else {
+            return Ok(None);
+        };
+        SignedChange::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+}
+
+impl ChangeBytes for StoreBytes {
+    fn keep(&mut self, hash: ChangeHash, change: &SignedChange) {
+        if self.recent.insert(hash, change.clone()).is_none() {
+            self.order.push_back(hash);
+        }
+        while self.order.len() > RECENT_CHANGES {
+            if let Some(old) = self.order.pop_front() {
+                self.recent.remove(&old);
+            }
+        }
+    }
+
+    fn get(&self, hash: &ChangeHash) -> Option<SignedChange> {
+        if let Some(c) = self.recent.get(hash) {
+            return Some(c.clone());
+        }
+        match self.read(hash) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, %hash, "could not read a held change from the store");
+                None
+            }
+        }
+    }
+
+    fn count(&self) -> Option<usize> {
+        let rx = self.db.begin_read().ok()?;
+        let t = rx.open_table(BY_HASH).ok()?;
+        t.len().ok().map(|n| n as usize)
     }
 }
 
@@ -249,44 +388,195 @@ pub fn load_ledger(
     settings: &StandSettings,
     now_ms: u64,
 ) -> Result<(Ledger, Loaded), StoreError> {
-    let (mut stored, undecodable) = store.changes()?;
-    let n = stored.len();
     let (stand, pool) = (settings.stand.clone(), settings.pool);
     let mut why = None;
-    let mut result = None;
     if let Some(snap) = store.snapshot()? {
-        let given = std::mem::take(&mut stored);
-        match Ledger::from_snapshot(key.clone(), stand.clone(), pool, &snap, given, now_ms) {
+        let (tail, undecodable) = store.changes_from(store.snapshot_at()?.unwrap_or(0))?;
+        let bytes = Box::new(store.bytes());
+        match Ledger::from_snapshot_with(
+            key.clone(),
+            stand.clone(),
+            pool,
+            &snap,
+            tail,
+            bytes,
+            now_ms,
+        ) {
             Ok((l, report, load)) => {
-                result = Some((
-                    l,
-                    report,
-                    Loaded::Snapshot {
-                        covered: load.covered,
-                        replayed: load.replayed,
-                    },
-                ));
+                warn_unused(undecodable, report.rejected.len());
+                let loaded = Loaded::Snapshot {
+                    covered: load.covered,
+                    replayed: load.replayed,
+                };
+                return Ok((l, loaded));
             }
             Err(e) => {
-                tracing::warn!(error = %e, changes = n, "the snapshot cannot be used; replaying every stored change");
+                tracing::warn!(error = %e, "the snapshot cannot be used; replaying every stored change");
                 why = Some(e.to_string());
-                stored = store.changes()?.0;
             }
         }
     }
-    let (ledger, report, loaded) = match result {
-        Some(r) => r,
-        None => {
-            let (l, report) = Ledger::restore(key, stand, pool, stored, now_ms);
-            (l, report, Loaded::Replay { changes: n, why })
-        }
-    };
-    if undecodable > 0 || !report.rejected.is_empty() {
+    let (stored, undecodable) = store.changes()?;
+    let n = stored.len();
+    let (ledger, report) =
+        Ledger::restore_with(key, stand, pool, stored, Box::new(store.bytes()), now_ms);
+    warn_unused(undecodable, report.rejected.len());
+    Ok((ledger, Loaded::Replay { changes: n, why }))
+}
+
+fn warn_unused(undecodable: usize, rejected: usize) {
+    if undecodable > 0 || rejected > 0 {
         tracing::warn!(
             undecodable,
-            rejected = report.rejected.len(),
+            rejected,
             "some stored changes could not be used"
         );
     }
-    Ok((ledger, loaded))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use halftime_ledger::{
+        Allocation, CatalogItem, EventId, Payment, PaymentMethod, Policy, Role, SaleLine,
+        SaleOutcome, SaleRequest, Sku, StandInfo, VersionVector,
+    };
+    use std::collections::BTreeMap;
+
+    /// A terminal's store holding a stand's set-up and `sales` of its own sales.
+    fn terminal_store(dir: &Path, sales: u64) -> (Store, ReplicaKey, StandSettings) {
+        let key = ReplicaKey::from_seed([42; 32]);
+        let pool_key = ReplicaKey::from_seed([43; 32]);
+        let stand = StandId::new("big").unwrap();
+        let info = StandInfo {
+            event: EventId::new("big").unwrap(),
+            venue: String::new(),
+            stand: stand.clone(),
+            policy: Policy::Strict,
+            allocation: Allocation::Proportional,
+            low_stock_pct: 10,
+        };
+        let (mut pool, g) = Ledger::create_stand(pool_key.clone(), info, "pool", 1).unwrap();
+        let sku = Sku::new("hotdog").unwrap();
+        let item = CatalogItem {
+            sku: sku.clone(),
+            name: "Hot dog".into(),
+            price_cents: 400,
+            low_stock_at: 1,
+        };
+        let changes = vec![
+            g,
+            pool.set_catalog(vec![item], 1).unwrap(),
+            pool.enrol(key.public(), "t", Role::Terminal, 1).unwrap(),
+            pool.restock(BTreeMap::from([(sku.clone(), 10_000)]), "", 1)
+                .unwrap(),
+            pool.give(key.replica_id(), BTreeMap::from([(sku.clone(), 5_000)]), 1)
+                .unwrap(),
+        ];
+        let mut store = Store::open(&dir.join("replica.redb")).unwrap();
+        store.key_or_init(|| [42; 32]).unwrap();
+        let settings = StandSettings {
+            stand: stand.clone(),
+            pool: pool_key.public(),
+            psk: "00".repeat(32),
+        };
+        store.set_settings(&settings).unwrap();
+        store.append(&changes, true).unwrap();
+        let (mut t, _) = load_ledger(&store, key.clone(), &settings, 2).unwrap();
+        for i in 0..sales {
+            let r = SaleRequest {
+                lines: vec![SaleLine {
+                    sku: sku.clone(),
+                    qty: 1,
+                    unit_price_cents: 400,
+                }],
+                payment: Payment {
+                    method: PaymentMethod::Cash,
+                    reference: String::new(),
+                },
+                pool_reachable: true,
+            };
+            let SaleOutcome::Committed { change, .. } = t.sell(r, 10 + i) else {
+                panic!()
+            };
+            store.append(&[change], i % 10 == 0).unwrap();
+        }
+        store.put_snapshot(&t.snapshot()).unwrap();
+        (store, key, settings)
+    }
+
+    #[test]
+    fn a_replica_loaded_from_its_snapshot_reads_only_the_tail_and_serves_the_rest_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, key, settings) = terminal_store(dir.path(), 40);
+        let at = store.snapshot_at().unwrap().unwrap();
+        assert_eq!(at, store.len());
+        // Three sales after the snapshot.
+        let (mut t, _) = load_ledger(&store, key.clone(), &settings, 100).unwrap();
+        for i in 0..3 {
+            let r = SaleRequest {
+                lines: vec![SaleLine {
+                    sku: Sku::new("hotdog").unwrap(),
+                    qty: 1,
+                    unit_price_cents: 400,
+                }],
+                payment: Payment {
+                    method: PaymentMethod::Card,
+                    reference: "pi_1".into(),
+                },
+                pool_reachable: true,
+            };
+            let SaleOutcome::Committed { change, .. } = t.sell(r, 200 + i) else {
+                panic!()
+            };
+            store.append(&[change], true).unwrap();
+        }
+        drop(t);
+        let (back, loaded) = load_ledger(&store, key.clone(), &settings, 300).unwrap();
+        assert_eq!(
+            loaded,
+            Loaded::Snapshot {
+                covered: at as usize,
+                replayed: 3
+            }
+        );
+        // Every change, the covered ones read back from the store by hash.
+        let served = back.changes_since(&VersionVector::new(), usize::MAX);
+        assert_eq!(served.len() as u64, store.len());
+        let (on_disk, bad) = store.changes().unwrap();
+        assert_eq!(bad, 0);
+        assert_eq!(served, on_disk);
+        let mut fresh = Ledger::join(
+            ReplicaKey::from_seed([7; 32]),
+            settings.stand.clone(),
+            settings.pool,
+        );
+        let r = fresh.apply_remote(served, 400);
+        assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+        assert_eq!(fresh.version_vector(), back.version_vector());
+    }
+
+    #[test]
+    fn a_store_without_the_hash_index_is_indexed_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, key, settings) = terminal_store(dir.path(), 20);
+        let n = store.len();
+        drop(store);
+        // As a store written before the index existed.
+        {
+            let db = Database::open(dir.path().join("replica.redb")).unwrap();
+            let tx = db.begin_write().unwrap();
+            assert!(tx.delete_table(BY_HASH).unwrap());
+            tx.commit().unwrap();
+        }
+        let store = Store::open(&dir.path().join("replica.redb")).unwrap();
+        assert_eq!(store.bytes().count(), Some(n as usize));
+        let (back, loaded) = load_ledger(&store, key, &settings, 100).unwrap();
+        assert_eq!(loaded.covered() as u64, n);
+        assert_eq!(
+            back.changes_since(&VersionVector::new(), usize::MAX).len() as u64,
+            n
+        );
+    }
 }

@@ -647,7 +647,7 @@ fn the_pool_makes_a_relays_admin_request_once_and_answers_everyone_else_no() {
         .unwrap();
     let pool_key = ReplicaKey::from_seed([1; 32]).public();
     let mut l = Ledger::join(relay_key, StandId::new("north").unwrap(), pool_key);
-    let all: Vec<SignedChange> = s.engines[0].ledger().all_changes().cloned().collect();
+    let all: Vec<SignedChange> = s.engines[0].ledger().all_changes().collect();
     assert!(l.apply_remote(all, now).rejected.is_empty());
     s.engines.push(Engine::new(l, quiet(), now));
     s.connect_all();

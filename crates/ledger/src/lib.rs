@@ -66,15 +66,16 @@ pub mod sync;
 pub mod uplink;
 
 pub use allocation::{GivePlan, plan_allocation};
+pub use automerge::ChangeHash;
 pub use error::{NotAdmitted, OpError, Refusal, Rejection};
 pub use hlc::{Clock, Hlc};
 pub use identity::{KeyError, PublicKey, ReplicaKey};
 pub use ids::{EventId, InvalidId, ReplicaId, Role, SaleId, Sku, StandId};
 pub use ledger::{
-    Admission, ApplyReport, ChangeInfo, Ledger, LedgerStats, MAX_OPS_PER_CHANGE, MAX_PENDING_BYTES,
-    MAX_PENDING_BYTES_PER_AUTHOR, MAX_TRACKED_KEYS, MAX_UNKNOWN_PENDING_BYTES,
-    MAX_UNKNOWN_PENDING_BYTES_PER_AUTHOR, ReclaimView, SaleOutcome, SaleRequest, SnapshotError,
-    SnapshotLoad, StockStatus, VersionVector, change_hash,
+    Admission, ApplyReport, ChangeBytes, ChangeInfo, InMemory, Ledger, LedgerStats,
+    MAX_OPS_PER_CHANGE, MAX_PENDING_BYTES, MAX_PENDING_BYTES_PER_AUTHOR, MAX_TRACKED_KEYS,
+    MAX_UNKNOWN_PENDING_BYTES, MAX_UNKNOWN_PENDING_BYTES_PER_AUTHOR, ReclaimView, SaleOutcome,
+    SaleRequest, SnapshotError, SnapshotLoad, StockStatus, VersionVector, change_hash,
 };
 pub use ledger::{Applied, LedgerBug, SignatureMemo};
 pub use message::{

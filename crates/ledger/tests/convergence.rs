@@ -328,7 +328,7 @@ fn run_with(
     // marks, voids), loads to the same replica.
     for (i, k) in [(0, key(1)), (total - 1, key(10 + (total - 2) as u8))] {
         let snap = reps[i].snapshot();
-        let stored: Vec<SignedChange> = reps[i].all_changes().cloned().collect();
+        let stored: Vec<SignedChange> = reps[i].all_changes().collect();
         let (back, _, load) = Ledger::from_snapshot(
             k,
             reps[i].stand_id().clone(),

@@ -189,7 +189,7 @@ fn restore_rebuilds_the_same_state_and_never_reuses_a_sequence() {
         };
     }
     let t = &st.terminals[0];
-    let stored: Vec<SignedChange> = t.all_changes().cloned().collect();
+    let stored: Vec<SignedChange> = t.all_changes().collect();
     let (mut back, rep) = Ledger::restore(
         key(10),
         StandId::new("north").unwrap(),
@@ -206,7 +206,7 @@ fn restore_rebuilds_the_same_state_and_never_reuses_a_sequence() {
     };
     assert_eq!(sale_id.seq, t.local_seq() + 1);
     // The pool accepts the restored replica's next change.
-    let all: Vec<SignedChange> = back.all_changes().cloned().collect();
+    let all: Vec<SignedChange> = back.all_changes().collect();
     let r = st.pool.apply_remote(all, 9_002);
     assert!(r.rejected.is_empty(), "{:?}", r.rejected);
     assert!(r.accepted.contains(&change));
@@ -293,8 +293,8 @@ fn optimistic_offline_sells_within_the_cap_and_locks_low_stock() {
         }
     );
     // Within its own rights a terminal still sells a LOW_STOCK item offline.
-    let mut known: Vec<SignedChange> = st.pool.all_changes().cloned().collect();
-    known.extend(st.terminals[0].all_changes().cloned());
+    let mut known: Vec<SignedChange> = st.pool.all_changes().collect();
+    known.extend(st.terminals[0].all_changes());
     let other = &mut st.terminals[1];
     other.apply_remote(known, 2_003);
     assert_eq!(other.status(&sku("hotdog")), StockStatus::Low);
@@ -312,7 +312,7 @@ fn optimistic_offline_sells_within_the_cap_and_locks_low_stock() {
         }
     ));
     let t = &st.terminals[0];
-    let mut all: Vec<SignedChange> = t.all_changes().cloned().collect();
+    let mut all: Vec<SignedChange> = t.all_changes().collect();
     all.push(within);
     assert!(st.pool.apply_remote(all, 2_005).rejected.is_empty());
 }
@@ -386,7 +386,7 @@ fn restore_takes_a_large_store_in_any_order() {
             panic!("sale {i}")
         };
     }
-    let stored: Vec<SignedChange> = t.all_changes().cloned().collect();
+    let stored: Vec<SignedChange> = t.all_changes().collect();
     for order in ["stored", "reversed"] {
         let mut changes = stored.clone();
         if order == "reversed" {

@@ -359,7 +359,7 @@ fn run(seed: u64, muts: Vec<Mutation>) {
         }
     }
     // An honest terminal still sells, and the pool takes it.
-    let pool_changes: Vec<SignedChange> = st.pool.all_changes().cloned().collect();
+    let pool_changes: Vec<SignedChange> = st.pool.all_changes().collect();
     st.terminals[1].apply_remote(pool_changes, at + 200);
     let before = st.terminals[1].rights(st.terminals[1].me(), &sku("fries"));
     if before > 0 {

@@ -52,7 +52,7 @@ fn still_healthy(st: &mut Stand, at: u64) {
         st.pool.counters_at(&st.pool.heads()),
         st.pool.counters_from_state()
     );
-    let all: Vec<SignedChange> = st.pool.all_changes().cloned().collect();
+    let all: Vec<SignedChange> = st.pool.all_changes().collect();
     st.terminals[0].apply_remote(all, at);
     let c = sell(&mut st.terminals[0], "soda", 1, at);
     let r = st.pool.apply_remote(vec![c], at);
@@ -212,7 +212,7 @@ fn a_reclaimed_key_cannot_mint_rights_with_a_give() {
         Ledger::join(key(2), StandId::new("north").unwrap(), key(1).public()),
     );
     let mut b_second = Ledger::join(key(11), StandId::new("north").unwrap(), key(1).public());
-    b_second.apply_remote(b_first.all_changes().cloned().collect(), 2_100);
+    b_second.apply_remote(b_first.all_changes().collect(), 2_100);
     b_first.apply_remote(vec![give.clone()], 2_100);
     assert_eq!(
         b_first.rights(b, &sku("hotdog")),
@@ -299,7 +299,7 @@ fn a_reclaimed_replicas_late_sales_are_bounded_by_what_it_held() {
         }
     });
     let mut fresh = Ledger::join(key(3), StandId::new("north").unwrap(), key(1).public());
-    let mut all: Vec<SignedChange> = st.pool.all_changes().cloned().collect();
+    let mut all: Vec<SignedChange> = st.pool.all_changes().collect();
     all.retain(|c| c != &ok);
     fresh.apply_remote(all, 2_100);
     let r = fresh.apply_remote(vec![extra], 2_100);

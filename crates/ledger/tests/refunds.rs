@@ -103,7 +103,7 @@ fn a_refund_recorded_by_the_relay_shows_everywhere_and_moves_no_stock() {
 
     // A snapshot keeps them.
     let snap = st.pool.snapshot();
-    let stored: Vec<SignedChange> = st.pool.all_changes().cloned().collect();
+    let stored: Vec<SignedChange> = st.pool.all_changes().collect();
     let (back, report, _) = Ledger::from_snapshot(
         key(1),
         StandId::new("north").unwrap(),

@@ -6,6 +6,8 @@
 mod common;
 use common::*;
 use halftime_ledger::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 fn north() -> StandId {
     StandId::new("north").unwrap()
@@ -35,7 +37,7 @@ fn busy_terminal(n: u64) -> (Stand, Ledger) {
 }
 
 fn stored(l: &Ledger) -> Vec<SignedChange> {
-    l.all_changes().cloned().collect()
+    l.all_changes().collect()
 }
 
 fn same(a: &Ledger, b: &Ledger) {
@@ -102,7 +104,7 @@ fn a_replica_loaded_from_its_snapshot_and_tail_is_the_replica_that_wrote_it() {
     assert_eq!(sale_id.seq, t.local_seq() + 1);
     let r = st.pool.apply_remote(stored(&back), 11_001);
     assert!(r.rejected.is_empty(), "{:?}", r.rejected);
-    assert!(r.accepted.contains(&change) || st.pool.all_changes().any(|c| c == &change));
+    assert!(r.accepted.contains(&change) || st.pool.all_changes().any(|c| c == change));
 
     // A snapshot of the loaded replica loads again to the same replica.
     let again = back.snapshot();
@@ -175,4 +177,98 @@ fn a_damaged_snapshot_is_refused_and_the_full_replay_still_works() {
     let (back, report) = Ledger::restore(key(10), north(), key(1).public(), stored(&t), 10_000);
     assert!(report.rejected.is_empty());
     same(&back, &t);
+}
+
+/// Bytes kept outside the ledger, as a replica's store keeps them, counting what is read.
+#[derive(Debug, Default, Clone)]
+struct Outside(Arc<Mutex<(HashMap<ChangeHash, SignedChange>, usize)>>);
+
+impl Outside {
+    fn held(&self) -> usize {
+        self.0.lock().unwrap().0.len()
+    }
+    fn reads(&self) -> usize {
+        self.0.lock().unwrap().1
+    }
+}
+
+impl ChangeBytes for Outside {
+    fn keep(&mut self, hash: ChangeHash, change: &SignedChange) {
+        self.0.lock().unwrap().0.insert(hash, change.clone());
+    }
+    fn get(&self, hash: &ChangeHash) -> Option<SignedChange> {
+        let mut o = self.0.lock().unwrap();
+        o.1 += 1;
+        o.0.get(hash).cloned()
+    }
+    fn count(&self) -> Option<usize> {
+        Some(self.held())
+    }
+}
+
+#[test]
+fn a_replica_loaded_with_its_bytes_outside_serves_them_from_there() {
+    let (_, mut t) = busy_terminal(30);
+    let snap = t.snapshot();
+    let before = stored(&t);
+    for i in 0..5 {
+        let SaleOutcome::Committed { .. } = t.sell(sale_req("hotdog", 1, true), 9_000 + i) else {
+            panic!()
+        };
+    }
+    let all = stored(&t);
+    let tail: Vec<SignedChange> = all
+        .iter()
+        .filter(|c| !before.contains(c))
+        .cloned()
+        .collect();
+    assert_eq!(tail.len(), 5);
+    let hash = |c: &SignedChange| ChangeHash(change_hash(&c.bytes).unwrap());
+
+    let mut outside = Outside::default();
+    for c in &before {
+        outside.keep(hash(c), c);
+    }
+    // Only the tail is given; the covered changes are never handed over.
+    let (back, report, load) = Ledger::from_snapshot_with(
+        key(10),
+        north(),
+        key(1).public(),
+        &snap,
+        tail,
+        Box::new(outside.clone()),
+        10_000,
+    )
+    .unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert_eq!((load.covered, load.replayed), (before.len(), 5));
+    same(&back, &t);
+    // The replayed tail was kept there too, and a newcomer gets every change, read from
+    // outside the ledger.
+    assert_eq!(outside.held(), all.len());
+    let reads = outside.reads();
+    let served = back.changes_since(&VersionVector::new(), usize::MAX);
+    assert_eq!(served.len(), all.len());
+    assert_eq!(outside.reads(), reads + all.len());
+    let mut fresh = Ledger::join(key(12), north(), key(1).public());
+    let r = fresh.apply_remote(served, 10_001);
+    assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+    assert_eq!(fresh.version_vector(), t.version_vector());
+
+    // Fewer bytes held than the snapshot covers: refused, so the caller replays everything.
+    let mut short = Outside::default();
+    for c in &before[1..] {
+        short.keep(hash(c), c);
+    }
+    let err = Ledger::from_snapshot_with(
+        key(10),
+        north(),
+        key(1).public(),
+        &snap,
+        Vec::new(),
+        Box::new(short),
+        10_000,
+    )
+    .unwrap_err();
+    assert_eq!(err, SnapshotError::Missing { missing: 1 });
 }

@@ -66,7 +66,7 @@ impl World {
             return;
         }
         // Everything applied was persisted before it was acknowledged.
-        n.durable = n.engine.ledger().all_changes().cloned().collect();
+        n.durable = n.engine.ledger().all_changes().collect();
         n.alive = false;
         n.crashed = true;
         self.counters.crashes += 1;

@@ -603,7 +603,7 @@ impl Ledger {
         match checked {
             Ok(fx) => {
                 self.apply_effects(self.me, &msg, fx, change.seq());
-                self.record(signed.clone(), &change, self.me, at, &causal);
+                self.record(&signed, &change, self.me, at, &causal);
                 #[cfg(any(debug_assertions, feature = "check-invariants"))]
                 self.check_invariants();
                 Ok(signed)

@@ -6,6 +6,7 @@
 //! rules of the layout and the policy, one typed rejection each) and `invariants` (the
 //! consistency checks the test builds run after every change).
 
+mod held;
 #[cfg(any(debug_assertions, feature = "check-invariants"))]
 mod invariants;
 mod local;
@@ -14,6 +15,7 @@ mod receive;
 mod snapshot;
 mod validate;
 
+pub use held::{ChangeBytes, InMemory};
 pub use pending::{
     MAX_PENDING_BYTES, MAX_PENDING_BYTES_PER_AUTHOR, MAX_UNKNOWN_PENDING_BYTES,
     MAX_UNKNOWN_PENDING_BYTES_PER_AUTHOR,
@@ -173,7 +175,6 @@ impl LedgerStats {
 
 #[derive(Debug, Clone)]
 struct Entry {
-    signed: SignedChange,
     hash: ChangeHash,
     at: Hlc,
     /// Highest pool sequence number in this change's causal past (itself included).
@@ -219,6 +220,8 @@ pub struct Ledger {
     state: State,
     clock: Clock,
     log: Vec<Entry>,
+    /// The signed bytes of every change in `log`.
+    bytes: Box<dyn ChangeBytes>,
     by_hash: HashMap<ChangeHash, usize>,
     by_actor: BTreeMap<ReplicaId, Vec<usize>>,
     pending: Pending,
@@ -322,6 +325,7 @@ impl Ledger {
             state: State::default(),
             clock: Clock::new(),
             log: Vec::new(),
+            bytes: Box::new(InMemory::default()),
             by_hash: HashMap::new(),
             by_actor: BTreeMap::new(),
             pending: Pending::default(),
@@ -377,7 +381,22 @@ impl Ledger {
         changes: Vec<SignedChange>,
         now_ms: u64,
     ) -> (Self, ApplyReport) {
+        let bytes = Box::new(InMemory::default());
+        Self::restore_with(key, stand_id, pool_key, changes, bytes, now_ms)
+    }
+
+    /// [`Ledger::restore`], keeping the signed bytes of what it accepts in `bytes` (the
+    /// replica's store, which holds them already) instead of in memory.
+    pub fn restore_with(
+        key: ReplicaKey,
+        stand_id: StandId,
+        pool_key: PublicKey,
+        changes: Vec<SignedChange>,
+        bytes: Box<dyn ChangeBytes>,
+        now_ms: u64,
+    ) -> (Self, ApplyReport) {
         let mut l = Self::join(key, stand_id, pool_key);
+        l.bytes = bytes;
         let latest = Hlc::from_packed(u64::MAX).wall_ms();
         l.pending.trusted = true;
         let report = l.apply_remote(changes, latest.max(now_ms));
@@ -722,13 +741,14 @@ impl Ledger {
         idx.sort_unstable();
         idx.truncate(max);
         idx.into_iter()
-            .map(|i| self.log[i].signed.clone())
+            .filter_map(|i| self.bytes.get(&self.log[i].hash))
             .collect()
     }
 
-    /// Every change held, in application order (for storage and audit).
-    pub fn all_changes(&self) -> impl Iterator<Item = &SignedChange> {
-        self.log.iter().map(|e| &e.signed)
+    /// Every change held, in application order (for storage and audit), read from where the
+    /// bytes are kept; a change whose bytes cannot be found there is left out.
+    pub fn all_changes(&self) -> impl Iterator<Item = SignedChange> + '_ {
+        self.log.iter().filter_map(|e| self.bytes.get(&e.hash))
     }
 
     /// The stand's counters read from the document as at `heads`.

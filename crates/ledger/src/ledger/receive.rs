@@ -427,7 +427,7 @@ impl Ledger {
             self.last_enrolled = Some(*key.bytes());
         }
         self.apply_effects(actor, &msg, effects, c.change.seq());
-        self.record(c.signed.clone(), &c.change, actor, msg.at, &causal);
+        self.record(&c.signed, &c.change, actor, msg.at, &causal);
         self.clock.observe(msg.at, now_ms);
         Ok(actor)
     }
@@ -465,7 +465,7 @@ impl Ledger {
 
     pub(super) fn record(
         &mut self,
-        signed: SignedChange,
+        signed: &SignedChange,
         change: &Change,
         actor: ReplicaId,
         at: Hlc,
@@ -474,8 +474,8 @@ impl Ledger {
         let i = self.log.len();
         let hash = change.hash();
         let own_max_op = change.start_op().get() + (change.len() as u64).saturating_sub(1);
+        self.bytes.keep(hash, signed);
         self.log.push(Entry {
-            signed,
             hash,
             at,
             pool_seq_seen: causal.pool_seq_seen,
@@ -492,8 +492,9 @@ impl Ledger {
     /// depends on it are left out. A loop, never a recursion: each round leaves out at least
     /// one more change. The stats carry over and count the fault.
     pub(super) fn rebuild(&mut self, now_ms: u64) {
-        let mut changes: Vec<SignedChange> = self.log.iter().map(|e| e.signed.clone()).collect();
+        let mut changes: Vec<SignedChange> = self.all_changes().collect();
         changes.extend(self.pending.signed().cloned());
+        let mut bytes = std::mem::replace(&mut self.bytes, Box::new(InMemory::default()));
         let mut stats = std::mem::take(&mut self.stats);
         *stats.rejected.entry("internal_fault").or_insert(0) += 1;
         let mut poisoned: Vec<ChangeHash> = Vec::new();
@@ -501,6 +502,7 @@ impl Ledger {
             let mut fresh = Self::join(self.key.clone(), self.stand_id.clone(), self.pool_key);
             fresh.careful = true;
             fresh.pending.trusted = true;
+            fresh.bytes = bytes;
             for h in &poisoned {
                 fresh.rejected.insert(*h);
             }
@@ -510,7 +512,10 @@ impl Ledger {
                 Hlc::from_packed(u64::MAX).wall_ms().max(now_ms),
             );
             match fresh.poisoned.take() {
-                Some(h) => poisoned.push(h),
+                Some(h) => {
+                    poisoned.push(h);
+                    bytes = std::mem::replace(&mut fresh.bytes, Box::new(InMemory::default()));
+                }
                 None => break fresh,
             }
         };

@@ -3,16 +3,17 @@
 //!
 //! A snapshot holds the saved Automerge document, the materialised state, the clock, and per
 //! held change what the receive path derived from it (author, hash, time, causal summary,
-//! deps). It does not hold the signed bytes: those stay in the replica's store, and loading
-//! matches every stored change to the snapshot by its hash. Stored changes the snapshot does
-//! not cover (the tail written after it) are replayed as [`Ledger::restore`] would.
+//! deps). It does not hold the signed bytes: those stay in the replica's store, which serves
+//! them (see [`ChangeBytes`]); given every stored change instead, loading matches them to the
+//! snapshot by hash. Stored changes the snapshot does not cover (the tail written after it)
+//! are replayed as [`Ledger::restore`] would.
 //!
 //! A snapshot is only ever read from the replica's own disk, but disks fail: it carries a
 //! SHA-256 of its body, checked before anything is decoded; the loaded document's heads must
 //! be the ones recorded; and every change it covers must be in the store. Any failure is an
 //! error, and the caller falls back to a full replay, which needs nothing but the store.
 
-use super::{ApplyReport, Entry, Ledger};
+use super::{ApplyReport, ChangeBytes, Entry, InMemory, Ledger};
 use crate::hlc::Hlc;
 use crate::identity::{PublicKey, ReplicaKey};
 use crate::ids::{ReplicaId, StandId};
@@ -136,10 +137,10 @@ impl Ledger {
         out
     }
 
-    /// Rebuild this replica from a snapshot it wrote and its own stored changes (any order).
-    /// The changes the snapshot covers are taken as they are; the others are replayed as
-    /// [`Ledger::restore`] does. An error leaves nothing behind: the caller calls
-    /// [`Ledger::restore`] with the same changes.
+    /// Rebuild this replica from a snapshot it wrote and its own stored changes (any order),
+    /// keeping their bytes in memory. The changes the snapshot covers are taken as they are;
+    /// the others are replayed as [`Ledger::restore`] does. An error leaves nothing behind:
+    /// the caller calls [`Ledger::restore`] with the same changes.
     pub fn from_snapshot(
         key: ReplicaKey,
         stand_id: StandId,
@@ -148,6 +149,70 @@ impl Ledger {
         stored: Vec<SignedChange>,
         now_ms: u64,
     ) -> Result<(Self, ApplyReport, SnapshotLoad), SnapshotError> {
+        Self::load_snapshot(key, stand_id, pool_key, snapshot, now_ms, |covered| {
+            let mut held = InMemory::default();
+            let mut tail = Vec::new();
+            let mut found = 0;
+            for c in stored {
+                match change_hash(&c.bytes) {
+                    Some(h) if covered.contains(&h) => {
+                        if held.get(&ChangeHash(h)).is_none() {
+                            found += 1;
+                        }
+                        held.keep(ChangeHash(h), &c);
+                    }
+                    _ => tail.push(c),
+                }
+            }
+            match covered.len() - found {
+                0 => Ok((tail, Box::new(held) as Box<dyn ChangeBytes>)),
+                missing => Err(SnapshotError::Missing { missing }),
+            }
+        })
+    }
+
+    /// Rebuild this replica from a snapshot it wrote, the changes it stored after it (`tail`,
+    /// any order; changes the snapshot covers are skipped) and `bytes`, which already holds
+    /// the signed bytes of every change the snapshot covers: the store they were read from at
+    /// the last start, so they are not read again. When `bytes` can count what it holds, fewer
+    /// than the snapshot covers is an error; the caller then replays its whole store.
+    pub fn from_snapshot_with(
+        key: ReplicaKey,
+        stand_id: StandId,
+        pool_key: PublicKey,
+        snapshot: &[u8],
+        tail: Vec<SignedChange>,
+        bytes: Box<dyn ChangeBytes>,
+        now_ms: u64,
+    ) -> Result<(Self, ApplyReport, SnapshotLoad), SnapshotError> {
+        Self::load_snapshot(key, stand_id, pool_key, snapshot, now_ms, |covered| {
+            if let Some(n) = bytes.count() {
+                if n < covered.len() {
+                    return Err(SnapshotError::Missing {
+                        missing: covered.len() - n,
+                    });
+                }
+            }
+            let tail = tail
+                .into_iter()
+                .filter(|c| change_hash(&c.bytes).is_none_or(|h| !covered.contains(&h)))
+                .collect();
+            Ok((tail, bytes))
+        })
+    }
+
+    /// What both loads share: `split` is given the hashes the snapshot covers and returns the
+    /// changes to replay after it and where the covered changes' bytes are.
+    fn load_snapshot(
+        key: ReplicaKey,
+        stand_id: StandId,
+        pool_key: PublicKey,
+        snapshot: &[u8],
+        now_ms: u64,
+        split: impl FnOnce(
+            &HashSet<[u8; 32]>,
+        ) -> Result<(Vec<SignedChange>, Box<dyn ChangeBytes>), SnapshotError>,
+    ) -> Result<(Self, ApplyReport, SnapshotLoad), SnapshotError> {
         let body = decode(snapshot)?;
         if body.stand != stand_id || body.me != key.replica_id() {
             return Err(SnapshotError::Foreign {
@@ -155,6 +220,9 @@ impl Ledger {
                 stand: body.stand,
             });
         }
+        let covered: HashSet<[u8; 32]> = body.entries.iter().map(|e| e.hash).collect();
+        let (tail, bytes) = split(&covered)?;
+        drop(covered);
         let doc = load_doc(&body.doc)?;
         let mut heads: Vec<[u8; 32]> = doc.get_heads().iter().map(|h| h.0).collect();
         let mut recorded = body.heads.clone();
@@ -165,34 +233,17 @@ impl Ledger {
                 "its heads differ from the recorded ones".into(),
             ));
         }
-        let covered: HashSet<[u8; 32]> = body.entries.iter().map(|e| e.hash).collect();
-        let mut signed_of: HashMap<[u8; 32], SignedChange> = HashMap::with_capacity(covered.len());
-        let mut tail = Vec::new();
-        for c in stored {
-            match change_hash(&c.bytes) {
-                Some(h) if covered.contains(&h) => {
-                    signed_of.insert(h, c);
-                }
-                _ => tail.push(c),
-            }
-        }
-        let missing = covered.len() - signed_of.len();
-        if missing > 0 {
-            return Err(SnapshotError::Missing { missing });
-        }
 
         let mut l = Self::join(key.clone(), stand_id, pool_key);
         l.doc = doc.with_actor(key.public().actor());
         l.state = body.state;
+        l.bytes = bytes;
         l.log.reserve(body.entries.len());
+        l.by_hash.reserve(body.entries.len());
         for e in body.entries {
-            let Some(signed) = signed_of.remove(&e.hash) else {
-                return Err(SnapshotError::Missing { missing: 1 });
-            };
             let i = l.log.len();
             let hash = ChangeHash(e.hash);
             l.log.push(Entry {
-                signed,
                 hash,
                 at: e.at,
                 pool_seq_seen: e.pool_seq_seen,

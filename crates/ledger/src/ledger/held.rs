@@ -1,0 +1,39 @@
+//! Where the signed bytes of the changes a replica holds are kept.
+//!
+//! The ledger keeps, per held change, only what its rules and queries need (hash, author,
+//! time, causal summary). The signed bytes are needed again only to serve them to a peer that
+//! lacks them, or to rebuild after a fault, so they live behind [`ChangeBytes`]: in memory by
+//! default, or in the replica's own store, which already holds them, so a replica does not
+//! carry its whole history in memory twice.
+
+use crate::signed::SignedChange;
+use automerge::ChangeHash;
+use std::collections::HashMap;
+
+/// The signed bytes of held changes, by hash.
+pub trait ChangeBytes: Send + Sync + std::fmt::Debug {
+    /// A change the ledger accepted (local or received). Keeping the same change twice is
+    /// harmless.
+    fn keep(&mut self, hash: ChangeHash, change: &SignedChange);
+    /// The bytes of a held change; `None` when they cannot be found (the change is then not
+    /// served, and a peer gets it from another replica).
+    fn get(&self, hash: &ChangeHash) -> Option<SignedChange>;
+    /// How many distinct changes it holds, or `None` when that is not known cheaply.
+    fn count(&self) -> Option<usize>;
+}
+
+/// Every change's bytes in memory (the default).
+#[derive(Debug, Default)]
+pub struct InMemory(HashMap<ChangeHash, SignedChange>);
+
+impl ChangeBytes for InMemory {
+    fn keep(&mut self, hash: ChangeHash, change: &SignedChange) {
+        self.0.entry(hash).or_insert_with(|| change.clone());
+    }
+    fn get(&self, hash: &ChangeHash) -> Option<SignedChange> {
+        self.0.get(hash).cloned()
+    }
+    fn count(&self) -> Option<usize> {
+        Some(self.0.len())
+    }
+}
