@@ -414,6 +414,10 @@ async fn start_measured(dir: &std::path::Path, sales: usize, how: &str) -> Proc 
         field("VmRSS:"),
         field("VmHWM:")
     );
+    // The replica's own account of its load (`restore_ms`: reading the store and rebuilding).
+    for l in p.log_text().lines().filter(|l| l.contains("loaded ")) {
+        println!("  {}", l.trim());
+    }
     p
 }
 

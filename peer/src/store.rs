@@ -444,6 +444,25 @@ mod tests {
     };
     use std::collections::BTreeMap;
 
+    fn hotdog(method: PaymentMethod) -> SaleRequest {
+        let sku = Sku::new("hotdog").unwrap();
+        let reference = match method {
+            PaymentMethod::Card => "pi_1".into(),
+            _ => String::new(),
+        };
+        let payment = Payment { method, reference };
+        let lines = vec![SaleLine {
+            sku,
+            qty: 1,
+            unit_price_cents: 400,
+        }];
+        SaleRequest {
+            lines,
+            payment,
+            pool_reachable: true,
+        }
+    }
+
     /// A terminal's store holding a stand's set-up and `sales` of its own sales.
     fn terminal_store(dir: &Path, sales: u64) -> (Store, ReplicaKey, StandSettings) {
         let key = ReplicaKey::from_seed([42; 32]);
@@ -485,19 +504,8 @@ mod tests {
         store.append(&changes, true).unwrap();
         let (mut t, _) = load_ledger(&store, key.clone(), &settings, 2).unwrap();
         for i in 0..sales {
-            let r = SaleRequest {
-                lines: vec![SaleLine {
-                    sku: sku.clone(),
-                    qty: 1,
-                    unit_price_cents: 400,
-                }],
-                payment: Payment {
-                    method: PaymentMethod::Cash,
-                    reference: String::new(),
-                },
-                pool_reachable: true,
-            };
-            let SaleOutcome::Committed { change, .. } = t.sell(r, 10 + i) else {
+            let SaleOutcome::Committed { change, .. } = t.sell(hotdog(PaymentMethod::Cash), 10 + i)
+            else {
                 panic!()
             };
             store.append(&[change], i % 10 == 0).unwrap();
@@ -515,19 +523,9 @@ mod tests {
         // Three sales after the snapshot.
         let (mut t, _) = load_ledger(&store, key.clone(), &settings, 100).unwrap();
         for i in 0..3 {
-            let r = SaleRequest {
-                lines: vec![SaleLine {
-                    sku: Sku::new("hotdog").unwrap(),
-                    qty: 1,
-                    unit_price_cents: 400,
-                }],
-                payment: Payment {
-                    method: PaymentMethod::Card,
-                    reference: "pi_1".into(),
-                },
-                pool_reachable: true,
-            };
-            let SaleOutcome::Committed { change, .. } = t.sell(r, 200 + i) else {
+            let SaleOutcome::Committed { change, .. } =
+                t.sell(hotdog(PaymentMethod::Card), 200 + i)
+            else {
                 panic!()
             };
             store.append(&[change], true).unwrap();

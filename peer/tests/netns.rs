@@ -248,7 +248,7 @@ async fn mdns_discovery_and_cuts_converge_without_oversell() {
                     "--sync-interval-ms",
                     "500",
                 ])
-                .env("RUST_LOG", "info,libp2p=warn")
+                .env("RUST_LOG", "info,libp2p=warn,automerge=warn")
                 .stdout(std::process::Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()

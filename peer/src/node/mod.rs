@@ -165,10 +165,9 @@ impl Node {
         };
         n.refresh_allowlist();
         let now = now_ms();
-        let sales: Vec<_> = n
-            .engine
-            .ledger()
-            .sales()
+        // The kitchen queue keeps only the latest orders: fill it from those alone.
+        let all = n.engine.ledger().sales();
+        let sales: Vec<_> = all[all.len().saturating_sub(KITCHEN_QUEUE_LEN)..]
             .iter()
             .map(|e| e.record.clone())
             .collect();

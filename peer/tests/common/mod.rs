@@ -121,7 +121,7 @@ pub fn spawn_with(
     };
     let child = cmd
         .args(&args)
-        .env("RUST_LOG", "info,libp2p=warn")
+        .env("RUST_LOG", "info,libp2p=warn,automerge=warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

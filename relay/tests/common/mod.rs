@@ -133,7 +133,7 @@ impl Proc {
     pub fn spawn(bin: &Path, args: &[String], log: PathBuf) -> Self {
         let child = Command::new(bin)
             .args(args)
-            .env("RUST_LOG", "info,libp2p=warn,sqlx=warn")
+            .env("RUST_LOG", "info,libp2p=warn,sqlx=warn,automerge=warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -105,7 +105,8 @@ impl Children {
             .args(args)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,libp2p=warn,sqlx=warn".into()),
+                std::env::var("RUST_LOG")
+                    .unwrap_or_else(|_| "info,libp2p=warn,sqlx=warn,automerge=warn".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
