@@ -12,8 +12,7 @@ use std::collections::HashMap;
 
 /// The signed bytes of held changes, by hash.
 pub trait ChangeBytes: Send + Sync + std::fmt::Debug {
-    /// A change the ledger accepted (local or received). Keeping the same change twice is
-    /// harmless.
+    /// A change the ledger accepted (local or received); the same change may come twice.
     fn keep(&mut self, hash: ChangeHash, change: &SignedChange);
     /// The bytes of a held change; `None` when they cannot be found (the change is then not
     /// served, and a peer gets it from another replica).
