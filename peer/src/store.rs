@@ -312,18 +312,31 @@ pub struct StoreBytes {
 }
 
 impl StoreBytes {
-    fn read(&self, hash: &ChangeHash) -> Result<Option<SignedChange>, StoreError> {
+    /// Those of `hashes` not kept in memory, in one read transaction.
+    fn read(&self, hashes: &[ChangeHash]) -> Result<Vec<Option<SignedChange>>, StoreError> {
         let rx = self.db.begin_read().map_err(redb::Error::from)?;
-        let Some(k) = rx.open_table(BY_HASH)?.get(&hash.0[..])?.map(|v| v.value()) else {
-            return Ok(None);
-        };
-        let t = rx.open_table(CHANGES)?;
-        let Some(v) = t.get(k)? else {
-            return Ok(None);
-        };
-        SignedChange::from_slice(v.value())
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))
+        let by_hash = rx.open_table(BY_HASH)?;
+        let changes = rx.open_table(CHANGES)?;
+        let mut out = Vec::with_capacity(hashes.len());
+        for h in hashes {
+            if let Some(c) = self.recent.get(h) {
+                out.push(Some(c.clone()));
+                continue;
+            }
+            let Some(k) = by_hash.get(&h.0[..])?.map(|v| v.value()) else {
+                out.push(None);
+                continue;
+            };
+            let c = match changes.get(k)? {
+                Some(v) => Some(
+                    SignedChange::from_slice(v.value())
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                ),
+                None => None,
+            };
+            out.push(c);
+        }
+        Ok(out)
     }
 }
 
@@ -340,14 +353,18 @@ impl ChangeBytes for StoreBytes {
     }
 
     fn get(&self, hash: &ChangeHash) -> Option<SignedChange> {
-        if let Some(c) = self.recent.get(hash) {
-            return Some(c.clone());
+        self.get_many(std::slice::from_ref(hash)).pop().flatten()
+    }
+
+    fn get_many(&self, hashes: &[ChangeHash]) -> Vec<Option<SignedChange>> {
+        if hashes.iter().all(|h| self.recent.contains_key(h)) {
+            return hashes.iter().map(|h| self.recent.get(h).cloned()).collect();
         }
-        match self.read(hash) {
+        match self.read(hashes) {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(error = %e, %hash, "could not read a held change from the store");
-                None
+                tracing::error!(error = %e, "could not read held changes from the store");
+                hashes.iter().map(|h| self.recent.get(h).cloned()).collect()
             }
         }
     }

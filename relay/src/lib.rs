@@ -10,6 +10,7 @@
 //! projections; `stand` is the driver; `uplink` the WebSocket end; `server` the routes.
 
 pub mod audit;
+pub mod held;
 pub mod server;
 pub mod stand;
 pub mod store;

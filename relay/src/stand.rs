@@ -247,7 +247,6 @@ pub async fn start(
 ) -> Result<(StandHandle, oneshot::Receiver<()>), StoreError> {
     let t0 = Instant::now();
     let (stepped_down, lost) = oneshot::channel();
-    let mut stored = store.load_changes(&row.stand).await?;
     let key = match (row.placement, row.pool_secret) {
         (Placement::Relay, Some(secret)) => ReplicaKey::from_seed(secret),
         (Placement::Relay, None) => {
@@ -258,18 +257,23 @@ pub async fn start(
         }
         (Placement::Device, _) => relay_key,
     };
-    let n = stored.len();
-    let snapshot = store.stand_snapshot(&row.stand).await?;
+    let failed = |e: tokio::task::JoinError| {
+        StoreError::Invalid(format!("loading stand {}: {e}", row.stand))
+    };
     let mut loaded = Loaded::Replay { why: None };
     let mut from_snapshot = None;
-    if let Some(snap) = snapshot {
+    if let Some(snap) = store.stand_snapshot(&row.stand).await? {
+        // Only the changes stored after the snapshot are read; the ledger reads the others'
+        // bytes from the store when a replica needs them.
+        let upto = store.stand_snapshot_upto(&row.stand).await?.unwrap_or(0);
+        let tail = store.load_changes_after(&row.stand, upto).await?;
         let (k, s, p) = (key.clone(), row.stand.clone(), row.pool_key);
-        let given = std::mem::take(&mut stored);
+        let bytes = Box::new(store.change_bytes(&row.stand));
         let load = tokio::task::spawn_blocking(move || {
-            Ledger::from_snapshot(k, s, p, &snap, given, now_ms())
+            Ledger::from_snapshot_with(k, s, p, &snap, tail, bytes, now_ms())
         })
         .await
-        .map_err(|e| StoreError::Invalid(format!("loading stand {}: {e}", row.stand)))?;
+        .map_err(failed)?;
         match load {
             Ok((l, report, load)) => {
                 loaded = Loaded::Snapshot {
@@ -283,19 +287,23 @@ pub async fn start(
                 loaded = Loaded::Replay {
                     why: Some(e.to_string()),
                 };
-                stored = store.load_changes(&row.stand).await?;
             }
         }
     }
     let (ledger, report) = match from_snapshot {
         Some(r) => r,
         None => {
+            let stored = store.load_changes(&row.stand).await?;
             let (s, p) = (row.stand.clone(), row.pool_key);
-            tokio::task::spawn_blocking(move || Ledger::restore(key, s, p, stored, now_ms()))
-                .await
-                .map_err(|e| StoreError::Invalid(format!("loading stand {}: {e}", row.stand)))?
+            let bytes = Box::new(store.change_bytes(&row.stand));
+            tokio::task::spawn_blocking(move || {
+                Ledger::restore_with(key, s, p, stored, bytes, now_ms())
+            })
+            .await
+            .map_err(failed)?
         }
     };
+    let n = ledger.len();
     if !report.rejected.is_empty() || report.pending > 0 {
         tracing::error!(
             stand = %row.stand,

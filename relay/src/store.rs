@@ -232,6 +232,7 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     url: String,
+    reader: crate::held::Reader,
 }
 
 /// What proves a lease still held, checked inside each commit: the advisory lock's key and
@@ -309,7 +310,13 @@ impl Store {
             Backend::Postgres => POSTGRES.run(&pool).await?,
             Backend::Sqlite => SQLITE.run(&pool).await?,
         }
-        Ok(Self { pool, backend, url })
+        let reader = crate::held::Reader::new(&url);
+        Ok(Self {
+            pool,
+            backend,
+            url,
+            reader,
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -521,7 +528,20 @@ impl Store {
         Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
 
-    /// Replace a stand's snapshot.
+    /// The highest change id of the stand when its snapshot was written (`None` for a
+    /// snapshot written before that was recorded).
+    pub async fn stand_snapshot_upto(&self, stand: &StandId) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query("SELECT upto FROM stand_snapshots WHERE stand = $1")
+            .bind(stand.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row
+            .map(|r| r.try_get::<Option<i64>, _>(0))
+            .transpose()?
+            .flatten())
+    }
+
+    /// Replace a stand's snapshot, with the highest change id of the stand as it is written.
     pub async fn put_stand_snapshot(
         &self,
         stand: &StandId,
@@ -530,8 +550,10 @@ impl Store {
         now_ms: u64,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO stand_snapshots (stand, covers, bytes, written_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (stand) DO UPDATE SET covers = $2, bytes = $3, written_at = $4",
+            "INSERT INTO stand_snapshots (stand, covers, bytes, written_at, upto) \
+             VALUES ($1, $2, $3, $4, (SELECT COALESCE(MAX(id), 0) FROM changes WHERE stand = $1)) \
+             ON CONFLICT (stand) DO UPDATE SET covers = $2, bytes = $3, written_at = $4, \
+             upto = (SELECT COALESCE(MAX(id), 0) FROM changes WHERE stand = $1)",
         )
         .bind(stand.as_str())
         .bind(i64_of(covers as u64, "covers")?)
@@ -544,10 +566,22 @@ impl Store {
 
     /// Every stored change of a stand, in the order they were accepted (a causal order).
     pub async fn load_changes(&self, stand: &StandId) -> Result<Vec<SignedChange>, StoreError> {
-        let rows = sqlx::query("SELECT bytes, signature FROM changes WHERE stand = $1 ORDER BY id")
-            .bind(stand.as_str())
-            .fetch_all(&self.pool)
-            .await?;
+        self.load_changes_after(stand, 0).await
+    }
+
+    /// The stored changes of a stand whose id is above `after`, as [`Store::load_changes`].
+    pub async fn load_changes_after(
+        &self,
+        stand: &StandId,
+        after: i64,
+    ) -> Result<Vec<SignedChange>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT bytes, signature FROM changes WHERE stand = $1 AND id > $2 ORDER BY id",
+        )
+        .bind(stand.as_str())
+        .bind(after)
+        .fetch_all(&self.pool)
+        .await?;
         rows.into_iter()
             .map(|r| {
                 Ok(SignedChange {
@@ -629,6 +663,11 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// The signed bytes of a stand's stored changes, read by hash, for the stand's ledger.
+    pub fn change_bytes(&self, stand: &StandId) -> crate::held::StandBytes {
+        self.reader.stand(stand.clone())
     }
 
     /// Changes stored for a stand.

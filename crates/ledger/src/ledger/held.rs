@@ -17,6 +17,11 @@ pub trait ChangeBytes: Send + Sync + std::fmt::Debug {
     /// The bytes of a held change; `None` when they cannot be found (the change is then not
     /// served, and a peer gets it from another replica).
     fn get(&self, hash: &ChangeHash) -> Option<SignedChange>;
+    /// [`ChangeBytes::get`] of several at once, in the same order (a store answers them with
+    /// one read).
+    fn get_many(&self, hashes: &[ChangeHash]) -> Vec<Option<SignedChange>> {
+        hashes.iter().map(|h| self.get(h)).collect()
+    }
     /// How many distinct changes it holds, or `None` when that is not known cheaply.
     fn count(&self) -> Option<usize>;
 }

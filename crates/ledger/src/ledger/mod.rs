@@ -740,9 +740,8 @@ impl Ledger {
         }
         idx.sort_unstable();
         idx.truncate(max);
-        idx.into_iter()
-            .filter_map(|i| self.bytes.get(&self.log[i].hash))
-            .collect()
+        let hashes: Vec<ChangeHash> = idx.into_iter().map(|i| self.log[i].hash).collect();
+        self.bytes.get_many(&hashes).into_iter().flatten().collect()
     }
 
     /// Every change held, in application order (for storage and audit), read from where the

@@ -1,0 +1,3 @@
+-- See the Postgres migration of this number.
+CREATE INDEX changes_by_hash ON changes (stand, hash);
+ALTER TABLE stand_snapshots ADD COLUMN upto BIGINT;
