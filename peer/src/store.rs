@@ -13,12 +13,12 @@
 //! it reads them from here ([`StoreBytes`], by hash) when a peer needs them.
 
 use halftime_ledger::{
-    ChangeBytes, ChangeHash, Ledger, PublicKey, ReplicaKey, SignedChange, StandId, change_hash,
+    ChangeBytes, ChangeHash, Ledger, PublicKey, Recent, ReplicaKey, SignedChange, StandId,
+    change_hash,
 };
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
 };
-use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -289,8 +289,7 @@ impl Store {
     pub fn bytes(&self) -> StoreBytes {
         StoreBytes {
             db: self.db.clone(),
-            recent: HashMap::new(),
-            order: VecDeque::new(),
+            recent: Recent::new(RECENT_CHANGES),
         }
     }
 
@@ -307,8 +306,7 @@ impl Store {
 #[derive(Debug)]
 pub struct StoreBytes {
     db: Arc<Database>,
-    recent: HashMap<ChangeHash, SignedChange>,
-    order: VecDeque<ChangeHash>,
+    recent: Recent,
 }
 
 impl StoreBytes {
@@ -342,14 +340,7 @@ impl StoreBytes {
 
 impl ChangeBytes for StoreBytes {
     fn keep(&mut self, hash: ChangeHash, change: &SignedChange) {
-        if self.recent.insert(hash, change.clone()).is_none() {
-            self.order.push_back(hash);
-        }
-        while self.order.len() > RECENT_CHANGES {
-            if let Some(old) = self.order.pop_front() {
-                self.recent.remove(&old);
-            }
-        }
+        self.recent.keep(hash, change);
     }
 
     fn get(&self, hash: &ChangeHash) -> Option<SignedChange> {
@@ -357,7 +348,7 @@ impl ChangeBytes for StoreBytes {
     }
 
     fn get_many(&self, hashes: &[ChangeHash]) -> Vec<Option<SignedChange>> {
-        if hashes.iter().all(|h| self.recent.contains_key(h)) {
+        if hashes.iter().all(|h| self.recent.get(h).is_some()) {
             return hashes.iter().map(|h| self.recent.get(h).cloned()).collect();
         }
         match self.read(hashes) {

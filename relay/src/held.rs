@@ -7,10 +7,10 @@
 //! are kept in memory), but nothing it waits for needs its own runtime to make progress. The
 //! thread starts at the first read and serves every stand of the process.
 
-use halftime_ledger::{ChangeBytes, ChangeHash, SignedChange, StandId};
+use halftime_ledger::{ChangeBytes, ChangeHash, Recent, SignedChange, StandId};
 use sqlx::Row;
 use sqlx::any::AnyPoolOptions;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -74,8 +74,7 @@ impl Reader {
         StandBytes {
             reader: self.clone(),
             stand,
-            recent: HashMap::new(),
-            order: VecDeque::new(),
+            recent: Recent::new(RECENT_CHANGES),
         }
     }
 }
@@ -171,8 +170,7 @@ async fn read(
 pub struct StandBytes {
     reader: Reader,
     stand: StandId,
-    recent: HashMap<ChangeHash, SignedChange>,
-    order: VecDeque<ChangeHash>,
+    recent: Recent,
 }
 
 impl StandBytes {
@@ -200,14 +198,7 @@ impl StandBytes {
 
 impl ChangeBytes for StandBytes {
     fn keep(&mut self, hash: ChangeHash, change: &SignedChange) {
-        if self.recent.insert(hash, change.clone()).is_none() {
-            self.order.push_back(hash);
-        }
-        while self.order.len() > RECENT_CHANGES {
-            if let Some(old) = self.order.pop_front() {
-                self.recent.remove(&old);
-            }
-        }
+        self.recent.keep(hash, change);
     }
 
     fn get(&self, hash: &ChangeHash) -> Option<SignedChange> {
@@ -217,7 +208,7 @@ impl ChangeBytes for StandBytes {
     fn get_many(&self, hashes: &[ChangeHash]) -> Vec<Option<SignedChange>> {
         let missing: Vec<[u8; 32]> = hashes
             .iter()
-            .filter(|h| !self.recent.contains_key(h))
+            .filter(|h| self.recent.get(h).is_none())
             .map(|h| h.0)
             .collect();
         let mut read = if missing.is_empty() {

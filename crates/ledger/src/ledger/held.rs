@@ -8,7 +8,7 @@
 
 use crate::signed::SignedChange;
 use automerge::ChangeHash;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 /// The signed bytes of held changes, by hash.
 pub trait ChangeBytes: Send + Sync + std::fmt::Debug {
@@ -39,5 +39,42 @@ impl ChangeBytes for InMemory {
     }
     fn count(&self) -> Option<usize> {
         Some(self.0.len())
+    }
+}
+
+/// The latest `cap` changes kept, for a [`ChangeBytes`] that reads older ones from a store:
+/// the ones peers ask for most, and any the store has not been given yet.
+#[derive(Debug)]
+pub struct Recent {
+    cap: usize,
+    held: HashMap<ChangeHash, SignedChange>,
+    order: VecDeque<ChangeHash>,
+}
+
+impl Recent {
+    /// Keeping at most `cap` changes.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            held: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Keep `change`, forgetting the oldest beyond the cap.
+    pub fn keep(&mut self, hash: ChangeHash, change: &SignedChange) {
+        if self.held.insert(hash, change.clone()).is_none() {
+            self.order.push_back(hash);
+        }
+        while self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.held.remove(&old);
+            }
+        }
+    }
+
+    /// A change kept here.
+    pub fn get(&self, hash: &ChangeHash) -> Option<&SignedChange> {
+        self.held.get(hash)
     }
 }

@@ -15,7 +15,7 @@ mod receive;
 mod snapshot;
 mod validate;
 
-pub use held::{ChangeBytes, InMemory};
+pub use held::{ChangeBytes, InMemory, Recent};
 pub use pending::{
     MAX_PENDING_BYTES, MAX_PENDING_BYTES_PER_AUTHOR, MAX_UNKNOWN_PENDING_BYTES,
     MAX_UNKNOWN_PENDING_BYTES_PER_AUTHOR,
