@@ -919,14 +919,40 @@ async fn list_args(
     ))
 }
 
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SalesQuery {
+    limit: Option<u32>,
+    before_ms: Option<i64>,
+    before_sale: Option<String>,
+}
+
+/// Longest `before_sale` accepted (a sale id is a replica id and a number).
+const MAX_SALE_ID_LEN: usize = 64;
+
+/// A stand's sales, latest first, a page at a time: the next page is asked with the last
+/// row's `at_ms` and `sale_id` as `before_ms` and `before_sale` (both or neither).
 async fn sales(
     State(app): State<App>,
     headers: HeaderMap,
     Path(s): Path<String>,
-    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<SalesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (stand, limit) = list_args(&app, &headers, &s, q).await?;
-    Ok(Json(app.store.sales(&stand, limit).await?).into_response())
+    authorize(&app, &headers, AdminRole::Viewer).await?;
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let bad = |why: &str| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", why);
+    let before = match (q.before_ms, q.before_sale.as_deref()) {
+        (None, None) => None,
+        (Some(_), Some(id)) if id.len() > MAX_SALE_ID_LEN => {
+            return Err(bad("before_sale is longer than a sale id"));
+        }
+        (Some(at), Some(id)) => Some((at, id)),
+        _ => return Err(bad("before_ms and before_sale go together")),
+    };
+    let stand = known(&app, &s)?.handle.stand;
+    let limit = q.limit.unwrap_or(100).min(MAX_SALES_LISTED);
+    Ok(Json(app.store.sales_before(&stand, limit, before).await?).into_response())
 }
 
 async fn admin_requests(

@@ -720,11 +720,27 @@ impl Store {
 
     /// The latest `limit` sales of a stand, newest first.
     pub async fn sales(&self, stand: &StandId, limit: u32) -> Result<Vec<SaleRow>, StoreError> {
+        self.sales_before(stand, limit, None).await
+    }
+
+    /// [`Store::sales`], only those listed after the row `before` (its `at_ms` and `sale_id`)
+    /// in that order: the next page of a listing.
+    pub async fn sales_before(
+        &self,
+        stand: &StandId,
+        limit: u32,
+        before: Option<(i64, &str)>,
+    ) -> Result<Vec<SaleRow>, StoreError> {
+        let (at, id) = before.unwrap_or((i64::MAX, ""));
         let rows = sqlx::query(
             "SELECT sale_id, replica, at_ms, lines, units, total_cents, method, offline, voided \
-             FROM sales WHERE stand = $1 ORDER BY at_ms DESC, sale_id DESC LIMIT $2",
+             FROM sales WHERE stand = $1 AND ($2 = 0 OR at_ms < $3 OR (at_ms = $3 AND sale_id < $4)) \
+             ORDER BY at_ms DESC, sale_id DESC LIMIT $5",
         )
         .bind(stand.as_str())
+        .bind(i64::from(before.is_some()))
+        .bind(at)
+        .bind(id)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;

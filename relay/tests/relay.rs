@@ -888,3 +888,95 @@ async fn an_instance_that_lost_the_pools_lease_stores_nothing_it_signs_and_stand
     .unwrap();
     assert_eq!(audit["ok"], true, "{audit}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sales_listing_pages_through_every_sale_latest_first() {
+    sales_pages(TestDb::postgres().await).await;
+    sales_pages(TestDb::sqlite()).await;
+}
+
+async fn sales_pages(db: TestDb) {
+    let (store, addr, _app, (_pool, mut till, setup)) = served_stand(&db).await;
+    let _p = pool_hands_over(&addr, &store, &setup).await;
+    let mut t = connect(&addr, "north", &key(10)).await.unwrap();
+    // Five sales, two of them at the same moment (the sale id orders those).
+    let mut made = Vec::new();
+    let mut ids = Vec::new();
+    for at in [2_000, 2_010, 2_010, 2_020, 2_030] {
+        let (id, change) = sell_soda(&mut till, 1, PaymentMethod::Cash, at);
+        ids.push(id.to_string());
+        made.push(change);
+    }
+    send(&mut t, &WireMessage::Changes { changes: made }).await;
+    until_stored(&store, setup.len() as u64 + 5).await;
+    let token = store.create_token("v", AdminRole::Viewer, 1).await.unwrap();
+    let http = reqwest::Client::new();
+    let list = |query: String| {
+        let req = http
+            .get(format!("http://{addr}/v1/stands/north/sales?{query}"))
+            .bearer_auth(&token);
+        async move {
+            let r = req.send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+
+    let (code, all) = list("limit=10".into()).await;
+    assert_eq!(code, 200, "{all}");
+    let all: Vec<(i64, String)> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["at_ms"].as_i64().unwrap(),
+                r["sale_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(all.len(), 5);
+    let mut by_time = all.clone();
+    by_time.sort_by(|a, b| b.cmp(a));
+    assert_eq!(all, by_time, "latest first, then by sale id");
+
+    // Two at a time, each page after the previous page's last row: every sale once, in order.
+    let mut paged = Vec::new();
+    let mut query = "limit=2".to_owned();
+    loop {
+        let (code, page) = list(query.clone()).await;
+        assert_eq!(code, 200, "{page}");
+        let rows = page.as_array().unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        assert!(rows.len() <= 2);
+        for r in rows {
+            paged.push((
+                r["at_ms"].as_i64().unwrap(),
+                r["sale_id"].as_str().unwrap().to_owned(),
+            ));
+        }
+        let (at, id) = paged.last().unwrap().clone();
+        query = format!("limit=2&before_ms={at}&before_sale={id}");
+    }
+    assert_eq!(paged, all);
+    let mut sold: Vec<String> = paged.into_iter().map(|(_, id)| id).collect();
+    sold.sort();
+    ids.sort();
+    assert_eq!(sold, ids);
+
+    // A half cursor, a cursor longer than any sale id, an unknown field: 400 with the reason.
+    for bad in [
+        "before_ms=2010".to_owned(),
+        "before_sale=x".to_owned(),
+        format!("before_ms=1&before_sale={}", "x".repeat(65)),
+        "after=1".to_owned(),
+    ] {
+        let (code, body) = list(bad.clone()).await;
+        assert_eq!(code, 400, "{bad}: {body}");
+        assert_eq!(body["error"], "bad_request", "{bad}: {body}");
+    }
+}

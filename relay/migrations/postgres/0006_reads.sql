@@ -5,3 +5,5 @@ CREATE INDEX changes_by_hash ON changes (stand, hash);
 -- replays only the changes after it (and fetches, like any instance, what other instances
 -- stored that it lacks).
 ALTER TABLE stand_snapshots ADD COLUMN upto BIGINT;
+-- The sales listing pages through a stand's sales latest first.
+CREATE INDEX sales_by_time ON sales (stand, at_ms, sale_id);
