@@ -50,6 +50,9 @@ use receive::Causal;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use validate::expand;
 
+/// Changes read at once from where their bytes are kept, when all are read.
+const ALL_CHANGES_CHUNK: usize = 1024;
+
 /// Hashes of rejected changes remembered (so their duplicates are dropped cheaply).
 pub const MAX_REMEMBERED_REJECTIONS: usize = 10_000;
 
@@ -747,7 +750,10 @@ impl Ledger {
     /// Every change held, in application order (for storage and audit), read from where the
     /// bytes are kept; a change whose bytes cannot be found there is left out.
     pub fn all_changes(&self) -> impl Iterator<Item = SignedChange> + '_ {
-        self.log.iter().filter_map(|e| self.bytes.get(&e.hash))
+        self.log.chunks(ALL_CHANGES_CHUNK).flat_map(|chunk| {
+            let hashes: Vec<ChangeHash> = chunk.iter().map(|e| e.hash).collect();
+            self.bytes.get_many(&hashes).into_iter().flatten()
+        })
     }
 
     /// The stand's counters read from the document as at `heads`.
