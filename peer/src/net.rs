@@ -1,24 +1,25 @@
 //! The stand mesh: TCP wrapped in the stand's private-network key, then noise and yamux; mDNS
-//! discovery; only PeerIds enrolled in the stand document may connect; one request-response
-//! protocol carries the ledger's wire frames (the same bytes the relay carries over WebSocket).
+//! discovery; only PeerIds enrolled in the stand document may connect. The ledger's wire
+//! frames (the same bytes the relay carries over WebSocket) travel on one long-lived stream per
+//! peer and direction, each frame prefixed by its length: no stream is opened per frame.
 
 use futures::{AsyncReadExt, AsyncWriteExt};
 use halftime_ledger::sync::MAX_FRAME_BYTES;
 use libp2p::core::transport::Transport as _;
 use libp2p::core::upgrade::Version;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, Swarm, SwarmBuilder, allow_block_list, connection_limits, mdns, noise, ping,
-    tcp, yamux,
+    PeerId, StreamProtocol, Swarm, SwarmBuilder, allow_block_list, connection_limits, mdns, noise,
+    ping, tcp, yamux,
 };
 use std::io;
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 /// The sync protocol name.
-pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/halftime/sync/1");
+pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/halftime/sync/2");
 /// A connection still upgrading after this long is dropped (a wrong-key peer can hang one).
 pub const UPGRADE_TIMEOUT_MS: u64 = 5_000;
 /// Incoming connections allowed to be mid-handshake at once.
@@ -31,10 +32,14 @@ pub const MDNS_QUERY_INTERVAL_MS: u64 = 2_000;
 pub const PING_INTERVAL_MS: u64 = 1_000;
 /// Ping timeout.
 pub const PING_TIMEOUT_MS: u64 = 2_000;
-/// A sync request not answered within this is failed (the repair resends what it carried).
-pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// Idle connections are kept this long.
 pub const IDLE_TIMEOUT_MS: u64 = 30_000;
+/// Frames queued for one peer's stream; beyond them the engine's own outbox holds the rest
+/// (and drops the oldest pushes when that is full: the repair resends them).
+pub const STREAM_QUEUE_LEN: usize = 64;
+/// Frames received from all peers and not yet handled by the node; a full queue stops reading,
+/// which stops the senders through the streams' flow control.
+pub const INBOUND_QUEUE_LEN: usize = 1_024;
 
 /// The mesh behaviour.
 #[allow(missing_debug_implementations)]
@@ -48,66 +53,117 @@ pub struct Behaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     /// Liveness.
     pub ping: ping::Behaviour,
-    /// Ledger frames.
-    pub sync: request_response::Behaviour<FrameCodec>,
+    /// The sync streams (opened and accepted through a [`libp2p_stream::Control`]).
+    pub streams: libp2p_stream::Behaviour,
 }
 
-/// Length-prefixed frames; the response is an empty acknowledgement.
-#[derive(Debug, Clone, Default)]
-pub struct FrameCodec;
+/// What the stream tasks tell the node.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A whole frame from `peer`, not yet decoded.
+    Frame(PeerId, Vec<u8>),
+    /// `peer`'s stream broke a framing rule and was closed.
+    Refused(PeerId, String),
+}
 
-impl request_response::Codec for FrameCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = ();
-
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
-    where
-        T: futures::AsyncRead + Unpin + Send,
-    {
-        let mut len = [0u8; 4];
-        io.read_exact(&mut len).await?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_FRAME_BYTES {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "frame over the size limit",
-            ));
+/// Read one length-prefixed frame. `Ok(None)`: the stream ended cleanly between frames. The
+/// length is checked against [`MAX_FRAME_BYTES`] before anything is allocated for it.
+pub async fn read_frame<R>(io: &mut R) -> io::Result<Option<Vec<u8>>>
+where
+    R: futures::AsyncRead + Unpin,
+{
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < len.len() {
+        match io.read(&mut len[got..]).await? {
+            0 if got == 0 => return Ok(None),
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
         }
-        let mut buf = vec![0u8; len];
-        io.read_exact(&mut buf).await?;
-        Ok(buf)
     }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes is over the limit of {MAX_FRAME_BYTES}"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(Some(buf))
+}
 
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<()>
-    where
-        T: futures::AsyncRead + Unpin + Send,
-    {
-        let mut b = [0u8; 1];
-        io.read_exact(&mut b).await
-    }
+/// Append `frame` with its length prefix to `out`.
+pub fn put_frame(out: &mut Vec<u8>, frame: &[u8]) {
+    let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(frame);
+}
 
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> io::Result<()>
-    where
-        T: futures::AsyncWrite + Unpin + Send,
-    {
-        io.write_all(&(req.len() as u32).to_be_bytes()).await?;
-        io.write_all(&req).await?;
-        io.close().await
+/// Accept every sync stream peers open and read each until it ends.
+pub async fn accept_streams(
+    mut incoming: libp2p_stream::IncomingStreams,
+    to_node: mpsc::Sender<Inbound>,
+) {
+    use futures::StreamExt;
+    while let Some((peer, stream)) = incoming.next().await {
+        tokio::spawn(read_stream(peer, stream, to_node.clone()));
     }
+}
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, _: ()) -> io::Result<()>
-    where
-        T: futures::AsyncWrite + Unpin + Send,
-    {
-        io.write_all(&[1]).await?;
-        io.close().await
+async fn read_stream(peer: PeerId, mut stream: libp2p::Stream, to_node: mpsc::Sender<Inbound>) {
+    loop {
+        match read_frame(&mut stream).await {
+            Ok(Some(frame)) => {
+                if to_node.send(Inbound::Frame(peer, frame)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let _ = to_node.send(Inbound::Refused(peer, e.to_string())).await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "sync stream from the peer ended");
+                return;
+            }
+        }
     }
+}
+
+/// Open a sync stream to `peer` and write what `frames` brings, every frame ready at once in
+/// one write. Ends when the node drops the sender or the stream fails; what was queued is then
+/// lost to this stream and resent by the repair.
+pub async fn write_stream(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    mut frames: mpsc::Receiver<Vec<u8>>,
+) {
+    let mut stream = match control.open_stream(peer, SYNC_PROTOCOL).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "could not open a sync stream");
+            return;
+        }
+    };
+    let mut buf = Vec::new();
+    while let Some(frame) = frames.recv().await {
+        buf.clear();
+        put_frame(&mut buf, &frame);
+        while let Ok(more) = frames.try_recv() {
+            put_frame(&mut buf, &more);
+        }
+        let sent = async {
+            stream.write_all(&buf).await?;
+            stream.flush().await
+        };
+        if let Err(e) = sent.await {
+            tracing::debug!(%peer, error = %e, "sync stream to the peer failed");
+            return;
+        }
+    }
+    let _ = stream.close().await;
 }
 
 /// Build the swarm for `keypair` on the stand's private network.
@@ -157,12 +213,7 @@ pub fn build_swarm(
                         .with_interval(Duration::from_millis(PING_INTERVAL_MS))
                         .with_timeout(Duration::from_millis(PING_TIMEOUT_MS)),
                 ),
-                sync: request_response::Behaviour::new(
-                    [(SYNC_PROTOCOL, ProtocolSupport::Full)],
-                    request_response::Config::default()
-                        .with_request_timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
-                        .with_max_concurrent_streams(256),
-                ),
+                streams: libp2p_stream::Behaviour::new(),
             })
         })?
         .with_swarm_config(|c| {
@@ -178,4 +229,48 @@ pub fn parse_psk(hex_key: &str) -> Result<PreSharedKey, String> {
     hex::decode_to_slice(hex_key.trim(), &mut b)
         .map_err(|_| "the stand key must be 64 hex digits".to_string())?;
     Ok(PreSharedKey::new(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::executor::block_on;
+    use futures::io::Cursor;
+
+    #[test]
+    fn frames_written_back_to_back_are_read_one_by_one_then_the_end() {
+        let mut wire = Vec::new();
+        for f in [&b"one"[..], &[], &[7u8; 300][..]] {
+            put_frame(&mut wire, f);
+        }
+        let mut r = Cursor::new(wire);
+        assert_eq!(block_on(read_frame(&mut r)).unwrap(), Some(b"one".to_vec()));
+        assert_eq!(block_on(read_frame(&mut r)).unwrap(), Some(Vec::new()));
+        assert_eq!(block_on(read_frame(&mut r)).unwrap(), Some(vec![7u8; 300]));
+        assert_eq!(block_on(read_frame(&mut r)).unwrap(), None);
+    }
+
+    #[test]
+    fn a_length_over_the_limit_is_refused_before_anything_is_read_for_it() {
+        // Built by hand: a 4-byte prefix announcing one byte more than a frame may hold,
+        // followed by nothing.
+        let len = (MAX_FRAME_BYTES as u32 + 1).to_be_bytes();
+        let err = block_on(read_frame(&mut Cursor::new(len.to_vec()))).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("over the limit"), "{err}");
+        let huge = u32::MAX.to_be_bytes();
+        let err = block_on(read_frame(&mut Cursor::new(huge.to_vec()))).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn a_stream_cut_inside_a_prefix_or_a_frame_is_an_error_not_a_frame() {
+        let err = block_on(read_frame(&mut Cursor::new(vec![0u8, 0]))).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        let mut cut = Vec::new();
+        put_frame(&mut cut, b"hello");
+        cut.truncate(7);
+        let err = block_on(read_frame(&mut Cursor::new(cut))).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
 }

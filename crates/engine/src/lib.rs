@@ -418,6 +418,31 @@ impl Engine {
         Ok(())
     }
 
+    /// Decode and handle frames that arrived together: the changes of all that decode are
+    /// applied as one batch. Each frame that does not decode is counted and returned with its
+    /// sender, for the driver to log.
+    pub fn handle_frames(
+        &mut self,
+        frames: Vec<(ReplicaId, Vec<u8>)>,
+        now_ms: u64,
+    ) -> Vec<(ReplicaId, WireError)> {
+        let mut msgs = Vec::with_capacity(frames.len());
+        let mut bad = Vec::new();
+        for (peer, bytes) in frames {
+            match WireMessage::decode(&bytes, self.ledger.stand_id()) {
+                Ok(m) => msgs.push((peer, m)),
+                Err(e) => {
+                    self.stats.frames_rejected += 1;
+                    bad.push((peer, e));
+                }
+            }
+        }
+        if !msgs.is_empty() {
+            self.handle_messages(msgs, now_ms);
+        }
+        bad
+    }
+
     /// Handle one decoded message from `peer`.
     pub fn handle_message(&mut self, peer: ReplicaId, msg: WireMessage, now_ms: u64) {
         self.handle_messages(vec![(peer, msg)], now_ms);

@@ -81,13 +81,7 @@ impl Node {
                 if let (false, Some(replica)) = (self.peers.contains_key(&peer_id), replica) {
                     tracing::info!(%peer_id, %replica, "peer connected");
                     self.engine.peer_up(replica, now);
-                    self.peers.insert(
-                        peer_id,
-                        Conn {
-                            replica,
-                            inflight: 0,
-                        },
-                    );
+                    self.peers.insert(peer_id, Conn::new(replica));
                     self.publish_peers();
                 }
             }
@@ -133,7 +127,7 @@ impl Node {
                     self.swarm.close_connection(connection);
                 }
             },
-            SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.handle_sync(ev, now),
+            SwarmEvent::Behaviour(BehaviourEvent::Streams(())) => {}
             SwarmEvent::IncomingConnectionError {
                 error,
                 send_back_addr,
@@ -171,36 +165,28 @@ impl Node {
         }
     }
 
-    pub(super) fn handle_sync(&mut self, ev: request_response::Event<Vec<u8>, ()>, now: u64) {
-        match ev {
-            request_response::Event::Message { peer, message, .. } => {
-                self.heard(&peer, now);
-                match message {
-                    request_response::Message::Request {
-                        request, channel, ..
-                    } => {
-                        let _ = self.swarm.behaviour_mut().sync.send_response(channel, ());
-                        let Some(replica) = self.peers.get(&peer).map(|c| c.replica) else {
-                            return;
-                        };
-                        if let Err(e) = self.engine.handle_frame(replica, &request, now) {
-                            tracing::warn!(%peer, error = %e, "rejected a frame");
-                        }
-                    }
-                    request_response::Message::Response { .. } => {
-                        if let Some(p) = self.peers.get_mut(&peer) {
-                            p.inflight = p.inflight.saturating_sub(1);
-                        }
+    /// Frames from peers' sync streams, handled together so that their changes are applied
+    /// as one batch.
+    pub(super) fn handle_inbound(&mut self, batch: Vec<Inbound>) {
+        let now = now_ms();
+        let mut frames = Vec::with_capacity(batch.len());
+        for item in batch {
+            match item {
+                Inbound::Frame(peer, bytes) => {
+                    self.heard(&peer, now);
+                    // A frame that raced the close of its connection is dropped.
+                    if let Some(c) = self.peers.get(&peer) {
+                        frames.push((c.replica, bytes));
                     }
                 }
-            }
-            request_response::Event::OutboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, %error, "sync frame not delivered");
-                if let Some(p) = self.peers.get_mut(&peer) {
-                    p.inflight = p.inflight.saturating_sub(1);
+                Inbound::Refused(peer, why) => {
+                    self.metrics.streams_refused += 1;
+                    tracing::warn!(%peer, %why, "closed a peer's sync stream that broke the framing");
                 }
             }
-            _ => {}
+        }
+        for (replica, e) in self.engine.handle_frames(frames, now) {
+            tracing::warn!(%replica, error = %e, "rejected a frame");
         }
     }
 
@@ -274,22 +260,31 @@ impl Node {
         }
     }
 
-    /// Send what the engine wants sent to each peer, within the in-flight cap.
+    /// Hand what the engine wants sent to each peer's stream, as far as its queue has room;
+    /// a peer without a working stream gets a new one.
     pub(super) fn flush(&mut self) {
         let stand = self.engine.ledger().stand_id().clone();
-        let mut sends = Vec::new();
         for (p, c) in self.peers.iter_mut() {
-            while c.inflight < MAX_INFLIGHT_PER_PEER {
+            if c.stream.as_ref().is_none_or(|s| s.is_closed()) {
+                let reopen = Duration::from_millis(STREAM_REOPEN_MS);
+                if c.opened.is_some_and(|t| t.elapsed() < reopen) {
+                    continue;
+                }
+                let (tx, rx) = mpsc::channel(crate::net::STREAM_QUEUE_LEN);
+                tokio::spawn(crate::net::write_stream(self.streams.clone(), *p, rx));
+                c.stream = Some(tx);
+                c.opened = Some(Instant::now());
+            }
+            let Some(stream) = c.stream.as_ref() else {
+                continue;
+            };
+            while let Ok(room) = stream.try_reserve() {
                 let Some(m) = self.engine.poll_transmit_to(c.replica) else {
                     break;
                 };
-                c.inflight += 1;
-                sends.push((*p, m.encode(&stand)));
+                self.metrics.frames_sent += 1;
+                room.send(m.encode(&stand));
             }
-        }
-        for (p, bytes) in sends {
-            self.metrics.frames_sent += 1;
-            self.swarm.behaviour_mut().sync.send_request(&p, bytes);
         }
         self.flush_relay();
     }

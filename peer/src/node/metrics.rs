@@ -8,6 +8,7 @@ pub(super) struct Metrics {
     pub(super) connections_refused: u64,
     pub(super) dials_failed: u64,
     pub(super) frames_sent: u64,
+    pub(super) streams_refused: u64,
     pub(super) ack_us_sum: u64,
     pub(super) ack_count: u64,
     pub(super) store_errors: u64,
@@ -89,6 +90,12 @@ impl Node {
             "Outgoing connections that failed.",
             "counter",
             m.dials_failed.to_string(),
+        );
+        line(
+            "streams_refused_total",
+            "Peers' sync streams closed for a frame over the size limit.",
+            "counter",
+            m.streams_refused.to_string(),
         );
         line(
             "frames_sent_total",

@@ -8,7 +8,7 @@
 //! frames, redials; `kitchen.rs`: what changes mean for the live feed and the kitchen queue;
 //! `metrics.rs`: the Prometheus text.
 
-use crate::net::{Behaviour, BehaviourEvent};
+use crate::net::{Behaviour, BehaviourEvent, Inbound};
 use crate::store::Store;
 use futures::StreamExt;
 use halftime_engine::{Engine, EngineConfig, Event, SaleOrder, Ticket};
@@ -16,7 +16,7 @@ use halftime_ledger::sync::ANTI_ENTROPY_INTERVAL_MS;
 use halftime_ledger::{OpError, Refusal, ReplicaId, SaleId, SignedChange, Sku};
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::{Multiaddr, PeerId, Swarm, mdns, ping, request_response};
+use libp2p::{Multiaddr, PeerId, Swarm, mdns, ping};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -48,8 +48,10 @@ pub const DIAL_WARNING_INTERVAL_MS: u64 = 10_000;
 pub const NOT_A_MEMBER_GRACE_MS: u64 = 3_000;
 /// Redial a known but unconnected peer this often.
 pub const REDIAL_INTERVAL_MS: u64 = 2_000;
-/// Sync frames in flight to one peer before further ones wait.
-pub const MAX_INFLIGHT_PER_PEER: usize = 64;
+/// A peer's sync stream that failed is opened again at most this often.
+pub const STREAM_REOPEN_MS: u64 = 500;
+/// Received frames handled together (their changes applied as one batch).
+pub const FRAMES_PER_BATCH: usize = 256;
 /// Orders shown on the kitchen page.
 pub const KITCHEN_QUEUE_LEN: usize = 500;
 /// Sales listed by `GET /v1/sales`.
@@ -68,7 +70,20 @@ pub fn now_ms() -> u64 {
 /// A connected peer, as the transport sees it.
 struct Conn {
     replica: ReplicaId,
-    inflight: usize,
+    /// The queue of the task writing our stream to the peer (none until the first flush).
+    stream: Option<mpsc::Sender<Vec<u8>>>,
+    /// When the stream was last opened: a failing one is reopened only `STREAM_REOPEN_MS` on.
+    opened: Option<Instant>,
+}
+
+impl Conn {
+    fn new(replica: ReplicaId) -> Self {
+        Self {
+            replica,
+            stream: None,
+            opened: None,
+        }
+    }
 }
 
 /// The node's configuration.
@@ -89,6 +104,10 @@ pub struct Node {
     engine: Engine,
     store: Store,
     swarm: Swarm<Behaviour>,
+    /// Opens the sync streams to peers.
+    streams: libp2p_stream::Control,
+    /// Peers' sync streams, until `run` starts reading them.
+    incoming: Option<libp2p_stream::IncomingStreams>,
     peers: BTreeMap<PeerId, Conn>,
     peer_of: BTreeMap<PeerId, ReplicaId>,
     known_addrs: BTreeMap<PeerId, BTreeSet<Multiaddr>>,
@@ -138,10 +157,18 @@ impl Node {
             sale_wait_ms: cfg.sale_wait_ms,
             ..EngineConfig::default()
         };
+        let mut streams = swarm.behaviour().streams.new_control();
+        // A new control on a new behaviour: the protocol cannot be registered already.
+        let incoming = streams
+            .accept(crate::net::SYNC_PROTOCOL)
+            .inspect_err(|e| tracing::error!(error = %e, "cannot accept sync streams"))
+            .ok();
         let mut n = Self {
             engine: Engine::new(ledger, engine_cfg, now_ms()),
             store,
             swarm,
+            streams,
+            incoming,
             peers: BTreeMap::new(),
             peer_of: BTreeMap::new(),
             known_addrs: BTreeMap::new(),
@@ -205,6 +232,10 @@ impl Node {
         let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut uplink = self.uplink.take();
+        let (inbound_tx, mut inbound) = mpsc::channel(crate::net::INBOUND_QUEUE_LEN);
+        if let Some(incoming) = self.incoming.take() {
+            tokio::spawn(crate::net::accept_streams(incoming, inbound_tx));
+        }
         loop {
             let engine_wait = self.engine_wait();
             tokio::select! {
@@ -222,6 +253,16 @@ impl Node {
                     self.handle_commands(batch);
                 }
                 ev = self.swarm.select_next_some() => self.handle_swarm(ev),
+                Some(first) = inbound.recv() => {
+                    let mut batch = vec![first];
+                    while batch.len() < FRAMES_PER_BATCH {
+                        match inbound.try_recv() {
+                            Ok(f) => batch.push(f),
+                            Err(_) => break,
+                        }
+                    }
+                    self.handle_inbound(batch);
+                }
                 ev = async {
                     match uplink.as_mut() {
                         Some(rx) => rx.recv().await,
