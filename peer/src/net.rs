@@ -232,6 +232,7 @@ pub fn parse_psk(hex_key: &str) -> Result<PreSharedKey, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use futures::executor::block_on;

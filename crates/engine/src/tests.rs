@@ -721,16 +721,24 @@ fn frames_that_arrive_together_are_applied_together_and_a_bad_one_is_handed_back
         .filter(|f| f.1 == 0)
         .map(|f| (f.0, f.2))
         .collect();
-    assert!(to_pool.len() >= 2, "each terminal pushed its sale to the pool");
-    let mut frames: Vec<(ReplicaId, Vec<u8>)> =
-        to_pool.into_iter().map(|(from, b)| (s.id(from), b)).collect();
+    assert!(
+        to_pool.len() >= 2,
+        "each terminal pushed its sale to the pool"
+    );
+    let mut frames: Vec<(ReplicaId, Vec<u8>)> = to_pool
+        .into_iter()
+        .map(|(from, b)| (s.id(from), b))
+        .collect();
     // Built by hand: bytes that are no frame, from terminal 1.
     frames.insert(1, (s.id(1), vec![0xff, 0x00, 0x13]));
     let now = s.now;
     let bad = s.engines[0].handle_frames(frames, now);
     assert_eq!(bad.len(), 1);
     assert_eq!(bad[0].0, s.id(1));
-    assert!(matches!(bad[0].1, WireError::Malformed(_) | WireError::Version(_)));
+    assert!(matches!(
+        bad[0].1,
+        WireError::Malformed(_) | WireError::Version(_)
+    ));
     assert_eq!(s.engines[0].stats().frames_rejected, 1);
     assert_eq!(s.engines[0].stats().changes_received, 2);
     assert_eq!(s.engines[0].ledger().available(&sku("soda")), 8);
