@@ -55,11 +55,25 @@ async fn durable_ack() {
         })
         .collect();
     report("raw redb commit, Durability::Immediate", &mut raw);
+    // The store's own durable append of one real sale change (its row and its hash index),
+    // what the node does for each group of sales.
+    let (changes, _, _) = stand_changes(500);
+    let mut store = Store::open(&dir.path().join("append.redb")).unwrap();
+    let mut appends: Vec<f64> = changes[changes.len() - 500..]
+        .iter()
+        .map(|c| {
+            let t = Instant::now();
+            store.append(std::slice::from_ref(c), true).unwrap();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    report("store append of one sale change, durable", &mut appends);
 
     let stand = make_stand(1, false, &["hotdog=Hot dog:400:1000000"]);
     let procs = start_chain(&stand, &pool_and_terminals(1));
     ready(&procs, 1, 1_000_000).await;
     let api = procs[1].api.clone();
+    let before = node_times(&api).await;
     let mut acks = Vec::new();
     for _ in 0..500 {
         let t = Instant::now();
@@ -68,6 +82,13 @@ async fn durable_ack() {
         acks.push(t.elapsed().as_secs_f64() * 1e3);
     }
     report("durable sale ack over HTTP, one client", &mut acks);
+    let after = node_times(&api).await;
+    let per = |i: usize| (after[i] - before[i]) / (after[i + 1] - before[i + 1]).max(1.0) * 1e3;
+    println!(
+        "  inside the node, mean per sale: from arrival to acknowledgement {:.3} ms, of which the durable commit {:.3} ms",
+        per(0),
+        per(2)
+    );
     // The same HTTP round trip through the node's task without a sale or a write: the floor
     // under every acknowledgement on this machine.
     let mut status = Vec::new();
@@ -114,6 +135,23 @@ async fn durable_ack() {
         ),
         &mut all,
     );
+}
+
+/// The node's ack and commit sums and counts, from its `/metrics`.
+async fn node_times(api: &str) -> [f64; 4] {
+    let text = metrics(api).await;
+    let read = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("halftime_{name} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    [
+        read("ack_seconds_sum"),
+        read("ack_seconds_count"),
+        read("durable_commit_seconds_sum"),
+        read("durable_commit_seconds_count"),
+    ]
 }
 
 async fn propagation(n: usize) {
@@ -277,10 +315,9 @@ async fn rights_request(rounds: usize) {
     }
 }
 
-async fn memory(sales: usize) {
-    let stand = make_stand(1, false, &["hotdog=Hot dog:400:100"]);
-    // Build a big event in process: the terminal's own 100k sales (rights topped up by gives).
-    let dir = stand.dir.path().join("big");
+/// A stand's set-up and `sales` one-line sales of its one terminal (rights topped up by a
+/// give), signed in process.
+fn stand_changes(sales: usize) -> (Vec<SignedChange>, ReplicaKey, ReplicaKey) {
     let key = ReplicaKey::from_seed([42; 32]);
     let pool_key = ReplicaKey::from_seed([43; 32]);
     let info = StandInfo {
@@ -339,6 +376,14 @@ async fn memory(sales: usize) {
             SaleOutcome::Refused { reason } => panic!("{reason}"),
         }
     }
+    (changes, key, pool_key)
+}
+
+async fn memory(sales: usize) {
+    let stand = make_stand(1, false, &["hotdog=Hot dog:400:100"]);
+    // Build a big event in process: the terminal's own 100k sales (rights topped up by gives).
+    let dir = stand.dir.path().join("big");
+    let (changes, _, pool_key) = stand_changes(sales);
     std::fs::create_dir_all(&dir).unwrap();
     {
         let mut store = Store::open(&dir.join("replica.redb")).unwrap();
@@ -354,7 +399,6 @@ async fn memory(sales: usize) {
             store.append(c, true).unwrap();
         }
     }
-    drop(t);
     // The first start replays every stored change (no snapshot yet); a clean stop writes the
     // snapshot; the second start loads it.
     let mut p = start_measured(&dir, sales, "no snapshot: every stored change replayed").await;

@@ -238,3 +238,21 @@ fn shrink_replacement_partitions_and_skew_take_effect() {
         }
     }
 }
+
+/// A stand of 20 terminals, where each replica's invariants are checked at most every 100 ms
+/// of virtual time: a clean game holds them, and terminals that ignore their rights are still
+/// caught and replay to the same step.
+#[test]
+fn a_large_stand_checked_every_100_ms_still_catches_a_planted_bug() {
+    let large = |seed: u64| {
+        let mut c = ci_config(seed, Scenario::ALL[0], PolicyChoice::Strict);
+        c.terminals = 20;
+        c.game_minutes = 4;
+        c.skus = 2;
+        c
+    };
+    run(&large(1), &mut |_, _| {}).expect("a clean large stand holds every invariant");
+    let mut broken = large(1);
+    broken.broken = Some(Broken::IgnoreRights);
+    assert_caught_and_replayed(&[broken], "ignore-rights");
+}

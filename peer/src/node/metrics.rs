@@ -11,6 +11,8 @@ pub(super) struct Metrics {
     pub(super) streams_refused: u64,
     pub(super) ack_us_sum: u64,
     pub(super) ack_count: u64,
+    pub(super) commit_us_sum: u64,
+    pub(super) commit_count: u64,
     pub(super) store_errors: u64,
     pub(super) snapshots: u64,
     pub(super) snapshot_ms: u64,
@@ -138,6 +140,18 @@ impl Node {
             "Acknowledged sales.",
             "counter",
             m.ack_count.to_string(),
+        );
+        line(
+            "durable_commit_seconds_sum",
+            "Time in the store's durable commits of this replica's own changes (each covers the sales of one group).",
+            "counter",
+            format!("{}", m.commit_us_sum as f64 / 1e6),
+        );
+        line(
+            "durable_commit_seconds_count",
+            "Durable commits of this replica's own changes.",
+            "counter",
+            m.commit_count.to_string(),
         );
         line(
             "peers_connected",

@@ -430,7 +430,11 @@ impl Node {
             if local.is_empty() {
                 return;
             }
-            if let Err(e) = self.store.append(&local, true) {
+            let t = Instant::now();
+            let written = self.store.append(&local, true);
+            self.metrics.commit_us_sum += t.elapsed().as_micros() as u64;
+            self.metrics.commit_count += 1;
+            if let Err(e) = written {
                 self.metrics.store_errors += 1;
                 let msg = format!(
                     "could not make local changes durable: {e}; stopping so a restart recovers from disk"

@@ -114,6 +114,7 @@ impl World {
         add_stats(&mut self.counters.engines_before_restart, n.engine.stats());
         ledger.share_signature_memo(self.memo.clone());
         n.engine = Engine::new(ledger, self.engine_cfg.clone(), wall);
+        n.wake = 0;
         n.alive = true;
         n.crashed = false;
         n.overdraft_scanned = 0;

@@ -149,11 +149,14 @@ impl World {
             if !self.nodes[i].alive {
                 continue;
             }
+            if self.nodes[i].wake > self.now {
+                continue;
+            }
             let wall = self.wall(i);
             if self.nodes[i].engine.poll_timeout() <= wall {
                 self.nodes[i].engine.handle_timeout(wall);
-                self.drain(i);
             }
+            self.drain(i);
         }
     }
 
