@@ -139,11 +139,15 @@ enum Cmd {
         /// stop), so a restart loads it and replays only what came after. 0: only on stop.
         #[arg(long, default_value_t = node::SNAPSHOT_EVERY)]
         snapshot_every: u64,
-        /// The relay (ws://HOST:PORT): keep an uplink to it whenever it can be reached, so
-        /// that replicas on different networks converge through it while the internet is up.
-        /// Repeat for several instances of one relay: they are tried in turn.
+        /// The relay (wss://HOST or ws://HOST:PORT): keep an uplink to it whenever it can be
+        /// reached, so that replicas on different networks converge through it while the
+        /// internet is up. Repeat for several instances of one relay: they are tried in turn.
         #[arg(long = "relay")]
         relay: Vec<String>,
+        /// A PEM file of CA certificates to trust for wss:// relays besides the system's (a
+        /// venue's own CA, or the relay's self-signed certificate).
+        #[arg(long, requires = "relay")]
+        relay_ca: Option<PathBuf>,
         /// The relay's public key (`halftime-relay key`), trusted before the pool's enrolment
         /// of it reaches this device (a device that never met the pool on the stand network).
         #[arg(long, requires = "relay")]
@@ -366,6 +370,7 @@ fn main() -> Result<()> {
             snapshot_every,
             relay,
             relay_key,
+            relay_ca,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -377,9 +382,21 @@ fn main() -> Result<()> {
                 sale_wait_ms,
                 snapshot_every,
             };
-            rt.block_on(run(data, listen, api, cfg, !no_mdns, relay, relay_key))
+            let uplink = Uplink {
+                urls: relay,
+                key: relay_key,
+                ca: relay_ca,
+            };
+            rt.block_on(run(data, listen, api, cfg, !no_mdns, uplink))
         }
     }
+}
+
+/// Where the relay uplink goes and whom it trusts.
+struct Uplink {
+    urls: Vec<String>,
+    key: Option<PublicKey>,
+    ca: Option<PathBuf>,
 }
 
 async fn run(
@@ -388,8 +405,7 @@ async fn run(
     api_addr: SocketAddr,
     cfg: node::NodeConfig,
     mdns: bool,
-    relay: Vec<String>,
-    relay_key: Option<PublicKey>,
+    uplink: Uplink,
 ) -> Result<()> {
     let store = store_at(&data)?;
     let key = store
@@ -432,18 +448,28 @@ async fn run(
     let (cmd_tx, cmd_rx) = mpsc::channel(node::COMMAND_QUEUE_LEN);
     let mut node =
         node::Node::new(ledger, store, swarm, cfg, live.clone()).snapshot_covers(loaded.covered());
-    if !relay.is_empty() {
-        let urls = relay
+    if !uplink.urls.is_empty() {
+        let urls = uplink
+            .urls
             .iter()
             .map(|r| halftime_peer::uplink::uplink_url(r, &s.stand))
             .collect::<Result<Vec<_>, _>>()
             .map_err(anyhow::Error::msg)?;
+        let tls = if urls.iter().any(|u| u.starts_with("wss://")) {
+            Some(
+                halftime_peer::uplink::tls_config(uplink.ca.as_deref())
+                    .map_err(anyhow::Error::msg)?,
+            )
+        } else {
+            None
+        };
         let (tx, rx) = mpsc::channel(node::COMMAND_QUEUE_LEN);
-        node = node.with_uplink(rx, relay_key);
+        node = node.with_uplink(rx, uplink.key);
         tokio::spawn(halftime_peer::uplink::run(
             urls,
             key.clone(),
             s.stand.clone(),
+            tls,
             tx,
         ));
     }

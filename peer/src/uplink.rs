@@ -2,15 +2,19 @@
 //! kept open whenever the relay can be reached, reconnecting with backoff and jitter. The
 //! handshake (`halftime_ledger::uplink`) proves both keys; the node's ledger decides whether
 //! the relay's key may connect (the rule the mesh uses); then each binary message is one
-//! ledger wire frame, the same bytes as on the stand mesh.
+//! ledger wire frame, the same bytes as on the stand mesh. `wss://` is TLS (rustls), trusting
+//! the system's roots and any CA the operator adds (`--relay-ca`).
 
 use futures::{SinkExt, StreamExt};
 use halftime_ledger::sync::MAX_FRAME_BYTES;
 use halftime_ledger::uplink::{self, Handshake, Side, UPLINK_VERSION};
 use halftime_ledger::{NotAdmitted, PublicKey, ReplicaId, ReplicaKey, StandId};
 use rand::Rng;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -63,19 +67,52 @@ pub fn uplink_url(relay: &str, stand: &StandId) -> Result<String, String> {
     let base = relay.trim_end_matches('/');
     let base = if let Some(rest) = base.strip_prefix("http://") {
         format!("ws://{rest}")
-    } else if base.starts_with("ws://") {
+    } else if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if base.starts_with("ws://") || base.starts_with("wss://") {
         base.to_owned()
-    } else if base.starts_with("wss://") || base.starts_with("https://") {
-        return Err(format!(
-            "{relay}: this build speaks plain ws:// only; put the relay behind a TLS-terminating \
-             proxy on the device's side or use ws:// on a trusted network"
-        ));
     } else {
         return Err(format!(
-            "{relay}: the relay URL must start with ws:// or http://"
+            "{relay}: the relay URL must start with wss://, ws://, https:// or http://"
         ));
     };
     Ok(format!("{base}/v1/stands/{stand}/uplink"))
+}
+
+/// The TLS client for `wss://` relays: the system's root certificates, plus those in the PEM
+/// file `extra_ca` (a venue's own CA, or a relay's self-signed certificate).
+pub fn tls_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(native.certs);
+    if let Some(path) = extra_ca {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: no PEM certificate in it", path.display()));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
+        }
+    } else if added == 0 {
+        return Err(
+            "no root certificates found on this system for wss://; give the relay's CA with \
+             --relay-ca FILE"
+                .into(),
+        );
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS set-up: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
 }
 
 /// Keep an uplink to one of `urls` (instances of one relay, tried in turn) for as long as
@@ -84,6 +121,7 @@ pub async fn run(
     urls: Vec<String>,
     key: ReplicaKey,
     stand: StandId,
+    tls: Option<Arc<rustls::ClientConfig>>,
     events: mpsc::Sender<UplinkEvent>,
 ) {
     if urls.is_empty() {
@@ -96,7 +134,7 @@ pub async fn run(
         let url = &urls[(conn as usize) % urls.len()];
         conn += 1;
         let started = Instant::now();
-        match session(url, &key, &stand, conn, &events).await {
+        match session(url, &key, &stand, tls.clone(), conn, &events).await {
             Ok(()) => tracing::info!(%url, "relay uplink closed"),
             Err(why) => {
                 // Say a new reason once; repeat the same one quietly.
@@ -125,6 +163,7 @@ async fn session(
     url: &str,
     key: &ReplicaKey,
     stand: &StandId,
+    tls: Option<Arc<rustls::ClientConfig>>,
     conn: u64,
     events: &mpsc::Sender<UplinkEvent>,
 ) -> Result<(), String> {
@@ -134,7 +173,12 @@ async fn session(
     let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
     let (mut ws, _) = tokio::time::timeout(
         timeout,
-        tokio_tungstenite::connect_async_with_config(url, Some(cfg), false),
+        tokio_tungstenite::connect_async_tls_with_config(
+            url,
+            Some(cfg),
+            false,
+            tls.map(Connector::Rustls),
+        ),
     )
     .await
     .map_err(|_| "the relay did not answer in time".to_owned())?
@@ -273,11 +317,32 @@ mod tests {
             uplink_url("http://10.0.0.1:8090", &s).unwrap(),
             "ws://10.0.0.1:8090/v1/stands/north/uplink"
         );
-        assert!(
-            uplink_url("wss://relay", &s)
-                .unwrap_err()
-                .contains("ws:// only")
+        assert_eq!(
+            uplink_url("wss://relay.example", &s).unwrap(),
+            "wss://relay.example/v1/stands/north/uplink"
+        );
+        assert_eq!(
+            uplink_url("https://relay.example/", &s).unwrap(),
+            "wss://relay.example/v1/stands/north/uplink"
         );
         assert!(uplink_url("relay:8090", &s).is_err());
+    }
+
+    #[test]
+    fn a_ca_file_that_is_missing_or_holds_no_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("none.pem");
+        assert!(
+            tls_config(Some(&missing))
+                .unwrap_err()
+                .contains("cannot read")
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        assert!(
+            tls_config(Some(&empty))
+                .unwrap_err()
+                .contains("no PEM certificate")
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! Real processes on Postgres: a pool and two terminals that share no network reach each other
 //! only through the relay; the relay is killed (kill -9) and restarted while they sell; every
 //! acknowledged sale ends in the store of record once, and its projection equals the ledger.
-//! A device the pool never enrolled is refused, and both sides say why.
+//! A device the pool never enrolled is refused, and both sides say why. Terminals reach a relay
+//! behind TLS over wss://, trusting its CA, and one that does not trust it says why.
 
 mod common;
 use common::*;
@@ -591,4 +592,112 @@ async fn a_device_pool_carries_out_admin_requests_once_including_those_queued_wh
         .unwrap();
     assert_eq!(stock["items"][0]["available"], 112, "{stock}");
     relay.kill9();
+}
+
+/// A TLS-terminating proxy on loopback in front of 127.0.0.1:`to`, with a certificate for
+/// `localhost` issued by a CA made here. Returns its port and the CA's PEM.
+async fn tls_proxy(to: u16) -> (u16, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use std::sync::Arc;
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut relay) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut relay).await;
+            });
+        }
+    });
+    (port, ca.pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminals_reach_a_relay_behind_tls_over_wss() {
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    let relay_key = device_stand(&db.url, dir.path(), &["x"]);
+    let rport = free_port();
+    let _relay = spawn_relay_at(&db.url, rport, d("relay.log"));
+    let (tport, ca) = tls_proxy(rport).await;
+    let ca_file = d("relay-ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let wss = format!("wss://localhost:{tport}");
+    let till = |name: &str, api: u16, trust: bool| {
+        let mut args: Vec<String> = [
+            "run",
+            "--data",
+            d(name).to_str().unwrap(),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api",
+            &format!("127.0.0.1:{api}"),
+            "--no-mdns",
+            "--relay",
+            &wss,
+            "--relay-key",
+            &relay_key,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if trust {
+            args.extend([
+                "--relay-ca".to_owned(),
+                ca_file.to_str().unwrap().to_owned(),
+            ]);
+        }
+        Proc::spawn(&peer_bin(), &args, d(name).join("peer.log"))
+    };
+    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let _pool = till("pool", ports[0], true);
+    let _t0 = till("t0", ports[1], true);
+    let _t1 = till("t1", ports[2], true);
+    // A device that does not trust the relay's CA: TLS refuses the relay before any frame.
+    let x = till("x", ports[3], false);
+    let api = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
+    for i in 1..3 {
+        eventually(30, "a terminal learns the stand over wss://", || async {
+            (available(&api(i), "hotdog").await == Some(100)).then_some(())
+        })
+        .await;
+    }
+    let (code, body) = sell(&api(1), 3).await;
+    assert_eq!(code, 201, "{body}");
+    eventually(10, "till1 sees till0's sale through the relay", || async {
+        (available(&api(2), "hotdog").await == Some(97)).then_some(())
+    })
+    .await;
+    eventually(10, "the device without the CA says why", || async {
+        let log = x.log();
+        (log.contains("relay uplink not up") && log.contains("certificate")).then_some(())
+    })
+    .await;
 }
