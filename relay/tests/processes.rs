@@ -33,6 +33,25 @@ async fn sell(api: &str, qty: u64) -> (u16, Value) {
     (code, r.json().await.unwrap_or(Value::Null))
 }
 
+/// Both terminals (APIs `t0` and `t1`) learn the stand of 100 hot dogs, then a sale of 3 on
+/// the first reaches the second; `how` names the way in the failure messages.
+async fn learn_then_cross(t0: &str, t1: &str, how: &str) {
+    for api in [t0, t1] {
+        eventually(
+            30,
+            &format!("a terminal learns the stand {how}"),
+            || async { (available(api, "hotdog").await == Some(100)).then_some(()) },
+        )
+        .await;
+    }
+    let (code, body) = sell(t0, 3).await;
+    assert_eq!(code, 201, "{body}");
+    eventually(10, &format!("till1 sees till0's sale {how}"), || async {
+        (available(t1, "hotdog").await == Some(97)).then_some(())
+    })
+    .await;
+}
+
 fn spawn_relay_at(db: &str, port: u16, log: PathBuf) -> Proc {
     spawn_relay(Path::new(RELAY), db, port, log)
 }
@@ -145,20 +164,7 @@ async fn terminals_on_no_shared_network_converge_through_the_relay_and_survive_i
     let api = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
 
     // The terminals learn the stand from the pool, through the relay alone.
-    for i in 1..3 {
-        eventually(
-            30,
-            "a terminal learns the stand through the relay",
-            || async { (available(&api(i), "hotdog").await == Some(100)).then_some(()) },
-        )
-        .await;
-    }
-    let (code, body) = sell(&api(1), 3).await;
-    assert_eq!(code, 201, "{body}");
-    eventually(10, "till1 sees till0's sale through the relay", || async {
-        (available(&api(2), "hotdog").await == Some(97)).then_some(())
-    })
-    .await;
+    learn_then_cross(&api(1), &api(2), "through the relay").await;
 
     // The relay dies without warning; the terminals keep selling and acknowledging.
     relay.kill9();
@@ -392,20 +398,7 @@ async fn two_relay_instances_share_a_stand_and_one_survives_the_other() {
     let _t1 = spawn_peer_to(&d("t1"), ports[2], &[rb], &relay_key);
 
     // till0 and the pool on instance A, till1 on B: a sale on A reaches B's terminal.
-    for i in 1..3 {
-        eventually(30, "a terminal learns the stand", || async {
-            (available(&api(i), "hotdog").await == Some(100)).then_some(())
-        })
-        .await;
-    }
-    let (code, body) = sell(&api(1), 3).await;
-    assert_eq!(code, 201, "{body}");
-    eventually(
-        10,
-        "till1 on instance B sees till0's sale made on A",
-        || async { (available(&api(2), "hotdog").await == Some(97)).then_some(()) },
-    )
-    .await;
+    learn_then_cross(&api(1), &api(2), "from instance A to instance B").await;
 
     // A stand whose pool is at the relay: one instance holds it, the other stands by.
     let east = serde_json::json!({"stand": "east", "event": "game",
@@ -683,18 +676,7 @@ async fn terminals_reach_a_relay_behind_tls_over_wss() {
     // A device that does not trust the relay's CA: TLS refuses the relay before any frame.
     let x = till("x", ports[3], false);
     let api = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
-    for i in 1..3 {
-        eventually(30, "a terminal learns the stand over wss://", || async {
-            (available(&api(i), "hotdog").await == Some(100)).then_some(())
-        })
-        .await;
-    }
-    let (code, body) = sell(&api(1), 3).await;
-    assert_eq!(code, 201, "{body}");
-    eventually(10, "till1 sees till0's sale through the relay", || async {
-        (available(&api(2), "hotdog").await == Some(97)).then_some(())
-    })
-    .await;
+    learn_then_cross(&api(1), &api(2), "over wss://").await;
     eventually(10, "the device without the CA says why", || async {
         let log = x.log();
         (log.contains("relay uplink not up") && log.contains("certificate")).then_some(())
