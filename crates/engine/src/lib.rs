@@ -407,29 +407,24 @@ impl Engine {
         bytes: &[u8],
         now_ms: u64,
     ) -> Result<(), WireError> {
-        let msg = match WireMessage::decode(bytes, self.ledger.stand_id()) {
-            Ok(m) => m,
-            Err(e) => {
-                self.stats.frames_rejected += 1;
-                return Err(e);
-            }
-        };
-        self.handle_messages(vec![(peer, msg)], now_ms);
-        Ok(())
+        match self.handle_frames([(peer, bytes)], now_ms).pop() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Decode and handle frames that arrived together: the changes of all that decode are
     /// applied as one batch. Each frame that does not decode is counted and returned with its
     /// sender, for the driver to log.
-    pub fn handle_frames(
+    pub fn handle_frames<B: AsRef<[u8]>>(
         &mut self,
-        frames: Vec<(ReplicaId, Vec<u8>)>,
+        frames: impl IntoIterator<Item = (ReplicaId, B)>,
         now_ms: u64,
     ) -> Vec<(ReplicaId, WireError)> {
-        let mut msgs = Vec::with_capacity(frames.len());
+        let mut msgs = Vec::new();
         let mut bad = Vec::new();
         for (peer, bytes) in frames {
-            match WireMessage::decode(&bytes, self.ledger.stand_id()) {
+            match WireMessage::decode(bytes.as_ref(), self.ledger.stand_id()) {
                 Ok(m) => msgs.push((peer, m)),
                 Err(e) => {
                     self.stats.frames_rejected += 1;
