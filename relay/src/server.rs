@@ -1178,6 +1178,11 @@ async fn metrics(State(app): State<App>) -> Response {
                 "halftime_relay_stand_commit_failures_total{{stand=\"{}\"}} {}",
                 v.stand, v.commit_failures
             );
+            let _ = writeln!(
+                per_stand,
+                "halftime_relay_stand_rights_forwarded_total{{stand=\"{}\"}} {}",
+                v.stand, v.rights_forwarded
+            );
         }
     }
     t.push_str(&per_stand);

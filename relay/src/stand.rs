@@ -151,6 +151,8 @@ pub struct StandView {
     pub frames_rejected: u64,
     pub changes_rejected: u64,
     pub commit_failures: u64,
+    /// Rights requests passed on to a holder for a replica that reaches it only here.
+    pub rights_forwarded: u64,
     /// How the stand was loaded when this relay started.
     pub loaded: Loaded,
 }
@@ -521,6 +523,7 @@ impl StandTask {
             frames_rejected: s.frames_rejected,
             changes_rejected: s.changes_rejected,
             commit_failures: self.commit_failures,
+            rights_forwarded: s.rights_requests_forwarded,
             loaded: self.loaded.clone(),
         }
     }

@@ -2,7 +2,8 @@
 //! Real processes on Postgres: a pool and two terminals that share no network reach each other
 //! only through the relay; the relay is killed (kill -9) and restarted while they sell; every
 //! acknowledged sale ends in the store of record once, and its projection equals the ledger.
-//! A device the pool never enrolled is refused, and both sides say why. Terminals reach a relay
+//! A device the pool never enrolled is refused, and both sides say why. A till short of rights
+//! gets them from holders it reaches only through the relay. Terminals reach a relay
 //! behind TLS over wss://, trusting its CA, and one that does not trust it says why.
 
 mod common;
@@ -234,6 +235,25 @@ async fn terminals_on_no_shared_network_converge_through_the_relay_and_survive_i
         None,
         "the stranger learned nothing"
     );
+
+    // A till short of rights sells by asking, through the relay, holders it does not reach
+    // itself: the relay passes its request on, and the 201 comes after the give.
+    let stock = get(&format!("{}/v1/stock", api(1)), None).await.unwrap();
+    let own = stock[0]["rights"].as_u64().unwrap();
+    let (code, body) = sell(&api(1), own + 1).await;
+    assert_eq!(code, 201, "{body}");
+    assert!(body["waited_ms"].as_u64().unwrap() > 0, "{body}");
+    let v = get(&format!("{url}/v1/stands"), Some(&token))
+        .await
+        .unwrap();
+    assert!(v[0]["rights_forwarded"].as_u64().unwrap() >= 1, "{v}");
+    let left = 94 - own as i64 - 1;
+    for i in 0..3 {
+        eventually(10, "every replica sees the sale made by asking", || async {
+            (available(&api(i), "hotdog").await == Some(left)).then_some(())
+        })
+        .await;
+    }
     relay.kill9();
     drop((t0, t1));
 }

@@ -258,6 +258,11 @@ pub struct EngineStats {
     pub changes_rejected: u64,
     pub changes_relayed: u64,
     pub frames_rejected: u64,
+    /// Relay: rights requests passed on to a holder for a replica that reaches it only here.
+    pub rights_requests_forwarded: u64,
+    /// Requests or answers on behalf of another replica that broke the rule of who may send
+    /// them (only a relay, never for itself or for us), dropped.
+    pub rights_relays_refused: u64,
 }
 
 #[derive(Debug)]
@@ -486,7 +491,40 @@ impl Engine {
                     SyncEvent::Applied(report) => self.after_apply(report, Some(from)),
                     SyncEvent::RightsRequested { sku, want, urgent } => {
                         let (rights, mut ctx) = self.split();
-                        rights.answer(&mut ctx, from, sku, want, urgent, now_ms);
+                        rights.requested(&mut ctx, from, sku, want, urgent, now_ms);
+                    }
+                    SyncEvent::RightsRequestedFor {
+                        beneficiary,
+                        sku,
+                        want,
+                        urgent,
+                    } => {
+                        let (rights, mut ctx) = self.split();
+                        rights.requested_for(
+                            &mut ctx,
+                            from,
+                            beneficiary,
+                            sku,
+                            want,
+                            urgent,
+                            now_ms,
+                        );
+                    }
+                    SyncEvent::RightsAnsweredFor {
+                        beneficiary,
+                        sku,
+                        granted,
+                        change,
+                    } => {
+                        let (_, mut ctx) = self.split();
+                        rights::Rights::pass_answer(
+                            &mut ctx,
+                            from,
+                            beneficiary,
+                            sku,
+                            granted,
+                            change,
+                        );
                     }
                     SyncEvent::RightsAnswered { sku, granted } => {
                         self.rights.answered(from, &sku, granted)

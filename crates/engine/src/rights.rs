@@ -180,7 +180,7 @@ impl Rights {
                 .map(|(p, _)| p)
                 .filter(|p| **p != me)
                 .filter(|p| !matches!(h.asks.get(&(**p, sku.clone())), Some(None) | Some(Some(0))))
-                .map(|p| (ctx.ledger.rights(*p, &sku).max(0) as u64, *p == pool, *p))
+                .map(|p| (Self::can_give(ctx, *p, &sku).max(0) as u64, *p == pool, *p))
                 .filter(|(r, _, _)| *r > 0)
                 .collect();
             let in_reach: u64 = holders
@@ -342,13 +342,100 @@ impl Rights {
         self.held = waiting;
     }
 
-    /// Answer `from`'s request for `sku`: the pool gives what it holds; a terminal gives what
-    /// its own waiting sales do not need, all of it when a customer waits at the asker (so the
-    /// stand's last units always reach the customer in front of them) and half otherwise.
-    pub(crate) fn answer(
+    /// `from` asks for rights. A relay holds none: it passes the request on to the holder it
+    /// reaches that holds most (the pool first among equals), on `from`'s behalf, or answers
+    /// none when it reaches no holder. Any other replica answers itself.
+    pub(crate) fn requested(
         &mut self,
         ctx: &mut Ctx<'_>,
         from: ReplicaId,
+        sku: Sku,
+        want: u64,
+        urgent: bool,
+        now: u64,
+    ) {
+        if ctx.ledger.role() != Some(Role::Relay) {
+            return self.answer(ctx, from, None, sku, want, urgent, now);
+        }
+        let pool = ctx.ledger.pool();
+        let holder = ctx
+            .peers
+            .iter()
+            .filter(|(p, peer)| **p != from && !peer.sync.is_hand_over())
+            .map(|(p, _)| (ctx.ledger.rights(*p, &sku), *p == pool, *p))
+            .filter(|(r, _, _)| *r > 0)
+            .max_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(b.2.cmp(&a.2)));
+        match holder {
+            Some((_, _, h)) => {
+                if let Some(peer) = ctx.peers.get_mut(&h) {
+                    peer.sync.request_rights_for(from, sku, want, urgent);
+                    ctx.stats.rights_requests_forwarded += 1;
+                }
+            }
+            None => {
+                if let Some(peer) = ctx.peers.get_mut(&from) {
+                    peer.sync.answer_rights(sku, 0, None);
+                }
+            }
+        }
+    }
+
+    /// `relay` asks on behalf of `beneficiary`: answered like `beneficiary`'s own request,
+    /// the give made out to it and the answer sent back through the relay. Only an enrolled,
+    /// unretired relay may ask for another replica.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn requested_for(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        relay: ReplicaId,
+        beneficiary: ReplicaId,
+        sku: Sku,
+        want: u64,
+        urgent: bool,
+        now: u64,
+    ) {
+        let by_relay = ctx
+            .ledger
+            .replicas()
+            .get(&relay)
+            .is_some_and(|i| i.role == Role::Relay && i.retired_at_pool_seq.is_none());
+        if !by_relay || beneficiary == relay || beneficiary == ctx.ledger.me() {
+            ctx.stats.rights_relays_refused += 1;
+            return;
+        }
+        self.answer(ctx, beneficiary, Some(relay), sku, want, urgent, now);
+    }
+
+    /// Relay: a holder answered a request made for `beneficiary`; pass the answer on as the
+    /// answer to `beneficiary`'s own request (to the relay). The give was applied already and
+    /// is pushed like any change; it rides along so that the waiting sale needs nothing else.
+    pub(crate) fn pass_answer(
+        ctx: &mut Ctx<'_>,
+        from: ReplicaId,
+        beneficiary: ReplicaId,
+        sku: Sku,
+        granted: u64,
+        change: Option<SignedChange>,
+    ) {
+        if ctx.ledger.role() != Some(Role::Relay) || beneficiary == from {
+            ctx.stats.rights_relays_refused += 1;
+            return;
+        }
+        if let Some(peer) = ctx.peers.get_mut(&beneficiary) {
+            peer.sync.answer_rights(sku, granted, change);
+        }
+    }
+
+    /// Answer `to`'s request for `sku` (made through the relay `via`, if any): the pool gives
+    /// what it holds; a terminal gives what its own waiting sales do not need, all of it when
+    /// a customer waits at the asker (so the stand's last units always reach the customer in
+    /// front of them) and half otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn answer(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        from: ReplicaId,
+        via: Option<ReplicaId>,
         sku: Sku,
         want: u64,
         urgent: bool,
@@ -385,7 +472,7 @@ impl Rights {
                 Ok(c) => {
                     ctx.stats.gives_answered += 1;
                     // The answer carries the give to the asker; everyone else gets it pushed.
-                    ctx.record_local(c.clone(), Some(from));
+                    ctx.record_local(c.clone(), Some(via.unwrap_or(from)));
                     change = Some(c);
                 }
                 Err(OpError::Refused(_)) => {}
@@ -393,9 +480,38 @@ impl Rights {
             }
         }
         let granted = if change.is_some() { units } else { 0 };
-        if let Some(p) = ctx.peers.get_mut(&from) {
-            p.sync.answer_rights(sku, granted, change);
+        match via {
+            None => {
+                if let Some(p) = ctx.peers.get_mut(&from) {
+                    p.sync.answer_rights(sku, granted, change);
+                }
+            }
+            Some(relay) => {
+                if let Some(p) = ctx.peers.get_mut(&relay) {
+                    p.sync.answer_rights_for(from, sku, granted, change);
+                }
+            }
         }
+    }
+
+    /// What `peer` can give us of `sku`: its own rights, or, for a relay (which holds none
+    /// and passes requests on), the rights of every replica we reach only through it.
+    fn can_give(ctx: &Ctx<'_>, peer: ReplicaId, sku: &Sku) -> i64 {
+        let replicas = ctx.ledger.replicas();
+        if !replicas.get(&peer).is_some_and(|i| i.role == Role::Relay) {
+            return ctx.ledger.rights(peer, sku);
+        }
+        let me = ctx.ledger.me();
+        replicas
+            .iter()
+            .filter(|(r, i)| {
+                **r != me
+                    && !ctx.peers.contains_key(r)
+                    && matches!(i.role, Role::Pool | Role::Terminal)
+                    && i.retired_at_pool_seq.is_none()
+            })
+            .map(|(r, _)| ctx.ledger.rights(*r, sku).max(0))
+            .fold(0, i64::saturating_add)
     }
 
     /// Units of `sku` this terminal will sell in the next `ASK_LEAD_MS` at its rate over the
@@ -455,7 +571,7 @@ impl Rights {
                 .peers
                 .iter()
                 .filter(|(_, peer)| !peer.sync.is_hand_over())
-                .map(|(p, _)| (*p, ctx.ledger.rights(*p, &sku)))
+                .map(|(p, _)| (*p, Self::can_give(ctx, *p, &sku)))
                 .max_by_key(|(p, r)| (*p == pool && *r > 0, *r));
             let Some((p, r)) = holder else { continue };
             if r <= 1 {

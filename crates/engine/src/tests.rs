@@ -743,3 +743,133 @@ fn frames_that_arrive_together_are_applied_together_and_a_bad_one_is_handed_back
     assert_eq!(s.engines[0].stats().changes_received, 2);
     assert_eq!(s.engines[0].ledger().available(&sku("soda")), 8);
 }
+
+/// Enrol a relay in `s` and add its engine, a hub connected to every replica; returns its
+/// index.
+fn add_relay(s: &mut Stand) -> usize {
+    let relay_key = ReplicaKey::from_seed([50; 32]);
+    let now = s.now;
+    s.engines[0]
+        .local_op(now, |l, now| {
+            Ok((l.enrol(relay_key.public(), "relay", Role::Relay, now)?, ()))
+        })
+        .unwrap();
+    let pool_key = ReplicaKey::from_seed([1; 32]).public();
+    let mut l = Ledger::join(relay_key, StandId::new("north").unwrap(), pool_key);
+    let all: Vec<SignedChange> = s.engines[0].ledger().all_changes().collect();
+    assert!(l.apply_remote(all, now).rejected.is_empty());
+    let cfg = EngineConfig {
+        hub: true,
+        ..quiet()
+    };
+    s.engines.push(Engine::new(l, cfg, now));
+    s.connect_all();
+    s.run_until(now + 20);
+    s.engines.len() - 1
+}
+
+#[test]
+fn a_terminal_that_reaches_holders_only_through_the_relay_sells_by_asking_through_it() {
+    // The pool holds 2 sodas, terminal 2 holds 1; terminal 1 holds none and reaches the others
+    // only through the relay (another network, say).
+    let mut s = stand(2, &[0, 1], quiet());
+    let relay = add_relay(&mut s);
+    s.cut(0, 1);
+    s.cut(1, 2);
+    s.sell(1, 1, 3);
+    s.run_until(s.now + 100);
+    match s.outcome(1) {
+        Some(Event::Committed { waited_ms, .. }) => {
+            assert!(*waited_ms > 0 && *waited_ms <= SALE_WAIT_MS, "{waited_ms}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The relay asked the pool (the biggest holder) for all 3, got 2, then terminal 2 for
+    // the last one: the stand's last unit reached the customer in front of it.
+    assert_eq!(s.engines[relay].stats().rights_requests_forwarded, 2);
+    assert_eq!((s.rights(0), s.rights(1), s.rights(2)), (0, 0, 0));
+    s.run_until(s.now + 100);
+    for e in &s.engines {
+        assert_eq!(e.ledger().available(&sku("soda")), 0);
+    }
+    assert!(s.engines[relay].ledger().rights(s.id(relay), &sku("soda")) == 0);
+
+    // A holder the relay does not reach: the relay says so at once, and the sale is refused
+    // without waiting out its bound.
+    let now = s.now;
+    s.engines[0]
+        .local_op(now, |l, now| {
+            Ok((
+                l.restock(BTreeMap::from([(sku("soda"), 4)]), "truck", now)?,
+                (),
+            ))
+        })
+        .unwrap();
+    s.run_until(s.now + 50);
+    s.cut(0, relay);
+    s.sell(1, 2, 1);
+    s.run_until(s.now + 20);
+    match s.outcome(2) {
+        Some(Event::Refused { refusal, .. }) => {
+            assert_eq!(refusal.asked, vec![s.id(relay)]);
+            assert!(refusal.waited_ms < 20, "{}", refusal.waited_ms);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.rights(0), 4, "nothing moved");
+}
+
+#[test]
+fn only_a_relay_may_ask_or_answer_for_another_replica() {
+    let mut s = stand(5, &[0, 0], quiet());
+    let relay = add_relay(&mut s);
+    let (pool, t1, t2, r) = (s.id(0), s.id(1), s.id(2), s.id(relay));
+    let stand_id = StandId::new("north").unwrap();
+    let ask_for = |beneficiary| {
+        WireMessage::RightsRequestFor {
+            beneficiary,
+            sku: sku("soda"),
+            want: 5,
+            urgent: true,
+        }
+        .encode(&stand_id)
+    };
+    let now = s.now;
+    // A terminal asks the pool on another terminal's behalf; the relay asks for itself and
+    // for the pool it asks.
+    s.engines[0].handle_frame(t2, &ask_for(t1), now).unwrap();
+    s.engines[0].handle_frame(r, &ask_for(r), now).unwrap();
+    s.engines[0].handle_frame(r, &ask_for(pool), now).unwrap();
+    s.run_until(now + 50);
+    assert_eq!(s.engines[0].stats().rights_relays_refused, 3);
+    assert_eq!(s.rights(0), 5, "no give was made");
+    assert_eq!(s.engines[0].stats().rights_requests_answered, 0);
+
+    // An answer "for" someone sent to a replica that is not a relay, or to the relay for the
+    // sender itself, is dropped: nothing reaches terminal 1.
+    let answer_for = |beneficiary| {
+        WireMessage::RightsAnswerFor {
+            beneficiary,
+            sku: sku("soda"),
+            granted: 5,
+            change: None,
+        }
+        .encode(&stand_id)
+    };
+    let now = s.now;
+    s.engines[2]
+        .handle_frame(pool, &answer_for(t1), now)
+        .unwrap();
+    s.engines[relay]
+        .handle_frame(t2, &answer_for(t2), now)
+        .unwrap();
+    assert_eq!(s.engines[2].stats().rights_relays_refused, 1);
+    assert_eq!(s.engines[relay].stats().rights_relays_refused, 1);
+    assert_eq!(s.engines[relay].poll_transmit_to(t1), None);
+
+    // The relay's own request for a terminal is answered with a give to that terminal.
+    s.engines[0].handle_frame(r, &ask_for(t1), now).unwrap();
+    s.run_until(now + 50);
+    assert_eq!(s.rights(1), 5);
+    assert_eq!(s.rights(0), 0);
+}

@@ -76,6 +76,23 @@ pub enum WireMessage {
         id: u64,
         outcome: Result<u64, String>,
     },
+    /// Relay to a holder: `beneficiary`, a replica that reaches this holder only through the
+    /// relay, asks for up to `want` of `sku`. The holder gives to `beneficiary` and answers
+    /// the relay with [`WireMessage::RightsAnswerFor`].
+    RightsRequestFor {
+        beneficiary: ReplicaId,
+        sku: Sku,
+        want: u64,
+        urgent: bool,
+    },
+    /// Holder to relay: the answer to a [`WireMessage::RightsRequestFor`], which the relay
+    /// passes on to `beneficiary` as a [`WireMessage::RightsAnswer`].
+    RightsAnswerFor {
+        beneficiary: ReplicaId,
+        sku: Sku,
+        granted: u64,
+        change: Option<SignedChange>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -173,6 +190,21 @@ pub enum SyncEvent {
         sku: Sku,
         /// Units given.
         granted: u64,
+    },
+    /// The peer (a relay) asks for rights on behalf of `beneficiary`.
+    RightsRequestedFor {
+        beneficiary: ReplicaId,
+        sku: Sku,
+        want: u64,
+        urgent: bool,
+    },
+    /// The peer answered a request made on behalf of `beneficiary` (its give, if any, is
+    /// already applied: an `Applied` event comes before this one).
+    RightsAnsweredFor {
+        beneficiary: ReplicaId,
+        sku: Sku,
+        granted: u64,
+        change: Option<SignedChange>,
     },
 }
 
@@ -277,6 +309,38 @@ impl PeerSync {
         });
     }
 
+    /// Relay: ask the peer for rights on behalf of `beneficiary`.
+    pub fn request_rights_for(
+        &mut self,
+        beneficiary: ReplicaId,
+        sku: Sku,
+        want: u64,
+        urgent: bool,
+    ) {
+        self.enqueue(WireMessage::RightsRequestFor {
+            beneficiary,
+            sku,
+            want,
+            urgent,
+        });
+    }
+
+    /// Answer, through the relay that asked, a request made on behalf of `beneficiary`.
+    pub fn answer_rights_for(
+        &mut self,
+        beneficiary: ReplicaId,
+        sku: Sku,
+        granted: u64,
+        change: Option<SignedChange>,
+    ) {
+        self.enqueue(WireMessage::RightsAnswerFor {
+            beneficiary,
+            sku,
+            granted,
+            change,
+        });
+    }
+
     fn enqueue(&mut self, m: WireMessage) {
         if self.hand_over && !matches!(m, WireMessage::Vector { .. }) {
             return;
@@ -322,7 +386,9 @@ impl PeerSync {
                 events.push(SyncEvent::Applied(report));
             }
             // A replica that only hands over asks for nothing.
-            WireMessage::RightsRequest { .. } | WireMessage::AdminRequest { .. }
+            WireMessage::RightsRequest { .. }
+            | WireMessage::RightsRequestFor { .. }
+            | WireMessage::AdminRequest { .. }
                 if self.hand_over => {}
             WireMessage::AdminRequest { id, op } => {
                 events.push(SyncEvent::AdminRequested { id, op })
@@ -342,6 +408,35 @@ impl PeerSync {
                     events.push(SyncEvent::Applied(ledger.apply_remote(vec![c], now_ms)));
                 }
                 events.push(SyncEvent::RightsAnswered { sku, granted });
+            }
+            WireMessage::RightsRequestFor {
+                beneficiary,
+                sku,
+                want,
+                urgent,
+            } => events.push(SyncEvent::RightsRequestedFor {
+                beneficiary,
+                sku,
+                want,
+                urgent,
+            }),
+            WireMessage::RightsAnswerFor {
+                beneficiary,
+                sku,
+                granted,
+                change,
+            } => {
+                if let Some(c) = &change {
+                    events.push(SyncEvent::Applied(
+                        ledger.apply_remote(vec![c.clone()], now_ms),
+                    ));
+                }
+                events.push(SyncEvent::RightsAnsweredFor {
+                    beneficiary,
+                    sku,
+                    granted,
+                    change,
+                });
             }
         }
         events

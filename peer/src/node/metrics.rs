@@ -52,6 +52,12 @@ impl Node {
             e.rights_requests_sent.to_string(),
         );
         line(
+            "rights_relays_refused_total",
+            "Rights requests or answers on behalf of another replica from a peer not allowed to send them, dropped.",
+            "counter",
+            e.rights_relays_refused.to_string(),
+        );
+        line(
             "gives_total",
             "Gives of rights made here (answers and allocation plans).",
             "counter",

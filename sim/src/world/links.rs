@@ -99,6 +99,20 @@ impl World {
                             WireMessage::Changes { changes } => {
                                 format!("changes x{}", changes.len())
                             }
+                            WireMessage::RightsRequestFor {
+                                beneficiary,
+                                sku,
+                                want,
+                                urgent,
+                            } => format!(
+                                "rights-request for {beneficiary} {sku} x{want} urgent={urgent}"
+                            ),
+                            WireMessage::RightsAnswerFor {
+                                beneficiary,
+                                sku,
+                                granted,
+                                ..
+                            } => format!("rights-answer for {beneficiary} {sku} x{granted}"),
                         };
                         self.log(|| format!("deliver {from}->{to} {kind}"));
                     }
