@@ -149,16 +149,35 @@ fn a_damaged_snapshot_is_refused_and_the_full_replay_still_works() {
         load(b"HTSNAP99rest", stored(&t)).unwrap_err(),
         SnapshotError::NotASnapshot
     );
-    // A body that is well summed but is not a snapshot.
-    let mut forged = b"HTSNAP01".to_vec();
-    let junk = vec![0xffu8; 64];
+    // Well summed, but not a snapshot: a document length past the end, a body that does not
+    // decode, a document that does not load. And the format before the document came apart.
     use sha2::Digest as _;
-    forged.extend_from_slice(&sha2::Sha256::digest(&junk));
-    forged.extend_from_slice(&junk);
+    let summed = |magic: &[u8], rest: &[u8]| {
+        let mut f = magic.to_vec();
+        f.extend_from_slice(&sha2::Sha256::digest(rest));
+        f.extend_from_slice(rest);
+        f
+    };
+    let junk = vec![0xffu8; 64];
+    let mut no_body = 0u64.to_le_bytes().to_vec();
+    no_body.extend_from_slice(&junk);
+    for forged in [summed(b"HTSNAP02", &junk), summed(b"HTSNAP02", &no_body)] {
+        assert!(matches!(
+            load(&forged, stored(&t)).unwrap_err(),
+            SnapshotError::Decode(_)
+        ));
+    }
+    let doc_len = u64::from_le_bytes(snap[40..48].try_into().unwrap()) as usize;
+    let mut bad_doc = snap[40..].to_vec();
+    bad_doc[8 + doc_len / 2] ^= 0x01;
     assert!(matches!(
-        load(&forged, stored(&t)).unwrap_err(),
-        SnapshotError::Decode(_)
+        load(&summed(b"HTSNAP02", &bad_doc), stored(&t)).unwrap_err(),
+        SnapshotError::Document(_)
     ));
+    assert_eq!(
+        load(&summed(b"HTSNAP01", &junk), stored(&t)).unwrap_err(),
+        SnapshotError::NotASnapshot
+    );
     // A change the snapshot covers is gone from the store.
     let mut short = stored(&t);
     short.remove(short.len() / 2);

@@ -25,8 +25,11 @@ use sha2::Digest as _;
 use std::collections::{HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-/// The first bytes of a snapshot; the last two digits are its format version.
-const MAGIC: &[u8; 8] = b"HTSNAP01";
+/// The first bytes of a snapshot; the last two digits are its format version. A snapshot is
+/// `MAGIC | SHA-256 of the rest | document length (u64, little-endian) | the saved document |
+/// the postcard of everything else`: the document comes apart from the rest, so that it loads
+/// on a second thread while the rest is decoded (version 01 held the document inside the body).
+const MAGIC: &[u8; 8] = b"HTSNAP02";
 const HEADER_LEN: usize = MAGIC.len() + 32;
 
 /// Why a snapshot cannot be used (the replica then replays its whole store).
@@ -69,8 +72,6 @@ struct Body {
     heads: Vec<[u8; 32]>,
     entries: Vec<EntryMeta>,
     state: State,
-    #[serde(with = "serde_bytes")]
-    doc: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -127,13 +128,17 @@ impl Ledger {
             heads: self.doc.get_heads().iter().map(|h| h.0).collect(),
             entries,
             state: self.state.clone(),
-            doc: self.doc.save_nocompress(),
         };
+        let doc = self.doc.save_nocompress();
         let body = postcard::to_stdvec(&body).unwrap_or_default();
-        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        let mut rest = Vec::with_capacity(8 + doc.len() + body.len());
+        rest.extend_from_slice(&(doc.len() as u64).to_le_bytes());
+        rest.extend_from_slice(&doc);
+        rest.extend_from_slice(&body);
+        let mut out = Vec::with_capacity(HEADER_LEN + rest.len());
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&sha2::Sha256::digest(&body));
-        out.extend_from_slice(&body);
+        out.extend_from_slice(&sha2::Sha256::digest(&rest));
+        out.extend_from_slice(&rest);
         out
     }
 
@@ -213,7 +218,55 @@ impl Ledger {
             &HashSet<[u8; 32]>,
         ) -> Result<(Vec<SignedChange>, Box<dyn ChangeBytes>), SnapshotError>,
     ) -> Result<(Self, ApplyReport, SnapshotLoad), SnapshotError> {
-        let body = decode(snapshot)?;
+        let (doc_bytes, body_bytes) = split_checked(snapshot)?;
+        // The document's load is the longest part; it runs beside the rest.
+        let (doc, mut l, tail) = std::thread::scope(|scope| {
+            let doc = scope.spawn(|| load_doc(doc_bytes));
+            let rest = Self::from_body(key.clone(), stand_id, pool_key, body_bytes, split);
+            let doc = doc
+                .join()
+                .unwrap_or_else(|_| Err(SnapshotError::Document("its load panicked".into())));
+            rest.and_then(|(l, tail, heads)| Ok((doc?, l, tail, heads)))
+        })
+        .and_then(|(doc, l, tail, recorded)| {
+            let mut heads: Vec<[u8; 32]> = doc.get_heads().iter().map(|h| h.0).collect();
+            heads.sort_unstable();
+            if heads != recorded {
+                return Err(SnapshotError::Document(
+                    "its heads differ from the recorded ones".into(),
+                ));
+            }
+            Ok((doc, l, tail))
+        })?;
+        l.doc = doc.with_actor(key.public().actor());
+        let load = SnapshotLoad {
+            covered: l.log.len(),
+            replayed: tail.len(),
+        };
+        let latest = Hlc::from_packed(u64::MAX).wall_ms();
+        l.pending.trusted = true;
+        let report = l.apply_remote(tail, latest.max(now_ms));
+        l.pending.trusted = false;
+        #[cfg(any(debug_assertions, feature = "check-invariants"))]
+        l.check_invariants();
+        Ok((l, report, load))
+    }
+
+    /// Everything of a snapshot but its document: the replica with its state, log and
+    /// indexes (and an empty document), the changes to replay after it, and the recorded
+    /// heads, sorted.
+    #[allow(clippy::type_complexity)]
+    fn from_body(
+        key: ReplicaKey,
+        stand_id: StandId,
+        pool_key: PublicKey,
+        body: &[u8],
+        split: impl FnOnce(
+            &HashSet<[u8; 32]>,
+        ) -> Result<(Vec<SignedChange>, Box<dyn ChangeBytes>), SnapshotError>,
+    ) -> Result<(Self, Vec<SignedChange>, Vec<[u8; 32]>), SnapshotError> {
+        let body: Body =
+            postcard::from_bytes(body).map_err(|e| SnapshotError::Decode(e.to_string()))?;
         if body.stand != stand_id || body.me != key.replica_id() {
             return Err(SnapshotError::Foreign {
                 replica: body.me,
@@ -223,19 +276,10 @@ impl Ledger {
         let covered: HashSet<[u8; 32]> = body.entries.iter().map(|e| e.hash).collect();
         let (tail, bytes) = split(&covered)?;
         drop(covered);
-        let doc = load_doc(&body.doc)?;
-        let mut heads: Vec<[u8; 32]> = doc.get_heads().iter().map(|h| h.0).collect();
-        let mut recorded = body.heads.clone();
-        heads.sort_unstable();
+        let mut recorded = body.heads;
         recorded.sort_unstable();
-        if heads != recorded {
-            return Err(SnapshotError::Document(
-                "its heads differ from the recorded ones".into(),
-            ));
-        }
 
-        let mut l = Self::join(key.clone(), stand_id, pool_key);
-        l.doc = doc.with_actor(key.public().actor());
+        let mut l = Self::join(key, stand_id, pool_key);
         l.state = body.state;
         l.bytes = bytes;
         l.log.reserve(body.entries.len());
@@ -254,30 +298,29 @@ impl Ledger {
             l.by_hash.insert(hash, i);
             l.by_actor.entry(e.author).or_default().push(i);
         }
-        let latest = Hlc::from_packed(u64::MAX).wall_ms();
-        l.clock.observe(body.clock, latest);
-        let load = SnapshotLoad {
-            covered: l.log.len(),
-            replayed: tail.len(),
-        };
-        l.pending.trusted = true;
-        let report = l.apply_remote(tail, latest.max(now_ms));
-        l.pending.trusted = false;
-        #[cfg(any(debug_assertions, feature = "check-invariants"))]
-        l.check_invariants();
-        Ok((l, report, load))
+        l.clock
+            .observe(body.clock, Hlc::from_packed(u64::MAX).wall_ms());
+        Ok((l, tail, recorded))
     }
 }
 
-fn decode(snapshot: &[u8]) -> Result<Body, SnapshotError> {
+/// The saved document and the rest of a snapshot, once its checksum holds.
+fn split_checked(snapshot: &[u8]) -> Result<(&[u8], &[u8]), SnapshotError> {
     if snapshot.len() < HEADER_LEN || &snapshot[..MAGIC.len()] != MAGIC {
         return Err(SnapshotError::NotASnapshot);
     }
-    let (sum, body) = snapshot[MAGIC.len()..].split_at(32);
-    if sha2::Sha256::digest(body).as_slice() != sum {
+    let (sum, rest) = snapshot[MAGIC.len()..].split_at(32);
+    if sha2::Sha256::digest(rest).as_slice() != sum {
         return Err(SnapshotError::Checksum);
     }
-    postcard::from_bytes(body).map_err(|e| SnapshotError::Decode(e.to_string()))
+    let (len, rest) = rest
+        .split_first_chunk::<8>()
+        .ok_or_else(|| SnapshotError::Decode("no document length".into()))?;
+    let len = usize::try_from(u64::from_le_bytes(*len))
+        .ok()
+        .filter(|n| *n <= rest.len())
+        .ok_or_else(|| SnapshotError::Decode("the document length exceeds the snapshot".into()))?;
+    Ok(rest.split_at(len))
 }
 
 fn load_doc(bytes: &[u8]) -> Result<Automerge, SnapshotError> {
