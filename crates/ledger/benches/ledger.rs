@@ -280,7 +280,7 @@ fn main() {
     pool.apply_remote(setup.clone(), 1);
     let mut batch_stats = Vec::new();
     let mut pending = Vec::new();
-    let mut single_at: BTreeMap<usize, Stats> = BTreeMap::new();
+    let mut single_at: BTreeMap<usize, (Stats, Stats)> = BTreeMap::new();
     let checkpoints = [10_000usize, 100_000, 1_000_000];
     for i in 0..sales {
         let c = sell(&mut terms[i % TERMINALS], i, 100 + i as u64);
@@ -293,27 +293,35 @@ fn main() {
             assert_eq!(r.accepted.len(), 100);
         }
         if checkpoints.contains(&(i + 1)) {
-            // Apply cost of a single received change at this size.
+            // Apply cost of a single received change at this size, and beside it Automerge's
+            // own apply of the same change, already decoded, to a copy of the same document.
             let mut s = Vec::new();
+            let mut alone = Vec::new();
+            let mut copy = pool.doc().clone();
             for j in 0..300 {
                 let c = sell(&mut terms[j % TERMINALS], j, 100 + i as u64 + j as u64);
                 all.push(c.clone());
+                let decoded = automerge::Change::from_bytes(c.bytes.clone()).unwrap();
+                let t = Instant::now();
+                copy.apply_changes([decoded]).unwrap();
+                alone.push(t.elapsed());
                 let t = Instant::now();
                 let r = pool.apply_remote(vec![c], 100 + i as u64 + j as u64);
                 s.push(t.elapsed());
                 assert_eq!(r.accepted.len(), 1);
             }
-            single_at.insert(i + 1, Stats(s));
+            single_at.insert(i + 1, (Stats(s), Stats(alone)));
         }
         if (i + 1) % 100_000 == 0 {
             eprintln!("  built {} sales", i + 1);
         }
     }
     Stats(batch_stats).show("received change verified + applied (batches of 100)");
-    for (n, s) in single_at {
+    for (n, (s, alone)) in single_at {
         s.show(&format!(
             "one received change verified + applied at {n} sales"
         ));
+        alone.show("  of which: Automerge's apply of it alone (decoded)");
     }
 
     // 3. Ten replicas merging: one replica receives every other terminal's sales in one go.
