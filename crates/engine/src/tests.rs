@@ -236,6 +236,14 @@ impl Stand {
     }
 }
 
+/// A relay's configuration, timers as in [`quiet`].
+fn hub() -> EngineConfig {
+    EngineConfig {
+        hub: true,
+        ..quiet()
+    }
+}
+
 fn quiet() -> EngineConfig {
     // Timers far away, so a test sees only what the sale itself causes.
     EngineConfig {
@@ -573,14 +581,7 @@ fn a_hub_passes_every_change_on_at_once() {
 #[test]
 fn a_retired_terminal_hands_over_its_last_sales_and_is_sent_nothing() {
     // Terminals 1 and 2 reach each other only through the pool, a hub (as at a relay).
-    let mut s = stand(
-        10,
-        &[5, 5],
-        EngineConfig {
-            hub: true,
-            ..quiet()
-        },
-    );
+    let mut s = stand(10, &[5, 5], hub());
     s.cut(1, 2);
     s.run_until(T0 + 10);
     // Terminal 1 drops off and keeps selling on its own; meanwhile the pool retires it.
@@ -637,21 +638,8 @@ fn a_retired_terminal_hands_over_its_last_sales_and_is_sent_nothing() {
 #[test]
 fn the_pool_makes_a_relays_admin_request_once_and_answers_everyone_else_no() {
     let mut s = stand(10, &[0], quiet());
-    // A relay enrolled by the pool, holding the stand.
-    let relay_key = ReplicaKey::from_seed([50; 32]);
-    let now = s.now;
-    s.engines[0]
-        .local_op(now, |l, now| {
-            Ok((l.enrol(relay_key.public(), "relay", Role::Relay, now)?, ()))
-        })
-        .unwrap();
-    let pool_key = ReplicaKey::from_seed([1; 32]).public();
-    let mut l = Ledger::join(relay_key, StandId::new("north").unwrap(), pool_key);
-    let all: Vec<SignedChange> = s.engines[0].ledger().all_changes().collect();
-    assert!(l.apply_remote(all, now).rejected.is_empty());
-    s.engines.push(Engine::new(l, quiet(), now));
-    s.connect_all();
-    let (pool, relay) = (s.id(0), 2);
+    let relay = add_relay(&mut s, quiet());
+    let pool = s.id(0);
     let answers = |s: &Stand, id: u64| -> Vec<Result<u64, String>> {
         s.outcomes
             .iter()
@@ -744,9 +732,8 @@ fn frames_that_arrive_together_are_applied_together_and_a_bad_one_is_handed_back
     assert_eq!(s.engines[0].ledger().available(&sku("soda")), 8);
 }
 
-/// Enrol a relay in `s` and add its engine, a hub connected to every replica; returns its
-/// index.
-fn add_relay(s: &mut Stand) -> usize {
+/// Enrol a relay in `s` and add its engine, connected to every replica; returns its index.
+fn add_relay(s: &mut Stand, cfg: EngineConfig) -> usize {
     let relay_key = ReplicaKey::from_seed([50; 32]);
     let now = s.now;
     s.engines[0]
@@ -758,10 +745,6 @@ fn add_relay(s: &mut Stand) -> usize {
     let mut l = Ledger::join(relay_key, StandId::new("north").unwrap(), pool_key);
     let all: Vec<SignedChange> = s.engines[0].ledger().all_changes().collect();
     assert!(l.apply_remote(all, now).rejected.is_empty());
-    let cfg = EngineConfig {
-        hub: true,
-        ..quiet()
-    };
     s.engines.push(Engine::new(l, cfg, now));
     s.connect_all();
     s.run_until(now + 20);
@@ -773,7 +756,7 @@ fn a_terminal_that_reaches_holders_only_through_the_relay_sells_by_asking_throug
     // The pool holds 2 sodas, terminal 2 holds 1; terminal 1 holds none and reaches the others
     // only through the relay (another network, say).
     let mut s = stand(2, &[0, 1], quiet());
-    let relay = add_relay(&mut s);
+    let relay = add_relay(&mut s, hub());
     s.cut(0, 1);
     s.cut(1, 2);
     s.sell(1, 1, 3);
@@ -822,7 +805,7 @@ fn a_terminal_that_reaches_holders_only_through_the_relay_sells_by_asking_throug
 #[test]
 fn only_a_relay_may_ask_or_answer_for_another_replica() {
     let mut s = stand(5, &[0, 0], quiet());
-    let relay = add_relay(&mut s);
+    let relay = add_relay(&mut s, hub());
     let (pool, t1, t2, r) = (s.id(0), s.id(1), s.id(2), s.id(relay));
     let stand_id = StandId::new("north").unwrap();
     let ask_for = |beneficiary| {
