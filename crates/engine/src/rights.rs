@@ -76,6 +76,12 @@ pub(crate) struct Rights {
     next_return_ms: u64,
 }
 
+/// Holders `(rights, is the pool, id)` in the order they are asked: most rights first, the pool
+/// first among equals (it gives all it holds).
+fn ask_order(a: &(u64, bool, ReplicaId), b: &(u64, bool, ReplicaId)) -> std::cmp::Ordering {
+    b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2))
+}
+
 /// Why a sale may wait instead of being refused: this replica lacks the rights.
 fn lacks_rights(r: &Refusal) -> bool {
     matches!(
@@ -190,8 +196,7 @@ impl Rights {
             if in_reach < short && awaited == 0 {
                 return false;
             }
-            // Most rights first; the pool first among equals (it gives all it holds).
-            holders.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+            holders.sort_by(ask_order);
             for (r, _, p) in holders.into_iter().take(PARALLEL_ASKS) {
                 if short == 0 {
                     break;
@@ -362,9 +367,9 @@ impl Rights {
             .peers
             .iter()
             .filter(|(p, peer)| **p != from && !peer.sync.is_hand_over())
-            .map(|(p, _)| (ctx.ledger.rights(*p, &sku), *p == pool, *p))
+            .map(|(p, _)| (ctx.ledger.rights(*p, &sku).max(0) as u64, *p == pool, *p))
             .filter(|(r, _, _)| *r > 0)
-            .max_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(b.2.cmp(&a.2)));
+            .min_by(ask_order);
         match holder {
             Some((_, _, h)) => {
                 if let Some(peer) = ctx.peers.get_mut(&h) {
@@ -434,7 +439,7 @@ impl Rights {
     fn answer(
         &mut self,
         ctx: &mut Ctx<'_>,
-        from: ReplicaId,
+        to: ReplicaId,
         via: Option<ReplicaId>,
         sku: Sku,
         want: u64,
@@ -458,21 +463,21 @@ impl Rights {
         };
         let units = spare.min(want);
         let mut change = None;
-        if ctx.cfg.planted_bug == Some(PlantedBug::AnswerTwice) && units > 0 && from != me {
+        if ctx.cfg.planted_bug == Some(PlantedBug::AnswerTwice) && units > 0 && to != me {
             let units = BTreeMap::from([(sku.clone(), units)]);
-            if let Ok(c) = ctx.ledger.give(from, units, now) {
+            if let Ok(c) = ctx.ledger.give(to, units, now) {
                 ctx.record_local(c, None);
             }
         }
-        if units > 0 && from != me {
+        if units > 0 && to != me {
             match ctx
                 .ledger
-                .give(from, BTreeMap::from([(sku.clone(), units)]), now)
+                .give(to, BTreeMap::from([(sku.clone(), units)]), now)
             {
                 Ok(c) => {
                     ctx.stats.gives_answered += 1;
                     // The answer carries the give to the asker; everyone else gets it pushed.
-                    ctx.record_local(c.clone(), Some(via.unwrap_or(from)));
+                    ctx.record_local(c.clone(), Some(via.unwrap_or(to)));
                     change = Some(c);
                 }
                 Err(OpError::Refused(_)) => {}
@@ -482,13 +487,13 @@ impl Rights {
         let granted = if change.is_some() { units } else { 0 };
         match via {
             None => {
-                if let Some(p) = ctx.peers.get_mut(&from) {
+                if let Some(p) = ctx.peers.get_mut(&to) {
                     p.sync.answer_rights(sku, granted, change);
                 }
             }
             Some(relay) => {
                 if let Some(p) = ctx.peers.get_mut(&relay) {
-                    p.sync.answer_rights_for(from, sku, granted, change);
+                    p.sync.answer_rights_for(to, sku, granted, change);
                 }
             }
         }
