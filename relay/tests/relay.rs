@@ -853,7 +853,8 @@ async fn an_instance_that_lost_the_pools_lease_stores_nothing_it_signs_and_stand
     // lease while A still believes it holds it.
     let cut: i64 = sqlx::query_scalar(
         "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_locks \
-         WHERE locktype = 'advisory' AND granted",
+         WHERE locktype = 'advisory' AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     .fetch_one(store.pool())
     .await
