@@ -1,7 +1,8 @@
 //! Restart of a relay holding many large stands: how long until `halftime-relay serve` answers
-//! its admin API with every stand loaded, and what it holds in memory, first with no snapshot
-//! (every stored change replayed; this start writes each stand's snapshot, `--snapshot-every
-//! 1000`) and then from the snapshots.
+//! its admin API, how long until a stand asked for is served (a stand loads at its first
+//! uplink or admin call), and what the relay holds in memory. First with no snapshot (every
+//! stored change replayed; this start writes each stand's snapshot, `--snapshot-every
+//! 1000`), then from the snapshots: one stand asked for alone, then every stand at once.
 //!
 //! `cargo bench -p halftime-relay --bench restart` (Postgres at 127.0.0.1:5432 with trust auth,
 //! or HALFTIME_TEST_POSTGRES=postgres://…/postgres; `-- --sqlite` for a SQLite file;
@@ -59,16 +60,19 @@ fn status_kb(pid: u32, field: &str) -> u64 {
 
 struct Started {
     child: Child,
+    port: u16,
+    at: Instant,
+    /// From the start until `GET /v1/stands` listed every stand.
     up: Duration,
 }
 
-/// Start the relay and wait until `GET /v1/stands` lists `stands` stands.
+/// Start the relay and wait until `GET /v1/stands` lists `stands` stands (loaded or not).
 async fn start(db: &str, token: &str, stands: usize, log: &std::path::Path) -> Started {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or_else(|e| panic!("{e}"));
-    let t = Instant::now();
+    let at = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_halftime-relay"))
         .args([
             "--database",
@@ -93,18 +97,70 @@ async fn start(db: &str, token: &str, stands: usize, log: &std::path::Path) -> S
                 if v.as_array().map(Vec::len) == Some(stands) {
                     return Started {
                         child,
-                        up: t.elapsed(),
+                        port,
+                        at,
+                        up: at.elapsed(),
                     };
                 }
             }
         }
         assert!(
-            t.elapsed() < Duration::from_secs(300),
+            at.elapsed() < Duration::from_secs(300),
             "the relay did not come up; see {}",
             log.display()
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Ask for each named stand's stock at once; for each, the time from the relay's start until
+/// it answered (the stand loaded and served).
+async fn ask(s: &Started, token: &str, names: &[String]) -> Vec<Duration> {
+    let client = reqwest::Client::new();
+    let asks = names.iter().map(|n| {
+        let url = format!("http://127.0.0.1:{}/v1/stands/{n}/stock", s.port);
+        let (client, at) = (client.clone(), s.at);
+        async move {
+            let r = client
+                .get(&url)
+                .bearer_auth(token)
+                .timeout(Duration::from_secs(600))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert!(r.status().is_success(), "{url}: {}", r.status());
+            at.elapsed()
+        }
+    });
+    let mut took = futures::future::join_all(asks).await;
+    took.sort();
+    took
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// First, median and last of sorted times.
+fn spread(t: &[Duration]) -> String {
+    match (t.first(), t.last()) {
+        (Some(first), Some(last)) => format!(
+            "first {}, median {}, last {}",
+            secs(*first),
+            secs(t[t.len() / 2]),
+            secs(*last)
+        ),
+        _ => "none".into(),
+    }
+}
+
+fn memory(s: &Started) -> String {
+    let pid = s.child.id();
+    format!(
+        "resident {} MB, peak {} MB",
+        status_kb(pid, "VmRSS:") / 1024,
+        status_kb(pid, "VmHWM:") / 1024
+    )
 }
 
 fn stop(mut s: Started) {
@@ -181,14 +237,19 @@ async fn main() {
     let store_kind = if sqlite { "SQLite file" } else { "Postgres" };
     println!("{stands} stands × {sales} sales ({total} stored changes) on {store_kind}");
 
-    // First start: no snapshots; each stand replays its changes and then writes its snapshot.
+    // First start: no snapshots; every stand asked for at once replays its changes and then
+    // writes its snapshot.
     let first = start(&db.url, &token, stands, &dir.path().join("first.log")).await;
-    let pid = first.child.id();
     println!(
-        "start with no snapshot (every change replayed): API up with every stand in {:.2} s, resident {} MB, peak {} MB",
-        first.up.as_secs_f64(),
-        status_kb(pid, "VmRSS:") / 1024,
-        status_kb(pid, "VmHWM:") / 1024
+        "start with no snapshot: API up, every stand listed, in {}, {}",
+        secs(first.up),
+        memory(&first)
+    );
+    let took = ask(&first, &token, &names).await;
+    println!(
+        "  every stand asked for at once, each replaying every change: served {}; {}",
+        spread(&took),
+        memory(&first)
     );
     let t = Instant::now();
     loop {
@@ -207,17 +268,32 @@ async fn main() {
     }
     stop(first);
 
-    // Second start: from the snapshots.
+    // From the snapshots: one stand asked for alone, right after the API is up.
     let second = start(&db.url, &token, stands, &dir.path().join("second.log")).await;
-    let pid = second.child.id();
-    tokio::time::sleep(Duration::from_millis(500)).await;
     println!(
-        "start from the snapshots: API up with every stand in {:.2} s, resident {} MB, peak {} MB",
-        second.up.as_secs_f64(),
-        status_kb(pid, "VmRSS:") / 1024,
-        status_kb(pid, "VmHWM:") / 1024
+        "start from the snapshots: API up, every stand listed, in {}, {}",
+        secs(second.up),
+        memory(&second)
+    );
+    let took = ask(&second, &token, &names[..1]).await;
+    println!(
+        "  one stand asked for alone: served {} after the start; {}",
+        spread(&took),
+        memory(&second)
     );
     stop(second);
+
+    // From the snapshots: every stand asked for at once.
+    let third = start(&db.url, &token, stands, &dir.path().join("third.log")).await;
+    let took = ask(&third, &token, &names).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    println!(
+        "start from the snapshots: API up in {}; every stand asked for at once: served {}; {}",
+        secs(third.up),
+        spread(&took),
+        memory(&third)
+    );
+    stop(third);
     store.pool().close().await;
     common::drop_database(&db).await;
 }

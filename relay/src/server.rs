@@ -5,7 +5,7 @@
 //! | --- | --- | --- |
 //! | `GET /v1/stands/{stand}/uplink` | replica key | WebSocket uplink of a stand replica |
 //! | `GET /v1/relay` | viewer | the relay's public key (enrol it on a stand's pool as `relay`) |
-//! | `GET /v1/stands` | viewer | every stand served: placement, changes held, connected replicas |
+//! | `GET /v1/stands` | viewer | every stand served: placement, changes held, connected replicas (a stand not loaded since the start: from the store, without loading it) |
 //! | `POST /v1/stands` | admin | `{stand, pool_key}`: serve a stand whose pool is a stand device; `{stand, event, venue, policy, allocation, low_stock_pct, items:[{sku,name,price_cents,stock}]}`: create one with its pool here |
 //! | `POST /v1/stands/{stand}/restock`, `/adjust` | manager | `{units:{sku:n}, note}` signed by the pool (a stand device's pool: queued, carried over its uplink; 202 until it answers) |
 //! | `PUT /v1/stands/{stand}/items/{sku}/availability` | manager | `{available}`: "86" an item or bring it back |
@@ -51,7 +51,7 @@ use halftime_ledger::{
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -66,6 +66,8 @@ pub const LEASE_RETRY_MS: u64 = 1_000;
 pub struct Metrics {
     pub uplinks_open: AtomicU64,
     pub uplinks_refused: AtomicU64,
+    /// Stands loaded from the store since the start (each once, at its first call).
+    pub stands_loaded: AtomicU64,
     pub admin_unauthorized: AtomicU64,
     pub admin_forbidden: AtomicU64,
 }
@@ -90,7 +92,13 @@ pub struct Inner {
     pub next_conn: AtomicU64,
     pub metrics: Metrics,
     snapshot_every: usize,
+    /// Stands being loaded, each once however many calls wait for it.
+    loading: Mutex<BTreeMap<StandId, Loading>>,
+    /// Loads run at most one per core, so the first stands asked for are served first.
+    load_slots: tokio::sync::Semaphore,
 }
+
+type Loading = futures::future::Shared<futures::future::BoxFuture<'static, Result<(), String>>>;
 
 #[derive(Debug, Clone)]
 pub struct App(Arc<Inner>);
@@ -103,7 +111,8 @@ impl std::ops::Deref for App {
 }
 
 impl App {
-    /// Open the relay over `store`: its key, and every stand it serves, loaded.
+    /// Open the relay over `store`. Its stands load at their first uplink or admin call
+    /// ([`App::serve_stand`]), so a restart serves at once however large they are.
     pub async fn new(store: Store) -> Result<Self, StoreError> {
         Self::open(store, stand::SNAPSHOT_EVERY).await
     }
@@ -111,6 +120,7 @@ impl App {
     /// [`App::new`], writing each stand's snapshot every `snapshot_every` changes (0: never).
     pub async fn open(store: Store, snapshot_every: usize) -> Result<Self, StoreError> {
         let relay_key = store.relay_key().await?;
+        let width = std::thread::available_parallelism().map_or(2, |n| n.get());
         let app = App(Arc::new(Inner {
             snapshot_every,
             store: store.clone(),
@@ -119,19 +129,9 @@ impl App {
             standby: RwLock::new(Default::default()),
             next_conn: AtomicU64::new(1),
             metrics: Metrics::default(),
+            loading: Mutex::new(BTreeMap::new()),
+            load_slots: tokio::sync::Semaphore::new(width),
         }));
-        // Stands load side by side, one per core: each is CPU work on a blocking thread.
-        use futures::StreamExt as _;
-        let width = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let mut loads = futures::stream::iter(store.stands().await?.into_iter().map(|row| {
-            let app = app.clone();
-            async move { app.start_stand(row).await }
-        }))
-        .buffer_unordered(width);
-        while let Some(loaded) = loads.next().await {
-            loaded?;
-        }
-        drop(loads);
         if store.backend() == Backend::Postgres {
             let listener = app.clone();
             tokio::spawn(async move { listener.listen().await });
@@ -165,6 +165,62 @@ impl App {
             }
             tokio::time::sleep(Duration::from_millis(LEASE_RETRY_MS)).await;
         }
+    }
+
+    /// The stand, loaded from the store now if this relay has not served it since it started
+    /// (however many calls ask at once, it loads once). `None` when no such stand is stored or
+    /// when another instance holds its pool's lease (see [`App::standing_by`]).
+    pub async fn serve_stand(&self, s: &StandId) -> Result<Option<Served>, StoreError> {
+        if let Some(served) = self.stand(s) {
+            return Ok(Some(served));
+        }
+        if self.standing_by(s) {
+            return Ok(None);
+        }
+        let load = {
+            let mut loading = self
+                .loading
+                .lock()
+                .map_err(|_| StoreError::Unavailable("the stand loads lock is poisoned".into()))?;
+            match loading.get(s) {
+                Some(l) => l.clone(),
+                None => {
+                    // Its own task: the load finishes even if every caller gives up waiting.
+                    let (app, id) = (self.clone(), s.clone());
+                    let task = tokio::spawn(async move {
+                        let loaded = app.load_stand(&id).await.map_err(|e| e.to_string());
+                        if let Ok(mut l) = app.loading.lock() {
+                            l.remove(&id);
+                        }
+                        loaded
+                    });
+                    let l: Loading = futures::FutureExt::shared(Box::pin(async move {
+                        task.await.map_err(|e| e.to_string())?
+                    })
+                        as futures::future::BoxFuture<'static, _>);
+                    loading.insert(s.clone(), l.clone());
+                    l
+                }
+            }
+        };
+        load.await
+            .map_err(|e| StoreError::Unavailable(format!("stand {s} could not be loaded: {e}")))?;
+        Ok(self.stand(s))
+    }
+
+    async fn load_stand(&self, s: &StandId) -> Result<(), StoreError> {
+        if self.stand(s).is_some() || self.standing_by(s) {
+            return Ok(());
+        }
+        let Some(row) = self.store.stand(s).await? else {
+            return Ok(());
+        };
+        let _slot = self
+            .load_slots
+            .acquire()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        self.start_stand(row).await.map(|_| ())
     }
 
     /// Start serving a stand. A stand whose pool is here is served by the one instance that
@@ -255,6 +311,7 @@ impl App {
             self.snapshot_every,
         )
         .await?;
+        self.metrics.stands_loaded.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(self.stand_by_if_lost(lost, again));
         let served = Served {
             handle,
@@ -287,7 +344,7 @@ impl App {
         pool_key: PublicKey,
         now_ms: u64,
     ) -> Result<Served, StoreError> {
-        if let Some(s) = self.stand(&stand) {
+        if let Some(s) = self.serve_stand(&stand).await? {
             return match self.store.stand(&stand).await? {
                 Some(r) if r.pool_key == pool_key => Ok(s),
                 _ => Err(StoreError::Invalid(format!(
@@ -314,7 +371,7 @@ impl App {
         items: Vec<(CatalogItem, u64)>,
         now_ms: u64,
     ) -> Result<Served, StoreError> {
-        if self.stand(&info.stand).is_some() {
+        if self.store.stand(&info.stand).await?.is_some() {
             return Err(StoreError::Invalid(format!(
                 "stand {} already exists",
                 info.stand
@@ -457,8 +514,9 @@ fn stand_id(s: &str) -> Result<StandId, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))
 }
 
-fn known(app: &App, s: &str) -> Result<Served, ApiError> {
+async fn known(app: &App, s: &str) -> Result<Served, ApiError> {
     let id = stand_id(s)?;
+    let served = app.serve_stand(&id).await?;
     if app.standing_by(&id) {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -466,7 +524,7 @@ fn known(app: &App, s: &str) -> Result<Served, ApiError> {
             format!("another relay instance holds stand {s}'s pool; ask that one"),
         ));
     }
-    app.stand(&id).ok_or_else(|| {
+    served.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_stand",
@@ -512,8 +570,27 @@ async fn relay_info(State(app): State<App>, headers: HeaderMap) -> Result<Respon
 async fn list_stands(State(app): State<App>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&app, &headers, AdminRole::Viewer).await?;
     let mut out = Vec::new();
-    for s in app.served() {
-        out.push(view(&s).await?);
+    for row in app.store.stands().await? {
+        if app.standing_by(&row.stand) {
+            continue;
+        }
+        match app.stand(&row.stand) {
+            Some(s) => out.push(view(&s).await?),
+            // Not loaded since this relay started: what the store says, without loading it.
+            None => out.push(StandView {
+                stand: row.stand.to_string(),
+                placement: row.placement,
+                pool: row.pool_key.replica_id().to_string(),
+                member: None,
+                changes: app.store.change_count(&row.stand).await? as usize,
+                connected: Vec::new(),
+                frames_rejected: 0,
+                changes_rejected: 0,
+                commit_failures: 0,
+                rights_forwarded: 0,
+                loaded: stand::Loaded::NotYet,
+            }),
+        }
     }
     Ok(Json(out).into_response())
 }
@@ -644,7 +721,7 @@ impl Made {
 /// Make an admin operation as the stand's pool: at once when the pool is here; else queued,
 /// carried to the pool device over its uplink, and made there once.
 async fn admin_op(app: &App, s: &str, op: AdminOp) -> Result<Made, ApiError> {
-    let served = known(app, s)?;
+    let served = known(app, s).await?;
     if served.placement == Placement::Device {
         return queue_for_device(app, &served, op).await;
     }
@@ -818,7 +895,7 @@ async fn enrol(
         .public_key
         .parse()
         .map_err(|e: halftime_ledger::KeyError| bad(format!("public_key: {e}")))?;
-    let served = known(&app, &s)?;
+    let served = known(&app, &s).await?;
     let op = AdminOp::Enrol {
         key,
         name: input.name,
@@ -874,7 +951,7 @@ async fn stock(
     Path(s): Path<String>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers, AdminRole::Viewer).await?;
-    let served = known(&app, &s)?;
+    let served = known(&app, &s).await?;
     let (items, rights) = app.store.stock(&served.handle.stand).await?;
     let mut by_sku: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     for (sku, replica, units) in rights {
@@ -912,7 +989,7 @@ async fn list_args(
     authorize(app, headers, AdminRole::Viewer).await?;
     let Query(q) =
         q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
-    let served = known(app, s)?;
+    let served = known(app, s).await?;
     Ok((
         served.handle.stand,
         q.limit.unwrap_or(100).min(MAX_SALES_LISTED),
@@ -950,7 +1027,7 @@ async fn sales(
         (Some(at), Some(id)) => Some((at, id)),
         _ => return Err(bad("before_ms and before_sale go together")),
     };
-    let stand = known(&app, &s)?.handle.stand;
+    let stand = known(&app, &s).await?.handle.stand;
     let limit = q.limit.unwrap_or(100).min(MAX_SALES_LISTED);
     Ok(Json(app.store.sales_before(&stand, limit, before).await?).into_response())
 }
@@ -1002,7 +1079,7 @@ async fn refund_paid_out(
             "by: who paid it out, 1 to {MAX_PAID_OUT_BY} printable characters"
         )));
     }
-    let served = known(&app, &s)?;
+    let served = known(&app, &s).await?;
     match app
         .store
         .mark_paid_out(&served.handle.stand, id, by, stand::now_ms() as i64)
@@ -1032,7 +1109,7 @@ async fn rejections(
     Path(s): Path<String>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers, AdminRole::Viewer).await?;
-    let served = known(&app, &s)?;
+    let served = known(&app, &s).await?;
     let rows = app.store.rejections(&served.handle.stand).await?;
     let out: Vec<serde_json::Value> = rows
         .into_iter()
@@ -1047,7 +1124,7 @@ async fn audit_verify(
     Path(s): Path<String>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers, AdminRole::Viewer).await?;
-    let served = known(&app, &s)?;
+    let served = known(&app, &s).await?;
     let stand = served.handle.stand.clone();
     let row = app
         .store
@@ -1080,7 +1157,7 @@ async fn stock_at(
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers, AdminRole::Viewer).await?;
     let Query(q) = q.map_err(|e| bad(e.body_text()))?;
-    let served = known(&app, &s)?;
+    let served = known(&app, &s).await?;
     let stock = ask(&served, |reply| StandCmd::StockAt { at_ms: q.at, reply }).await?;
     Ok(Json(serde_json::json!({"stand": s, "at": q.at, "available": stock})).into_response())
 }
@@ -1094,7 +1171,7 @@ async fn live(
     use axum::response::sse::{Event, KeepAlive, Sse};
     use tokio_stream::StreamExt as _;
     authorize(&app, &headers, AdminRole::Viewer).await?;
-    let served = known(&app, &s)?;
+    let served = known(&app, &s).await?;
     let rx = served.handle.live.subscribe();
     let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|m| {
         // A subscriber that fell behind misses events, not the stream: say so.
@@ -1130,6 +1207,12 @@ async fn metrics(State(app): State<App>) -> Response {
         "Replicas connected over the uplink.",
         "gauge",
         m.uplinks_open.load(Ordering::Relaxed),
+    );
+    gauge(
+        "halftime_relay_stands_loaded_total",
+        "Stands loaded from the store since the start, each at its first uplink or admin call.",
+        "counter",
+        m.stands_loaded.load(Ordering::Relaxed),
     );
     gauge(
         "halftime_relay_uplinks_refused_total",

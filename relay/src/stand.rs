@@ -145,7 +145,8 @@ pub struct StandView {
     pub stand: String,
     pub placement: Placement,
     pub pool: String,
-    pub member: bool,
+    /// Whether the relay is enrolled in the stand; `None` until the stand is loaded.
+    pub member: Option<bool>,
     pub changes: usize,
     pub connected: Vec<String>,
     pub frames_rejected: u64,
@@ -217,7 +218,7 @@ struct RefundScan {
     lease: Option<crate::store::Lease>,
 }
 
-/// How a stand came back from the store when the relay started.
+/// How a stand came back from the store since the relay started.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "from", rename_all = "snake_case")]
 pub enum Loaded {
@@ -225,6 +226,8 @@ pub enum Loaded {
     Snapshot { covered: usize, replayed: usize },
     /// Every stored change; `why` the snapshot was not used, if there was one.
     Replay { why: Option<String> },
+    /// Not yet: it loads at its first uplink or admin call.
+    NotYet,
 }
 
 impl std::fmt::Debug for StandTask {
@@ -345,7 +348,7 @@ pub async fn start(
         snapshot_every,
         snapshot_len: match &loaded {
             Loaded::Snapshot { covered, .. } => *covered,
-            Loaded::Replay { .. } => 0,
+            Loaded::Replay { .. } | Loaded::NotYet => 0,
         },
         loaded,
         refunds: RefundScan {
@@ -517,7 +520,7 @@ impl StandTask {
             stand: self.stand.to_string(),
             placement: self.placement,
             pool: l.pool().to_string(),
-            member: l.role().is_some(),
+            member: Some(l.role().is_some()),
             changes: l.len(),
             connected: self.by_replica.keys().map(ToString::to_string).collect(),
             frames_rejected: s.frames_rejected,

@@ -32,6 +32,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Invalid(String),
+    /// Something the relay needs is not there now (a stand that could not be loaded); it
+    /// may be on a later call.
+    #[error("{0}")]
+    Unavailable(String),
     /// This instance no longer holds the stand's pool lease (its lock's connection was lost,
     /// and another instance may have taken it): nothing was written.
     #[error("stand {0}: the pool's lease was lost")]
@@ -274,6 +278,29 @@ fn hash_token(token: &str) -> String {
     hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }
 
+fn stand_row(row: &sqlx::any::AnyRow) -> Result<StandRow, StoreError> {
+    let stand: String = row.try_get(0)?;
+    let pool_key: String = row.try_get(1)?;
+    let placement: String = row.try_get(2)?;
+    let secret: Option<Vec<u8>> = row.try_get(3)?;
+    let psk: Option<String> = row.try_get(4)?;
+    let bad = |what: &str| StoreError::Invalid(format!("stand {stand}: bad {what}"));
+    Ok(StandRow {
+        stand: StandId::new(&stand).map_err(|_| bad("id"))?,
+        pool_key: pool_key.parse().map_err(|_| bad("pool key"))?,
+        placement: match placement.as_str() {
+            "relay" => Placement::Relay,
+            "device" => Placement::Device,
+            _ => return Err(bad("placement")),
+        },
+        pool_secret: match secret {
+            None => None,
+            Some(v) => Some(v.try_into().map_err(|_| bad("pool secret"))?),
+        },
+        psk,
+    })
+}
+
 fn i64_of(n: u64, what: &str) -> Result<i64, StoreError> {
     i64::try_from(n).map_err(|_| StoreError::Invalid(format!("{what} {n} out of range")))
 }
@@ -484,7 +511,13 @@ impl Store {
     }
 
     pub async fn stand(&self, stand: &StandId) -> Result<Option<StandRow>, StoreError> {
-        Ok(self.stands().await?.into_iter().find(|r| r.stand == *stand))
+        let row = sqlx::query(
+            "SELECT stand, pool_key, placement, pool_secret, psk FROM stands WHERE stand = $1",
+        )
+        .bind(stand.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| stand_row(&r)).transpose()
     }
 
     pub async fn stands(&self) -> Result<Vec<StandRow>, StoreError> {
@@ -493,30 +526,7 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let stand: String = row.try_get(0)?;
-            let pool_key: String = row.try_get(1)?;
-            let placement: String = row.try_get(2)?;
-            let secret: Option<Vec<u8>> = row.try_get(3)?;
-            let psk: Option<String> = row.try_get(4)?;
-            let bad = |what: &str| StoreError::Invalid(format!("stand {stand}: bad {what}"));
-            out.push(StandRow {
-                stand: StandId::new(&stand).map_err(|_| bad("id"))?,
-                pool_key: pool_key.parse().map_err(|_| bad("pool key"))?,
-                placement: match placement.as_str() {
-                    "relay" => Placement::Relay,
-                    "device" => Placement::Device,
-                    _ => return Err(bad("placement")),
-                },
-                pool_secret: match secret {
-                    None => None,
-                    Some(v) => Some(v.try_into().map_err(|_| bad("pool secret"))?),
-                },
-                psk,
-            });
-        }
-        Ok(out)
+        rows.iter().map(stand_row).collect()
     }
 
     /// The latest snapshot of a stand's replica here, if one was written.

@@ -46,12 +46,20 @@ async fn refuse(socket: &mut WebSocket, why: String) -> String {
 }
 
 async fn serve(mut socket: WebSocket, stand: String, app: App) -> Result<(), String> {
-    let Some(served) = StandId::new(&stand).ok().and_then(|s| app.stand(&s)) else {
-        return Err(refuse(
-            &mut socket,
-            format!("this relay does not serve stand {stand:?}"),
-        )
-        .await);
+    let served = match StandId::new(&stand) {
+        Ok(s) => app.serve_stand(&s).await.map_err(|e| e.to_string()),
+        Err(_) => Ok(None),
+    };
+    let served = match served {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return Err(refuse(
+                &mut socket,
+                format!("this relay does not serve stand {stand:?}"),
+            )
+            .await);
+        }
+        Err(why) => return Err(refuse(&mut socket, why).await),
     };
     let (handle, signer) = (served.handle, served.key);
     let mut challenge = [0u8; 32];

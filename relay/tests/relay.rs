@@ -570,6 +570,11 @@ async fn serve_app(app: App) -> String {
 
 /// How the relay at `addr` says it loaded stand north.
 async fn loaded(addr: &str, token: &str) -> serde_json::Value {
+    listing(addr, token).await["loaded"].clone()
+}
+
+/// Stand north as the relay at `addr` lists it.
+async fn listing(addr: &str, token: &str) -> serde_json::Value {
     let stands: serde_json::Value = reqwest::Client::new()
         .get(format!("http://{addr}/v1/stands"))
         .bearer_auth(token)
@@ -579,7 +584,7 @@ async fn loaded(addr: &str, token: &str) -> serde_json::Value {
         .json()
         .await
         .unwrap();
-    stands[0]["loaded"].clone()
+    stands[0].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -597,8 +602,9 @@ async fn a_restarted_relay_on_postgres_serves_what_its_snapshot_covers_from_the_
 async fn restart_from_snapshots(db: TestDb) {
     let (store, addr, _app, (_pool, mut till, setup)) = served_stand_with(&db, 10).await;
     let token = store.create_token("v", AdminRole::Viewer, 1).await.unwrap();
-    assert_eq!(loaded(&addr, &token).await["from"], "replay");
+    assert_eq!(loaded(&addr, &token).await["from"], "not_yet");
     let p = pool_hands_over(&addr, &store, &setup).await;
+    assert_eq!(loaded(&addr, &token).await["from"], "replay");
     // The till sells and voids, 15 times: 30 changes.
     let mut t = connect(&addr, "north", &key(10)).await.unwrap();
     let mut made = Vec::new();
@@ -626,8 +632,15 @@ async fn restart_from_snapshots(db: TestDb) {
     // A restart loads the snapshot and replays the rest; the stand is whole.
     let store2 = Store::open(&db.url).await.unwrap();
     let addr2 = serve_app(App::open(store2, 10).await.unwrap()).await;
+    // Nothing is loaded until asked; the listing says what the store holds.
+    let listed = listing(&addr2, &token).await;
+    assert_eq!(listed["loaded"]["from"], "not_yet", "{listed}");
+    assert_eq!(listed["changes"], total, "{listed}");
+    assert_eq!(listed["member"], serde_json::Value::Null, "{listed}");
+    let mut t2 = connect(&addr2, "north", &key(10)).await.unwrap();
     let how = loaded(&addr2, &token).await;
     assert_eq!(how["from"], "snapshot", "{how}");
+    assert_eq!(listing(&addr2, &token).await["member"], true);
     let covered = how["covered"].as_u64().unwrap() as usize;
     assert!(covered >= 10, "{how}");
     assert_eq!(
@@ -635,7 +648,6 @@ async fn restart_from_snapshots(db: TestDb) {
         total,
         "{how}"
     );
-    let mut t2 = connect(&addr2, "north", &key(10)).await.unwrap();
     send(
         &mut t2,
         &WireMessage::Vector {
@@ -656,10 +668,10 @@ async fn restart_from_snapshots(db: TestDb) {
         .unwrap();
     let store3 = Store::open(&db.url).await.unwrap();
     let addr3 = serve_app(App::open(store3, 0).await.unwrap()).await;
+    let mut t3 = connect(&addr3, "north", &key(10)).await.unwrap();
     let how = loaded(&addr3, &token).await;
     assert_eq!(how["from"], "replay", "{how}");
     assert!(how["why"].as_str().unwrap().contains("checksum"), "{how}");
-    let mut t3 = connect(&addr3, "north", &key(10)).await.unwrap();
     send(
         &mut t3,
         &WireMessage::Vector {
@@ -749,6 +761,7 @@ async fn a_refund_decided_for_a_device_stand_reaches_it_once_as_a_change_of_the_
     let second = App::open(store.clone(), halftime_relay::stand::SNAPSHOT_EVERY)
         .await
         .unwrap();
+    view_of(&second).await;
     let _p = pool_hands_over(&addr, &store, &setup).await;
     let mut t = connect(&addr, "north", &key(10)).await.unwrap();
     let (sale_id, change) = sell_soda(&mut till, 3, PaymentMethod::Cash, now_ms());
@@ -791,6 +804,7 @@ async fn a_refund_decided_for_a_device_stand_reaches_it_once_as_a_change_of_the_
     let third = App::open(store.clone(), halftime_relay::stand::SNAPSHOT_EVERY)
         .await
         .unwrap();
+    view_of(&third).await;
     tokio::time::sleep(Duration::from_millis(
         3 * halftime_relay::stand::REFUND_SCAN_MS,
     ))
@@ -813,7 +827,9 @@ async fn a_refund_decided_for_a_device_stand_reaches_it_once_as_a_change_of_the_
 async fn view_of(app: &App) -> halftime_relay::stand::StandView {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let cmd = halftime_relay::stand::StandCmd::View { reply: tx };
-    app.stand(&north())
+    app.serve_stand(&north())
+        .await
+        .unwrap()
         .unwrap()
         .handle
         .tx
@@ -980,4 +996,78 @@ async fn sales_pages(db: TestDb) {
         assert_eq!(code, 400, "{bad}: {body}");
         assert_eq!(body["error"], "bad_request", "{bad}: {body}");
     }
+}
+
+/// The line `name value` of the relay's `/metrics`.
+async fn metric(addr: &str, name: &str) -> u64 {
+    let text = http()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stand_loads_once_at_its_first_call_even_one_another_instance_added() {
+    use reqwest::Method;
+    let db = TestDb::sqlite();
+    let store = Store::open(&db.url).await.unwrap();
+    let token = store.create_token("t", AdminRole::Admin, 0).await.unwrap();
+    let a = serve_app(App::open(store.clone(), 0).await.unwrap()).await;
+    let b = serve_app(
+        App::open(Store::open(&db.url).await.unwrap(), 0)
+            .await
+            .unwrap(),
+    )
+    .await;
+    // Stand south is added through A after B started.
+    let south = serde_json::json!({"stand": "south", "pool_key": key(1).public().to_string()});
+    let (code, body) = call(
+        Method::POST,
+        &format!("http://{a}/v1/stands"),
+        &token,
+        south,
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let listed = get(&format!("http://{b}/v1/stands"), Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(listed[0]["stand"], "south", "{listed}");
+    assert_eq!(listed[0]["loaded"]["from"], "not_yet", "{listed}");
+    assert_eq!(metric(&b, "halftime_relay_stands_loaded_total").await, 0);
+
+    // Twenty calls at once: every one served, the stand loaded once.
+    let url = format!("http://{b}/v1/stands/south/stock");
+    let asks = (0..20).map(|_| get(&url, Some(&token)));
+    for stock in futures::future::join_all(asks).await {
+        let stock = stock.unwrap();
+        assert!(stock["items"].is_array(), "{stock}");
+    }
+    assert_eq!(metric(&b, "halftime_relay_stands_loaded_total").await, 1);
+    let listed = get(&format!("http://{b}/v1/stands"), Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(listed[0]["loaded"]["from"], "replay", "{listed}");
+    assert_eq!(listed[0]["member"], false, "{listed}");
+
+    // A stand nobody stored is not found, and nothing is loaded for it.
+    let (code, body) = call(
+        Method::GET,
+        &format!("http://{b}/v1/stands/nowhere/stock"),
+        &token,
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(
+        (code, &body["error"]),
+        (404, &serde_json::json!("unknown_stand"))
+    );
+    assert_eq!(metric(&b, "halftime_relay_stands_loaded_total").await, 1);
 }
