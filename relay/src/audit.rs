@@ -9,7 +9,7 @@ use halftime_ledger::{Ledger, PublicKey, ReplicaKey, StandId};
 /// Rows verified per call into the ledger.
 pub const VERIFY_CHUNK: usize = 256;
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct AuditReport {
     pub stand: String,
     pub changes: usize,
@@ -19,7 +19,7 @@ pub struct AuditReport {
     pub first_break: Option<Break>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Break {
     pub id: i64,
     pub actor: String,

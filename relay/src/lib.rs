@@ -11,6 +11,7 @@
 
 pub mod audit;
 pub mod held;
+pub mod openapi;
 pub mod server;
 pub mod stand;
 pub mod store;

@@ -32,7 +32,10 @@
 //! pool over its uplink and made there once: the call answers when the pool has (201/200, or
 //! 409 with the pool's reason), or after 3 s with `202` and the queued request.
 
+use crate::audit::AuditReport;
+use crate::openapi::{Bearer, Denied, OpAnswered, ReadFailed};
 use crate::stand::{self, AdminOp, StandCmd, StandHandle, StandView, now_ms};
+use crate::store::{AdminRequestRow, RefundRow, SaleRow};
 use crate::store::{
     AdminRole, Backend, Batch, CHANGES_CHANNEL, ChangeRow, Lease, PaidOut, Placement, StandRow,
     Store, StoreError,
@@ -450,9 +453,20 @@ impl ApiError {
     }
 }
 
+/// What every error answers: a stable code, and what went wrong in words.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    error: &'static str,
+    message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": self.error, "message": self.message});
+        let body = ErrorBody {
+            error: self.error,
+            message: self.message,
+        };
         (self.status, Json(body)).into_response()
     }
 }
@@ -557,16 +571,35 @@ async fn view(s: &Served) -> Result<StandView, ApiError> {
     ask(s, |reply| StandCmd::View { reply }).await
 }
 
+/// The relay's public key, to enrol it on a stand's pool as `relay`.
+///
+/// Role: viewer.
+#[utoipa::path(get, path = "/v1/relay", tag = "relay", security(("bearer" = [])),
+    responses((status = 200, description = "The relay's key and store.", body = RelayInfo), Denied))]
 async fn relay_info(State(app): State<App>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&app, &headers, AdminRole::Viewer).await?;
-    Ok(Json(serde_json::json!({
-        "public_key": app.relay_key.public().to_string(),
-        "replica": app.relay_key.replica_id().to_string(),
-        "database": format!("{:?}", app.store.backend()).to_lowercase(),
-    }))
+    Ok(Json(RelayInfo {
+        public_key: app.relay_key.public().to_string(),
+        replica: app.relay_key.replica_id().to_string(),
+        database: format!("{:?}", app.store.backend()).to_lowercase(),
+    })
     .into_response())
 }
 
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct RelayInfo {
+    public_key: String,
+    replica: String,
+    /// `postgres` or `sqlite`.
+    database: String,
+}
+
+/// Every stand served.
+///
+/// A stand not loaded since this relay started is listed from the store without loading it
+/// (`loaded.from` is `not_yet`, `member` is null). Role: viewer.
+#[utoipa::path(get, path = "/v1/stands", tag = "stands", security(("bearer" = [])),
+    responses((status = 200, description = "One view per stand.", body = [StandView]), Denied))]
 async fn list_stands(State(app): State<App>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&app, &headers, AdminRole::Viewer).await?;
     let mut out = Vec::new();
@@ -597,24 +630,28 @@ async fn list_stands(State(app): State<App>, headers: HeaderMap) -> Result<Respo
 
 /// `POST /v1/stands`: with `pool_key`, serve a stand a device created; without it, create a
 /// stand whose pool is here (`event` and `items` needed).
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct StandInput {
+pub struct StandInput {
     stand: String,
     pool_key: Option<String>,
     event: Option<String>,
     #[serde(default)]
     venue: String,
+    /// `strict` (the default) or `optimistic`.
+    #[schema(value_type = Option<String>)]
     policy: Option<Policy>,
+    /// `proportional` (the default) or `velocity`.
+    #[schema(value_type = Option<String>)]
     allocation: Option<Allocation>,
     low_stock_pct: Option<u8>,
     #[serde(default)]
     items: Vec<ItemInput>,
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ItemInput {
+pub struct ItemInput {
     sku: String,
     name: String,
     price_cents: u64,
@@ -647,6 +684,13 @@ fn catalog_item(it: ItemInput, pct: u8) -> Result<(CatalogItem, u64), ApiError> 
     ))
 }
 
+/// Serve a stand.
+///
+/// With `pool_key` only: serve a stand whose pool is a stand device (enrol the relay's key
+/// there). With `event` and `items`: create the stand here, the relay holding its pool.
+/// Role: admin.
+#[utoipa::path(post, path = "/v1/stands", tag = "stands", security(("bearer" = [])), request_body = StandInput,
+    responses((status = 201, description = "The stand, now served.", body = StandView), OpAnswered))]
 async fn add_stand(
     State(app): State<App>,
     headers: HeaderMap,
@@ -780,9 +824,9 @@ fn units_of(units: BTreeMap<String, u64>) -> Result<BTreeMap<Sku, u64>, ApiError
         .collect()
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct StockInput {
+pub struct StockInput {
     units: BTreeMap<String, u64>,
     #[serde(default)]
     note: String,
@@ -802,6 +846,12 @@ async fn stock_move(
     Ok(admin_op(app, s, op).await?.reply(StatusCode::CREATED))
 }
 
+/// Restock, signed by the pool.
+///
+/// Answered once its change is committed. Role: manager.
+#[utoipa::path(post, path = "/v1/stands/{stand}/restock", tag = "operations", security(("bearer" = [])),
+    params(("stand" = String, Path, description = "The stand id.")), request_body = StockInput,
+    responses((status = 201, description = "The restock: `stand` and the pool's `pool_seq`.", body = Object), OpAnswered))]
 async fn restock(
     State(app): State<App>,
     headers: HeaderMap,
@@ -815,6 +865,12 @@ async fn restock(
     .await
 }
 
+/// Adjust stock down (waste, a count), signed by the pool.
+///
+/// Answered once its change is committed. Role: manager.
+#[utoipa::path(post, path = "/v1/stands/{stand}/adjust", tag = "operations", security(("bearer" = [])),
+    params(("stand" = String, Path, description = "The stand id.")), request_body = StockInput,
+    responses((status = 201, description = "The adjustment: `stand` and the pool's `pool_seq`.", body = Object), OpAnswered))]
 async fn adjust(
     State(app): State<App>,
     headers: HeaderMap,
@@ -828,12 +884,18 @@ async fn adjust(
     .await
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct AvailabilityInput {
+pub struct AvailabilityInput {
     available: bool,
 }
 
+/// "86" an item, or bring it back.
+///
+/// Answered once its change is committed. Role: manager.
+#[utoipa::path(put, path = "/v1/stands/{stand}/items/{sku}/availability", tag = "operations", security(("bearer" = [])),
+    params(("stand" = String, Path, description = "The stand id."), ("sku" = String, Path, description = "The item.")), request_body = AvailabilityInput,
+    responses((status = 200, description = "The mark: `stand` and the pool's `pool_seq`.", body = Object), OpAnswered))]
 async fn availability(
     State(app): State<App>,
     headers: HeaderMap,
@@ -850,12 +912,18 @@ async fn availability(
     Ok(admin_op(&app, &s, op).await?.reply(StatusCode::OK))
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CatalogInput {
+pub struct CatalogInput {
     items: Vec<ItemInput>,
 }
 
+/// Replace the catalog.
+///
+/// Answered once its change is committed. Role: admin.
+#[utoipa::path(put, path = "/v1/stands/{stand}/catalog", tag = "operations", security(("bearer" = [])),
+    params(("stand" = String, Path, description = "The stand id.")), request_body = CatalogInput,
+    responses((status = 200, description = "The catalog: `stand` and the pool's `pool_seq`.", body = Object), OpAnswered))]
 async fn catalog(
     State(app): State<App>,
     headers: HeaderMap,
@@ -874,15 +942,22 @@ async fn catalog(
         .reply(StatusCode::OK))
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct EnrolInput {
+pub struct EnrolInput {
     public_key: String,
     name: String,
+    /// `terminal`, `kitchen` or `relay`.
+    #[schema(value_type = String)]
     role: Role,
 }
 
 /// Enrol a device; the answer is what it needs to join.
+///
+/// Answered once its change is committed. Role: admin.
+#[utoipa::path(post, path = "/v1/stands/{stand}/replicas", tag = "operations", security(("bearer" = [])),
+    params(("stand" = String, Path, description = "The stand id.")), request_body = EnrolInput,
+    responses((status = 201, description = "What the device needs to join: `replica`, `stand`, `pool_key`, `psk` and the `join` command.", body = Object), OpAnswered))]
 async fn enrol(
     State(app): State<App>,
     headers: HeaderMap,
@@ -929,7 +1004,13 @@ fn replica_id(id: &str) -> Result<ReplicaId, ApiError> {
         .map_err(|_| bad(format!("{id:?} is not a replica id (16 hex digits)")))
 }
 
-/// `POST /v1/stands/{stand}/replicas/{id}/retire` or `/reclaim`.
+/// Retire a device, or retire it and reclaim its rights.
+///
+/// Answered once its change is committed; a reclaim answers what it was based on. Role: admin.
+#[utoipa::path(post, path = "/v1/stands/{stand}/replicas/{id}/{action}", tag = "operations", security(("bearer" = [])),
+    params(("stand" = String, Path, description = "The stand id."), ("id" = String, Path, description = "The replica id (16 hex digits)."),
+        ("action" = String, Path, description = "`retire` or `reclaim`.")),
+    responses((status = 200, description = "The retirement, or the reclaim and what it was based on.", body = Object), OpAnswered))]
 async fn replica_action(
     State(app): State<App>,
     headers: HeaderMap,
@@ -945,6 +1026,11 @@ async fn replica_action(
     Ok(admin_op(&app, &s, op).await?.reply(StatusCode::OK))
 }
 
+/// Stock per item and rights per replica.
+///
+/// Role: viewer.
+#[utoipa::path(get, path = "/v1/stands/{stand}/stock", tag = "reads", security(("bearer" = [])), params(("stand" = String, Path, description = "The stand id.")),
+    responses((status = 200, description = "The stand's stock, from the store's projection.", body = StockView), ReadFailed))]
 async fn stock(
     State(app): State<App>,
     headers: HeaderMap,
@@ -957,24 +1043,50 @@ async fn stock(
     for (sku, replica, units) in rights {
         by_sku.entry(sku).or_default().insert(replica, units);
     }
-    let items: Vec<serde_json::Value> = items
+    let items = items
         .into_iter()
-        .map(|it| {
-            let rights = by_sku.remove(it.sku.as_str()).unwrap_or_default();
-            serde_json::json!({
-                "sku": it.sku, "name": it.name, "price_cents": it.price_cents,
-                "total_in": it.total_in, "available": it.available,
-                "oversold": (-it.available).max(0), "marked_off": it.marked_off,
-                "rights": rights,
-            })
+        .map(|it| StockItem {
+            rights: by_sku.remove(it.sku.as_str()).unwrap_or_default(),
+            sku: it.sku.to_string(),
+            name: it.name,
+            price_cents: it.price_cents,
+            total_in: it.total_in,
+            available: it.available,
+            oversold: (-it.available).max(0),
+            marked_off: it.marked_off,
         })
         .collect();
-    Ok(Json(serde_json::json!({"stand": s, "items": items})).into_response())
+    Ok(Json(StockView { stand: s, items }).into_response())
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct StockView {
+    stand: String,
+    items: Vec<StockItem>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct StockItem {
+    sku: String,
+    name: String,
+    price_cents: i64,
+    /// Every unit ever put in: opening stock and restocks.
+    total_in: i64,
+    /// Units left; below zero when optimistic sales oversold.
+    available: i64,
+    /// Units sold beyond the stock, owed back as refunds.
+    oversold: i64,
+    /// "86": marked unavailable for the stand.
+    marked_off: bool,
+    /// Replica id → units it may sell.
+    rights: BTreeMap<String, i64>,
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub struct ListQuery {
+    /// Rows to list: 100 unless asked, at most 1,000.
     limit: Option<u32>,
 }
 
@@ -996,19 +1108,27 @@ async fn list_args(
     ))
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct SalesQuery {
+pub struct SalesQuery {
+    /// Rows to list: 100 unless asked, at most 1,000.
     limit: Option<u32>,
+    /// With `before_sale`: list only sales after this row (its `at_ms`) in the listing's order.
     before_ms: Option<i64>,
+    /// With `before_ms`: that row's `sale_id`.
     before_sale: Option<String>,
 }
 
 /// Longest `before_sale` accepted (a sale id is a replica id and a number).
 const MAX_SALE_ID_LEN: usize = 64;
 
-/// A stand's sales, latest first, a page at a time: the next page is asked with the last
-/// row's `at_ms` and `sale_id` as `before_ms` and `before_sale` (both or neither).
+/// The sales, latest first, a page at a time.
+///
+/// For the next page, pass the last row's `at_ms` and `sale_id` as `before_ms` and
+/// `before_sale`. Role: viewer.
+#[utoipa::path(get, path = "/v1/stands/{stand}/sales", tag = "reads", security(("bearer" = [])), params(("stand" = String, Path, description = "The stand id."), SalesQuery),
+    responses((status = 200, description = "Latest first.", body = [SaleRow]), ReadFailed))]
 async fn sales(
     State(app): State<App>,
     headers: HeaderMap,
@@ -1032,6 +1152,11 @@ async fn sales(
     Ok(Json(app.store.sales_before(&stand, limit, before).await?).into_response())
 }
 
+/// Admin operations queued for a stand device's pool, and what became of each.
+///
+/// Role: viewer.
+#[utoipa::path(get, path = "/v1/stands/{stand}/requests", tag = "reads", security(("bearer" = [])), params(("stand" = String, Path, description = "The stand id."), ListQuery),
+    responses((status = 200, description = "Latest request first: queued, done (with the pool change that made it) or refused (with why).", body = [AdminRequestRow]), ReadFailed))]
 async fn admin_requests(
     State(app): State<App>,
     headers: HeaderMap,
@@ -1042,6 +1167,11 @@ async fn admin_requests(
     Ok(Json(app.store.admin_requests(&stand, None, limit).await?).into_response())
 }
 
+/// Refunds the reconciler decided, with where each payment stands.
+///
+/// Role: viewer.
+#[utoipa::path(get, path = "/v1/stands/{stand}/refunds", tag = "reads", security(("bearer" = [])), params(("stand" = String, Path, description = "The stand id."), ListQuery),
+    responses((status = 200, description = "Latest decision first.", body = [RefundRow]), ReadFailed))]
 async fn refunds(
     State(app): State<App>,
     headers: HeaderMap,
@@ -1055,13 +1185,21 @@ async fn refunds(
 /// Longest name accepted for who paid a cash refund out.
 pub const MAX_PAID_OUT_BY: usize = 100;
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PaidOutInput {
+pub struct PaidOutInput {
     /// Who handed the cash back.
     by: String,
 }
 
+/// Mark a cash refund paid out by hand.
+///
+/// Role: manager.
+#[utoipa::path(post, path = "/v1/stands/{stand}/refunds/{id}/paid-out", tag = "operations", security(("bearer" = [])),
+    params(("stand" = String, Path, description = "The stand id."), ("id" = i64, Path, description = "The refund's id.")), request_body = PaidOutInput,
+    responses((status = 200, description = "Marked.", body = PaidOutView),
+        (status = 409, description = "`not_a_cash_refund`: the refund is not a cash refund waiting to be paid out.", body = ErrorBody),
+        ReadFailed))]
 async fn refund_paid_out(
     State(app): State<App>,
     headers: HeaderMap,
@@ -1085,9 +1223,12 @@ async fn refund_paid_out(
         .mark_paid_out(&served.handle.stand, id, by, stand::now_ms() as i64)
         .await?
     {
-        PaidOut::Marked => {
-            Ok(Json(serde_json::json!({"id": id, "status": "paid_out", "by": by})).into_response())
-        }
+        PaidOut::Marked => Ok(Json(PaidOutView {
+            id,
+            status: "paid_out",
+            by: by.to_owned(),
+        })
+        .into_response()),
         PaidOut::Unknown => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_refund",
@@ -1103,6 +1244,19 @@ async fn refund_paid_out(
     }
 }
 
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct PaidOutView {
+    id: i64,
+    /// `paid_out`.
+    status: &'static str,
+    by: String,
+}
+
+/// Rejected changes per replica and rule.
+///
+/// Role: viewer.
+#[utoipa::path(get, path = "/v1/stands/{stand}/rejections", tag = "reads", security(("bearer" = [])), params(("stand" = String, Path, description = "The stand id.")),
+    responses((status = 200, description = "Counts.", body = [Rejections]), ReadFailed))]
 async fn rejections(
     State(app): State<App>,
     headers: HeaderMap,
@@ -1111,13 +1265,31 @@ async fn rejections(
     authorize(&app, &headers, AdminRole::Viewer).await?;
     let served = known(&app, &s).await?;
     let rows = app.store.rejections(&served.handle.stand).await?;
-    let out: Vec<serde_json::Value> = rows
+    let out: Vec<Rejections> = rows
         .into_iter()
-        .map(|(replica, rule, count)| serde_json::json!({"replica": replica, "rule": rule, "count": count}))
+        .map(|(replica, rule, count)| Rejections {
+            replica,
+            rule,
+            count,
+        })
         .collect();
     Ok(Json(out).into_response())
 }
 
+/// Changes rejected from one replica under one rule.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Rejections {
+    replica: String,
+    rule: String,
+    count: i64,
+}
+
+/// Re-check every stored change.
+///
+/// Signatures, hash links and the stored columns of every change, from its bytes; the first
+/// break is reported. Role: viewer.
+#[utoipa::path(get, path = "/v1/stands/{stand}/audit/verify", tag = "reads", security(("bearer" = [])), params(("stand" = String, Path, description = "The stand id.")),
+    responses((status = 200, description = "`ok`, the number checked, and the first break if any.", body = AuditReport), ReadFailed))]
 async fn audit_verify(
     State(app): State<App>,
     headers: HeaderMap,
@@ -1142,13 +1314,19 @@ async fn audit_verify(
     Ok(Json(report).into_response())
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct AtQuery {
+pub struct AtQuery {
     /// Milliseconds since the Unix epoch.
     at: u64,
 }
 
+/// Available per item as at a past time.
+///
+/// Role: viewer.
+#[utoipa::path(get, path = "/v1/stands/{stand}/stock/at", tag = "reads", security(("bearer" = [])), params(("stand" = String, Path, description = "The stand id."), AtQuery),
+    responses((status = 200, description = "sku → available at that time.", body = StockAtView), ReadFailed))]
 async fn stock_at(
     State(app): State<App>,
     headers: HeaderMap,
@@ -1159,10 +1337,28 @@ async fn stock_at(
     let Query(q) = q.map_err(|e| bad(e.body_text()))?;
     let served = known(&app, &s).await?;
     let stock = ask(&served, |reply| StandCmd::StockAt { at_ms: q.at, reply }).await?;
-    Ok(Json(serde_json::json!({"stand": s, "at": q.at, "available": stock})).into_response())
+    Ok(Json(StockAtView {
+        stand: s,
+        at: q.at,
+        available: stock.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+    })
+    .into_response())
 }
 
-/// Server-sent events: each committed change of a stand's stock, as the items it moved.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct StockAtView {
+    stand: String,
+    /// Milliseconds since the Unix epoch.
+    at: u64,
+    /// Sku → units available at that time.
+    available: BTreeMap<String, i64>,
+}
+
+/// Live stock events.
+///
+/// Server-sent events: `stock`, the items each committed change moved. Role: viewer.
+#[utoipa::path(get, path = "/v1/stands/{stand}/live", tag = "reads", security(("bearer" = [])), params(("stand" = String, Path, description = "The stand id.")),
+    responses((status = 200, description = "An event stream.", content_type = "text/event-stream", body = String), ReadFailed))]
 async fn live(
     State(app): State<App>,
     headers: HeaderMap,
@@ -1185,17 +1381,21 @@ async fn live(
         .into_response())
 }
 
-/// The admin API described (OpenAPI 3.1); a test keeps it and the routes in step.
-pub const OPENAPI: &str = include_str!("../assets/openapi.json");
-
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "relay",
+    responses((status = 200, description = "OpenAPI 3.1.", body = Object)))]
 async fn openapi() -> Response {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        OPENAPI,
+        DOC.get_or_init(crate::openapi::document).clone(),
     )
         .into_response()
 }
 
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "relay",
+    responses((status = 200, description = "Prometheus text.", content_type = "text/plain", body = String)))]
 async fn metrics(State(app): State<App>) -> Response {
     let m = &app.metrics;
     let mut t = String::new();
@@ -1285,15 +1485,63 @@ async fn metrics(State(app): State<App>) -> Response {
         .into_response()
 }
 
-/// The admin page: the venue's stands at a glance, stock bars, restock, 86, reclaim. It holds
-/// nothing itself; every call it makes carries the token typed into it.
+/// The admin page.
+///
+/// The venue's stands at a glance, stock bars, restock, 86, reclaim. It holds nothing
+/// itself; every call it makes carries the token typed into it.
+#[utoipa::path(get, path = "/", tag = "relay",
+    responses((status = 200, description = "HTML.", content_type = "text/html", body = String)))]
 async fn admin_page() -> Response {
     axum::response::Html(include_str!("../assets/admin.html")).into_response()
+}
+
+/// The admin page, at `/admin` too.
+#[utoipa::path(get, path = "/admin", tag = "relay",
+    responses((status = 200, description = "HTML.", content_type = "text/html", body = String)))]
+async fn admin_page_at_admin() -> Response {
+    admin_page().await
 }
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
+
+#[derive(Debug, utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Halftime relay",
+        description = "The stands' store of record, their uplink and the admins' door. Admin calls need `Authorization: Bearer <token>` (made with `halftime-relay token create`); each operation's description names the least role it needs (viewer < manager < admin)."
+    ),
+    paths(
+        crate::uplink::upgrade,
+        relay_info,
+        list_stands,
+        add_stand,
+        restock,
+        adjust,
+        availability,
+        catalog,
+        enrol,
+        replica_action,
+        stock,
+        sales,
+        rejections,
+        refunds,
+        admin_requests,
+        refund_paid_out,
+        audit_verify,
+        stock_at,
+        live,
+        metrics,
+        openapi,
+        admin_page,
+        admin_page_at_admin,
+    ),
+    modifiers(&Bearer)
+)]
+/// The admin API's OpenAPI document, from the annotations on the handlers below and the
+/// types they take and answer ([`crate::openapi::document`] serves it).
+pub struct ApiDoc;
 
 pub fn router(app: App) -> Router {
     Router::new()
@@ -1327,7 +1575,7 @@ pub fn router(app: App) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .route("/", get(admin_page))
-        .route("/admin", get(admin_page))
+        .route("/admin", get(admin_page_at_admin))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)

@@ -140,12 +140,12 @@ impl std::fmt::Debug for StandCmd {
 }
 
 /// A stand at a glance, from the relay's replica.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct StandView {
     pub stand: String,
     pub placement: Placement,
     pub pool: String,
-    /// Whether the relay is enrolled in the stand; `None` until the stand is loaded.
+    /// Whether the relay is enrolled in the stand; null until the stand is loaded.
     pub member: Option<bool>,
     pub changes: usize,
     pub connected: Vec<String>,
@@ -154,7 +154,7 @@ pub struct StandView {
     pub commit_failures: u64,
     /// Rights requests passed on to a holder for a replica that reaches it only here.
     pub rights_forwarded: u64,
-    /// How the stand was loaded when this relay started.
+    /// How the stand was loaded since this relay started.
     pub loaded: Loaded,
 }
 
@@ -219,7 +219,7 @@ struct RefundScan {
 }
 
 /// How a stand came back from the store since the relay started.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(tag = "from", rename_all = "snake_case")]
 pub enum Loaded {
     /// Its snapshot, then the changes stored after it.

@@ -56,7 +56,7 @@ pub enum Backend {
 }
 
 /// Where a stand's pool signs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Placement {
     /// At the relay, which holds the pool's key.
@@ -169,11 +169,13 @@ impl AdminRole {
 }
 
 /// A sale as the projection holds it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct SaleRow {
     pub sale_id: String,
     pub replica: String,
     pub at_ms: i64,
+    /// The sale's lines: sku, units, price.
+    #[schema(value_type = Object)]
     pub lines: serde_json::Value,
     pub units: i64,
     pub total_cents: i64,
@@ -183,10 +185,12 @@ pub struct SaleRow {
 }
 
 /// An admin operation queued for a stand device's pool, and what became of it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct AdminRequestRow {
     pub id: i64,
     pub kind: String,
+    /// The operation as asked.
+    #[schema(value_type = Object)]
     pub op: serde_json::Value,
     /// `queued`, `done` or `refused`.
     pub status: String,
@@ -199,7 +203,7 @@ pub struct AdminRequestRow {
 }
 
 /// A refund decided by the reconciler, with where its payment stands.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct RefundRow {
     pub id: i64,
     pub sale_id: String,

@@ -20,6 +20,15 @@ use tokio::sync::{mpsc, oneshot};
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 pub const PING_INTERVAL_MS: u64 = 1_000;
 
+/// WebSocket uplink of a stand replica.
+///
+/// Not an admin call: the replica proves its key in the handshake (docs/PROTOCOL.md), and the
+/// stand's ledger decides whether it may connect; a stand this relay does not serve, or a key
+/// it does not admit, is refused in the handshake with the reason. Then one binary message
+/// per wire frame, both ways. A stand not loaded since the relay started loads first.
+#[utoipa::path(get, path = "/v1/stands/{stand}/uplink", tag = "uplink",
+    params(("stand" = String, Path, description = "The stand id.")),
+    responses((status = 101, description = "Switching to the uplink protocol.")))]
 pub async fn upgrade(
     ws: WebSocketUpgrade,
     Path(stand): Path<String>,
