@@ -6,7 +6,8 @@
 //!
 //! `cargo bench -p halftime-relay --bench restart` (Postgres at 127.0.0.1:5432 with trust auth,
 //! or HALFTIME_TEST_POSTGRES=postgres://…/postgres; `-- --sqlite` for a SQLite file;
-//! `-- --stands N --sales M`, default 10 stands of 100,000 sales).
+//! `-- --stands N --sales M`, default 10 stands of 100,000 sales; `-- --logs DIR` keeps the
+//! relay's logs, which with `RUST_LOG=info` time each stand's load).
 
 mod common;
 
@@ -62,12 +63,12 @@ struct Started {
     child: Child,
     port: u16,
     at: Instant,
-    /// From the start until `GET /v1/stands` listed every stand.
+    /// From the start until the admin API answered (`GET /v1/relay`).
     up: Duration,
 }
 
-/// Start the relay and wait until `GET /v1/stands` lists `stands` stands (loaded or not).
-async fn start(db: &str, token: &str, stands: usize, log: &std::path::Path) -> Started {
+/// Start the relay and wait until its admin API answers.
+async fn start(db: &str, token: &str, log: &std::path::Path) -> Started {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -83,26 +84,25 @@ async fn start(db: &str, token: &str, stands: usize, log: &std::path::Path) -> S
             "--listen",
         ])
         .arg(format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}")))
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
     let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}/v1/stands");
+    let url = format!("http://127.0.0.1:{port}/v1/relay");
     loop {
-        let listed = client.get(&url).bearer_auth(token).send().await;
-        if let Ok(r) = listed {
-            if let Ok(v) = r.json::<serde_json::Value>().await {
-                if v.as_array().map(Vec::len) == Some(stands) {
-                    return Started {
-                        child,
-                        port,
-                        at,
-                        up: at.elapsed(),
-                    };
-                }
-            }
+        let answered = client.get(&url).bearer_auth(token).send().await;
+        if answered.is_ok_and(|r| r.status().is_success()) {
+            return Started {
+                child,
+                port,
+                at,
+                up: at.elapsed(),
+            };
         }
         assert!(
             at.elapsed() < Duration::from_secs(300),
@@ -111,6 +111,22 @@ async fn start(db: &str, token: &str, stands: usize, log: &std::path::Path) -> S
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// From the relay's start until `GET /v1/stands` listed `stands` stands (loaded or not).
+async fn listed(s: &Started, token: &str, stands: usize) -> Duration {
+    let url = format!("http://127.0.0.1:{}/v1/stands", s.port);
+    let v: serde_json::Value = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    assert_eq!(v.as_array().map(Vec::len), Some(stands), "{v}");
+    s.at.elapsed()
 }
 
 /// Ask for each named stand's stock at once; for each, the time from the relay's start until
@@ -177,6 +193,12 @@ async fn main() {
     let stands = arg(&args, "--stands", 10);
     let sales = arg(&args, "--sales", 100_000);
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // `--logs DIR` keeps the relay's logs (with RUST_LOG=info: each stand's load, timed).
+    let logs = args
+        .iter()
+        .position(|a| a == "--logs")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(|| dir.path().to_path_buf(), std::path::PathBuf::from);
     let db = common::database(sqlite, dir.path(), "restart").await;
     let store = Store::open(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
     let relay = store.relay_key().await.unwrap_or_else(|e| panic!("{e}"));
@@ -239,10 +261,12 @@ async fn main() {
 
     // First start: no snapshots; every stand asked for at once replays its changes and then
     // writes its snapshot.
-    let first = start(&db.url, &token, stands, &dir.path().join("first.log")).await;
+    let first = start(&db.url, &token, &logs.join("first.log")).await;
+    let list = listed(&first, &token, stands).await;
     println!(
-        "start with no snapshot: API up, every stand listed, in {}, {}",
+        "start with no snapshot: API answering in {}, every stand listed (none loaded) in {}, {}",
         secs(first.up),
+        secs(list),
         memory(&first)
     );
     let took = ask(&first, &token, &names).await;
@@ -268,28 +292,26 @@ async fn main() {
     }
     stop(first);
 
-    // From the snapshots: one stand asked for alone, right after the API is up.
-    let second = start(&db.url, &token, stands, &dir.path().join("second.log")).await;
-    println!(
-        "start from the snapshots: API up, every stand listed, in {}, {}",
-        secs(second.up),
-        memory(&second)
-    );
+    // From the snapshots: one stand asked for alone, as soon as the API answers.
+    let second = start(&db.url, &token, &logs.join("second.log")).await;
     let took = ask(&second, &token, &names[..1]).await;
     println!(
-        "  one stand asked for alone: served {} after the start; {}",
+        "start from the snapshots: API answering in {}; one stand asked for alone: served {} after the start; {}",
+        secs(second.up),
         spread(&took),
         memory(&second)
     );
     stop(second);
 
-    // From the snapshots: every stand asked for at once.
-    let third = start(&db.url, &token, stands, &dir.path().join("third.log")).await;
+    // From the snapshots: every stand listed, then every stand asked for at once.
+    let third = start(&db.url, &token, &logs.join("third.log")).await;
+    let list = listed(&third, &token, stands).await;
     let took = ask(&third, &token, &names).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     println!(
-        "start from the snapshots: API up in {}; every stand asked for at once: served {}; {}",
+        "start from the snapshots: API answering in {}, every stand listed in {}; then every stand asked for at once: served {}; {}",
         secs(third.up),
+        secs(list),
         spread(&took),
         memory(&third)
     );

@@ -267,11 +267,13 @@ pub async fn start(
     };
     let mut loaded = Loaded::Replay { why: None };
     let mut from_snapshot = None;
+    let mut read_ms = 0;
     if let Some(snap) = store.stand_snapshot(&row.stand).await? {
         // Only the changes stored after the snapshot are read; the ledger reads the others'
         // bytes from the store when a replica needs them.
         let upto = store.stand_snapshot_upto(&row.stand).await?.unwrap_or(0);
         let tail = store.load_changes_after(&row.stand, upto).await?;
+        read_ms = t0.elapsed().as_millis() as u64;
         let (k, s, p) = (key.clone(), row.stand.clone(), row.pool_key);
         let bytes = Box::new(store.change_bytes(&row.stand));
         let load = tokio::task::spawn_blocking(move || {
@@ -322,6 +324,7 @@ pub async fn start(
         changes = n,
         placement = ?row.placement,
         loaded = ?loaded,
+        read_ms,
         ms = t0.elapsed().as_millis() as u64,
         "stand loaded"
     );
