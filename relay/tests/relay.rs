@@ -1105,4 +1105,36 @@ async fn a_stand_loads_once_at_its_first_call_even_one_another_instance_added() 
         (404, &serde_json::json!("unknown_stand"))
     );
     assert_eq!(metric(&b, "halftime_relay_stands_loaded_total").await, 1);
+
+    // A stand whose stored row cannot be served (its pool at the relay, but no pool key
+    // stored): each call says why, nothing is loaded, and the next call tries again.
+    sqlx::query(
+        "INSERT INTO stands (stand, pool_key, placement, pool_secret, created_at) \
+         VALUES ('broken', $1, 'relay', NULL, 0)",
+    )
+    .bind(key(2).public().to_string())
+    .execute(store.pool())
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        let (code, body) = call(
+            Method::GET,
+            &format!("http://{b}/v1/stands/broken/stock"),
+            &token,
+            serde_json::Value::Null,
+        )
+        .await;
+        assert_eq!(code, 503, "{body}");
+        let why = body["message"].as_str().unwrap();
+        assert!(
+            why.contains("could not be loaded") && why.contains("no pool key is stored"),
+            "{body}"
+        );
+    }
+    assert_eq!(metric(&b, "halftime_relay_stands_loaded_total").await, 1);
+    let listed = get(&format!("http://{b}/v1/stands"), Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(listed[0]["stand"], "broken", "{listed}");
+    assert_eq!(listed[0]["loaded"]["from"], "not_yet", "{listed}");
 }

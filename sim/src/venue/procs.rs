@@ -49,10 +49,36 @@ impl Programs {
     }
 }
 
-/// A loopback TCP port that was free a moment ago.
+/// Where the venue's ports are taken from: below the kernel's usual ephemeral range
+/// (32768–60999), so no outgoing connection of any program can take one between the check
+/// here and the child's bind.
+const FIRST_PORT: u32 = 10_000;
+const PORT_SPAN: u32 = 22_000;
+
+/// A loopback TCP port that is free now, never handed out twice by this process.
 pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
-    Ok(l.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    // Each process starts somewhere else, so two venues side by side rarely meet.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % PORT_SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..PORT_SPAN {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let Ok(port) = u16::try_from(FIRST_PORT + n % PORT_SPAN) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!(
+        "no free loopback port in {FIRST_PORT}..{}",
+        FIRST_PORT + PORT_SPAN
+    )
 }
 
 /// Run `bin args` to completion; its standard output, or an error carrying its standard error.
@@ -335,4 +361,20 @@ pub fn can_make_namespaces() -> bool {
             .args(["netns", "list"])
             .output()
             .is_ok_and(|o| o.status.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_free_below_the_ephemeral_range_and_never_handed_out_twice() {
+        let ports: Vec<u16> = (0..50).map(|_| free_port().unwrap()).collect();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        for p in ports {
+            assert!((10_000..32_000).contains(&p), "{p}");
+            assert!(TcpListener::bind(("127.0.0.1", p)).is_ok(), "{p} is taken");
+        }
+    }
 }
