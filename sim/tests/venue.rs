@@ -11,6 +11,9 @@
 //! The two tests take turns: each runs a whole venue, and two at once on a small machine only
 //! make both slower.
 
+#[path = "../../peer/tests/common/ports.rs"]
+mod ports;
+
 use fantoccini::{Client, ClientBuilder, Locator};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -385,11 +388,7 @@ where
 async fn start_browser(dir: &Path) -> (Driver, Client) {
     let chromium = binary("CHROMIUM", "chromium");
     let exe = binary("CHROMEDRIVER", "chromedriver");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = ports::free_port();
     let child = Command::new(&exe)
         .arg(format!("--port={port}"))
         .stdout(Stdio::null())
