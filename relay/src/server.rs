@@ -1381,7 +1381,7 @@ async fn live(
         .into_response())
 }
 
-/// This document.
+/// The admin API described as OpenAPI 3.1, made from these handlers.
 #[utoipa::path(get, path = "/openapi.json", tag = "relay",
     responses((status = 200, description = "OpenAPI 3.1.", body = Object)))]
 async fn openapi() -> Response {
@@ -1393,7 +1393,10 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-/// Prometheus metrics.
+/// Metrics in Prometheus text.
+///
+/// Uplinks, admin calls refused, stands loaded, and per stand its changes, connected replicas
+/// and rejections.
 #[utoipa::path(get, path = "/metrics", tag = "relay",
     responses((status = 200, description = "Prometheus text.", content_type = "text/plain", body = String)))]
 async fn metrics(State(app): State<App>) -> Response {
