@@ -35,10 +35,9 @@
 use crate::audit::AuditReport;
 use crate::openapi::{Bearer, Denied, OpAnswered, ReadFailed};
 use crate::stand::{self, AdminOp, StandCmd, StandHandle, StandView, now_ms};
-use crate::store::{AdminRequestRow, RefundRow, SaleRow};
 use crate::store::{
-    AdminRole, Backend, Batch, CHANGES_CHANNEL, ChangeRow, Lease, PaidOut, Placement, StandRow,
-    Store, StoreError,
+    AdminRequestRow, AdminRole, Backend, Batch, CHANGES_CHANNEL, ChangeRow, Lease, PaidOut,
+    Placement, RefundRow, SaleRow, StandRow, Store, StoreError,
 };
 use crate::uplink;
 use axum::extract::rejection::JsonRejection;

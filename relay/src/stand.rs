@@ -300,7 +300,9 @@ pub async fn start(
     let (ledger, report) = match from_snapshot {
         Some(r) => r,
         None => {
+            let t = Instant::now();
             let stored = store.load_changes(&row.stand).await?;
+            read_ms += t.elapsed().as_millis() as u64;
             let (s, p) = (row.stand.clone(), row.pool_key);
             let bytes = Box::new(store.change_bytes(&row.stand));
             tokio::task::spawn_blocking(move || {
