@@ -2,7 +2,7 @@
 //! top up ahead of demand and return surplus, the pool re-plans allocation.
 
 use crate::{Ctx, Event, PlantedBug, SaleOrder, SaleRefusal, Ticket};
-use halftime_ledger::allocation::targets;
+use halftime_ledger::allocation::Shares;
 use halftime_ledger::{
     Ledger, OpError, Refusal, ReplicaId, Role, SaleId, SaleOutcome, SaleRequest, SignedChange, Sku,
     plan_allocation,
@@ -552,6 +552,7 @@ impl Rights {
             Some(s) => s.iter().cloned().collect(),
             None => ctx.ledger.catalog().keys().cloned().collect(),
         };
+        let mut shares = None;
         for sku in skus {
             if self
                 .topup_asked
@@ -560,10 +561,8 @@ impl Rights {
             {
                 continue;
             }
-            let target = targets(ctx.ledger, allocation, &sku, now)
-                .get(&me)
-                .copied()
-                .unwrap_or(0);
+            let shares = shares.get_or_insert_with(|| Shares::new(ctx.ledger, allocation, now));
+            let target = shares.target(ctx.ledger, &sku, me);
             let have = ctx.ledger.rights(me, &sku);
             let soon = self.demand_soon(&sku, now);
             let low = target > 0

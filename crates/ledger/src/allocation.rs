@@ -39,15 +39,6 @@ fn active_terminals(ledger: &Ledger) -> Vec<ReplicaId> {
         .collect()
 }
 
-/// Rights of `sku` held by the pool and the active terminals.
-fn stand_total(ledger: &Ledger, terminals: &[ReplicaId], sku: &Sku) -> i64 {
-    ledger.rights(ledger.pool(), sku).max(0)
-        + terminals
-            .iter()
-            .map(|t| ledger.rights(*t, sku).max(0))
-            .sum::<i64>()
-}
-
 /// One proposed give.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GivePlan {
@@ -61,6 +52,89 @@ pub struct GivePlan {
     pub units: u64,
 }
 
+/// How the stand's rights of any item are shared among its active terminals at one instant:
+/// the weights do not depend on the item, so one `Shares` serves every item of a plan.
+#[derive(Debug, Clone)]
+pub struct Shares {
+    terminals: Vec<ReplicaId>,
+    weights: Vec<f64>,
+    sum: f64,
+    reserve_pct: i64,
+}
+
+impl Shares {
+    /// The shares as `ledger` sees the stand at `now_ms`, the pool keeping [`POOL_RESERVE_PCT`].
+    pub fn new(ledger: &Ledger, allocation: Allocation, now_ms: u64) -> Self {
+        Self::with_reserve(ledger, allocation, now_ms, POOL_RESERVE_PCT)
+    }
+
+    /// [`Shares::new`] with the pool keeping `reserve_pct` percent back.
+    pub fn with_reserve(
+        ledger: &Ledger,
+        allocation: Allocation,
+        now_ms: u64,
+        reserve_pct: i64,
+    ) -> Self {
+        let terminals = active_terminals(ledger);
+        let weights: Vec<f64> = match allocation {
+            Allocation::Proportional => vec![1.0; terminals.len()],
+            Allocation::Velocity => {
+                let rates: Vec<f64> = terminals
+                    .iter()
+                    .map(|t| ledger.sales_rate(*t, now_ms, VELOCITY_WINDOW_MS))
+                    .collect();
+                let mean = rates.iter().sum::<f64>() / rates.len() as f64;
+                // A floor keeps an idle terminal able to sell the first customer that walks up.
+                rates.iter().map(|r| r + 0.1 * mean + 1e-6).collect()
+            }
+        };
+        let sum = weights.iter().sum();
+        Self {
+            terminals,
+            weights,
+            sum,
+            reserve_pct,
+        }
+    }
+
+    /// Rights of `sku` held by the pool and the active terminals.
+    fn stand_total(&self, ledger: &Ledger, sku: &Sku) -> i64 {
+        ledger.rights(ledger.pool(), sku).max(0)
+            + self
+                .terminals
+                .iter()
+                .map(|t| ledger.rights(*t, sku).max(0))
+                .sum::<i64>()
+    }
+
+    fn share(&self, allocated: i64, weight: f64) -> i64 {
+        ((allocated as f64) * weight / self.sum).floor() as i64
+    }
+
+    /// Target rights of `sku` per active terminal, given the stand's total of it.
+    fn targets_of(&self, total: i64) -> impl Iterator<Item = (ReplicaId, i64)> + '_ {
+        let allocated = total - reserve(total, self.reserve_pct);
+        self.terminals
+            .iter()
+            .zip(&self.weights)
+            .map(move |(t, w)| (*t, self.share(allocated, *w)))
+    }
+
+    /// Target rights of `sku` per active terminal.
+    pub fn targets(&self, ledger: &Ledger, sku: &Sku) -> BTreeMap<ReplicaId, i64> {
+        self.targets_of(self.stand_total(ledger, sku)).collect()
+    }
+
+    /// `terminal`'s target rights of `sku` (0 for a replica that is not an active terminal).
+    pub fn target(&self, ledger: &Ledger, sku: &Sku, terminal: ReplicaId) -> i64 {
+        let Some(i) = self.terminals.iter().position(|t| *t == terminal) else {
+            return 0;
+        };
+        let total = self.stand_total(ledger, sku);
+        self.share(total - reserve(total, self.reserve_pct), self.weights[i])
+    }
+}
+
 /// Target rights per active terminal for `sku`.
 pub fn targets(
     ledger: &Ledger,
@@ -68,7 +142,7 @@ pub fn targets(
     sku: &Sku,
     now_ms: u64,
 ) -> BTreeMap<ReplicaId, i64> {
-    targets_with(ledger, allocation, sku, now_ms, POOL_RESERVE_PCT)
+    Shares::new(ledger, allocation, now_ms).targets(ledger, sku)
 }
 
 /// [`targets`] with the pool keeping `reserve_pct` percent back.
@@ -79,30 +153,7 @@ pub fn targets_with(
     now_ms: u64,
     reserve_pct: i64,
 ) -> BTreeMap<ReplicaId, i64> {
-    let terminals = active_terminals(ledger);
-    if terminals.is_empty() {
-        return BTreeMap::new();
-    }
-    let total = stand_total(ledger, &terminals, sku);
-    let total = total - reserve(total, reserve_pct);
-    let weights: Vec<f64> = match allocation {
-        Allocation::Proportional => vec![1.0; terminals.len()],
-        Allocation::Velocity => {
-            let rates: Vec<f64> = terminals
-                .iter()
-                .map(|t| ledger.sales_rate(*t, now_ms, VELOCITY_WINDOW_MS))
-                .collect();
-            let mean = rates.iter().sum::<f64>() / rates.len() as f64;
-            // A floor keeps an idle terminal able to sell the first customer that walks up.
-            rates.iter().map(|r| r + 0.1 * mean + 1e-6).collect()
-        }
-    };
-    let sum: f64 = weights.iter().sum();
-    terminals
-        .iter()
-        .zip(weights)
-        .map(|(t, w)| (*t, ((total as f64) * w / sum).floor() as i64))
-        .collect()
+    Shares::with_reserve(ledger, allocation, now_ms, reserve_pct).targets(ledger, sku)
 }
 
 /// Propose gives for every catalog item.
@@ -118,11 +169,15 @@ pub fn plan_allocation_with(
     reserve_pct: i64,
 ) -> Vec<GivePlan> {
     let pool = ledger.pool();
+    let shares = Shares::with_reserve(ledger, allocation, now_ms, reserve_pct);
     let mut plans = Vec::new();
+    if shares.terminals.is_empty() {
+        return plans;
+    }
     for sku in ledger.catalog().keys() {
-        let total = stand_total(ledger, &active_terminals(ledger), sku);
+        let total = shares.stand_total(ledger, sku);
         let mut pool_left = (ledger.rights(pool, sku) - reserve(total, reserve_pct)).max(0);
-        for (t, target) in targets_with(ledger, allocation, sku, now_ms, reserve_pct) {
+        for (t, target) in shares.targets_of(total) {
             let have = ledger.rights(t, sku);
             if have * 100 < target * TOP_UP_BELOW_PCT && pool_left > 0 {
                 let units = (target - have).min(pool_left);

@@ -99,12 +99,27 @@ pub struct Cell {
     pub epoch_writes: u32,
     /// The `/stock/<rid>/<sku>` map exists.
     pub has_map: bool,
+    /// Σ give[*>r] + Σ reclaim[r>*]: the rights others handed this replica.
+    pub received: u64,
+    /// Σ reclaim[*>r]: rights taken back from this replica after it was retired.
+    pub reclaimed: u64,
 }
 
 impl Cell {
     /// A counter's value.
     pub fn get(&self, f: Field) -> u64 {
         self.values.get(&f).copied().unwrap_or(0)
+    }
+
+    /// in + Σ give[*>r] − Σ give[r>*] − out, less what the pool reclaimed.
+    pub fn rights(&self) -> i64 {
+        let (i, o) = (self.get(Field::In), self.get(Field::Out));
+        to_i64(
+            i as i128 + self.received as i128
+                - self.gave as i128
+                - o as i128
+                - self.reclaimed as i128,
+        )
     }
 }
 
@@ -165,12 +180,9 @@ pub struct State {
     pub current_ops: HashMap<(ObjAddr, String), OpAddr>,
     /// Replicas whose `/stock/<rid>` map exists.
     pub stock_maps: BTreeMap<ReplicaId, ()>,
-    /// Per replica and sku.
+    /// Per replica and sku: its counters, and the rights others handed it, so that a replica's
+    /// rights are one lookup.
     pub cells: BTreeMap<(ReplicaId, Sku), Cell>,
-    /// Σ give[*>r] + Σ reclaim[r>*] per (r, sku).
-    pub received: BTreeMap<(ReplicaId, Sku), u64>,
-    /// Σ reclaim[*>r] per (r, sku): rights taken back from a retired replica.
-    pub reclaimed: BTreeMap<(ReplicaId, Sku), u64>,
     /// Σ in and Σ out per sku.
     pub totals: BTreeMap<Sku, (u64, u64)>,
     /// A reclaimed replica's gives as the pool saw them when it reclaimed: (giver, sku, to) →
@@ -224,15 +236,7 @@ impl State {
 
     /// rights(r, s) = in + Σ give[*>r] − Σ give[r>*] − out.
     pub fn rights(&self, r: ReplicaId, sku: &Sku) -> i64 {
-        let key = (r, sku.clone());
-        let (i, o, g) = self
-            .cells
-            .get(&key)
-            .map(|c| (c.get(Field::In), c.get(Field::Out), c.gave))
-            .unwrap_or((0, 0, 0));
-        let recv = self.received.get(&key).copied().unwrap_or(0);
-        let taken = self.reclaimed.get(&key).copied().unwrap_or(0);
-        to_i64(i as i128 + recv as i128 - g as i128 - o as i128 - taken as i128)
+        self.cells.get(&(r, sku.clone())).map_or(0, Cell::rights)
     }
 
     /// available(s) = Σ in − Σ out.
@@ -258,14 +262,13 @@ impl State {
                     None if self.is_reclaimed(r) => 0,
                     None => delta,
                 };
-                let recv = self.received.entry((to, sku.clone())).or_insert(0);
-                *recv = recv.saturating_add(counted);
+                let to = self.cells.entry((to, sku.clone())).or_default();
+                to.received = to.received.saturating_add(counted);
             }
             Field::Reclaim(from) => {
-                let recv = self.received.entry((r, sku.clone())).or_insert(0);
-                *recv = recv.saturating_add(delta);
-                let taken = self.reclaimed.entry((from, sku.clone())).or_insert(0);
-                *taken = taken.saturating_add(delta);
+                cell.received = cell.received.saturating_add(delta);
+                let from = self.cells.entry((from, sku.clone())).or_default();
+                from.reclaimed = from.reclaimed.saturating_add(delta);
             }
             Field::OffAt => {
                 let m = self.marks.entry(sku.clone()).or_default();
@@ -329,8 +332,8 @@ impl State {
                 .copied()
                 .unwrap_or(0);
             let excess = value.saturating_sub(cap);
-            if let Some(recv) = self.received.get_mut(&(to, sku.clone())) {
-                *recv = recv.saturating_sub(excess);
+            if let Some(c) = self.cells.get_mut(&(to, sku.clone())) {
+                c.received = c.received.saturating_sub(excess);
             }
         }
         for (sku, m) in caps {

@@ -161,7 +161,7 @@ fn a_damaged_snapshot_is_refused_and_the_full_replay_still_works() {
     let junk = vec![0xffu8; 64];
     let mut no_body = 0u64.to_le_bytes().to_vec();
     no_body.extend_from_slice(&junk);
-    for forged in [summed(b"HTSNAP02", &junk), summed(b"HTSNAP02", &no_body)] {
+    for forged in [summed(b"HTSNAP03", &junk), summed(b"HTSNAP03", &no_body)] {
         assert!(matches!(
             load(&forged, stored(&t)).unwrap_err(),
             SnapshotError::Decode(_)
@@ -171,11 +171,11 @@ fn a_damaged_snapshot_is_refused_and_the_full_replay_still_works() {
     let mut bad_doc = snap[40..].to_vec();
     bad_doc[8 + doc_len / 2] ^= 0x01;
     assert!(matches!(
-        load(&summed(b"HTSNAP02", &bad_doc), stored(&t)).unwrap_err(),
+        load(&summed(b"HTSNAP03", &bad_doc), stored(&t)).unwrap_err(),
         SnapshotError::Document(_)
     ));
     assert_eq!(
-        load(&summed(b"HTSNAP01", &junk), stored(&t)).unwrap_err(),
+        load(&summed(b"HTSNAP02", &junk), stored(&t)).unwrap_err(),
         SnapshotError::NotASnapshot
     );
     // A change the snapshot covers is gone from the store.

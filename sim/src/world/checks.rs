@@ -93,10 +93,13 @@ impl World {
                 }
                 let avail = l.available(s);
                 let mut sum = 0i64;
+                let own = l.cell(node.id, s);
                 for (rid, info) in l.replicas() {
+                    let cell = l.cell(*rid, s);
+                    let counter = |f: Field| cell.map_or(0, |c| c.get(f));
                     // The oracle: what this view says a replica sold never exceeds what it
                     // served, and a replica's view of itself is exact.
-                    let out = l.counter(*rid, s, Field::Out);
+                    let out = counter(Field::Out);
                     let served = self.served.get(&(*rid, s.clone())).copied().unwrap_or(0);
                     if out > served || (*rid == node.id && out != served) {
                         return Err(violation(
@@ -108,7 +111,7 @@ impl World {
                     }
                     if info.role == Role::Terminal {
                         // Refunds: a terminal's `in` counts only the units its voids took back.
-                        let back = l.counter(*rid, s, Field::In);
+                        let back = counter(Field::In);
                         let returned = self.returned.get(&(*rid, s.clone())).copied().unwrap_or(0);
                         if back > returned || (*rid == node.id && back != returned) {
                             return Err(violation(
@@ -120,7 +123,7 @@ impl World {
                         }
                         // A terminal gives another terminal only what it was asked for.
                         if n != 0 && *rid != node.id {
-                            let gave = l.counter(node.id, s, Field::Give(*rid));
+                            let gave = own.map_or(0, |c| c.get(Field::Give(*rid)));
                             let key = (node.id, *rid, s.clone());
                             let asked = self.asked.get(&key).copied().unwrap_or(0);
                             if gave > asked {
@@ -133,7 +136,7 @@ impl World {
                             }
                         }
                     }
-                    let r = l.rights(*rid, s);
+                    let r = cell.map_or(0, |c| c.rights());
                     sum += r;
                     let retired = info.retired_at_pool_seq.is_some();
                     if policy == Policy::Strict && r < 0 && !retired {

@@ -506,6 +506,10 @@ impl Ledger {
     pub fn unbacked(&self, sku: &Sku) -> u64 {
         self.state.unbacked(sku)
     }
+    /// Every counter of `replica` for `sku`, and its rights (`None`: it has none yet).
+    pub fn cell(&self, replica: ReplicaId, sku: &Sku) -> Option<&Cell> {
+        self.state.cells.get(&(replica, sku.clone()))
+    }
     /// One counter of `replica` for `sku` as this replica knows it (0 when never written).
     pub fn counter(&self, replica: ReplicaId, sku: &Sku, field: Field) -> u64 {
         self.state

@@ -28,8 +28,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 /// The first bytes of a snapshot; the last two digits are its format version. A snapshot is
 /// `MAGIC | SHA-256 of the rest | document length (u64, little-endian) | the saved document |
 /// the postcard of everything else`: the document is loaded straight from the snapshot's
-/// bytes, never copied out of a decoded body first (version 01 held it inside the body).
-const MAGIC: &[u8; 8] = b"HTSNAP02";
+/// bytes, never copied out of a decoded body first (version 01 held it inside the body; 02 kept
+/// the rights others handed a replica in maps beside its counters).
+const MAGIC: &[u8; 8] = b"HTSNAP03";
 const HEADER_LEN: usize = MAGIC.len() + 32;
 
 /// Why a snapshot cannot be used (the replica then replays its whole store).
