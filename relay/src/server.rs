@@ -98,6 +98,8 @@ pub struct Inner {
     loading: Mutex<BTreeMap<StandId, Loading>>,
     /// Loads run at most one per core, so the first stands asked for are served first.
     load_slots: tokio::sync::Semaphore,
+    /// This instance among those on one Postgres, chosen at random when it starts.
+    instance: u64,
 }
 
 type Loading = futures::future::Shared<futures::future::BoxFuture<'static, Result<(), String>>>;
@@ -133,6 +135,7 @@ impl App {
             metrics: Metrics::default(),
             loading: Mutex::new(BTreeMap::new()),
             load_slots: tokio::sync::Semaphore::new(width),
+            instance: rand::random(),
         }));
         if store.backend() == Backend::Postgres {
             let listener = app.clone();
@@ -141,17 +144,22 @@ impl App {
         Ok(app)
     }
 
-    /// Postgres: hear other instances' commits and have each stand fetch what it lacks.
+    /// Postgres: hear other instances' commits and have each stand fetch what it lacks, and
+    /// the rights requests and answers they hand on.
     async fn listen(&self) {
         loop {
             match sqlx::postgres::PgListener::connect(self.store.url()).await {
-                Ok(mut l) => match l.listen(CHANGES_CHANNEL).await {
+                Ok(mut l) => match l.listen_all([CHANGES_CHANNEL, stand::RIGHTS_CHANNEL]).await {
                     Ok(()) => {
                         // Whatever was committed while nobody listened.
                         for s in self.served() {
                             let _ = s.handle.tx.try_send(StandCmd::Poll);
                         }
                         while let Ok(n) = l.recv().await {
+                            if n.channel() == stand::RIGHTS_CHANNEL {
+                                self.handed(n.payload());
+                                continue;
+                            }
                             let stand = StandId::new(n.payload()).ok();
                             if let Some(s) = stand.and_then(|s| self.stand(&s)) {
                                 let _ = s.handle.tx.try_send(StandCmd::Poll);
@@ -166,6 +174,17 @@ impl App {
                 Err(e) => tracing::warn!(error = %e, "cannot listen for other instances' changes"),
             }
             tokio::time::sleep(Duration::from_millis(LEASE_RETRY_MS)).await;
+        }
+    }
+
+    /// A rights request or answer another instance handed on: to the stand's task, if the
+    /// stand is served here (a replica of a stand not loaded here is not connected here).
+    fn handed(&self, payload: &str) {
+        let Some(h) = stand::Handed::decode(payload, self.instance) else {
+            return;
+        };
+        if let Some(s) = self.stand(&h.stand) {
+            let _ = s.handle.tx.try_send(StandCmd::Elsewhere(h.msg));
         }
     }
 
@@ -311,6 +330,7 @@ impl App {
             row,
             lease,
             self.snapshot_every,
+            self.instance,
         )
         .await?;
         self.metrics.stands_loaded.fetch_add(1, Ordering::Relaxed);
@@ -620,6 +640,7 @@ async fn list_stands(State(app): State<App>, headers: HeaderMap) -> Result<Respo
                 changes_rejected: 0,
                 commit_failures: 0,
                 rights_forwarded: 0,
+                rights_asked_elsewhere: 0,
                 loaded: stand::Loaded::NotYet,
             }),
         }
@@ -1467,6 +1488,11 @@ async fn metrics(State(app): State<App>) -> Response {
                 per_stand,
                 "halftime_relay_stand_rights_forwarded_total{{stand=\"{}\"}} {}",
                 v.stand, v.rights_forwarded
+            );
+            let _ = writeln!(
+                per_stand,
+                "halftime_relay_stand_rights_asked_elsewhere_total{{stand=\"{}\"}} {}",
+                v.stand, v.rights_asked_elsewhere
             );
         }
     }

@@ -6,7 +6,7 @@
 //! down the stand waits, retrying, and its replicas keep their changes until it is back.
 
 use crate::store::{Batch, ChangeRow, ItemRow, Placement, StandRow, Store, StoreError};
-use halftime_engine::{Engine, EngineConfig, Event};
+use halftime_engine::{Elsewhere, Engine, EngineConfig, Event};
 use halftime_ledger::{
     Admission, Applied, Ledger, NotAdmitted, Operation, PublicKey, ReplicaId, ReplicaKey, Role,
     SignedChange, Sku, StandId,
@@ -80,6 +80,8 @@ pub enum StandCmd {
     },
     /// Another instance committed changes of this stand: fetch what this one lacks.
     Poll,
+    /// Another instance handed on a rights request or answer (see [`RIGHTS_CHANNEL`]).
+    Elsewhere(Elsewhere),
     /// An admin request was queued for this device stand's pool: send it if the pool is here.
     AdminQueued,
     /// Available per item as at `at_ms`.
@@ -134,6 +136,7 @@ impl std::fmt::Debug for StandCmd {
             StandCmd::Admin { op, .. } => write!(f, "Admin({op:?})"),
             StandCmd::StockAt { at_ms, .. } => write!(f, "StockAt({at_ms})"),
             StandCmd::Poll => write!(f, "Poll"),
+            StandCmd::Elsewhere(m) => write!(f, "Elsewhere({m:?})"),
             StandCmd::AdminQueued => write!(f, "AdminQueued"),
         }
     }
@@ -154,6 +157,8 @@ pub struct StandView {
     pub commit_failures: u64,
     /// Rights requests passed on to a holder for a replica that reaches it only here.
     pub rights_forwarded: u64,
+    /// Rights requests no replica connected here could answer, handed to the other instances.
+    pub rights_asked_elsewhere: u64,
     /// How the stand was loaded since this relay started.
     pub loaded: Loaded,
 }
@@ -206,6 +211,10 @@ pub struct StandTask {
     /// Queued admin requests sent to a device stand's pool, and when.
     admin_sent: BTreeMap<i64, Instant>,
     next_admin_scan: Instant,
+    /// This instance, as named on the rights channel.
+    instance: u64,
+    /// Rights requests and answers for the other instances, handed on once committed.
+    elsewhere: Vec<Elsewhere>,
 }
 
 /// Where writing the store's refund decisions into the stand has got to.
@@ -239,6 +248,55 @@ impl std::fmt::Debug for StandTask {
 /// A stand's snapshot is rewritten once this many changes were added since the last.
 pub const SNAPSHOT_EVERY: usize = 20_000;
 
+/// The Postgres channel on which the instances of a relay hand one another the rights requests
+/// and answers of replicas connected to another instance ([`Elsewhere`]).
+pub const RIGHTS_CHANNEL: &str = "halftime_rights";
+
+/// Postgres refuses a notification of 8,000 bytes or more.
+const MAX_NOTIFY_BYTES: usize = 7_900;
+
+/// One message on [`RIGHTS_CHANNEL`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Handed {
+    /// The instance that sent it (each instance hears its own notifications too).
+    pub instance: u64,
+    pub stand: StandId,
+    pub msg: Elsewhere,
+}
+
+impl Handed {
+    /// The notification's text, `None` if it cannot fit even without the give it carries (the
+    /// give reaches every replica as a stored change anyway).
+    pub fn encode(instance: u64, stand: &StandId, msg: Elsewhere) -> Option<String> {
+        let mut h = Handed {
+            instance,
+            stand: stand.clone(),
+            msg,
+        };
+        let text = serde_json::to_string(&h).ok()?;
+        if text.len() <= MAX_NOTIFY_BYTES {
+            return Some(text);
+        }
+        if let Elsewhere::Answer { change, .. } = &mut h.msg {
+            *change = None;
+        }
+        serde_json::to_string(&h)
+            .ok()
+            .filter(|t| t.len() <= MAX_NOTIFY_BYTES)
+    }
+
+    /// A notification another instance sent; `None` for this instance's own, or for anything
+    /// too long or malformed.
+    pub fn decode(payload: &str, me: u64) -> Option<Handed> {
+        if payload.len() > MAX_NOTIFY_BYTES {
+            return None;
+        }
+        serde_json::from_str::<Handed>(payload)
+            .ok()
+            .filter(|h| h.instance != me)
+    }
+}
+
 /// Load a stand from the store (from its snapshot and the changes stored after it when the
 /// snapshot is sound, else every stored change, re-checked) and start its task, which writes
 /// a new snapshot every `snapshot_every` changes (0: never). The receiver fires if the task
@@ -249,6 +307,7 @@ pub async fn start(
     row: StandRow,
     lease: Option<crate::store::Lease>,
     snapshot_every: usize,
+    instance: u64,
 ) -> Result<(StandHandle, oneshot::Receiver<()>), StoreError> {
     let t0 = Instant::now();
     let (stepped_down, lost) = oneshot::channel();
@@ -330,8 +389,13 @@ pub async fn start(
         ms = t0.elapsed().as_millis() as u64,
         "stand loaded"
     );
+    // Every instance on one Postgres serves a device stand, each reaching some of its replicas
+    // (a stand whose pool is here is served by the lease holder alone).
+    let elsewhere =
+        store.backend() == crate::store::Backend::Postgres && row.placement == Placement::Device;
     let cfg = EngineConfig {
         hub: true,
+        elsewhere,
         ..EngineConfig::default()
     };
     let task = StandTask {
@@ -364,6 +428,8 @@ pub async fn start(
         },
         admin_sent: BTreeMap::new(),
         next_admin_scan: Instant::now(),
+        instance,
+        elsewhere: Vec::new(),
     };
     let live = task.live.clone();
     let (tx, rx) = mpsc::channel(STAND_QUEUE_LEN);
@@ -422,6 +488,7 @@ impl StandTask {
             for (reply, answer) in self.answers.drain(..) {
                 let _ = reply.send(Ok(answer));
             }
+            self.hand_elsewhere();
             self.flush();
             self.snapshot().await;
         }
@@ -492,6 +559,7 @@ impl StandTask {
                 let _ = reply.send(self.view());
             }
             StandCmd::Poll => self.poll_due = true,
+            StandCmd::Elsewhere(msg) => self.engine.handle_elsewhere(msg, now),
             StandCmd::AdminQueued => self.next_admin_scan = Instant::now(),
             StandCmd::StockAt { at_ms, reply } => {
                 let t = halftime_ledger::Hlc::new(at_ms, u16::MAX);
@@ -532,6 +600,7 @@ impl StandTask {
             changes_rejected: s.changes_rejected,
             commit_failures: self.commit_failures,
             rights_forwarded: s.rights_requests_forwarded,
+            rights_asked_elsewhere: s.rights_asked_elsewhere,
             loaded: self.loaded.clone(),
         }
     }
@@ -597,6 +666,7 @@ impl StandTask {
                             answers.push((id, outcome));
                         }
                     }
+                    Event::Elsewhere(msg) => self.elsewhere.push(msg),
                     Event::Committed { .. } | Event::Refused { .. } => {}
                 }
             }
@@ -657,6 +727,23 @@ impl StandTask {
             // Our own changes are durable: the engine releases what waited on them, which
             // may include their decoded effects for the projections (another turn).
             self.engine.persisted();
+        }
+    }
+
+    /// Hand the other instances what the engine passes on to them, each message on its own
+    /// (they are small, and a lost one costs what a lost ask costs: the asker asks again).
+    fn hand_elsewhere(&mut self) {
+        for msg in self.elsewhere.drain(..) {
+            let Some(payload) = Handed::encode(self.instance, &self.stand, msg) else {
+                continue;
+            };
+            let store = self.store.clone();
+            let stand = self.stand.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.notify(RIGHTS_CHANNEL, &payload).await {
+                    tracing::warn!(%stand, error = %e, "could not hand a rights request or answer to the other instances");
+                }
+            });
         }
     }
 
@@ -927,6 +1014,65 @@ impl StandTask {
                     break;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn answer(change_len: usize) -> Elsewhere {
+        Elsewhere::Answer {
+            beneficiary: ReplicaKey::from_seed([3; 32]).replica_id(),
+            sku: Sku::new("soda").unwrap(),
+            granted: 2,
+            change: Some(SignedChange {
+                bytes: vec![7; change_len],
+                signature: vec![9; 64],
+            }),
+        }
+    }
+
+    #[test]
+    fn what_one_instance_hands_on_reaches_the_others_and_nothing_else_gets_in() {
+        let stand = StandId::new("north").unwrap();
+        let text = Handed::encode(1, &stand, answer(300)).unwrap();
+        let h = Handed::decode(&text, 2).unwrap();
+        assert_eq!((h.instance, &h.stand, &h.msg), (1, &stand, &answer(300)));
+        // Its own notification comes back to the sender too: ignored.
+        assert_eq!(Handed::decode(&text, 1), None);
+
+        // A give too large for a notification goes without it (it is stored and fetched).
+        let text = Handed::encode(1, &stand, answer(4_000)).unwrap();
+        assert!(text.len() <= MAX_NOTIFY_BYTES);
+        match Handed::decode(&text, 2).unwrap().msg {
+            Elsewhere::Answer {
+                granted, change, ..
+            } => assert_eq!((granted, change), (2, None)),
+            other => panic!("{other:?}"),
+        }
+
+        // Built by hand: too long, not JSON, a bad id, an unknown kind.
+        let long = format!(
+            "{{\"instance\":1,\"pad\":\"{}\"}}",
+            "x".repeat(MAX_NOTIFY_BYTES)
+        );
+        let ask = |rid: &str, kind: &str| {
+            format!(
+                r#"{{"instance":1,"stand":"north","msg":{{"kind":"{kind}","beneficiary":"{rid}","sku":"soda","want":1,"urgent":false}}}}"#
+            )
+        };
+        assert!(Handed::decode(&ask("0303030303030303", "ask"), 2).is_some());
+        for bad in [
+            long,
+            "{\"instance\":".to_owned(),
+            ask("not-hex", "ask"),
+            ask("0303030303030303", "grab"),
+            ask("0303030303030303", "ask").replace("\"north\"", "\"a/b\""),
+        ] {
+            assert_eq!(Handed::decode(&bad, 2), None, "{bad}");
         }
     }
 }

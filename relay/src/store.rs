@@ -653,6 +653,20 @@ impl Store {
         Ok(())
     }
 
+    /// Postgres: notify every instance listening on `channel` (nothing on SQLite, which one
+    /// instance serves).
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
+        if self.backend != Backend::Postgres {
+            return Ok(());
+        }
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Every stored change of a stand with what was stored beside it, in order.
     pub async fn load_rows(&self, stand: &StandId) -> Result<Vec<StoredRow>, StoreError> {
         let rows = sqlx::query(

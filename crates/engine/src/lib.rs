@@ -79,7 +79,7 @@ mod rights;
 use halftime_ledger::sync::{ANTI_ENTROPY_INTERVAL_MS, SyncEvent};
 use halftime_ledger::{
     AdminOp, Applied, ApplyReport, Ledger, OpError, PeerSync, Refusal, ReplicaId, Role, SaleId,
-    SaleLine, SignedChange, VersionVector, WireError, WireMessage,
+    SaleLine, SignedChange, Sku, VersionVector, WireError, WireMessage,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -133,6 +133,10 @@ pub struct EngineConfig {
     /// mesh this would cost N² frames per sale; there, only changes whose author is out of
     /// reach are passed on.
     pub hub: bool,
+    /// This replica is one of several instances of a relay, each reaching some of the stand's
+    /// replicas: a rights request no peer here can answer is handed to the others
+    /// ([`Event::Elsewhere`], [`Engine::handle_elsewhere`]) instead of refused at once.
+    pub elsewhere: bool,
     pub planted_bug: Option<PlantedBug>,
 }
 
@@ -143,6 +147,7 @@ impl Default for EngineConfig {
             sale_wait_ms: SALE_WAIT_MS,
             auto_rights: true,
             hub: false,
+            elsewhere: false,
             planted_bug: None,
         }
     }
@@ -227,6 +232,31 @@ pub enum Event {
         id: u64,
         outcome: Result<u64, String>,
     },
+    /// For the relay's other instances (with [`EngineConfig::elsewhere`]): hand it to each,
+    /// whose engine takes it in [`Engine::handle_elsewhere`].
+    Elsewhere(Elsewhere),
+}
+
+/// A rights request or answer one instance of a relay hands its other instances, for a
+/// replica connected to one of them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Elsewhere {
+    /// `beneficiary` asked for `want` of `sku` and no replica connected here holds any.
+    Ask {
+        beneficiary: ReplicaId,
+        sku: Sku,
+        want: u64,
+        urgent: bool,
+    },
+    /// A holder connected here answered the request made for `beneficiary`; `change` is its
+    /// give, when it gave.
+    Answer {
+        beneficiary: ReplicaId,
+        sku: Sku,
+        granted: u64,
+        change: Option<SignedChange>,
+    },
 }
 
 /// An admin operation the pool made, or had made before for the same request.
@@ -260,6 +290,8 @@ pub struct EngineStats {
     pub frames_rejected: u64,
     /// Relay: rights requests passed on to a holder for a replica that reaches it only here.
     pub rights_requests_forwarded: u64,
+    /// Rights requests handed to the relay's other instances, no peer here holding any.
+    pub rights_asked_elsewhere: u64,
     /// Requests or answers on behalf of another replica that broke the rule of who may send
     /// them (only a relay, never for itself or for us), dropped.
     pub rights_relays_refused: u64,
@@ -542,6 +574,14 @@ impl Engine {
                 }
             }
         }
+        self.progress(now_ms);
+    }
+
+    /// A rights request or answer another instance of this relay handed on
+    /// ([`Event::Elsewhere`]).
+    pub fn handle_elsewhere(&mut self, msg: Elsewhere, now_ms: u64) {
+        let (_, mut ctx) = self.split();
+        rights::Rights::elsewhere(&mut ctx, msg);
         self.progress(now_ms);
     }
 

@@ -1,7 +1,7 @@
 //! Where selling rights go: a sale waits while holders are asked, holders answer, terminals
 //! top up ahead of demand and return surplus, the pool re-plans allocation.
 
-use crate::{Ctx, Event, PlantedBug, SaleOrder, SaleRefusal, Ticket};
+use crate::{Ctx, Elsewhere, Event, PlantedBug, SaleOrder, SaleRefusal, Ticket};
 use halftime_ledger::allocation::Shares;
 use halftime_ledger::{
     Ledger, OpError, Refusal, ReplicaId, Role, SaleId, SaleOutcome, SaleRequest, SignedChange, Sku,
@@ -362,24 +362,77 @@ impl Rights {
         if ctx.ledger.role() != Some(Role::Relay) {
             return self.answer(ctx, from, None, sku, want, urgent, now);
         }
+        if Self::forward(ctx, from, &sku, want, urgent) {
+            return;
+        }
+        if ctx.cfg.elsewhere {
+            // Another instance may reach a holder: it forwards the request, and its answer
+            // comes back through this instance. Until then the sale waits, at most its bound.
+            ctx.stats.rights_asked_elsewhere += 1;
+            ctx.events.push_back(Event::Elsewhere(Elsewhere::Ask {
+                beneficiary: from,
+                sku,
+                want,
+                urgent,
+            }));
+        } else if let Some(peer) = ctx.peers.get_mut(&from) {
+            peer.sync.answer_rights(sku, 0, None);
+        }
+    }
+
+    /// Relay: pass `beneficiary`'s request on to the peer here that holds most of `sku` (the
+    /// pool first among equals); false when no peer here holds any.
+    fn forward(
+        ctx: &mut Ctx<'_>,
+        beneficiary: ReplicaId,
+        sku: &Sku,
+        want: u64,
+        urgent: bool,
+    ) -> bool {
         let pool = ctx.ledger.pool();
         let holder = ctx
             .peers
             .iter()
-            .filter(|(p, peer)| **p != from && !peer.sync.is_hand_over())
-            .map(|(p, _)| (ctx.ledger.rights(*p, &sku).max(0) as u64, *p == pool, *p))
+            .filter(|(p, peer)| **p != beneficiary && !peer.sync.is_hand_over())
+            .map(|(p, _)| (ctx.ledger.rights(*p, sku).max(0) as u64, *p == pool, *p))
             .filter(|(r, _, _)| *r > 0)
             .min_by(ask_order);
-        match holder {
-            Some((_, _, h)) => {
-                if let Some(peer) = ctx.peers.get_mut(&h) {
-                    peer.sync.request_rights_for(from, sku, want, urgent);
-                    ctx.stats.rights_requests_forwarded += 1;
+        let Some(peer) = holder.and_then(|(_, _, h)| ctx.peers.get_mut(&h)) else {
+            return false;
+        };
+        peer.sync
+            .request_rights_for(beneficiary, sku.clone(), want, urgent);
+        ctx.stats.rights_requests_forwarded += 1;
+        true
+    }
+
+    /// Relay: what another instance of this relay passed on. A request is forwarded to a
+    /// holder connected here (none: dropped, the asking instance's sale waits out its bound);
+    /// an answer reaches its beneficiary if it is connected here.
+    pub(crate) fn elsewhere(ctx: &mut Ctx<'_>, msg: Elsewhere) {
+        if ctx.ledger.role() != Some(Role::Relay) {
+            return;
+        }
+        match msg {
+            Elsewhere::Ask {
+                beneficiary,
+                sku,
+                want,
+                urgent,
+            } => {
+                // A replica connected here asks this instance itself.
+                if !ctx.peers.contains_key(&beneficiary) {
+                    Self::forward(ctx, beneficiary, &sku, want, urgent);
                 }
             }
-            None => {
-                if let Some(peer) = ctx.peers.get_mut(&from) {
-                    peer.sync.answer_rights(sku, 0, None);
+            Elsewhere::Answer {
+                beneficiary,
+                sku,
+                granted,
+                change,
+            } => {
+                if let Some(peer) = ctx.peers.get_mut(&beneficiary) {
+                    peer.sync.answer_rights(sku, granted, change);
                 }
             }
         }
@@ -426,8 +479,17 @@ impl Rights {
             ctx.stats.rights_relays_refused += 1;
             return;
         }
-        if let Some(peer) = ctx.peers.get_mut(&beneficiary) {
-            peer.sync.answer_rights(sku, granted, change);
+        match ctx.peers.get_mut(&beneficiary) {
+            Some(peer) => peer.sync.answer_rights(sku, granted, change),
+            None if ctx.cfg.elsewhere => {
+                ctx.events.push_back(Event::Elsewhere(Elsewhere::Answer {
+                    beneficiary,
+                    sku,
+                    granted,
+                    change,
+                }))
+            }
+            None => {}
         }
     }
 

@@ -27,6 +27,9 @@ struct Stand {
     vectors_sent: usize,
     /// The transport's keepalive (libp2p's ping on a terminal) on every link not cut.
     next_ping: u64,
+    /// Engines that are instances of one relay: what one hands on reaches the others.
+    instances: Vec<usize>,
+    handed: Vec<(usize, Elsewhere)>,
 }
 
 /// A pool and `rights.len()` terminals; terminal i holds `rights[i]` sodas, the pool `pool`.
@@ -94,6 +97,8 @@ fn stand(pool_units: u64, rights: &[u64], cfg: EngineConfig) -> Stand {
         outcomes: Vec::new(),
         vectors_sent: 0,
         next_ping: T0 + 1_000,
+        instances: Vec::new(),
+        handed: Vec::new(),
     };
     s.connect_all();
     s
@@ -149,6 +154,7 @@ impl Stand {
                         Event::Committed { .. }
                         | Event::Refused { .. }
                         | Event::AdminAnswered { .. } => self.outcomes.push((i, ev)),
+                        Event::Elsewhere(m) => self.handed.push((i, m)),
                         _ => {}
                     }
                 }
@@ -159,10 +165,27 @@ impl Stand {
             }
             while let Some((to, m)) = self.engines[i].poll_transmit() {
                 self.vectors_sent += usize::from(matches!(m, WireMessage::Vector { .. }));
-                let j = (0..self.engines.len()).find(|j| self.id(*j) == to).unwrap();
+                // Instances of one relay share its id: the one linked to the sender, if any
+                // (a frame onto a cut link is dropped on delivery).
+                let linked = |j: &usize| !self.cut.contains(&(i.min(*j), i.max(*j)));
+                let to: Vec<usize> = (0..self.engines.len())
+                    .filter(|j| self.id(*j) == to)
+                    .collect();
+                let j = to.iter().copied().find(linked).unwrap_or(to[0]);
                 let bytes = m.encode(self.engines[i].ledger().stand_id());
                 self.wire.push((i, j, bytes, self.now + self.latency_ms));
             }
+        }
+        if !self.handed.is_empty() {
+            let now = self.now;
+            for (from, m) in std::mem::take(&mut self.handed) {
+                for j in self.instances.clone() {
+                    if j != from {
+                        self.engines[j].handle_elsewhere(m.clone(), now);
+                    }
+                }
+            }
+            self.pump();
         }
     }
 
@@ -749,6 +772,94 @@ fn add_relay(s: &mut Stand, cfg: EngineConfig) -> usize {
     s.connect_all();
     s.run_until(now + 20);
     s.engines.len() - 1
+}
+
+#[test]
+fn an_instance_of_the_relay_hands_a_request_it_cannot_answer_to_the_others() {
+    // The pool holds 2 sodas and terminal 2 holds 1, both connected to instance A of the
+    // relay only; terminal 1 holds none and is connected to instance B only.
+    let mut s = stand(2, &[0, 1], quiet());
+    let cfg = EngineConfig {
+        elsewhere: true,
+        ..hub()
+    };
+    let a = add_relay(&mut s, cfg.clone());
+    let mut l = Ledger::join(
+        ReplicaKey::from_seed([50; 32]),
+        StandId::new("north").unwrap(),
+        ReplicaKey::from_seed([1; 32]).public(),
+    );
+    let all: Vec<SignedChange> = s.engines[a].ledger().all_changes().collect();
+    assert!(l.apply_remote(all, s.now).rejected.is_empty());
+    s.engines.push(Engine::new(l, cfg, s.now));
+    let b = s.engines.len() - 1;
+    s.instances = vec![a, b];
+    s.cut(0, 1);
+    s.cut(1, 2);
+    s.cut(1, a);
+    for other in [0, 2, a] {
+        s.cut.insert((other.min(b), other.max(b)));
+    }
+    s.connect_all();
+    s.run_until(s.now + 20);
+
+    s.sell(1, 1, 3);
+    s.run_until(s.now + SALE_WAIT_MS + 50);
+    match s.outcome(1) {
+        Some(Event::Committed { waited_ms, .. }) => {
+            assert!(*waited_ms > 0 && *waited_ms <= SALE_WAIT_MS, "{waited_ms}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // B reached no holder and handed each ask to A, which asked the pool, then terminal 2;
+    // their answers came back through B.
+    assert!(s.engines[b].stats().rights_asked_elsewhere >= 2);
+    assert_eq!(s.engines[b].stats().rights_requests_forwarded, 0);
+    assert_eq!(s.engines[a].stats().rights_requests_forwarded, 2);
+    assert_eq!((s.rights(0), s.rights(1), s.rights(2)), (0, 0, 0));
+    // The sale reaches A the way another instance's changes do: from the store.
+    let stored: Vec<SignedChange> = s.engines[b].ledger().all_changes().collect();
+    let now = s.now;
+    s.engines[a].handle_stored(stored, now);
+    s.run_until(s.now + 100);
+    for i in [0, 1, 2, a, b] {
+        assert_eq!(
+            s.engines[i].ledger().available(&sku("soda")),
+            0,
+            "replica {i}"
+        );
+    }
+
+    // The pool is restocked, then loses its link to A: no instance reaches a holder, so the
+    // ask is handed on, nobody answers, and the sale is refused at its bound, naming the relay.
+    let now = s.now;
+    s.engines[0]
+        .local_op(now, |l, now| {
+            Ok((
+                l.restock(BTreeMap::from([(sku("soda"), 4)]), "truck", now)?,
+                (),
+            ))
+        })
+        .unwrap();
+    s.run_until(s.now + 20);
+    let stored: Vec<SignedChange> = s.engines[a].ledger().all_changes().collect();
+    let now = s.now;
+    s.engines[b].handle_stored(stored, now);
+    s.run_until(s.now + 20);
+    assert_eq!(s.engines[1].ledger().available(&sku("soda")), 4);
+    s.cut(0, a);
+    let asked_before = s.engines[b].stats().rights_asked_elsewhere;
+    s.sell(1, 2, 1);
+    s.run_until(s.now + SALE_WAIT_MS + 50);
+    match s.outcome(2) {
+        Some(Event::Refused { refusal, .. }) => {
+            assert_eq!(refusal.asked, vec![s.id(b)]);
+            assert!(refusal.waited_ms >= SALE_WAIT_MS, "{}", refusal.waited_ms);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(s.engines[b].stats().rights_asked_elsewhere > asked_before);
+    assert_eq!(s.engines[a].stats().rights_requests_forwarded, 2);
 }
 
 #[test]

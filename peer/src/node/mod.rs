@@ -404,6 +404,8 @@ impl Node {
                     Event::AdminAnswered { from, id, .. } => {
                         tracing::debug!(%from, id, "an admin answer this replica did not ask for");
                     }
+                    // Only a relay of several instances hands anything to its others.
+                    Event::Elsewhere(_) => {}
                     Event::PeerGone(replica) => {
                         // A silent cut leaves TCP connections open and closing them waits on
                         // the dead link: the engine has dropped the peer, close it here too;
