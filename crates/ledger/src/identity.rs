@@ -32,6 +32,10 @@ impl PublicKey {
         VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::BadPublicKey)?;
         Ok(Self(bytes))
     }
+    /// The key of a verifying key, which is a valid point already.
+    pub fn from_verifying_key(k: &VerifyingKey) -> Self {
+        Self(k.to_bytes())
+    }
     /// Raw bytes.
     pub fn bytes(&self) -> &[u8; 32] {
         &self.0
@@ -167,27 +171,24 @@ impl fmt::Debug for ReplicaKey {
 }
 
 /// Verify many `(key, message, signature)` triples at once; on failure, the indices that fail.
-pub fn verify_many(items: &[(PublicKey, &[u8], [u8; 64])]) -> Vec<usize> {
+pub fn verify_many(items: &[(VerifyingKey, &[u8], [u8; 64])]) -> Vec<usize> {
     if items.is_empty() {
         return Vec::new();
     }
-    let keys: Result<Vec<VerifyingKey>, _> =
-        items.iter().map(|(k, _, _)| k.verifying_key()).collect();
-    if let Ok(keys) = keys {
-        let msgs: Vec<&[u8]> = items.iter().map(|(_, m, _)| *m).collect();
-        let sigs: Vec<Signature> = items
-            .iter()
-            .map(|(_, _, s)| Signature::from_bytes(s))
-            .collect();
-        if ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_ok() {
-            return Vec::new();
-        }
+    let keys: Vec<VerifyingKey> = items.iter().map(|(k, _, _)| *k).collect();
+    let msgs: Vec<&[u8]> = items.iter().map(|(_, m, _)| *m).collect();
+    let sigs: Vec<Signature> = items
+        .iter()
+        .map(|(_, _, s)| Signature::from_bytes(s))
+        .collect();
+    if ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_ok() {
+        return Vec::new();
     }
     // Some signature is bad: find which, one by one.
     items
         .iter()
         .enumerate()
-        .filter(|(_, (k, m, s))| !k.verify(m, s))
+        .filter(|(_, (k, m, s))| k.verify(m, &Signature::from_bytes(s)).is_err())
         .map(|(i, _)| i)
         .collect()
 }
@@ -215,11 +216,13 @@ mod tests {
         let sb = b.sign(b"y");
         assert!(a.public().verify(b"x", &sa));
         assert!(!a.public().verify(b"y", &sa));
-        assert!(verify_many(&[(a.public(), b"x", sa), (b.public(), b"y", sb)]).is_empty());
-        assert_eq!(
-            verify_many(&[(a.public(), b"x", sa), (b.public(), b"x", sb)]),
-            vec![1]
+        let (ka, kb) = (
+            a.public().verifying_key().unwrap(),
+            b.public().verifying_key().unwrap(),
         );
+        assert_eq!(PublicKey::from_verifying_key(&ka), a.public());
+        assert!(verify_many(&[(ka, b"x", sa), (kb, b"y", sb)]).is_empty());
+        assert_eq!(verify_many(&[(ka, b"x", sa), (kb, b"x", sb)]), vec![1]);
         assert!("00".parse::<PublicKey>().is_err());
     }
 }

@@ -45,6 +45,7 @@ use automerge::{
     ActorId, Automerge, Change, ChangeHash, ExpandedChange, ObjId, ObjType, ROOT, ReadDoc,
     ScalarValue,
 };
+use ed25519_dalek::VerifyingKey;
 use pending::Pending;
 use receive::Causal;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -244,6 +245,9 @@ pub struct Ledger {
     #[cfg(feature = "planted-bugs")]
     planted: Option<LedgerBug>,
     memo: Option<SignatureMemo>,
+    /// The enrolled keys, decompressed once: a change's author key is otherwise decompressed
+    /// twice per change, to check it is a point and to verify the signature.
+    verifying: HashMap<[u8; 32], VerifyingKey>,
     /// When recording: what each change applied since the last `take_applied` was.
     applied: Option<Vec<Applied>>,
     /// The admin request the next local change carries out (see [`Ledger::with_request`]).
@@ -344,6 +348,7 @@ impl Ledger {
             planted: None,
             request: None,
             memo: None,
+            verifying: HashMap::new(),
             applied: None,
         }
     }

@@ -103,11 +103,12 @@ impl Ledger {
                 self.reject(report, None, None, Rejection::UnregisteredActor { actor });
                 continue;
             };
-            let Ok(key) = PublicKey::from_bytes(actor) else {
+            let Some(key) = self.verifying_key(&actor) else {
                 let actor = change.actor_id().to_hex_string();
                 self.reject(report, None, None, Rejection::UnregisteredActor { actor });
                 continue;
             };
+            let key = PublicKey::from_verifying_key(&key);
             cands.push(Candidate {
                 signed,
                 hash: h,
@@ -157,17 +158,29 @@ impl Ledger {
             })
             .collect();
         let check: Vec<usize> = (0..signed.len()).filter(|i| !known[*i]).collect();
-        let items: Vec<(PublicKey, &[u8], [u8; 64])> = check
-            .iter()
-            .filter_map(|i| {
-                let c = &signed[*i];
-                Some((c.key, &c.signed.bytes[..], c.signed.signature_array()?))
-            })
-            .collect();
-        let bad: HashSet<usize> = verify_many(&items)
-            .into_iter()
-            .filter_map(|b| check.get(b).copied())
-            .collect();
+        let mut bad: HashSet<usize> = HashSet::new();
+        let mut items: Vec<(VerifyingKey, &[u8], [u8; 64])> = Vec::with_capacity(check.len());
+        let mut at: Vec<usize> = Vec::with_capacity(check.len());
+        for i in check {
+            let c = &signed[i];
+            match (
+                self.verifying_key(c.key.bytes()),
+                c.signed.signature_array(),
+            ) {
+                (Some(k), Some(sig)) => {
+                    items.push((k, &c.signed.bytes[..], sig));
+                    at.push(i);
+                }
+                _ => {
+                    bad.insert(i);
+                }
+            }
+        }
+        bad.extend(
+            verify_many(&items)
+                .into_iter()
+                .filter_map(|b| at.get(b).copied()),
+        );
         drop(items);
         let mut kept = Vec::with_capacity(signed.len());
         for ((i, c), key) in signed.into_iter().enumerate().zip(keys) {
@@ -182,6 +195,20 @@ impl Ledger {
             }
         }
         kept
+    }
+
+    /// The decompressed key for `bytes`, `None` if they are not a valid point. An enrolled
+    /// key's is kept, so it is decompressed once; anyone else's is not (a peer can make up as
+    /// many keys as it likes).
+    fn verifying_key(&mut self, bytes: &[u8; 32]) -> Option<VerifyingKey> {
+        if let Some(k) = self.verifying.get(bytes) {
+            return Some(*k);
+        }
+        let k = VerifyingKey::from_bytes(bytes).ok()?;
+        if self.state.by_key.contains_key(bytes) {
+            self.verifying.insert(*bytes, k);
+        }
+        Some(k)
     }
 
     /// Ready to validate, or wait for what it misses.
