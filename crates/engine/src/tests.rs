@@ -257,6 +257,19 @@ impl Stand {
     fn rights(&self, i: usize) -> i64 {
         self.engines[i].ledger().rights(self.id(i), &sku("soda"))
     }
+
+    /// The pool restocks `units` sodas.
+    fn restock(&mut self, units: u64) {
+        let now = self.now;
+        self.engines[0]
+            .local_op(now, |l, now| {
+                Ok((
+                    l.restock(BTreeMap::from([(sku("soda"), units)]), "truck", now)?,
+                    (),
+                ))
+            })
+            .unwrap();
+    }
 }
 
 /// A relay's configuration, timers as in [`quiet`].
@@ -832,15 +845,7 @@ fn an_instance_of_the_relay_hands_a_request_it_cannot_answer_to_the_others() {
 
     // The pool is restocked, then loses its link to A: no instance reaches a holder, so the
     // ask is handed on, nobody answers, and the sale is refused at its bound, naming the relay.
-    let now = s.now;
-    s.engines[0]
-        .local_op(now, |l, now| {
-            Ok((
-                l.restock(BTreeMap::from([(sku("soda"), 4)]), "truck", now)?,
-                (),
-            ))
-        })
-        .unwrap();
+    s.restock(4);
     s.run_until(s.now + 20);
     let stored: Vec<SignedChange> = s.engines[a].ledger().all_changes().collect();
     let now = s.now;
@@ -890,15 +895,7 @@ fn a_terminal_that_reaches_holders_only_through_the_relay_sells_by_asking_throug
 
     // A holder the relay does not reach: the relay says so at once, and the sale is refused
     // without waiting out its bound.
-    let now = s.now;
-    s.engines[0]
-        .local_op(now, |l, now| {
-            Ok((
-                l.restock(BTreeMap::from([(sku("soda"), 4)]), "truck", now)?,
-                (),
-            ))
-        })
-        .unwrap();
+    s.restock(4);
     s.run_until(s.now + 50);
     s.cut(0, relay);
     s.sell(1, 2, 1);
