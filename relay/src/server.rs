@@ -1415,8 +1415,8 @@ async fn openapi() -> Response {
 
 /// Metrics in Prometheus text.
 ///
-/// Uplinks, admin calls refused, stands loaded, and per stand its changes, connected replicas
-/// and rejections.
+/// Uplinks, admin calls refused, stands loaded, and per stand its changes, connected replicas,
+/// rejections and the rights requests it passed on.
 #[utoipa::path(get, path = "/metrics", tag = "relay",
     responses((status = 200, description = "Prometheus text.", content_type = "text/plain", body = String)))]
 async fn metrics(State(app): State<App>) -> Response {
