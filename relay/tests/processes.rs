@@ -389,6 +389,15 @@ async fn a_stand_made_at_the_relay_is_run_from_its_admin_api() {
     assert_eq!(stock["items"][0]["marked_off"], true, "{stock}");
 }
 
+/// Stand north as the relay instance at `port` lists it.
+async fn north_at(port: u16, admin: &str) -> Option<Value> {
+    let v = get(&format!("http://127.0.0.1:{port}/v1/stands"), Some(admin)).await?;
+    v.as_array()?
+        .iter()
+        .find(|s| s["stand"] == "north")
+        .cloned()
+}
+
 /// A till with an uplink to each of `relays`, tried in turn. A sale may wait 2 s for rights:
 /// an ask between instances crosses the relay twice each way on a loaded 2-core machine.
 fn spawn_peer_to(data: &Path, api: u16, relays: &[u16], relay_key: &str) -> Proc {
@@ -428,12 +437,7 @@ async fn two_relay_instances_share_a_stand_and_one_survives_the_other() {
     let _pool = spawn_peer_to(&d("pool"), ports[0], &[ra, rb], &relay_key);
     let _t0 = spawn_peer_to(&d("t0"), ports[1], &[ra, rb], &relay_key);
     eventually(30, "the pool and till0 are connected to A", || async {
-        let v = get(&format!("http://127.0.0.1:{ra}/v1/stands"), Some(&admin)).await?;
-        let north = v
-            .as_array()?
-            .iter()
-            .find(|s| s["stand"] == "north")?
-            .clone();
+        let north = north_at(ra, &admin).await?;
         (north["connected"].as_array()?.len() == 2).then_some(())
     })
     .await;
@@ -451,17 +455,10 @@ async fn two_relay_instances_share_a_stand_and_one_survives_the_other() {
     let (code, body) = sell(&api(2), own + 1).await;
     assert_eq!(code, 201, "{body}");
     assert!(body["waited_ms"].as_u64().unwrap() > 0, "{body}");
-    let stands = |port: u16| {
-        let admin = admin.clone();
-        async move {
-            let v = get(&format!("http://127.0.0.1:{port}/v1/stands"), Some(&admin)).await?;
-            v.as_array()?
-                .iter()
-                .find(|s| s["stand"] == "north")
-                .cloned()
-        }
-    };
-    let (on_a, on_b) = (stands(ra).await.unwrap(), stands(rb).await.unwrap());
+    let (on_a, on_b) = (
+        north_at(ra, &admin).await.unwrap(),
+        north_at(rb, &admin).await.unwrap(),
+    );
     assert!(
         on_b["rights_asked_elsewhere"].as_u64().unwrap() >= 1,
         "{on_b}"
@@ -545,12 +542,7 @@ async fn two_relay_instances_share_a_stand_and_one_survives_the_other() {
         .as_u64()
         .unwrap();
     let north = eventually(10, "B's store view holds every change of north", || async {
-        let v = get(&format!("http://127.0.0.1:{rb}/v1/stands"), Some(&admin)).await?;
-        let n = v
-            .as_array()?
-            .iter()
-            .find(|s| s["stand"] == "north")?
-            .clone();
+        let n = north_at(rb, &admin).await?;
         (n["changes"].as_u64() == Some(held)).then_some(n)
     })
     .await;
