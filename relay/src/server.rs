@@ -273,12 +273,15 @@ impl App {
                 Ok(Lease::Elsewhere) => continue,
                 Ok(lease) => {
                     tracing::info!(stand = %row.stand, "took over this stand's pool");
-                    if let Ok(mut s) = self.standby.write() {
-                        s.remove(&row.stand);
-                    }
+                    // Served first, then no longer standing by: a call in between must find
+                    // the stand in one of the two, or it would load it again, miss the lease
+                    // this instance now holds, and stand by for good.
                     if let Err(e) = self.run_stand(row.clone(), Some(lease)).await {
                         tracing::error!(stand = %row.stand, error = %e, "could not start the stand");
                         continue;
+                    }
+                    if let Ok(mut s) = self.standby.write() {
+                        s.remove(&row.stand);
                     }
                     return;
                 }
@@ -300,11 +303,12 @@ impl App {
             if lost.await.is_err() {
                 return;
             }
-            if let Ok(mut m) = app.stands.write() {
-                m.remove(&row.stand);
-            }
+            // Standing by first, then no longer served (see `take_over`).
             if let Ok(mut s) = app.standby.write() {
                 s.insert(row.stand.clone());
+            }
+            if let Ok(mut m) = app.stands.write() {
+                m.remove(&row.stand);
             }
             app.take_over(row).await;
         })

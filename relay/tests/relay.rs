@@ -911,10 +911,21 @@ async fn an_instance_that_lost_the_pools_lease_stores_nothing_it_signs_and_stand
     .await
     .unwrap();
     assert_eq!(cut, 1);
+    // Calls keep reaching B while it takes over: one arriving between its taking the lease
+    // and its serving the stand must not make it stand by for good.
+    let hammer = {
+        let (b, token) = (b.clone(), token.clone());
+        tokio::spawn(async move {
+            loop {
+                let _ = get(&format!("http://{b}/v1/stands/east/stock"), Some(&token)).await;
+            }
+        })
+    };
     eventually(10, "B takes the pool over", || async {
         (restock(b.clone()).await.0 == 201).then_some(())
     })
     .await;
+    hammer.abort();
 
     // A signs a restock as the pool: its commit finds the lease gone, stores nothing, answers
     // no success, and A stands by.
