@@ -19,6 +19,11 @@ use tokio::sync::{mpsc, oneshot};
 pub const STAND_QUEUE_LEN: usize = 4_096;
 /// Commands handled per group commit.
 pub const GROUP_COMMIT_MAX: usize = 512;
+/// Changes applied in one group, at most, before its commit starts (or, with one in flight,
+/// before the stand checks whether it ended).
+pub const GROUP_CHANGES_MAX: usize = 1_024;
+/// Changes applied ahead of the commit in flight, at most, before the stand waits for it.
+pub const AHEAD_MAX: usize = 4_096;
 /// Frames queued to one connection before the stand stops giving it more (the engine keeps
 /// the rest, and the vector exchange repairs whatever it drops).
 pub const CONN_QUEUE_LEN: usize = 256;
@@ -442,25 +447,112 @@ pub async fn start(
     Ok((handle, lost))
 }
 
+/// A commit in flight, and what waits on it.
+struct InFlight {
+    /// The number of failed attempts before it went through, or the lease found lost.
+    task: tokio::task::JoinHandle<Result<u64, StoreError>>,
+    /// Nothing more is applied until it ends: it carries our own changes (the engine sends
+    /// nothing until they are durable) or a snapshot is due (it must cover stored changes only).
+    barrier: bool,
+    /// Changes the ledger held when it started.
+    len: usize,
+    /// Our own changes up to this seq are in it.
+    persisted: Option<u64>,
+    held: Held,
+}
+
+/// What the relay says once a commit ends.
+struct Held {
+    frames: Vec<(u64, Vec<u8>)>,
+    answers: Vec<(
+        oneshot::Sender<Result<serde_json::Value, AdminError>>,
+        serde_json::Value,
+    )>,
+    elsewhere: Vec<Elsewhere>,
+}
+
+/// Write one batch to the store of record, retrying with backoff until it is written or the
+/// pool's lease is found lost; returns the failed attempts.
+async fn write(
+    store: Store,
+    stand: StandId,
+    batch: Batch,
+    fence: Option<crate::store::Fence>,
+    live: tokio::sync::broadcast::Sender<String>,
+) -> Result<u64, StoreError> {
+    let mut failures = 0;
+    let mut backoff = COMMIT_RETRY_MS;
+
+    loop {
+        match store.commit_fenced(&stand, &batch, now_ms(), fence).await {
+            Ok(()) => {
+                if !batch.items.is_empty() && live.receiver_count() > 0 {
+                    let ev = serde_json::json!({"stand": stand.to_string(), "items": batch.items});
+                    let _ = live.send(ev.to_string());
+                }
+                return Ok(failures);
+            }
+            Err(e @ StoreError::LeaseLost(_)) => return Err(e),
+            Err(e) => {
+                failures += 1;
+                tracing::error!(%stand, error = %e, retry_ms = backoff,
+                    "could not commit to the store of record; holding every acknowledgement until it works");
+                tokio::time::sleep(Duration::from_millis(backoff)).await;
+                backoff = (backoff * 2).min(COMMIT_RETRY_MAX_MS);
+            }
+        }
+    }
+}
+
 impl StandTask {
+    /// Commands are applied while the previous group's commit is in flight (on another
+    /// thread), so the engine and the store work at once. What a group makes the relay say (its
+    /// frames, admin answers, rights handed on) is taken from the engine when the group's
+    /// commit starts and sent only once it has ended: nothing applied is acknowledged before
+    /// it is stored.
     async fn run(mut self, mut rx: mpsc::Receiver<StandCmd>) {
+        let mut flight: Option<InFlight> = None;
+        let mut open = true;
         loop {
             let wake = self.engine.poll_timeout();
             let wait = Duration::from_millis(wake.saturating_sub(now_ms()).min(TICK_MS));
+            let accepting = open
+                && flight.as_ref().is_none_or(|f| {
+                    !f.barrier && self.engine.ledger().len() < f.len.saturating_add(AHEAD_MAX)
+                });
+            let landed = async {
+                match flight.as_mut() {
+                    Some(f) => (&mut f.task).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                cmd = rx.recv() => {
-                    let Some(cmd) = cmd else { break };
-                    self.handle(cmd);
-                    let mut n = 1;
-                    while n < GROUP_COMMIT_MAX {
-                        match rx.try_recv() {
-                            Ok(c) => self.handle(c),
-                            Err(_) => break,
+                cmd = rx.recv(), if accepting => match cmd {
+                    None => open = false,
+                    Some(cmd) => {
+                        let len = self.engine.ledger().len();
+                        self.handle(cmd);
+                        let mut n = 1;
+                        while n < GROUP_COMMIT_MAX
+                            && self.engine.ledger().len() < len.saturating_add(GROUP_CHANGES_MAX)
+                        {
+                            match rx.try_recv() {
+                                Ok(c) => self.handle(c),
+                                Err(_) => break,
+                            }
+                            n += 1;
                         }
-                        n += 1;
+                    }
+                },
+                done = landed => {
+                    if let Some(f) = flight.take() {
+                        self.landed(f, done).await;
                     }
                 }
                 _ = tokio::time::sleep(wait) => {}
+            }
+            if self.lost_lease {
+                break;
             }
             let now = now_ms();
             if self.engine.poll_timeout() <= now {
@@ -481,16 +573,12 @@ impl StandTask {
                 self.refunds.next = Instant::now() + Duration::from_millis(REFUND_SCAN_MS);
                 self.record_refunds().await;
             }
-            self.commit().await;
-            if self.lost_lease {
-                break;
+            if flight.is_none() {
+                flight = self.start_commit().await;
+                if flight.is_none() && !open {
+                    break;
+                }
             }
-            for (reply, answer) in self.answers.drain(..) {
-                let _ = reply.send(Ok(answer));
-            }
-            self.hand_elsewhere();
-            self.flush();
-            self.snapshot().await;
         }
         tracing::info!(stand = %self.stand, "stand stopped");
         if self.lost_lease {
@@ -498,6 +586,53 @@ impl StandTask {
                 let _ = tx.send(());
             }
         }
+    }
+
+    /// A commit ended: on success, send what waited on it.
+    async fn landed(
+        &mut self,
+        f: InFlight,
+        done: Result<Result<u64, StoreError>, tokio::task::JoinError>,
+    ) {
+        match done {
+            Ok(Ok(failures)) => self.commit_failures += failures,
+            Ok(Err(_)) => {
+                tracing::error!(stand = %self.stand,
+                    "this instance lost the pool's lease; stepping down (nothing it signed since is stored or acknowledged)");
+                self.lost_lease = true;
+                return;
+            }
+            Err(e) => {
+                // Nothing of this group was acknowledged; the stand starts again from the
+                // store, where another instance (or this one) takes it up.
+                tracing::error!(stand = %self.stand, error = %e,
+                    "a commit to the store of record failed unexpectedly; stepping down");
+                self.lost_lease = true;
+                return;
+            }
+        }
+        for (conn, frame) in f.held.frames {
+            if let Some(c) = self.conns.get(&conn) {
+                let _ = c.out.try_send(frame);
+            }
+        }
+        match f.persisted {
+            Some(seq) => {
+                // Our own changes are durable: the engine releases what waited on them,
+                // their effects for the projections among them. The answers go once those
+                // are written too (the next commit, started at once).
+                self.engine.persisted_through(seq);
+                let mut answers = f.held.answers;
+                answers.append(&mut self.answers);
+                self.answers = answers;
+            }
+            None => {
+                for (reply, answer) in f.held.answers {
+                    let _ = reply.send(Ok(answer));
+                }
+            }
+        }
+        self.hand_elsewhere(f.held.elsewhere);
     }
 
     fn handle(&mut self, cmd: StandCmd) {
@@ -605,15 +740,19 @@ impl StandTask {
         }
     }
 
-    /// Once `snapshot_every` changes came in since the last snapshot, write one. Everything the
-    /// ledger holds is committed by now (`commit` ran), so the snapshot covers only stored
-    /// changes; a failure is logged and retried after as many changes again.
+    fn snapshot_due(&self) -> bool {
+        self.snapshot_every != 0
+            && self.engine.ledger().len().saturating_sub(self.snapshot_len) >= self.snapshot_every
+    }
+
+    /// Once `snapshot_every` changes came in since the last snapshot, write one. Called only
+    /// when nothing is in flight and nothing is left to write, so the snapshot covers only
+    /// stored changes; a failure is logged and retried after as many changes again.
     async fn snapshot(&mut self) {
-        let held = self.engine.ledger().len();
-        if self.snapshot_every == 0 || held.saturating_sub(self.snapshot_len) < self.snapshot_every
-        {
+        if !self.snapshot_due() {
             return;
         }
+        let held = self.engine.ledger().len();
         let t = Instant::now();
         let bytes = self.engine.snapshot();
         self.snapshot_len = held;
@@ -629,111 +768,108 @@ impl StandTask {
         }
     }
 
-    /// Write everything the engine accepted or made, then let go of what waited on it.
-    async fn commit(&mut self) {
-        loop {
-            let mut batch = Batch::default();
-            let mut local: Vec<SignedChange> = Vec::new();
-            let mut applied: Vec<Applied> = Vec::new();
-            let mut answers: Vec<(u64, Result<u64, String>)> = Vec::new();
-            while let Some(ev) = self.engine.poll_event() {
-                match ev {
-                    Event::Persist(changes) => local.extend(changes),
-                    Event::Received { changes, ids } => {
-                        for (change, (actor, seq)) in changes.into_iter().zip(ids) {
-                            self.push_row(&mut batch, actor, seq, change);
-                        }
-                    }
-                    Event::Changed(a) => applied.extend(a),
-                    Event::Rejected { from, rejections } => {
-                        let who = from.map_or_else(|| "unknown".to_owned(), |r| r.to_string());
-                        for r in &rejections {
-                            tracing::warn!(stand = %self.stand, from = %who, rule = r.rule(), error = %r, "rejected a change");
-                            *batch.rejections.entry((who.clone(), r.rule())).or_insert(0) += 1;
-                        }
-                    }
-                    Event::PeerGone(replica) => {
-                        if let Some(conn) = self.by_replica.remove(&replica) {
-                            tracing::info!(stand = %self.stand, %replica, "replica silent; dropping it");
-                            self.conns.remove(&conn);
-                        }
-                    }
-                    Event::Fault(why) => {
-                        tracing::error!(stand = %self.stand, %why, "an operation of the relay's own failed");
-                    }
-                    Event::AdminAnswered { from, id, outcome } => {
-                        if from == self.engine.ledger().pool() {
-                            answers.push((id, outcome));
-                        }
-                    }
-                    Event::Elsewhere(msg) => self.elsewhere.push(msg),
-                    Event::Committed { .. } | Event::Refused { .. } => {}
-                }
-            }
-            let pool = self.engine.ledger().pool();
-            if self.placement == Placement::Device {
-                answers.extend(
-                    applied
-                        .iter()
-                        .filter(|a| a.author == pool)
-                        .filter_map(|a| a.req.map(|id| (id, Ok(a.seq)))),
-                );
-            }
-            let me = self.engine.ledger().me();
-            let last = self.engine.ledger().local_seq();
-            let first = last.saturating_sub(local.len() as u64) + 1;
-            for (change, seq) in local.iter().cloned().zip(first..) {
-                self.push_row(&mut batch, me, seq, change);
-            }
-            self.project(&mut batch, &applied);
-            self.from_store.clear();
-            self.finish_admin_requests(answers).await;
-            if batch.is_empty() {
-                return;
-            }
-            let mut backoff = COMMIT_RETRY_MS;
-            loop {
-                let fence = self.lease.as_ref().and_then(crate::store::Lease::fence);
-                match self
-                    .store
-                    .commit_fenced(&self.stand, &batch, now_ms(), fence)
-                    .await
-                {
-                    Ok(()) => {
-                        if !batch.items.is_empty() && self.live.receiver_count() > 0 {
-                            let ev = serde_json::json!({"stand": self.stand.to_string(), "items": batch.items});
-                            let _ = self.live.send(ev.to_string());
-                        }
-                        break;
-                    }
-                    Err(StoreError::LeaseLost(_)) => {
-                        tracing::error!(stand = %self.stand,
-                            "this instance lost the pool's lease; stepping down (nothing it signed since is stored or acknowledged)");
-                        self.lost_lease = true;
-                        return;
-                    }
-                    Err(e) => {
-                        self.commit_failures += 1;
-                        tracing::error!(stand = %self.stand, error = %e, retry_ms = backoff,
-                            "could not commit to the store of record; holding every acknowledgement until it works");
-                        tokio::time::sleep(Duration::from_millis(backoff)).await;
-                        backoff = (backoff * 2).min(COMMIT_RETRY_MAX_MS);
+    /// Start writing everything the engine accepted or made since the last commit started,
+    /// holding what it makes the relay say until the write ends. With nothing to write,
+    /// everything applied is stored: send what waits, and write a snapshot when one is due.
+    async fn start_commit(&mut self) -> Option<InFlight> {
+        let mut batch = Batch::default();
+        let mut local: Vec<SignedChange> = Vec::new();
+        let mut applied: Vec<Applied> = Vec::new();
+        let mut answers: Vec<(u64, Result<u64, String>)> = Vec::new();
+        while let Some(ev) = self.engine.poll_event() {
+            match ev {
+                Event::Persist(changes) => local.extend(changes),
+                Event::Received { changes, ids } => {
+                    for (change, (actor, seq)) in changes.into_iter().zip(ids) {
+                        self.push_row(&mut batch, actor, seq, change);
                     }
                 }
+                Event::Changed(a) => applied.extend(a),
+                Event::Rejected { from, rejections } => {
+                    let who = from.map_or_else(|| "unknown".to_owned(), |r| r.to_string());
+                    for r in &rejections {
+                        tracing::warn!(stand = %self.stand, from = %who, rule = r.rule(), error = %r, "rejected a change");
+                        *batch.rejections.entry((who.clone(), r.rule())).or_insert(0) += 1;
+                    }
+                }
+                Event::PeerGone(replica) => {
+                    if let Some(conn) = self.by_replica.remove(&replica) {
+                        tracing::info!(stand = %self.stand, %replica, "replica silent; dropping it");
+                        self.conns.remove(&conn);
+                    }
+                }
+                Event::Fault(why) => {
+                    tracing::error!(stand = %self.stand, %why, "an operation of the relay's own failed");
+                }
+                Event::AdminAnswered { from, id, outcome } => {
+                    if from == self.engine.ledger().pool() {
+                        answers.push((id, outcome));
+                    }
+                }
+                Event::Elsewhere(msg) => self.elsewhere.push(msg),
+                Event::Committed { .. } | Event::Refused { .. } => {}
             }
-            if local.is_empty() {
-                return;
-            }
-            // Our own changes are durable: the engine releases what waited on them, which
-            // may include their decoded effects for the projections (another turn).
-            self.engine.persisted();
         }
+        let pool = self.engine.ledger().pool();
+        if self.placement == Placement::Device {
+            answers.extend(
+                applied
+                    .iter()
+                    .filter(|a| a.author == pool)
+                    .filter_map(|a| a.req.map(|id| (id, Ok(a.seq)))),
+            );
+        }
+        let me = self.engine.ledger().me();
+        let last = self.engine.ledger().local_seq();
+        let first = last.saturating_sub(local.len() as u64) + 1;
+        for (change, seq) in local.iter().cloned().zip(first..) {
+            self.push_row(&mut batch, me, seq, change);
+        }
+        self.project(&mut batch, &applied);
+        self.from_store.clear();
+        self.finish_admin_requests(answers).await;
+        if batch.is_empty() {
+            for (reply, answer) in std::mem::take(&mut self.answers) {
+                let _ = reply.send(Ok(answer));
+            }
+            let elsewhere = std::mem::take(&mut self.elsewhere);
+            self.hand_elsewhere(elsewhere);
+            self.flush();
+            self.snapshot().await;
+            return None;
+        }
+        let barrier = !local.is_empty() || self.snapshot_due();
+        let held = Held {
+            // Polled now, before anything more is applied: they say what this batch stores.
+            // With our own changes in it the engine sends nothing until they are durable.
+            frames: self.poll_frames(),
+            answers: std::mem::take(&mut self.answers),
+            elsewhere: std::mem::take(&mut self.elsewhere),
+        };
+        let fence = self.lease.as_ref().and_then(crate::store::Lease::fence);
+        let task = tokio::spawn(write(
+            self.store.clone(),
+            self.stand.clone(),
+            batch,
+            fence,
+            self.live.clone(),
+        ));
+        // A task spawned here waits in this worker's own slot, where no other worker takes
+        // it, until this task yields: yield now, or the write waits out the next group.
+        tokio::task::yield_now().await;
+        Some(InFlight {
+            task,
+            barrier,
+            len: self.engine.ledger().len(),
+            persisted: (!local.is_empty()).then_some(last),
+            held,
+        })
     }
 
     /// Hand the other instances what the engine passes on to them, each message on its own
     /// (they are small, and a lost one costs what a lost ask costs: the asker asks again).
-    fn hand_elsewhere(&mut self) {
-        for msg in self.elsewhere.drain(..) {
+    fn hand_elsewhere(&self, msgs: Vec<Elsewhere>) {
+        for msg in msgs {
             let Some(payload) = Handed::encode(self.instance, &self.stand, msg) else {
                 continue;
             };
@@ -1003,6 +1139,20 @@ impl StandTask {
     }
 
     /// Hand each connection what the engine has for it, within its queue.
+    /// What the engine has to send, as much as each connection's queue takes, not sent yet.
+    fn poll_frames(&mut self) -> Vec<(u64, Vec<u8>)> {
+        let mut frames = Vec::new();
+        for (id, c) in &self.conns {
+            for _ in 0..c.out.capacity() {
+                let Some(m) = self.engine.poll_transmit_to(c.replica) else {
+                    break;
+                };
+                frames.push((*id, m.encode(&self.stand)));
+            }
+        }
+        frames
+    }
+
     fn flush(&mut self) {
         let stand = self.stand.clone();
         for c in self.conns.values() {

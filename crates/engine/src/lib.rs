@@ -725,7 +725,13 @@ impl Engine {
 
     /// Every change of every [`Event::Persist`] drained so far is durable.
     pub fn persisted(&mut self) {
-        self.persisted_seq = self.ledger.local_seq();
+        self.persisted_through(self.ledger.local_seq());
+    }
+
+    /// This replica's own changes up to `seq` are durable (a driver that writes while the
+    /// engine goes on making more).
+    pub fn persisted_through(&mut self, seq: u64) {
+        self.persisted_seq = self.persisted_seq.max(seq.min(self.ledger.local_seq()));
         while self
             .after_persist
             .front()
