@@ -126,7 +126,7 @@ async fn main() {
             changes: chunk.to_vec(),
             ..Batch::default()
         };
-        raw.commit(&raw_stand, &batch, 0)
+        raw.commit_by_insert(&raw_stand, &batch, 0, None)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }

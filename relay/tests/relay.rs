@@ -9,7 +9,9 @@ use futures::{SinkExt, StreamExt};
 use halftime_ledger::uplink::{self, Handshake, Side};
 use halftime_ledger::*;
 use halftime_relay::server::{App, router};
-use halftime_relay::store::{AdminRole, Backend, Placement, StandRow, Store};
+use halftime_relay::store::{
+    AdminRole, Backend, Batch, ChangeRow, Placement, StandRow, Store, StoreError,
+};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
@@ -1153,4 +1155,105 @@ async fn a_stand_loads_once_at_its_first_call_even_one_another_instance_added() 
         .unwrap();
     assert_eq!(listed[0]["stand"], "broken", "{listed}");
     assert_eq!(listed[0]["loaded"]["from"], "not_yet", "{listed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_written_again_is_stored_once_and_a_fork_of_it_never() {
+    written_again(TestDb::postgres().await).await;
+    written_again(TestDb::sqlite()).await;
+}
+
+async fn written_again(db: TestDb) {
+    let store = Store::open(&db.url).await.unwrap();
+    let row = StandRow {
+        stand: north(),
+        pool_key: key(1).public(),
+        placement: Placement::Device,
+        pool_secret: None,
+        psk: None,
+    };
+    store.add_stand(&row, 0).await.unwrap();
+    let signed = |fill: u8| SignedChange {
+        bytes: vec![fill; 300],
+        signature: vec![fill; 64],
+    };
+    let change = |seq: u64, fill: u8| ChangeRow {
+        actor: key(10).replica_id(),
+        seq,
+        info: ChangeInfo {
+            hash: [fill; 32],
+            deps: vec![[fill.wrapping_sub(1); 32]],
+            at: Hlc::new(1_000 + seq, 0),
+        },
+        change: signed(fill),
+    };
+    let sale = |seq: u64| SaleRecord {
+        id: SaleId {
+            replica: key(10).replica_id(),
+            seq,
+        },
+        at: Hlc::new(1_000 + seq, 0),
+        lines: vec![SaleLine {
+            sku: sku("soda"),
+            qty: 2,
+            unit_price_cents: 250,
+        }],
+        payment: Payment {
+            method: PaymentMethod::Card,
+            reference: format!("pi_{seq}"),
+        },
+        offline: false,
+        overdraft: BTreeMap::new(),
+    };
+    let sales = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM sales")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+    };
+    let first = Batch {
+        changes: vec![change(1, 1), change(2, 2)],
+        sales: vec![sale(1), sale(2)],
+        ..Batch::default()
+    };
+    store.commit(&north(), &first, 0).await.unwrap();
+    // The same batch again, as after a commit that went unconfirmed: nothing new.
+    store.commit(&north(), &first, 0).await.unwrap();
+    assert_eq!((stored(&store).await, sales().await), (2, 2));
+    // A new change beside a sale projected already (as by another instance): both kept once.
+    let next = Batch {
+        changes: vec![change(3, 3)],
+        sales: vec![sale(2), sale(3)],
+        ..Batch::default()
+    };
+    store.commit(&north(), &next, 0).await.unwrap();
+    assert_eq!((stored(&store).await, sales().await), (3, 3));
+    // Another change at a stored (actor, seq) is a fork: refused, nothing of its batch stored.
+    let fork = Batch {
+        changes: vec![change(4, 4), change(2, 9)],
+        ..Batch::default()
+    };
+    let e = store.commit(&north(), &fork, 0).await.unwrap_err();
+    assert!(matches!(e, StoreError::Fork { seq: 2, .. }), "{e}");
+    assert_eq!(stored(&store).await, 3);
+    // What is stored is what was sent, byte for byte, in order.
+    let back = store.load_changes(&north()).await.unwrap();
+    assert_eq!(back, vec![signed(1), signed(2), signed(3)]);
+    let listed = store.sales(&north(), 10).await.unwrap();
+    let id = SaleId {
+        replica: key(10).replica_id(),
+        seq: 2,
+    }
+    .to_string();
+    let sale2 = listed.iter().find(|r| r.sale_id == id).unwrap();
+    assert_eq!(
+        (
+            sale2.at_ms,
+            sale2.units,
+            sale2.total_cents,
+            sale2.method.as_str()
+        ),
+        (1_002, 2, 500, "card")
+    );
+    assert_eq!(sale2.lines[0]["sku"], "soda");
 }
