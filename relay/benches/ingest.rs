@@ -3,8 +3,9 @@
 //! - **relay**: signed sales sent over the uplink as the stand's pool, 256 per frame, each
 //!   decoded, verified (signature, rules) and applied by the stand's engine, then committed
 //!   with its projections, until the store holds them all;
-//! - **raw**: rows of the same sizes inserted with the same statements and chunking (50 rows
-//!   per INSERT, one transaction per 256), nothing verified.
+//! - **raw**: rows of the same sizes inserted by the store's INSERT path
+//!   (`Store::commit_by_insert`: 50 rows per INSERT, one transaction per 256), nothing
+//!   verified. (The relay itself sends its rows by `COPY` on Postgres.)
 //!
 //! `cargo bench -p halftime-relay --bench ingest` (Postgres at 127.0.0.1:5432 with trust auth,
 //! or HALFTIME_TEST_POSTGRES=postgres://…/postgres; `-- --sqlite` for a SQLite file;
@@ -90,7 +91,7 @@ async fn main() {
     let relay_time = t.elapsed();
     drop(ws);
 
-    // The raw path: the same rows, the same statements, nothing checked.
+    // The raw path: the same rows by batched INSERT, nothing checked.
     let raw_db = common::database(sqlite, &dir.path().join("raw"), "raw").await;
     let _ = std::fs::create_dir_all(dir.path().join("raw"));
     let raw = Store::open(&raw_db.url)
