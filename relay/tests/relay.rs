@@ -203,6 +203,17 @@ async fn served_stand(db: &TestDb) -> (Store, String, App, (Ledger, Ledger, Vec<
     served_stand_with(db, halftime_relay::stand::SNAPSHOT_EVERY).await
 }
 
+/// Stand north, its pool a stand device (key 1).
+fn north_row() -> StandRow {
+    StandRow {
+        stand: north(),
+        pool_key: key(1).public(),
+        placement: Placement::Device,
+        pool_secret: None,
+        psk: None,
+    }
+}
+
 /// [`served_stand`], writing the stand's snapshot every `snapshot_every` changes.
 async fn served_stand_with(
     db: &TestDb,
@@ -211,13 +222,7 @@ async fn served_stand_with(
     let store = Store::open(&db.url).await.unwrap();
     let relay_key = store.relay_key().await.unwrap();
     let made = stand(relay_key.public());
-    let row = StandRow {
-        stand: north(),
-        pool_key: key(1).public(),
-        placement: Placement::Device,
-        pool_secret: None,
-        psk: None,
-    };
+    let row = north_row();
     store.add_stand(&row, 1_000).await.unwrap();
     let app = App::open(store.clone(), snapshot_every).await.unwrap();
     let addr = serve_app(app.clone()).await;
@@ -1165,13 +1170,7 @@ async fn a_batch_written_again_is_stored_once_and_a_fork_of_it_never() {
 
 async fn written_again(db: TestDb) {
     let store = Store::open(&db.url).await.unwrap();
-    let row = StandRow {
-        stand: north(),
-        pool_key: key(1).public(),
-        placement: Placement::Device,
-        pool_secret: None,
-        psk: None,
-    };
+    let row = north_row();
     store.add_stand(&row, 0).await.unwrap();
     let signed = |fill: u8| SignedChange {
         bytes: vec![fill; 300],
