@@ -464,6 +464,8 @@ struct InFlight {
 /// What the relay says once a commit ends.
 struct Held {
     frames: Vec<(u64, Vec<u8>)>,
+    /// What the pool answered to queued admin requests, recorded once its changes are stored.
+    pool_answers: Vec<(u64, Result<u64, String>)>,
     answers: Vec<(
         oneshot::Sender<Result<serde_json::Value, AdminError>>,
         serde_json::Value,
@@ -633,6 +635,7 @@ impl StandTask {
             }
         }
         self.hand_elsewhere(f.held.elsewhere);
+        self.finish_admin_requests(f.held.pool_answers).await;
     }
 
     fn handle(&mut self, cmd: StandCmd) {
@@ -827,8 +830,8 @@ impl StandTask {
         }
         self.project(&mut batch, &applied);
         self.from_store.clear();
-        self.finish_admin_requests(answers).await;
         if batch.is_empty() {
+            self.finish_admin_requests(answers).await;
             for (reply, answer) in std::mem::take(&mut self.answers) {
                 let _ = reply.send(Ok(answer));
             }
@@ -843,6 +846,7 @@ impl StandTask {
             // Polled now, before anything more is applied: they say what this batch stores.
             // With our own changes in it the engine sends nothing until they are durable.
             frames: self.poll_frames(),
+            pool_answers: answers,
             answers: std::mem::take(&mut self.answers),
             elsewhere: std::mem::take(&mut self.elsewhere),
         };
