@@ -89,9 +89,16 @@ pub use rights::{
 };
 
 /// A peer not heard from for this long (no frame, no ping the driver reports) counts as gone:
-/// with vectors every second, silence this long means a cut link. A silent cut leaves TCP
+/// with transport pings every second, silence this long means a cut link. A silent cut leaves TCP
 /// connections open for many seconds; the driver closes the connection when told.
 pub const PEER_SILENCE_TIMEOUT_MS: u64 = 3_000;
+
+/// On a full mesh, about this many periodic vectors go out per sync interval, whatever the
+/// number of peers: each peer's interval is stretched by `peers / VECTORS_PER_INTERVAL`. A
+/// replica that missed a change still hears, every interval, vectors from several holders of
+/// it and asks; a 100-terminal stand no longer sends N² vectors a second. A hub's peers reach
+/// only it, so it keeps the plain interval.
+pub const VECTORS_PER_INTERVAL: usize = 16;
 
 /// The driver's handle on one sale, chosen by the driver and returned in the sale's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -399,6 +406,7 @@ impl Engine {
                 last_heard_ms: now_ms,
             },
         );
+        self.spread_vectors();
     }
 
     /// A retired replica connected to hand over what it wrote (see `Ledger::admission`): its
@@ -416,11 +424,13 @@ impl Engine {
                 last_heard_ms: now_ms,
             },
         );
+        self.spread_vectors();
     }
 
     /// The last connection to `peer` closed.
     pub fn peer_down(&mut self, peer: ReplicaId, now_ms: u64) {
         if self.peers.remove(&peer).is_some() {
+            self.spread_vectors();
             self.rights.peer_down(peer);
             self.progress(now_ms);
         }
@@ -800,6 +810,20 @@ impl Engine {
                 .min(p.last_heard_ms.saturating_add(PEER_SILENCE_TIMEOUT_MS + 1));
         }
         t
+    }
+
+    /// Stretch every peer's vector interval so that about [`VECTORS_PER_INTERVAL`] go out
+    /// per sync interval.
+    fn spread_vectors(&mut self) {
+        let stretch = if self.cfg.hub {
+            1
+        } else {
+            self.peers.len().div_ceil(VECTORS_PER_INTERVAL).max(1) as u64
+        };
+        let ms = self.cfg.sync_interval_ms.saturating_mul(stretch);
+        for p in self.peers.values_mut() {
+            p.sync.set_interval(ms);
+        }
     }
 
     fn durable(&self) -> bool {

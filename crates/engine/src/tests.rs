@@ -469,6 +469,73 @@ fn an_idle_link_carries_a_vector_only_now_and_then() {
     );
 }
 
+/// Vectors sent by a stand of a pool and `terminals` terminals while terminal 1 sells one
+/// soda every 500 ms for 6 s (every replica has something new to announce all along).
+fn vectors_while_busy(terminals: usize, cfg: EngineConfig) -> usize {
+    let mut rights = vec![0; terminals];
+    rights[0] = 20;
+    let mut s = stand(0, &rights, cfg);
+    s.run_until(T0 + 1_500);
+    let before = s.vectors_sent;
+    for i in 0..12 {
+        s.sell(1, i, 1);
+        s.run_until(T0 + 2_000 + 500 * i);
+    }
+    s.vectors_sent - before
+}
+
+#[test]
+fn a_big_stand_spreads_its_vectors_out_and_a_hub_does_not() {
+    let busy = EngineConfig {
+        sync_interval_ms: 1_000,
+        auto_rights: false,
+        ..EngineConfig::default()
+    };
+    // 41 replicas, 40 peers each: the interval is stretched three times.
+    let links = 41 * 40;
+    let mesh = vectors_while_busy(40, busy.clone());
+    assert!(
+        mesh >= links && mesh <= links * 3,
+        "{mesh} vectors on {links} links in 6 s: about two per link"
+    );
+    // A stand of 16 terminals keeps the plain second.
+    let small_links = 17 * 16;
+    let small = vectors_while_busy(16, busy.clone());
+    assert!(
+        small >= small_links * 5,
+        "{small} vectors on {small_links} links in 6 s: about six per link"
+    );
+    let hub = vectors_while_busy(40, EngineConfig { hub: true, ..busy });
+    assert!(
+        hub >= links * 5,
+        "{hub} vectors on {links} links in 6 s: a hub announces every second"
+    );
+}
+
+#[test]
+fn on_a_big_stand_a_lost_push_is_repaired_from_the_others_vectors() {
+    let mut rights = vec![0; 40];
+    rights[0] = 5;
+    let cfg = EngineConfig {
+        auto_rights: false,
+        ..EngineConfig::default()
+    };
+    let mut s = stand(0, &rights, cfg);
+    s.run_until(T0 + 1_500);
+    // The sale's push to terminal 2 is lost; nobody is told.
+    s.cut.insert((1, 2));
+    s.sell(1, 1, 1);
+    s.run_until(T0 + 1_520);
+    s.cut.clear();
+    let seller = s.id(1);
+    assert_eq!(s.engines[2].ledger().held_from(&seller), 0);
+    assert_eq!(s.engines[3].ledger().held_from(&seller), 1);
+    // Terminal 2's own vectors to the seller go out only every 3 s, but others announce
+    // theirs to it; the first that shows more than it holds makes it ask.
+    s.run_until(T0 + 1_520 + 3_000);
+    assert_eq!(s.engines[2].ledger().held_from(&seller), 1);
+}
+
 #[test]
 fn an_ask_lost_on_the_way_is_sent_again_before_the_deadline() {
     let mut s = stand(10, &[0], quiet());

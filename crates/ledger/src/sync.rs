@@ -249,6 +249,11 @@ impl PeerSync {
         s
     }
 
+    /// Change the interval of the periodic vector (from the next one on).
+    pub fn set_interval(&mut self, interval_ms: u64) {
+        self.interval_ms = interval_ms.max(1);
+    }
+
     /// Whether the peer only hands over.
     pub fn is_hand_over(&self) -> bool {
         self.hand_over
@@ -361,7 +366,7 @@ impl PeerSync {
         });
         self.next_vector_ms = now_ms + self.interval_ms;
         self.announced_len = ledger.len();
-        self.next_refresh_ms = now_ms.saturating_add(VECTOR_REFRESH_MS);
+        self.next_refresh_ms = now_ms.saturating_add(VECTOR_REFRESH_MS.max(self.interval_ms));
     }
 
     /// Handle one message from the peer.
@@ -451,10 +456,9 @@ impl PeerSync {
     }
 
     fn they_have_more(&self, ledger: &Ledger) -> bool {
-        let mine = ledger.version_vector();
         self.their_vector
             .iter()
-            .any(|(r, s)| mine.get(r).copied().unwrap_or(0) < *s)
+            .any(|(r, s)| ledger.held_from(r) < *s)
     }
 
     /// The next message to send, if any.

@@ -28,8 +28,9 @@ impl World {
 
     /// The safety invariants of every replica whose state changed. On a stand of more than
     /// `LARGE_STAND_TERMINALS` terminals a replica is checked at most every
-    /// `LARGE_STAND_CHECK_MS` of virtual time, unless `all`: each check reads every replica's
-    /// counters of every item, so checking every replica at every step costs N² per step.
+    /// `LARGE_STAND_CHECK_MS × terminals / LARGE_STAND_TERMINALS` of virtual time, unless
+    /// `all`: each check reads every replica's counters of every item, so checking every
+    /// replica at every step costs N² per step.
     pub(super) fn check_safety(&mut self, all: bool) -> Result<(), Violation> {
         if let Some((invariant, detail)) = self.bug_seen.take() {
             return Err(violation(invariant, detail));
@@ -38,6 +39,8 @@ impl World {
         let policy = self.cfg.checked_policy();
         let pool_id = self.nodes[0].id;
         let spaced = !all && self.nodes.len() > LARGE_STAND_TERMINALS + 1;
+        let terminals = self.nodes.len().saturating_sub(1) as u64;
+        let spacing = LARGE_STAND_CHECK_MS * terminals / LARGE_STAND_TERMINALS as u64;
         for n in dirty {
             if !self.nodes[n].alive {
                 continue;
@@ -46,7 +49,7 @@ impl World {
                 self.dirty.insert(n);
                 continue;
             }
-            self.nodes[n].next_check = self.now + LARGE_STAND_CHECK_MS;
+            self.nodes[n].next_check = self.now + spacing;
             // Fold newly known sales into the caps in force and the units sold of this view.
             let node = &mut self.nodes[n];
             let sales = node.engine.ledger().sales();

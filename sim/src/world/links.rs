@@ -177,7 +177,7 @@ impl World {
     /// Put every frame the engines want sent on the network.
     pub(super) fn flush(&mut self) {
         let now = self.now;
-        for a in 0..self.nodes.len() {
+        for a in std::mem::take(&mut self.outgoing) {
             if !self.nodes[a].alive {
                 continue;
             }

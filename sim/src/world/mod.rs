@@ -28,9 +28,12 @@ use std::collections::{BTreeMap, BTreeSet};
 /// tells both engines the peer is alive without a frame.
 pub const TRANSPORT_PING_MS: u64 = 1_000;
 /// Stands with more terminals than this check each replica's invariants at most every
-/// `LARGE_STAND_CHECK_MS` of virtual time (see `World::check_safety`), and all at the end.
+/// `LARGE_STAND_CHECK_MS × terminals / LARGE_STAND_TERMINALS` of virtual time (see
+/// `World::check_safety`), and all at the end.
 pub const LARGE_STAND_TERMINALS: usize = 16;
-/// How often a replica of a large stand is checked while its state keeps changing.
+/// How often a replica of a stand of `LARGE_STAND_TERMINALS` terminals is checked while its
+/// state keeps changing; the spacing grows with the stand, so that the checks' cost per
+/// virtual second grows as N rather than N².
 pub const LARGE_STAND_CHECK_MS: u64 = 100;
 /// After the final heal every live replica must hold the same changes within this bound.
 pub const CONVERGENCE_BOUND_MS: u64 = 120_000;
@@ -234,6 +237,9 @@ pub struct World {
     latencies: Vec<u64>,
     counters: Counters,
     dirty: BTreeSet<usize>,
+    /// Nodes whose engines were handed something since the last flush: only they can have
+    /// frames to send.
+    outgoing: BTreeSet<usize>,
     samples: Vec<StockSample>,
     trace_from: Option<u64>,
     trace: Vec<String>,
@@ -470,6 +476,7 @@ impl World {
             latencies: Vec::new(),
             counters: Counters::default(),
             dirty: (0..=terminals).collect(),
+            outgoing: (0..=terminals).collect(),
             samples: Vec::new(),
             trace_from: None,
             trace: Vec::new(),
@@ -528,6 +535,7 @@ impl World {
     /// fails; a crash keeps everything persisted), settle customers, count rejections.
     /// Act on every event of `node`'s engine, then note when it next wants its timer.
     fn drain(&mut self, node: usize) {
+        self.outgoing.insert(node);
         self.drain_events(node);
         let wake = self.nodes[node].engine.poll_timeout();
         self.nodes[node].wake = self.virtual_at(node, wake);

@@ -479,6 +479,10 @@ impl Ledger {
     pub fn local_seq(&self) -> u64 {
         self.by_actor.get(&self.me).map_or(0, |v| v.len() as u64)
     }
+    /// How many of `replica`'s changes this replica holds (its entry in the version vector).
+    pub fn held_from(&self, replica: &ReplicaId) -> u64 {
+        self.by_actor.get(replica).map_or(0, |v| v.len() as u64)
+    }
     /// What the store of record keeps beside a held change's bytes.
     pub fn change_info(&self, replica: ReplicaId, seq: u64) -> Option<ChangeInfo> {
         let i = usize::try_from(seq.checked_sub(1)?).ok()?;
