@@ -701,7 +701,7 @@ impl StandTask {
             StandCmd::AdminQueued => self.next_admin_scan = Instant::now(),
             StandCmd::StockAt { at_ms, reply } => {
                 let t = halftime_ledger::Hlc::new(at_ms, u16::MAX);
-                let _ = reply.send(self.engine.ledger().stock_at_time(t));
+                let _ = reply.send(self.engine.stock_at_time(t));
             }
             StandCmd::Admin { op, reply } => match self.admin(op, now) {
                 Ok(answer) => self.answers.push((reply, answer)),

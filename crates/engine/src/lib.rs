@@ -76,10 +76,11 @@
 
 mod rights;
 
+use halftime_ledger::layout::SkuCounters;
 use halftime_ledger::sync::{ANTI_ENTROPY_INTERVAL_MS, SyncEvent};
 use halftime_ledger::{
-    AdminOp, Applied, ApplyReport, Ledger, OpError, PeerSync, Refusal, ReplicaId, Role, SaleId,
-    SaleLine, SignedChange, Sku, VersionVector, WireError, WireMessage,
+    AdminOp, Applied, ApplyReport, Hlc, Ledger, OpError, PeerSync, Refusal, ReplicaId, Role,
+    SaleId, SaleLine, SignedChange, Sku, VersionVector, WireError, WireMessage,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -354,6 +355,17 @@ impl Engine {
 
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// Available stock per item as at time `t`, read from the document.
+    pub fn stock_at_time(&mut self, t: Hlc) -> BTreeMap<Sku, i64> {
+        self.ledger.stock_at_time(t)
+    }
+
+    /// The counters read from the document at its current heads (to check the ledger's
+    /// cached state against).
+    pub fn counters_in_document(&mut self) -> BTreeMap<Sku, SkuCounters> {
+        self.ledger.counters_in_document()
     }
 
     /// The ledger's snapshot (see `Ledger::snapshot`), for the driver to store.

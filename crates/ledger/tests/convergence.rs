@@ -306,7 +306,7 @@ fn run_with(
     }
     let heads = reps[0].heads();
     let counters = reps[0].counters_from_state();
-    for r in &reps {
+    for r in &mut reps {
         prop_assert_eq!(r.pending_len(), 0);
         let mut h = r.heads();
         h.sort();
@@ -318,8 +318,9 @@ fn run_with(
             &counters,
             "state differs between replicas"
         );
+        let heads = r.heads();
         prop_assert_eq!(
-            &r.counters_at(&r.heads()),
+            &r.counters_at(&heads),
             &counters,
             "state differs from the document"
         );

@@ -49,7 +49,7 @@ fn still_healthy(st: &mut Stand, at: u64) {
     let loaded = Automerge::load(&saved).expect("the saved document loads");
     assert_eq!(loaded.get_heads(), st.pool.heads());
     assert_eq!(
-        st.pool.counters_at(&st.pool.heads()),
+        st.pool.counters_in_document(),
         st.pool.counters_from_state()
     );
     let all: Vec<SignedChange> = st.pool.all_changes().collect();
@@ -241,7 +241,7 @@ fn a_reclaimed_key_cannot_mint_rights_with_a_give() {
 fn reforge_give(st: &Stand, units: u64) -> SignedChange {
     let t = &st.terminals[0];
     let to = st.terminals[1].me();
-    let mut doc = t.doc().fork();
+    let mut doc = doc_of(t);
     doc.set_actor(key(10).public().actor());
     let at = Hlc::at_wall(2_050);
     let m = ChangeMessage {

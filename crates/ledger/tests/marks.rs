@@ -6,12 +6,12 @@ mod common;
 use common::*;
 use halftime_ledger::*;
 
-fn all_agree(st: &Stand, off: bool) {
+fn all_agree(st: &mut Stand, off: bool) {
     let hd = sku("hotdog");
     assert_eq!(st.pool.is_marked_off(&hd), off, "pool");
-    for (i, t) in st.terminals.iter().enumerate() {
+    for (i, t) in st.terminals.iter_mut().enumerate() {
         assert_eq!(t.is_marked_off(&hd), off, "terminal {i}");
-        assert_eq!(t.counters_at(&t.heads()), t.counters_from_state());
+        assert_eq!(t.counters_in_document(), t.counters_from_state());
     }
     assert!(!st.pool.is_marked_off(&sku("soda")), "only the marked item");
 }
@@ -29,7 +29,7 @@ fn the_latest_mark_of_any_replica_wins_in_any_order() {
     let off = st.terminals[0].mark(&hd, false, 3_000).unwrap();
     deliver(&mut st.pool, std::slice::from_ref(&off), 3_000);
     deliver(&mut st.terminals[1], std::slice::from_ref(&off), 3_000);
-    all_agree(&st, true);
+    all_agree(&mut st, true);
     // Concurrently, terminal 1 brings it back at 5 s and the pool marks it off at 4 s: the
     // later mark (back on) wins on every replica, whichever arrives first.
     let on = st.terminals[1].mark(&hd, true, 5_000).unwrap();
@@ -37,13 +37,13 @@ fn the_latest_mark_of_any_replica_wins_in_any_order() {
     deliver(&mut st.pool, std::slice::from_ref(&on), 5_000);
     deliver(&mut st.terminals[1], std::slice::from_ref(&off2), 5_000);
     deliver(&mut st.terminals[0], &[off2.clone(), on.clone()], 5_000);
-    all_agree(&st, false);
+    all_agree(&mut st, false);
     // Terminal 0, whose clock is behind, marks it off again: its clock has seen 5 s, so its
     // mark is later still and wins.
     let off3 = st.terminals[0].mark(&hd, false, 2_000).unwrap();
     deliver(&mut st.pool, std::slice::from_ref(&off3), 5_000);
     deliver(&mut st.terminals[1], std::slice::from_ref(&off3), 5_000);
-    all_agree(&st, true);
+    all_agree(&mut st, true);
     // Marks carry over an epoch rollover with the counters.
     for i in 0..(layout::ROLLOVER_WRITES as u64 + 5) {
         let SaleOutcome::Committed { change, .. } =
@@ -53,7 +53,7 @@ fn the_latest_mark_of_any_replica_wins_in_any_order() {
         };
         deliver(&mut st.pool, &[change], 7_000);
     }
-    all_agree(&st, true);
+    all_agree(&mut st, true);
 }
 
 #[test]
@@ -72,7 +72,7 @@ fn the_kitchen_marks_items_but_writes_nothing_else() {
     let off = kitchen.mark(&hd, false, 3_000).unwrap();
     deliver(&mut st.pool, std::slice::from_ref(&off), 3_000);
     deliver(&mut st.terminals[0], std::slice::from_ref(&off), 3_000);
-    all_agree(&st, true);
+    all_agree(&mut st, true);
     assert!(matches!(
         kitchen.sell(sale_req("hotdog", 1, true), 3_000),
         SaleOutcome::Refused { .. }

@@ -17,7 +17,7 @@ fn forge(
     at: u64,
     f: impl FnOnce(&mut automerge::transaction::Transaction<'_>),
 ) -> SignedChange {
-    let mut doc = base.doc().fork();
+    let mut doc = doc_of(base);
     doc.set_actor(author.public().actor());
     let hlc = Hlc::at_wall(at);
     let msg = ChangeMessage {
@@ -60,7 +60,7 @@ fn assert_rejected(st: &mut Stand, c: SignedChange, rule: &str) {
     assert_eq!(st.pool.heads(), heads);
     assert_eq!(st.pool.counters_from_state(), before);
     assert_eq!(st.pool.version_vector(), vv);
-    assert_eq!(st.pool.counters_at(&st.pool.heads()), before);
+    assert_eq!(st.pool.counters_in_document(), before);
 }
 
 fn sale_op(t: &Ledger, qty: u64) -> Operation {
@@ -364,7 +364,7 @@ fn dependants_of_a_rejected_change_are_rejected() {
         tx.put(&e, "out", 7u64).unwrap();
     });
     // A second change built on top of the bad one.
-    let mut doc = st.terminals[0].doc().fork();
+    let mut doc = doc_of(&st.terminals[0]);
     doc.set_actor(key(10).public().actor());
     doc.apply_changes(vec![automerge::Change::try_from(&bad.bytes[..]).unwrap()])
         .unwrap();

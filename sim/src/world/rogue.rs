@@ -27,7 +27,7 @@ impl Rogue {
 
     /// A sale of `qty` units of `sku` by the rogue, signed with its key, on top of what it
     /// holds: the first write of its cell, an `out` counter of `qty`.
-    fn forge(&self, sku: &Sku, qty: u64, wall: u64) -> Result<SignedChange, String> {
+    fn forge(&mut self, sku: &Sku, qty: u64, wall: u64) -> Result<SignedChange, String> {
         let me = self.id();
         let mut doc = self.ledger.doc().fork();
         doc.set_actor(self.key.public().actor());

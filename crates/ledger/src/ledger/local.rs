@@ -548,6 +548,8 @@ impl Ledger {
     {
         op.check_limits()
             .map_err(|why| OpError::Refused(Refusal::Invalid { why }))?;
+        // The change is written on the document and depends on its heads.
+        self.flush_doc(now_ms);
         let at = self.clock.tick(now_ms);
         if let Operation::Sale(rec) = &mut op {
             rec.at = at;

@@ -233,7 +233,8 @@ pub struct Ledger {
     rejected_order: VecDeque<ChangeHash>,
     own_objs: HashMap<Sku, (ObjId, ObjId)>,
     stats: LedgerStats,
-    /// Accepted changes not yet applied to the document (applied in one batch per call).
+    /// Accepted changes not yet applied to the document, in the order accepted (see
+    /// `DOC_BATCH_MAX`).
     unapplied: Vec<Change>,
     /// Rebuilding: apply each change to the document as it is accepted, so a fault inside
     /// Automerge is pinned to one change.
@@ -451,9 +452,16 @@ impl Ledger {
     pub fn role(&self) -> Option<Role> {
         self.state.replicas.get(&self.me).map(|i| i.role)
     }
-    /// The Automerge document (read only).
-    pub fn doc(&self) -> &Automerge {
+    /// The Automerge document (read only), with every accepted change applied.
+    pub fn doc(&mut self) -> &Automerge {
+        self.settle_doc();
         &self.doc
+    }
+
+    /// Apply to the document the accepted changes still waiting for it.
+    fn settle_doc(&mut self) {
+        let now = self.clock.last().wall_ms();
+        self.flush_doc(now);
     }
     /// Counters of what has been received.
     pub fn stats(&self) -> &LedgerStats {
@@ -493,9 +501,17 @@ impl Ledger {
             at: e.at,
         })
     }
-    /// The current heads.
+    /// The current heads, in order: the document's, moved on by the accepted changes still
+    /// waiting for it (each waits behind its dependencies, so it replaces those it depends on).
     pub fn heads(&self) -> Vec<ChangeHash> {
-        self.doc.get_heads()
+        let mut heads: BTreeSet<ChangeHash> = self.doc.get_heads().into_iter().collect();
+        for c in &self.unapplied {
+            for d in c.deps() {
+                heads.remove(d);
+            }
+            heads.insert(c.hash());
+        }
+        heads.into_iter().collect()
     }
     /// The latest clock value.
     pub fn clock(&self) -> Hlc {
@@ -769,8 +785,15 @@ impl Ledger {
         })
     }
 
+    /// The stand's counters read from the document at its current heads.
+    pub fn counters_in_document(&mut self) -> BTreeMap<Sku, SkuCounters> {
+        let heads = self.heads();
+        self.counters_at(&heads)
+    }
+
     /// The stand's counters read from the document as at `heads`.
-    pub fn counters_at(&self, heads: &[ChangeHash]) -> BTreeMap<Sku, SkuCounters> {
+    pub fn counters_at(&mut self, heads: &[ChangeHash]) -> BTreeMap<Sku, SkuCounters> {
+        self.settle_doc();
         layout::read_counters(&self.doc, heads)
     }
 
@@ -790,7 +813,7 @@ impl Ledger {
     }
 
     /// Available stock per sku as at time `t` (point-in-time reconstruction).
-    pub fn stock_at_time(&self, t: Hlc) -> BTreeMap<Sku, i64> {
+    pub fn stock_at_time(&mut self, t: Hlc) -> BTreeMap<Sku, i64> {
         let heads = self.heads_at_time(t);
         if heads.is_empty() {
             return BTreeMap::new();

@@ -6,8 +6,8 @@
 //! → signature against the actor's own key (a bad copy is dropped without tainting the change
 //! it claims to be) → dependencies and enrolment (else the bounded pending queue) → sequence
 //! number, op ids and time against the change's causal past → message → the layout and policy
-//! rules of `validate` → Automerge. Accepted changes are applied to the document in one batch
-//! at the end of a call; a fault inside Automerge is caught, never propagated as a panic, and
+//! rules of `validate` → Automerge. Accepted changes are applied to the document in batches
+//! (see [`DOC_BATCH_MAX`]); a fault inside Automerge is caught, never propagated as a panic, and
 //! the replica rebuilds from its log without recursion.
 
 use super::pending::Full;
@@ -19,6 +19,11 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 pub const MAX_OPS_PER_CHANGE: usize = 4_096;
 /// Keys whose misbehaviour is counted one by one; beyond this, only in the totals.
 pub const MAX_TRACKED_KEYS: usize = 1_024;
+/// Accepted changes wait for the Automerge document until this many have gathered or the
+/// document is read or written (a change of our own, a snapshot, a read at some heads). The
+/// cached state is updated at once; only the document lags. Automerge applies a batch of
+/// hundreds several times faster per change than one change at a time.
+pub const DOC_BATCH_MAX: usize = 512;
 
 /// What a change's causal past says about it, folded from its dependencies' entries.
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,7 +53,9 @@ impl Ledger {
                 break;
             }
         }
-        self.flush_doc(now_ms);
+        if self.unapplied.len() >= DOC_BATCH_MAX {
+            self.flush_doc(now_ms);
+        }
         report.pending = self.pending.len();
         self.stats.accepted += report.accepted.len() as u64;
         #[cfg(any(debug_assertions, feature = "check-invariants"))]
@@ -486,7 +493,11 @@ impl Ledger {
             Ok(Ok(()))
         );
         if !ok {
+            // A rebuild starts from a fresh replica: keep the request an operation of our own
+            // is about to carry.
+            let request = self.request.take();
             self.rebuild(now_ms);
+            self.request = request;
         }
     }
 

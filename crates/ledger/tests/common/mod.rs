@@ -102,3 +102,14 @@ pub fn sale_req(s: &str, qty: u64, online: bool) -> SaleRequest {
         pool_reachable: online,
     }
 }
+
+/// A copy of `l`'s document rebuilt from every change it holds, to forge changes on top of.
+pub fn doc_of(l: &Ledger) -> automerge::Automerge {
+    let changes: Vec<automerge::Change> = l
+        .all_changes()
+        .map(|c| automerge::Change::try_from(&c.bytes[..]).unwrap())
+        .collect();
+    let mut doc = automerge::Automerge::new();
+    doc.apply_changes(changes).unwrap();
+    doc
+}
