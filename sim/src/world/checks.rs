@@ -28,9 +28,9 @@ impl World {
 
     /// The safety invariants of every replica whose state changed. On a stand of more than
     /// `LARGE_STAND_TERMINALS` terminals a replica is checked at most every
-    /// `LARGE_STAND_CHECK_MS × terminals / LARGE_STAND_TERMINALS` of virtual time, unless
-    /// `all`: each check reads every replica's counters of every item, so checking every
-    /// replica at every step costs N² per step.
+    /// `LARGE_STAND_CHECK_MS × (terminals / LARGE_STAND_TERMINALS)²` of virtual time (at most
+    /// `LARGE_STAND_CHECK_MAX_MS`), unless `all`: each check reads every replica's counters of
+    /// every item, so checking every replica at every step costs N² per step.
     pub(super) fn check_safety(&mut self, all: bool) -> Result<(), Violation> {
         if let Some((invariant, detail)) = self.bug_seen.take() {
             return Err(violation(invariant, detail));
@@ -40,7 +40,9 @@ impl World {
         let pool_id = self.nodes[0].id;
         let spaced = !all && self.nodes.len() > LARGE_STAND_TERMINALS + 1;
         let terminals = self.nodes.len().saturating_sub(1) as u64;
-        let spacing = LARGE_STAND_CHECK_MS * terminals / LARGE_STAND_TERMINALS as u64;
+        let base = LARGE_STAND_TERMINALS as u64;
+        let spacing = (LARGE_STAND_CHECK_MS * terminals * terminals / (base * base))
+            .min(LARGE_STAND_CHECK_MAX_MS);
         for n in dirty {
             if !self.nodes[n].alive {
                 continue;
