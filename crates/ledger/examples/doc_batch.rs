@@ -1,0 +1,121 @@
+//! What a received change costs by the size of the batch it arrives in: Automerge's apply
+//! alone (changes already decoded), and the ledger's whole receive (signature, checks, state,
+//! and the document, which takes accepted changes in batches of up to `DOC_BATCH_MAX`).
+//! 10 terminals make N one-line sales (default 4,000); a fresh document, then a fresh
+//! replica, takes them in batches of each size.
+//!
+//! ```text
+//! cargo run --release -p halftime-ledger --example doc_batch -- 4000
+//! ```
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use automerge::{Automerge, Change};
+use halftime_ledger::*;
+use std::time::Instant;
+
+const BATCHES: [usize; 8] = [1, 8, 32, 64, 128, 256, 512, 1_024];
+
+fn key(n: u8) -> ReplicaKey {
+    ReplicaKey::from_seed([n; 32])
+}
+
+fn sku(i: usize) -> Sku {
+    Sku::new(format!("item{i}")).unwrap()
+}
+
+fn decoded(changes: &[SignedChange]) -> Vec<Change> {
+    changes
+        .iter()
+        .map(|c| Change::try_from(&c.bytes[..]).unwrap())
+        .collect()
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse().unwrap())
+        .unwrap_or(4_000);
+    let info = StandInfo {
+        event: EventId::new("b").unwrap(),
+        venue: "v".into(),
+        stand: StandId::new("s1").unwrap(),
+        policy: Policy::Strict,
+        allocation: Allocation::Proportional,
+        low_stock_pct: 10,
+    };
+    let (mut pool, genesis) = Ledger::create_stand(key(1), info, "pool", 1).unwrap();
+    let mut setup = vec![genesis];
+    let items = (0..8)
+        .map(|i| CatalogItem {
+            sku: sku(i),
+            name: format!("I{i}"),
+            price_cents: 100,
+            low_stock_at: 10,
+        })
+        .collect();
+    setup.push(pool.set_catalog(items, 1).unwrap());
+    for t in 0..10u8 {
+        let till = key(10 + t).public();
+        setup.push(pool.enrol(till, "t", Role::Terminal, 1).unwrap());
+    }
+    let stock = (0..8).map(|i| (sku(i), 1u64 << 36)).collect();
+    setup.push(pool.restock(stock, "", 1).unwrap());
+    for t in 0..10u8 {
+        let units = (0..8).map(|i| (sku(i), 1u64 << 32)).collect();
+        setup.push(pool.give(key(10 + t).replica_id(), units, 1).unwrap());
+    }
+    let mut terms: Vec<Ledger> = (0..10u8)
+        .map(|t| {
+            let mut l = Ledger::join(key(10 + t), StandId::new("s1").unwrap(), key(1).public());
+            l.apply_remote(setup.clone(), 1);
+            l
+        })
+        .collect();
+    let mut sales = Vec::with_capacity(n);
+    for i in 0..n {
+        let req = SaleRequest {
+            lines: vec![SaleLine {
+                sku: sku(i % 8),
+                qty: 1,
+                unit_price_cents: 100,
+            }],
+            payment: Payment {
+                method: PaymentMethod::Card,
+                reference: "pi".into(),
+            },
+            pool_reachable: true,
+        };
+        match terms[i % 10].sell(req, 100 + i as u64) {
+            SaleOutcome::Committed { change, .. } => sales.push(change),
+            SaleOutcome::Refused { reason } => panic!("{reason}"),
+        }
+    }
+    println!("{n} sales by 10 terminals, taken by a fresh replica in batches of each size");
+    println!(
+        "{:>6} {:>22} {:>22}",
+        "batch", "Automerge alone µs", "ledger receive µs"
+    );
+    let per_change = |t: Instant| t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    for b in BATCHES {
+        let mut doc = Automerge::new();
+        doc.apply_changes(decoded(&setup)).unwrap();
+        let changes = decoded(&sales);
+        let t = Instant::now();
+        for batch in changes.chunks(b) {
+            doc.apply_changes(batch.to_vec()).unwrap();
+        }
+        let alone = per_change(t);
+
+        let mut fresh = Ledger::join(key(98), StandId::new("s1").unwrap(), key(1).public());
+        fresh.apply_remote(setup.clone(), 1);
+        let t = Instant::now();
+        for batch in sales.chunks(b) {
+            let r = fresh.apply_remote(batch.to_vec(), 100 + n as u64);
+            assert_eq!(r.accepted.len(), batch.len());
+        }
+        // Whatever still waits for the document is applied inside the timing.
+        assert_eq!(fresh.doc().get_heads().len(), 10);
+        let receive = per_change(t);
+        println!("{b:>6} {alone:>22.1} {receive:>22.1}");
+    }
+}
