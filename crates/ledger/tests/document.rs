@@ -34,6 +34,9 @@ fn changes_waiting_for_the_document_are_seen_by_every_reader_and_built_on() {
     assert_eq!(t.heads(), vec![last]);
     let stock = t.stock_at_time(Hlc::at_wall(3_010));
     assert_eq!(stock[&sku("hotdog")], 995);
+    // A read at past heads, not the current ones.
+    let stock = t.stock_at_time(Hlc::at_wall(3_002));
+    assert_eq!(stock[&sku("hotdog")], 997);
     assert_eq!(t.counters_in_document(), t.counters_from_state());
     assert_eq!(t.doc().get_heads(), vec![last]);
 
