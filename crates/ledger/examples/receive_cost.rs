@@ -126,7 +126,10 @@ fn decoded(changes: &[SignedChange]) -> Vec<Change> {
 fn by_batch(setup: &[SignedChange], sales: &[SignedChange]) {
     let n = sales.len();
     println!("{n} sales by 10 terminals, taken by a fresh replica in batches of each size");
-    println!("{:>6} {:>22} {:>22}", "batch", "Automerge alone µs", "ledger receive µs");
+    println!(
+        "{:>6} {:>22} {:>22}",
+        "batch", "Automerge alone µs", "ledger receive µs"
+    );
     let per_change = |t: Instant| t.elapsed().as_secs_f64() * 1e6 / n as f64;
     for b in BATCHES {
         let mut doc = Automerge::new();
