@@ -103,12 +103,20 @@ pub struct Cell {
     pub received: u64,
     /// Σ reclaim[*>r]: rights taken back from this replica after it was retired.
     pub reclaimed: u64,
+    /// `values[In]` and `values[Out]`, read by every rights check without a map lookup;
+    /// rebuilt from `values` when a snapshot is loaded.
+    #[serde(skip)]
+    in_out: (u64, u64),
 }
 
 impl Cell {
     /// A counter's value.
     pub fn get(&self, f: Field) -> u64 {
-        self.values.get(&f).copied().unwrap_or(0)
+        match f {
+            Field::In => self.in_out.0,
+            Field::Out => self.in_out.1,
+            _ => self.values.get(&f).copied().unwrap_or(0),
+        }
     }
 
     /// in + Σ give[*>r] − Σ give[r>*] − out, less what the pool reclaimed.
@@ -245,6 +253,16 @@ impl State {
         to_i64(i as i128 - o as i128)
     }
 
+    /// Rebuild what the cells keep beside their values (after a snapshot is loaded).
+    pub fn after_load(&mut self) {
+        for c in self.cells.values_mut() {
+            c.in_out = (
+                c.values.get(&Field::In).copied().unwrap_or(0),
+                c.values.get(&Field::Out).copied().unwrap_or(0),
+            );
+        }
+    }
+
     /// Set a counter (already validated) and keep the aggregates in step.
     pub fn set_value(&mut self, r: ReplicaId, sku: &Sku, f: Field, new: u64) {
         let cell = self.cells.entry((r, sku.clone())).or_default();
@@ -253,8 +271,14 @@ impl State {
         cell.values.insert(f, new);
         let totals = self.totals.entry(sku.clone()).or_insert((0, 0));
         match f {
-            Field::In => totals.0 = totals.0.saturating_add(delta),
-            Field::Out => totals.1 = totals.1.saturating_add(delta),
+            Field::In => {
+                cell.in_out.0 = new;
+                totals.0 = totals.0.saturating_add(delta);
+            }
+            Field::Out => {
+                cell.in_out.1 = new;
+                totals.1 = totals.1.saturating_add(delta);
+            }
             Field::Give(to) => {
                 cell.gave = cell.gave.saturating_add(delta);
                 let counted = match self.give_caps.get(&(r, sku.clone(), to)) {

@@ -356,6 +356,7 @@ impl Ledger {
 
         let mut l = Self::join(key, stand_id, pool_key);
         l.state = body.state;
+        l.state.after_load();
         l.bytes = bytes;
         l.log = body.entries.log;
         l.by_hash = body.entries.by_hash;
