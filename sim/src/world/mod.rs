@@ -27,10 +27,10 @@ use std::collections::{BTreeMap, BTreeSet};
 /// The simulated transport's keepalive on every live link (libp2p's ping on a terminal): it
 /// tells both engines the peer is alive without a frame.
 pub const TRANSPORT_PING_MS: u64 = 1_000;
-/// Stands with more terminals than this check each replica's invariants, and all of them at
-/// the end of the game, at most every `LARGE_STAND_CHECK_MS × (terminals /
-/// LARGE_STAND_TERMINALS)²` of virtual time and at least every `LARGE_STAND_CHECK_MAX_MS`
-/// (see `World::check_safety`).
+/// Stands with more terminals than this check a changed replica's invariants at most every
+/// `LARGE_STAND_CHECK_MS × (terminals / LARGE_STAND_TERMINALS)²` of virtual time, capped at
+/// `LARGE_STAND_CHECK_MAX_MS` (see `World::check_safety`); every replica is checked at the
+/// end of the game.
 pub const LARGE_STAND_TERMINALS: usize = 16;
 /// How often a replica of a stand of `LARGE_STAND_TERMINALS` terminals is checked while its
 /// state keeps changing. A check of one replica reads every replica's counters, so checking
