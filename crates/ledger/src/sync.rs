@@ -95,11 +95,19 @@ pub enum WireMessage {
     },
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Frame {
     v: u8,
     stand: StandId,
     msg: WireMessage,
+}
+
+/// [`Frame`] as it is written: the same fields, borrowed.
+#[derive(Serialize)]
+struct FrameOut<'a> {
+    v: u8,
+    stand: &'a StandId,
+    msg: &'a WireMessage,
 }
 
 /// A frame that cannot be used.
@@ -125,10 +133,10 @@ pub enum WireError {
 impl WireMessage {
     /// Encode as one frame for `stand`.
     pub fn encode(&self, stand: &StandId) -> Vec<u8> {
-        let f = Frame {
+        let f = FrameOut {
             v: WIRE_VERSION,
-            stand: stand.clone(),
-            msg: self.clone(),
+            stand,
+            msg: self,
         };
         postcard::to_stdvec(&f).unwrap_or_default()
     }
@@ -456,9 +464,7 @@ impl PeerSync {
     }
 
     fn they_have_more(&self, ledger: &Ledger) -> bool {
-        self.their_vector
-            .iter()
-            .any(|(r, s)| ledger.held_from(r) < *s)
+        ledger.lacks_any_of(&self.their_vector)
     }
 
     /// The next message to send, if any.

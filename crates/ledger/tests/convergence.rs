@@ -419,3 +419,46 @@ fn replicas_converge_through_many_epoch_rollovers() {
         .collect();
     run_with(Policy::Strict, 4, 2_000, 450, steps, 5, 5).unwrap();
 }
+
+#[test]
+fn a_vector_is_read_against_what_each_author_wrote() {
+    let mut st = stand(Policy::Strict, 3, 100, 10);
+    let (a, b) = (key(10).replica_id(), key(11).replica_id());
+    let mut sold = Vec::new();
+    for _ in 0..2 {
+        let SaleOutcome::Committed { change, .. } =
+            st.terminals[0].sell(sale_req("hotdog", 1, true), 2_000)
+        else {
+            panic!("the sale commits")
+        };
+        sold.push(change);
+    }
+    let r = st.terminals[2].apply_remote(vec![sold[0].clone()], 2_000);
+    assert_eq!(r.accepted.len(), 1);
+    let full = st.terminals[0].version_vector();
+    let behind = st.terminals[2].version_vector();
+    assert!(
+        st.terminals[2].lacks_any_of(&full),
+        "one of a's sales is missing"
+    );
+    assert!(!st.terminals[0].lacks_any_of(&behind));
+    assert!(!st.terminals[0].lacks_any_of(&full));
+    // A replica it never heard of, named first or last in the order.
+    for stranger in [
+        ReplicaId::from_public(&[0; 32]),
+        ReplicaId::from_public(&[255; 32]),
+    ] {
+        let mut v = full.clone();
+        v.insert(stranger, 1);
+        assert!(st.terminals[0].lacks_any_of(&v));
+        v.insert(stranger, 0);
+        assert!(!st.terminals[0].lacks_any_of(&v));
+    }
+    // What it is sent is exactly what it lacks, whatever else the vector names.
+    let mut v = behind.clone();
+    v.insert(ReplicaId::from_public(&[0; 32]), 7);
+    v.insert(b, 0);
+    let missing = st.terminals[0].changes_since(&v, usize::MAX);
+    assert_eq!(missing, vec![sold[1].clone()]);
+    assert_eq!(behind.get(&a).copied(), Some(1));
+}

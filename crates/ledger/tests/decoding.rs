@@ -533,6 +533,6 @@ fn replica_ids_are_hex_in_json_and_raw_bytes_on_the_wire() {
     );
     assert!(serde_json::from_str::<ReplicaId>("\"zz\"").is_err());
     // A vector keyed by replica: one frame entry is 8 bytes of id and a varint.
-    let v: VersionVector = BTreeMap::from([(r, 5)]);
+    let v = VersionVector::from([(r, 5)]);
     assert_eq!(postcard::to_stdvec(&v).unwrap().len(), 1 + 8 + 1);
 }

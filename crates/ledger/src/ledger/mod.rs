@@ -14,6 +14,7 @@ mod pending;
 mod receive;
 mod snapshot;
 mod validate;
+mod vector;
 
 pub use held::{ChangeBytes, InMemory, Recent};
 pub use pending::{
@@ -22,6 +23,7 @@ pub use pending::{
 };
 pub use receive::{MAX_OPS_PER_CHANGE, MAX_TRACKED_KEYS};
 pub use snapshot::{SnapshotError, SnapshotLoad, change_hash};
+pub use vector::VersionVector;
 
 use crate::error::{NotAdmitted, OpError, Refusal, Rejection};
 use crate::hlc::{Clock, Hlc};
@@ -56,9 +58,6 @@ const ALL_CHANGES_CHUNK: usize = 1024;
 
 /// Hashes of rejected changes remembered (so their duplicates are dropped cheaply).
 pub const MAX_REMEMBERED_REJECTIONS: usize = 10_000;
-
-/// A version vector: per replica, the highest contiguous change sequence number held.
-pub type VersionVector = BTreeMap<ReplicaId, u64>;
 
 /// The status of an item at the stand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -755,17 +754,40 @@ impl Ledger {
 
     /// The version vector of what this replica holds.
     pub fn version_vector(&self) -> VersionVector {
-        self.by_actor
-            .iter()
-            .map(|(r, v)| (*r, v.len() as u64))
-            .collect()
+        VersionVector::from_sorted(
+            self.by_actor
+                .iter()
+                .map(|(r, v)| (*r, v.len() as u64))
+                .collect(),
+        )
+    }
+
+    /// Whether `their` names a change this replica lacks: one merge of two sorted runs.
+    pub fn lacks_any_of(&self, their: &VersionVector) -> bool {
+        let mut mine = self.by_actor.iter().peekable();
+        for (r, seq) in their.iter() {
+            while mine.next_if(|(m, _)| *m < r).is_some() {}
+            let held = match mine.peek() {
+                Some((m, v)) if *m == r => v.len() as u64,
+                _ => 0,
+            };
+            if held < *seq {
+                return true;
+            }
+        }
+        false
     }
 
     /// Changes this replica holds beyond `have`, in an order receivers can apply, at most `max`.
     pub fn changes_since(&self, have: &VersionVector, max: usize) -> Vec<SignedChange> {
         let mut idx: Vec<usize> = Vec::new();
+        let mut theirs = have.iter().peekable();
         for (r, entries) in &self.by_actor {
-            let from = have.get(r).copied().unwrap_or(0) as usize;
+            while theirs.next_if(|(t, _)| *t < r).is_some() {}
+            let from = match theirs.peek() {
+                Some((t, s)) if *t == r => usize::try_from(**s).unwrap_or(usize::MAX),
+                _ => 0,
+            };
             if from < entries.len() {
                 idx.extend_from_slice(&entries[from..]);
             }
