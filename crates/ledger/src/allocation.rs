@@ -57,6 +57,8 @@ pub struct GivePlan {
 #[derive(Debug, Clone)]
 pub struct Shares {
     terminals: Vec<ReplicaId>,
+    /// Replicas whose rights do not count towards the stand's (retired terminals, relays).
+    outside: Vec<ReplicaId>,
     weights: Vec<f64>,
     sum: f64,
     reserve_pct: i64,
@@ -89,22 +91,29 @@ impl Shares {
             }
         };
         let sum = weights.iter().sum();
+        let pool = ledger.pool();
+        let outside = ledger
+            .replicas()
+            .keys()
+            .filter(|r| **r != pool && terminals.binary_search(r).is_err())
+            .copied()
+            .collect();
         Self {
             terminals,
+            outside,
             weights,
             sum,
             reserve_pct,
         }
     }
 
-    /// Rights of `sku` held by the pool and the active terminals.
+    /// Rights of `sku` held by the pool and the active terminals: what every replica holds,
+    /// less what the few outside them do.
     fn stand_total(&self, ledger: &Ledger, sku: &Sku) -> i64 {
-        ledger.rights(ledger.pool(), sku).max(0)
-            + self
-                .terminals
-                .iter()
-                .map(|t| ledger.rights(*t, sku).max(0))
-                .sum::<i64>()
+        self.outside
+            .iter()
+            .map(|r| ledger.rights(*r, sku).max(0))
+            .fold(ledger.positive_rights(sku), i64::saturating_sub)
     }
 
     fn share(&self, allocated: i64, weight: f64) -> i64 {

@@ -214,6 +214,11 @@ pub struct State {
     pub refunds: BTreeMap<(SaleId, Sku, ReplicaId), u64>,
     /// Admin requests carried out by the pool: request id → the pool change's sequence number.
     pub requests: BTreeMap<u64, u64>,
+    /// Per sku, Σ over every cell of its rights where positive, kept in step with the cells:
+    /// the stand's total is then this less the few replicas that do not count, not a lookup
+    /// per terminal. Rebuilt when a snapshot is loaded.
+    #[serde(skip)]
+    positive_rights: HashMap<Sku, i128>,
 }
 
 /// The newest availability marks of an item across the stand: the later one wins, and a tie
@@ -261,10 +266,52 @@ impl State {
                 c.values.get(&Field::Out).copied().unwrap_or(0),
             );
         }
+        self.positive_rights = self.count_positive_rights();
+    }
+
+    /// Σ over every replica of its rights of `sku` where they are positive.
+    pub fn positive_rights(&self, sku: &Sku) -> i64 {
+        to_i64(self.positive_rights.get(sku).copied().unwrap_or(0))
+    }
+
+    /// [`State::positive_rights`] of every sku, counted cell by cell.
+    pub fn count_positive_rights(&self) -> HashMap<Sku, i128> {
+        let mut m: HashMap<Sku, i128> = HashMap::new();
+        for ((_, sku), c) in &self.cells {
+            *m.entry(sku.clone()).or_default() += i128::from(c.rights().max(0));
+        }
+        m
+    }
+
+    fn positive_of(&self, r: ReplicaId, sku: &Sku, other: Option<ReplicaId>) -> i128 {
+        let one = |r: ReplicaId| i128::from(self.rights(r, sku).max(0));
+        one(r) + other.filter(|o| *o != r).map_or(0, one)
     }
 
     /// Set a counter (already validated) and keep the aggregates in step.
     pub fn set_value(&mut self, r: ReplicaId, sku: &Sku, f: Field, new: u64) {
+        let other = match f {
+            Field::Give(to) => Some(to),
+            Field::Reclaim(from) => Some(from),
+            _ => None,
+        };
+        let moves_rights = matches!(
+            f,
+            Field::In | Field::Out | Field::Give(_) | Field::Reclaim(_)
+        );
+        let before = if moves_rights {
+            self.positive_of(r, sku, other)
+        } else {
+            0
+        };
+        self.set_counter(r, sku, f, new);
+        if moves_rights {
+            let after = self.positive_of(r, sku, other);
+            *self.positive_rights.entry(sku.clone()).or_default() += after - before;
+        }
+    }
+
+    fn set_counter(&mut self, r: ReplicaId, sku: &Sku, f: Field, new: u64) {
         let cell = self.cells.entry((r, sku.clone())).or_default();
         let old = cell.get(f);
         let delta = new.saturating_sub(old);
@@ -356,9 +403,12 @@ impl State {
                 .copied()
                 .unwrap_or(0);
             let excess = value.saturating_sub(cap);
+            let before = self.positive_of(to, &sku, None);
             if let Some(c) = self.cells.get_mut(&(to, sku.clone())) {
                 c.received = c.received.saturating_sub(excess);
             }
+            let after = self.positive_of(to, &sku, None);
+            *self.positive_rights.entry(sku.clone()).or_default() += after - before;
         }
         for (sku, m) in caps {
             for (to, cap) in m {

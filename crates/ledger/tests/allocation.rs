@@ -25,3 +25,28 @@ fn the_pool_keeps_its_reserve_and_spreads_the_rest() {
     let again = plan_allocation_with(&st.pool, Allocation::Proportional, 3_000, reserve);
     assert!(again.iter().all(|p| p.sku != hd), "{again:?}");
 }
+
+#[test]
+fn the_stand_total_counts_the_pool_and_active_terminals_only() {
+    // 4 terminals with 10 hot dogs each, 200 in all; one oversells offline, one is retired.
+    let mut st = stand(Policy::Optimistic, 4, 200, 10);
+    let hd = sku("hotdog");
+    let sold = st.terminals[0].sell(sale_req("hotdog", 12, false), 2_000);
+    let SaleOutcome::Committed { change, .. } = sold else {
+        panic!("an offline terminal sells past its rights under optimistic: {sold:?}")
+    };
+    assert!(
+        st.pool
+            .apply_remote(vec![change], 2_000)
+            .rejected
+            .is_empty()
+    );
+    assert_eq!(st.pool.rights(key(10).replica_id(), &hd), -2);
+    st.pool.retire(key(13).replica_id(), 3_000).unwrap();
+    // Every replica's positive rights: the pool's 160 and three terminals' 10.
+    assert_eq!(st.pool.positive_rights(&hd), 190);
+    // The stand's: the pool and the two active terminals that hold any, shared by three.
+    let t = targets_with(&st.pool, Allocation::Proportional, &hd, 4_000, 0);
+    assert_eq!(t.len(), 3, "{t:?}");
+    assert!(t.values().all(|v| *v == 180 / 3), "{t:?}");
+}

@@ -39,6 +39,15 @@ impl Ledger {
                 self.me
             );
         }
+        let counted = self.state.count_positive_rights();
+        for sku in self.state.totals.keys().chain(counted.keys()) {
+            assert_eq!(
+                i128::from(self.state.positive_rights(sku)),
+                counted.get(sku).copied().unwrap_or(0),
+                "replica {}: the positive rights of {sku} kept in step disagree with the cells",
+                self.me
+            );
+        }
         assert_eq!(
             self.by_actor.values().map(Vec::len).sum::<usize>(),
             self.log.len(),

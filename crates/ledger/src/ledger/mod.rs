@@ -521,6 +521,10 @@ impl Ledger {
     pub fn rights(&self, replica: ReplicaId, sku: &Sku) -> i64 {
         self.state.rights(replica, sku)
     }
+    /// Σ over every replica of its rights of `sku` where they are positive.
+    pub fn positive_rights(&self, sku: &Sku) -> i64 {
+        self.state.positive_rights(sku)
+    }
     /// What the whole stand has left of `sku`.
     pub fn available(&self, sku: &Sku) -> i64 {
         self.state.available(sku)
