@@ -75,7 +75,8 @@ pub use ledger::{
     Admission, ApplyReport, ChangeBytes, ChangeInfo, InMemory, Ledger, LedgerStats,
     MAX_OPS_PER_CHANGE, MAX_PENDING_BYTES, MAX_PENDING_BYTES_PER_AUTHOR, MAX_TRACKED_KEYS,
     MAX_UNKNOWN_PENDING_BYTES, MAX_UNKNOWN_PENDING_BYTES_PER_AUTHOR, Recent, ReclaimView,
-    SaleOutcome, SaleRequest, SnapshotError, SnapshotLoad, StockStatus, VersionVector, change_hash,
+    SaleOutcome, SaleRequest, Shared, SnapshotError, SnapshotLoad, StockStatus, VersionVector,
+    change_hash,
 };
 pub use ledger::{Applied, LedgerBug, SignatureMemo};
 pub use message::{

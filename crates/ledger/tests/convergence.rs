@@ -462,3 +462,32 @@ fn a_vector_is_read_against_what_each_author_wrote() {
     assert_eq!(missing, vec![sold[1].clone()]);
     assert_eq!(behind.get(&a).copied(), Some(1));
 }
+
+#[test]
+fn replicas_sharing_change_bytes_serve_only_what_each_holds() {
+    let st = stand(Policy::Strict, 2, 100, 10);
+    let shared = Shared::default();
+    let join = |i: u8| {
+        let mut l = Ledger::join(key(10 + i), StandId::new("north").unwrap(), key(1).public());
+        assert!(l.share_change_bytes(shared.clone()));
+        assert!(l.apply_remote(st.setup.clone(), 1_000).rejected.is_empty());
+        l
+    };
+    let (mut a, mut b) = (join(0), join(1));
+    let SaleOutcome::Committed { change, .. } = a.sell(sale_req("hotdog", 1, true), 2_000) else {
+        panic!("the sale commits")
+    };
+    let all = VersionVector::new();
+    assert_eq!(a.changes_since(&all, usize::MAX).len(), st.setup.len() + 1);
+    let served = b.changes_since(&all, usize::MAX);
+    assert_eq!(served, st.setup, "b serves what it holds, not what a added");
+    assert!(
+        b.apply_remote(vec![change.clone()], 2_000)
+            .rejected
+            .is_empty()
+    );
+    assert_eq!(b.changes_since(&a.version_vector(), usize::MAX), vec![]);
+    assert_eq!(b.all_changes().last(), Some(change));
+    // A replica that holds changes already keeps its own store.
+    assert!(!a.share_change_bytes(shared.clone()));
+}

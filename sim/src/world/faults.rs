@@ -94,11 +94,12 @@ impl World {
         }
         let durable = std::mem::take(&mut n.durable);
         let held = durable.len();
-        let (mut ledger, report) = Ledger::restore(
+        let (mut ledger, report) = Ledger::restore_with(
             n.key.clone(),
             self.stand_id.clone(),
             pool_key,
             durable,
+            Box::new(self.bytes.clone()),
             wall,
         );
         if !report.rejected.is_empty() || report.accepted.len() != held {
@@ -241,6 +242,7 @@ impl World {
         let pool_key = self.nodes[0].key.public();
         let mut ledger = Ledger::join(key.clone(), self.stand_id.clone(), pool_key);
         ledger.share_signature_memo(self.memo.clone());
+        ledger.share_change_bytes(self.bytes.clone());
         let customers = ChaCha8Rng::seed_from_u64(self.rng.random());
         let skew = draw_skew(&mut self.skew_rng, self.cfg.clock_skew_ms);
         let now_wall = GAME_START_WALL_MS

@@ -17,7 +17,7 @@ use halftime_engine::{Engine, EngineConfig, EngineStats, Event, PlantedBug, Sale
 use halftime_ledger::state::Field;
 use halftime_ledger::{
     CatalogItem, EventId, Ledger, LedgerBug, OpError, Policy, Refusal, ReplicaId, ReplicaKey, Role,
-    SaleId, SaleLine, SignatureMemo, SignedChange, Sku, StandId, StandInfo, WireMessage,
+    SaleId, SaleLine, Shared, SignatureMemo, SignedChange, Sku, StandId, StandInfo, WireMessage,
 };
 use halftime_ledger::{Payment, PaymentMethod, plan_allocation};
 use rand::{Rng, SeedableRng};
@@ -228,6 +228,8 @@ pub struct World {
     /// Good signatures, shared by every replica of this stand: each distinct signed change is
     /// verified once, not once per replica (the same bytes and signature give the same answer).
     memo: SignatureMemo,
+    /// The signed bytes of the changes the honest replicas hold, kept once for all of them.
+    bytes: Shared,
     /// The first sign of a bug that no invariant of the stand would show: a change of an
     /// honest replica rejected, or an operation of a replica's own failing inside its ledger.
     bug_seen: Option<(&'static str, String)>,
@@ -385,6 +387,7 @@ impl World {
         let pool_key = key_for(0).public();
         let memo = SignatureMemo::default();
         pool.share_signature_memo(memo.clone());
+        let bytes = Shared::default();
         let mut nodes = Vec::with_capacity(terminals + 1);
         nodes.push(Node::new(
             key_for(0),
@@ -396,6 +399,7 @@ impl World {
             let wall = t0.saturating_add_signed(*skew);
             let mut l = Ledger::join(key_for(i), stand_id.clone(), pool_key);
             l.share_signature_memo(memo.clone());
+            l.share_change_bytes(bytes.clone());
             let r = l.apply_remote(setup.clone(), wall);
             if !r.rejected.is_empty() {
                 return Err(violation(
@@ -473,6 +477,7 @@ impl World {
             acked_voids: Vec::new(),
             rogue,
             memo,
+            bytes,
             bug_seen: None,
             next_doc_check: 0,
             lost_at: Vec::new(),

@@ -42,6 +42,27 @@ impl ChangeBytes for InMemory {
     }
 }
 
+/// The signed bytes of every change in memory, kept once for all the replicas of one process
+/// that share it (the simulator's stand, where a hundred replicas hold the same changes). A
+/// replica reads only the hashes it holds itself, so what another replica added changes none
+/// of its answers. Only replicas that keep nothing but changes they verified may share one.
+#[derive(Debug, Clone, Default)]
+pub struct Shared(std::sync::Arc<std::sync::Mutex<HashMap<ChangeHash, SignedChange>>>);
+
+impl ChangeBytes for Shared {
+    fn keep(&mut self, hash: ChangeHash, change: &SignedChange) {
+        if let Ok(mut m) = self.0.lock() {
+            m.entry(hash).or_insert_with(|| change.clone());
+        }
+    }
+    fn get(&self, hash: &ChangeHash) -> Option<SignedChange> {
+        self.0.lock().ok()?.get(hash).cloned()
+    }
+    fn count(&self) -> Option<usize> {
+        None
+    }
+}
+
 /// The latest `cap` changes kept, for a [`ChangeBytes`] that reads older ones from a store:
 /// the ones peers ask for most, and any the store has not been given yet.
 #[derive(Debug)]

@@ -16,7 +16,7 @@ mod snapshot;
 mod validate;
 mod vector;
 
-pub use held::{ChangeBytes, InMemory, Recent};
+pub use held::{ChangeBytes, InMemory, Recent, Shared};
 pub use pending::{
     MAX_PENDING_BYTES, MAX_PENDING_BYTES_PER_AUTHOR, MAX_UNKNOWN_PENDING_BYTES,
     MAX_UNKNOWN_PENDING_BYTES_PER_AUTHOR,
@@ -369,6 +369,16 @@ impl Ledger {
     /// Share a memo of good signatures with the other replicas of this process.
     pub fn share_signature_memo(&mut self, memo: SignatureMemo) {
         self.memo = Some(memo);
+    }
+
+    /// Keep the signed bytes of changes in `bytes`, shared with other replicas of this
+    /// process; a replica that already holds changes keeps its own store.
+    pub fn share_change_bytes(&mut self, bytes: Shared) -> bool {
+        if !self.log.is_empty() {
+            return false;
+        }
+        self.bytes = Box::new(bytes);
+        true
     }
 
     /// Plant a bug (the simulator's planted-bug sweeps only).
