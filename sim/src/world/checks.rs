@@ -99,13 +99,18 @@ impl World {
                 let avail = l.available(s);
                 let mut sum = 0i64;
                 let own = l.cell(node.id, s);
+                let empty = BTreeMap::new();
+                let served_of = self.served.get(s).unwrap_or(&empty);
+                let returned_of = self.returned.get(s).unwrap_or(&empty);
+                let no_asks = BTreeMap::new();
+                let asked_of = self.asked.get(s).unwrap_or(&no_asks);
                 for (rid, info) in l.replicas() {
                     let cell = l.cell(*rid, s);
                     let counter = |f: Field| cell.map_or(0, |c| c.get(f));
                     // The oracle: what this view says a replica sold never exceeds what it
                     // served, and a replica's view of itself is exact.
                     let out = counter(Field::Out);
-                    let served = self.served.get(&(*rid, s.clone())).copied().unwrap_or(0);
+                    let served = served_of.get(rid).copied().unwrap_or(0);
                     if out > served || (*rid == node.id && out != served) {
                         return Err(violation(
                             "oracle-units-served",
@@ -117,7 +122,7 @@ impl World {
                     if info.role == Role::Terminal {
                         // Refunds: a terminal's `in` counts only the units its voids took back.
                         let back = counter(Field::In);
-                        let returned = self.returned.get(&(*rid, s.clone())).copied().unwrap_or(0);
+                        let returned = returned_of.get(rid).copied().unwrap_or(0);
                         if back > returned || (*rid == node.id && back != returned) {
                             return Err(violation(
                                 "oracle-units-returned",
@@ -129,8 +134,7 @@ impl World {
                         // A terminal gives another terminal only what it was asked for.
                         if n != 0 && *rid != node.id {
                             let gave = own.map_or(0, |c| c.get(Field::Give(*rid)));
-                            let key = (node.id, *rid, s.clone());
-                            let asked = self.asked.get(&key).copied().unwrap_or(0);
+                            let asked = asked_of.get(&(node.id, *rid)).copied().unwrap_or(0);
                             if gave > asked {
                                 return Err(violation(
                                     "gives-answer-asks",

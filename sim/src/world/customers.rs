@@ -36,7 +36,9 @@ impl World {
         *self.truth.entry(sku.clone()).or_insert(0) -= qty as i64;
         *self
             .served
-            .entry((sale_id.replica, sku.clone()))
+            .entry(sku.clone())
+            .or_default()
+            .entry(sale_id.replica)
             .or_insert(0) += qty;
         *self.sold_units.entry(sku.clone()).or_insert(0) += qty;
         self.in_transit
@@ -78,7 +80,9 @@ impl World {
                         *self.truth.entry(sku.clone()).or_insert(0) += qty as i64;
                         *self
                             .returned
-                            .entry((sale.replica, sku.clone()))
+                            .entry(sku.clone())
+                            .or_default()
+                            .entry(sale.replica)
                             .or_insert(0) += qty;
                         self.acked_voids.push((sale, t, sku, qty));
                     }

@@ -213,7 +213,9 @@ impl World {
             *self.shrunk.entry(s.clone()).or_insert(0) += u;
             *self
                 .served
-                .entry((self.nodes[0].id, s.clone()))
+                .entry(s.clone())
+                .or_default()
+                .entry(self.nodes[0].id)
                 .or_insert(0) += u;
             self.counters.shrunk_units += u;
         }

@@ -78,8 +78,13 @@ impl World {
                 Ok(msg) => {
                     self.net.stats.messages_delivered += 1;
                     if let WireMessage::RightsRequest { sku, want, .. } = &msg {
-                        let key = (self.nodes[m.to].id, self.nodes[m.from].id, sku.clone());
-                        let n = self.asked.entry(key).or_insert(0);
+                        let key = (self.nodes[m.to].id, self.nodes[m.from].id);
+                        let n = self
+                            .asked
+                            .entry(sku.clone())
+                            .or_default()
+                            .entry(key)
+                            .or_insert(0);
                         *n = n.saturating_add(*want);
                     }
                     if self.tracing() {

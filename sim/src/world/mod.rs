@@ -214,12 +214,13 @@ pub struct World {
     next_ticket: u64,
     /// The oracle: units each replica served (sales, and the pool's shrink), counted from the
     /// customers and the admin as the world saw them, never from a ledger.
-    served: BTreeMap<(ReplicaId, Sku), u64>,
+    /// Keyed by item first: the checks read one item's map for every replica of a view.
+    served: BTreeMap<Sku, BTreeMap<ReplicaId, u64>>,
     /// The oracle of refunds: units each terminal took back with a void.
-    returned: BTreeMap<(ReplicaId, Sku), u64>,
-    /// The oracle of asks: per (holder, asker, sku), the units asked in every rights request
-    /// the network delivered. A terminal gives another terminal rights only when asked.
-    asked: BTreeMap<(ReplicaId, ReplicaId, Sku), u64>,
+    returned: BTreeMap<Sku, BTreeMap<ReplicaId, u64>>,
+    /// The oracle of asks: per sku and (holder, asker), the units asked in every rights
+    /// request the network delivered. A terminal gives another terminal rights only when asked.
+    asked: BTreeMap<Sku, BTreeMap<(ReplicaId, ReplicaId), u64>>,
     /// Refunds to come: virtual time → (terminal, sale, item, units).
     voids: BTreeMap<u64, Vec<(usize, SaleId, Sku, u64)>>,
     /// Voids made: sale, terminal, item, units.
