@@ -35,10 +35,14 @@ impl World {
         if let Some((invariant, detail)) = self.bug_seen.take() {
             return Err(violation(invariant, detail));
         }
+        let spaced = !all && self.nodes.len() > LARGE_STAND_TERMINALS + 1;
+        if spaced && self.now < self.checks_due {
+            return Ok(());
+        }
         let dirty = std::mem::take(&mut self.dirty);
+        let mut due = u64::MAX;
         let policy = self.cfg.checked_policy();
         let pool_id = self.nodes[0].id;
-        let spaced = !all && self.nodes.len() > LARGE_STAND_TERMINALS + 1;
         let terminals = self.nodes.len().saturating_sub(1) as u64;
         let base = LARGE_STAND_TERMINALS as u64;
         let spacing = (LARGE_STAND_CHECK_MS * terminals * terminals / (base * base))
@@ -49,6 +53,7 @@ impl World {
             }
             if spaced && self.nodes[n].next_check > self.now {
                 self.dirty.insert(n);
+                due = due.min(self.nodes[n].next_check);
                 continue;
             }
             self.nodes[n].next_check = self.now + spacing;
@@ -188,6 +193,7 @@ impl World {
                 }
             }
         }
+        self.checks_due = due;
         Ok(())
     }
 

@@ -127,7 +127,7 @@ impl World {
             self.schedule_arrival(i);
         }
         self.counters.restarts += 1;
-        self.dirty.insert(i);
+        self.mark_dirty(i);
         Ok(())
     }
 
@@ -255,7 +255,7 @@ impl World {
         self.by_replica.insert(node.id, new);
         self.nodes.push(node);
         self.wifi_up.push(true);
-        self.dirty.insert(new);
+        self.mark_dirty(new);
         self.counters.replacements += 1;
         self.schedule_arrival(new);
         Ok(())

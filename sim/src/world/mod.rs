@@ -244,6 +244,9 @@ pub struct World {
     latencies: Vec<u64>,
     counters: Counters,
     dirty: BTreeSet<usize>,
+    /// The earliest `next_check` of a dirty node: before it, a large stand's check has nothing
+    /// due and returns without walking the dirty set.
+    checks_due: u64,
     /// Nodes whose engines were handed something since the last flush: only they can have
     /// frames to send.
     outgoing: BTreeSet<usize>,
@@ -486,6 +489,7 @@ impl World {
             latencies: Vec::new(),
             counters: Counters::default(),
             dirty: (0..=terminals).collect(),
+            checks_due: 0,
             outgoing: (0..=terminals).collect(),
             samples: Vec::new(),
             trace_from: None,
@@ -551,6 +555,12 @@ impl World {
         self.nodes[node].wake = self.virtual_at(node, wake);
     }
 
+    /// `node`'s state changed: its invariants are checked when it is next due.
+    pub(super) fn mark_dirty(&mut self, node: usize) {
+        self.dirty.insert(node);
+        self.checks_due = self.checks_due.min(self.nodes[node].next_check);
+    }
+
     fn drain_events(&mut self, node: usize) {
         loop {
             let mut persist = false;
@@ -558,10 +568,10 @@ impl World {
                 match ev {
                     Event::Persist(_) => {
                         persist = true;
-                        self.dirty.insert(node);
+                        self.mark_dirty(node);
                     }
                     Event::Received { .. } => {
-                        self.dirty.insert(node);
+                        self.mark_dirty(node);
                     }
                     Event::Changed(_) => {}
                     Event::Committed {
