@@ -22,7 +22,7 @@ pub const WIRE_VERSION: u8 = 3;
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 /// Most changes sent in one message.
 pub const MAX_CHANGES_PER_MESSAGE: usize = 256;
-/// Most replicas in a version vector.
+/// Most replicas in a version vector (refused while it is read).
 pub const MAX_VECTOR_LEN: usize = 4096;
 /// Default interval between version-vector checks: a vector goes out at this pace while this
 /// replica holds changes it has not announced.
@@ -154,9 +154,6 @@ impl WireMessage {
             return Err(WireError::WrongStand(f.stand.to_string()));
         }
         match &f.msg {
-            WireMessage::Vector { vector } if vector.len() > MAX_VECTOR_LEN => {
-                Err(WireError::OverLimit("vector length"))
-            }
             WireMessage::Changes { changes } if changes.len() > MAX_CHANGES_PER_MESSAGE => {
                 Err(WireError::OverLimit("changes per message"))
             }

@@ -54,12 +54,10 @@ impl VersionVector {
         self.0.iter().map(|(_, s)| s)
     }
 
-    /// Replicas named.
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
-    /// Whether no replica is named.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
