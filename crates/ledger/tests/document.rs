@@ -73,3 +73,68 @@ fn a_snapshot_taken_while_changes_wait_holds_them() {
     assert_eq!(loaded.heads(), vec![hash(&c)]);
     assert_eq!(loaded.counters_from_state(), t.counters_from_state());
 }
+
+/// Keeps nothing it can be asked for again: a store that is not always readable.
+#[derive(Debug)]
+struct Forgetful;
+
+impl ChangeBytes for Forgetful {
+    fn keep(&mut self, _: ChangeHash, _: &SignedChange) {}
+    fn get(&self, _: &ChangeHash) -> Option<SignedChange> {
+        None
+    }
+    fn count(&self) -> Option<usize> {
+        None
+    }
+}
+
+#[test]
+fn a_deferred_document_is_built_from_the_held_bytes_when_read() {
+    let mut st = stand(Policy::Strict, 2, 1_000, 400);
+    assert!(st.terminals[1].defer_document());
+    // Past a rollover of the terminal's own epoch maps, with received changes in between.
+    let mut received = Vec::new();
+    for i in 0..300u64 {
+        let at = 3_000 + 10 * i;
+        let c = sell(&mut st.terminals[0], "hotdog", at);
+        let t = &mut st.terminals[1];
+        let r = t.apply_remote(vec![c.clone()], at);
+        assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+        received.push(c);
+        if i % 2 == 0 {
+            received.push(sell(t, "soda", at + 1));
+        }
+    }
+    let t = &mut st.terminals[1];
+    assert_eq!(t.counters_in_document(), t.counters_from_state());
+    let heads = t.heads();
+    assert_eq!(t.doc().get_heads(), heads);
+    // Its own changes, written by hand beside a lagging document, are what Automerge and
+    // another replica take.
+    let pool = &mut st.pool;
+    let r = pool.apply_remote(received, 7_000);
+    assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+    assert_eq!(pool.heads(), heads);
+    assert_eq!(pool.counters_in_document(), pool.counters_from_state());
+    assert_eq!(pool.counters_from_state(), t.counters_from_state());
+
+    let snap = t.snapshot();
+    let stored: Vec<SignedChange> = t.all_changes().collect();
+    let north = StandId::new("north").unwrap();
+    let (mut loaded, _, _) =
+        Ledger::from_snapshot(key(11), north, key(1).public(), &snap, stored, 8_000).unwrap();
+    assert_eq!(loaded.heads(), heads);
+    assert_eq!(loaded.counters_in_document(), t.counters_from_state());
+
+    // Only where the bytes can always be read back.
+    let north = StandId::new("north").unwrap();
+    let (mut other, _) = Ledger::restore_with(
+        key(10),
+        north,
+        key(1).public(),
+        Vec::new(),
+        Box::new(Forgetful),
+        8_000,
+    );
+    assert!(!other.defer_document());
+}

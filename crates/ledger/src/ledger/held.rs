@@ -24,6 +24,10 @@ pub trait ChangeBytes: Send + Sync + std::fmt::Debug {
     }
     /// How many distinct changes it holds, or `None` when that is not known cheaply.
     fn count(&self) -> Option<usize>;
+    /// Whether every change kept can always be read back (nothing is read from a store).
+    fn always_readable(&self) -> bool {
+        false
+    }
 }
 
 /// Every change's bytes in memory (the default).
@@ -39,6 +43,9 @@ impl ChangeBytes for InMemory {
     }
     fn count(&self) -> Option<usize> {
         Some(self.0.len())
+    }
+    fn always_readable(&self) -> bool {
+        true
     }
 }
 
@@ -60,6 +67,9 @@ impl ChangeBytes for Shared {
     }
     fn count(&self) -> Option<usize> {
         None
+    }
+    fn always_readable(&self) -> bool {
+        true
     }
 }
 

@@ -12,8 +12,17 @@ impl Ledger {
         if self.planted.is_some() {
             return;
         }
-        // The document is compared whenever it has caught up with every accepted change.
-        if self.unapplied.is_empty() {
+        // The document is brought up to date (it otherwise lags by a batch) and compared.
+        self.settle_doc();
+        if self.poisoned.is_none() {
+            let mut doc_heads = self.doc.get_heads();
+            doc_heads.sort_unstable();
+            assert_eq!(
+                doc_heads,
+                self.heads(),
+                "replica {}: the heads kept and the document's disagree",
+                self.me
+            );
             let heads = self.heads();
             let from_doc = self.counters_at(&heads);
             let from_state = self.counters_from_state();

@@ -2,6 +2,8 @@
 //! message, signs it, and runs it through the same validation as a received change, so the
 //! state is updated by one code path.
 
+use super::draft::Draft;
+use super::receive::DOC_BATCH_MAX;
 use super::*;
 
 impl Ledger {
@@ -21,19 +23,19 @@ impl Ledger {
             name: pool_name.to_owned(),
         };
         let name = pool_name.to_owned();
-        let change = l.commit_local(op, now_ms, move |tx, _| {
-            let event = tx.put_object(ROOT, EVENT, ObjType::Map)?;
-            tx.put(&event, "event", stand.event.as_str())?;
-            tx.put(&event, "venue", stand.venue.as_str())?;
-            tx.put(&event, "stand", stand.stand.as_str())?;
-            tx.put(&event, "policy", policy_str(stand.policy))?;
-            tx.put(&event, "allocation", allocation_str(stand.allocation))?;
-            tx.put(&event, "low_stock_pct", u64::from(stand.low_stock_pct))?;
-            tx.put_object(ROOT, CATALOG, ObjType::Map)?;
-            let replicas = tx.put_object(ROOT, REPLICAS, ObjType::Map)?;
-            write_replica_entry(tx, &replicas, me, &pool_key, &name, Role::Pool)?;
-            let stock = tx.put_object(ROOT, STOCK, ObjType::Map)?;
-            tx.put_object(&stock, me.to_string(), ObjType::Map)?;
+        let change = l.commit_local(op, now_ms, move |d| {
+            let event = d.make_map(None, EVENT, None)?;
+            d.put(event, "event", stand.event.as_str(), None)?;
+            d.put(event, "venue", stand.venue.as_str(), None)?;
+            d.put(event, "stand", stand.stand.as_str(), None)?;
+            d.put(event, "policy", policy_str(stand.policy), None)?;
+            d.put(event, "allocation", allocation_str(stand.allocation), None)?;
+            d.put(event, "low_stock_pct", u64::from(stand.low_stock_pct), None)?;
+            d.make_map(None, CATALOG, None)?;
+            let replicas = d.make_map(None, REPLICAS, None)?;
+            d.replica_entry(replicas, me, &pool_key, &name, Role::Pool)?;
+            let stock = d.make_map(None, STOCK, None)?;
+            d.make_map(stock, &me.to_string(), None)?;
             Ok(())
         })?;
         Ok((l, change))
@@ -247,9 +249,9 @@ impl Ledger {
             available,
         };
         let sku = sku.clone();
-        self.commit_local(op, now_ms, move |tx, w| {
-            let at = w.at.packed();
-            w.write(tx, &BTreeMap::from([((sku, field), at)]))
+        self.commit_local(op, now_ms, move |d| {
+            let at = d.at.packed();
+            d.counters(&BTreeMap::from([((sku, field), at)]))
         })
     }
 
@@ -299,17 +301,21 @@ impl Ledger {
         let op = Operation::Catalog {
             items: items.clone(),
         };
-        self.commit_local(op, now_ms, move |tx, _| {
-            let (_, catalog) = get_obj(tx, &ROOT, CATALOG)?;
+        self.commit_local(op, now_ms, move |d| {
+            let catalog = d.find(&Obj::Catalog)?;
             for it in &items {
                 let obj = if existing.contains_key(&it.sku) {
-                    get_obj(tx, &catalog, it.sku.as_str())?.1
+                    d.find(&Obj::CatalogItem(it.sku.clone()))?
                 } else {
-                    tx.put_object(&catalog, it.sku.as_str(), ObjType::Map)?
+                    let current = d.current(catalog, it.sku.as_str());
+                    d.make_map(catalog, it.sku.as_str(), current)?
                 };
-                tx.put(&obj, "name", it.name.as_str())?;
-                tx.put(&obj, "price_cents", it.price_cents)?;
-                tx.put(&obj, "low_stock_at", it.low_stock_at)?;
+                let name = d.current(obj, "name");
+                d.put(obj, "name", it.name.as_str(), name)?;
+                let price = d.current(obj, "price_cents");
+                d.put(obj, "price_cents", it.price_cents, price)?;
+                let low = d.current(obj, "low_stock_at");
+                d.put(obj, "low_stock_at", it.low_stock_at, low)?;
             }
             Ok(())
         })
@@ -343,11 +349,11 @@ impl Ledger {
             name: name.clone(),
             role,
         };
-        self.commit_local(op, now_ms, move |tx, _| {
-            let (_, replicas) = get_obj(tx, &ROOT, REPLICAS)?;
-            write_replica_entry(tx, &replicas, rid, &key, &name, role)?;
-            let (_, stock) = get_obj(tx, &ROOT, STOCK)?;
-            tx.put_object(&stock, rid.to_string(), ObjType::Map)?;
+        self.commit_local(op, now_ms, move |d| {
+            let replicas = d.find(&Obj::Replicas)?;
+            d.replica_entry(replicas, rid, &key, &name, role)?;
+            let stock = d.find(&Obj::Stock)?;
+            d.make_map(stock, &rid.to_string(), None)?;
             Ok(())
         })
     }
@@ -355,8 +361,8 @@ impl Ledger {
     /// Retire a replica (pool).
     pub fn retire(&mut self, replica: ReplicaId, now_ms: u64) -> Result<SignedChange, OpError> {
         self.check_retirable(replica)?;
-        self.commit_local(Operation::Retire { replica }, now_ms, move |tx, _| {
-            mark_retired(tx, replica)
+        self.commit_local(Operation::Retire { replica }, now_ms, move |d| {
+            d.retire(replica)
         })
     }
 
@@ -437,9 +443,9 @@ impl Ledger {
             units,
             gives,
         };
-        self.commit_local(op, now_ms, move |tx, w| {
-            mark_retired(tx, replica)?;
-            w.write(tx, &writes)
+        self.commit_local(op, now_ms, move |d| {
+            d.retire(replica)?;
+            d.counters(&writes)
         })
     }
 
@@ -532,11 +538,12 @@ impl Ledger {
         now_ms: u64,
         writes: BTreeMap<(Sku, Field), u64>,
     ) -> Result<SignedChange, OpError> {
-        self.commit_local(op, now_ms, move |tx, w| w.write(tx, &writes))
+        self.commit_local(op, now_ms, move |d| d.counters(&writes))
     }
 
-    /// Write one change with `f`, commit it with the typed message, sign it, and run it through
-    /// the same validation as a received change so the state is updated by one code path.
+    /// Write one change with `f`, with the typed message, sign it, and run it through the same
+    /// validation as a received change so the state is updated by one code path. The change
+    /// is built from the state (see `draft`): the document takes it with the next batch.
     fn commit_local<F>(
         &mut self,
         mut op: Operation,
@@ -544,12 +551,10 @@ impl Ledger {
         f: F,
     ) -> Result<SignedChange, OpError>
     where
-        F: FnOnce(&mut Transaction<'_>, &mut Writer<'_>) -> Result<(), automerge::AutomergeError>,
+        F: FnOnce(&mut Draft<'_>) -> Result<(), OpError>,
     {
         op.check_limits()
             .map_err(|why| OpError::Refused(Refusal::Invalid { why }))?;
-        // The change is written on the document and depends on its heads.
-        self.flush_doc(now_ms);
         let at = self.clock.tick(now_ms);
         if let Operation::Sale(rec) = &mut op {
             rec.at = at;
@@ -570,29 +575,45 @@ impl Ledger {
             }
             .into());
         }
+        // The change depends on everything held, so its ops follow every op of its past.
+        let deps = self.heads();
+        let past = self.causal_of(&deps, self.me, 0);
+        let start = past
+            .max_op
+            .checked_add(1)
+            .and_then(std::num::NonZeroU64::new)
+            .ok_or_else(|| internal("op counter overflows"))?;
+        let actor = self.key.public().actor();
         let drop_carry = self.planted(LedgerBug::DropCarryForward);
-        let mut tx = self.doc.transaction();
-        let mut writer = Writer {
-            me: self.me,
+        let mut draft = Draft::new(
+            &self.state,
+            self.me,
+            actor.clone(),
             at,
-            state: &self.state,
-            objs: &mut self.own_objs,
+            start.get(),
+            &mut self.own_objs,
             drop_carry,
-        };
-        if let Err(e) = f(&mut tx, &mut writer) {
-            tx.rollback();
-            self.own_objs.clear();
-            return Err(internal(e));
-        }
-        tx.commit_with(
-            CommitOptions::default()
-                .with_message(text)
-                .with_time(at.packed() as i64),
         );
-        let change = self
-            .doc
-            .get_last_local_change()
-            .ok_or_else(|| internal("committed change not found"))?;
+        if let Err(e) = f(&mut draft) {
+            self.own_objs.clear();
+            return Err(e);
+        }
+        let operations = draft.into_ops();
+        if operations.is_empty() {
+            return Err(internal("the change writes nothing"));
+        }
+        let change = Change::from(ExpandedChange {
+            operations,
+            actor_id: actor,
+            hash: None,
+            seq: self.next_seq(),
+            start_op: start,
+            time: at.packed() as i64,
+            message: Some(text),
+            deps,
+            extra_bytes: Vec::new(),
+            author: None,
+        });
         let signed = SignedChange {
             signature: self.key.sign(change.raw_bytes()).to_vec(),
             bytes: change.raw_bytes().to_vec(),
@@ -606,138 +627,25 @@ impl Ledger {
             Ok(fx) => {
                 self.apply_effects(self.me, &msg, fx, change.seq());
                 self.record(&signed, &change, self.me, at, &causal);
+                self.queue_for_doc(change);
+                if self.unapplied.len() >= DOC_BATCH_MAX {
+                    self.flush_doc(now_ms);
+                }
                 #[cfg(any(debug_assertions, feature = "check-invariants"))]
                 self.check_invariants();
                 Ok(signed)
             }
             Err(r) => {
-                // Our own change broke a rule the pre-checks should have caught: a bug. The
-                // document already holds it, so rebuild to keep state and document in step.
-                let why = format!("own {} change fails validation: {r}", msg.op.kind());
+                // Our own change broke a rule the pre-checks should have caught: a bug. Nothing
+                // was kept of it.
                 self.own_objs.clear();
-                let now = self.clock.last().wall_ms();
-                self.rebuild(now);
-                Err(OpError::Internal(why))
+                Err(OpError::Internal(format!(
+                    "own {} change fails validation: {r}",
+                    msg.op.kind()
+                )))
             }
         }
     }
-}
-
-/// Writes this replica's counters into its epoch maps, rolling over when an epoch is full.
-struct Writer<'a> {
-    me: ReplicaId,
-    /// The change's time.
-    at: Hlc,
-    state: &'a State,
-    objs: &'a mut HashMap<Sku, (ObjId, ObjId)>,
-    /// Planted bug: roll over without carrying the other counters forward.
-    drop_carry: bool,
-}
-
-impl Writer<'_> {
-    fn write(
-        &mut self,
-        tx: &mut Transaction<'_>,
-        writes: &BTreeMap<(Sku, Field), u64>,
-    ) -> Result<(), automerge::AutomergeError> {
-        let mut by_sku: BTreeMap<&Sku, Vec<(Field, u64)>> = BTreeMap::new();
-        for ((sku, f), v) in writes {
-            by_sku.entry(sku).or_default().push((*f, *v));
-        }
-        for (sku, fields) in by_sku {
-            let cell = self
-                .state
-                .cells
-                .get(&(self.me, sku.clone()))
-                .cloned()
-                .unwrap_or_default();
-            let (sku_map, epoch_map) = match (cell.has_map, cell.epoch) {
-                (true, Some(e)) => match self.objs.get(sku) {
-                    Some(o) => o.clone(),
-                    None => {
-                        let (_, stock) = get_obj(tx, &ROOT, STOCK)?;
-                        let (_, mine) = get_obj(tx, &stock, &self.me.to_string())?;
-                        let (_, sm) = get_obj(tx, &mine, sku.as_str())?;
-                        let (_, em) = get_obj(tx, &sm, &epoch_key(e))?;
-                        (sm, em)
-                    }
-                },
-                _ => {
-                    let (_, stock) = get_obj(tx, &ROOT, STOCK)?;
-                    let (_, mine) = get_obj(tx, &stock, &self.me.to_string())?;
-                    let sm = tx.put_object(&mine, sku.as_str(), ObjType::Map)?;
-                    let em = tx.put_object(&sm, epoch_key(0), ObjType::Map)?;
-                    self.objs.insert(sku.clone(), (sm.clone(), em.clone()));
-                    for (f, v) in &fields {
-                        tx.put(&em, f.key(), *v)?;
-                    }
-                    continue;
-                }
-            };
-            if cell.epoch_writes as usize + fields.len() > ROLLOVER_WRITES as usize {
-                let next = cell.epoch.map_or(0, |e| e + 1);
-                let em = tx.put_object(&sku_map, epoch_key(next), ObjType::Map)?;
-                let mut values: BTreeMap<Field, u64> = if self.drop_carry {
-                    BTreeMap::new()
-                } else {
-                    cell.values.clone()
-                };
-                for (f, v) in &fields {
-                    values.insert(*f, *v);
-                }
-                for (f, v) in values {
-                    if v > 0 {
-                        tx.put(&em, f.key(), v)?;
-                    }
-                }
-                self.objs.insert(sku.clone(), (sku_map, em));
-            } else {
-                for (f, v) in &fields {
-                    tx.put(&epoch_map, f.key(), *v)?;
-                }
-                self.objs.insert(sku.clone(), (sku_map, epoch_map));
-            }
-        }
-        Ok(())
-    }
-}
-
-pub(super) fn get_obj<D: ReadDoc>(
-    d: &D,
-    obj: &ObjId,
-    key: &str,
-) -> Result<(ObjType, ObjId), automerge::AutomergeError> {
-    match d.get(obj, key)? {
-        Some((automerge::Value::Object(t), id)) => Ok((t, id)),
-        _ => Err(automerge::AutomergeError::InvalidObjId(format!(
-            "no map at {key}"
-        ))),
-    }
-}
-
-pub(super) fn write_replica_entry(
-    tx: &mut Transaction<'_>,
-    replicas: &ObjId,
-    rid: ReplicaId,
-    key: &PublicKey,
-    name: &str,
-    role: Role,
-) -> Result<(), automerge::AutomergeError> {
-    let e = tx.put_object(replicas, rid.to_string(), ObjType::Map)?;
-    tx.put(&e, "name", name)?;
-    tx.put(&e, "role", role.as_str())?;
-    tx.put(&e, "key", key.to_string())?;
-    tx.put(&e, "retired", false)?;
-    Ok(())
-}
-
-pub(super) fn mark_retired(
-    tx: &mut Transaction<'_>,
-    replica: ReplicaId,
-) -> Result<(), automerge::AutomergeError> {
-    let (_, replicas) = get_obj(tx, &ROOT, REPLICAS)?;
-    let (_, e) = get_obj(tx, &replicas, &replica.to_string())?;
-    tx.put(&e, "retired", true)
 }
 
 pub(super) fn policy_str(p: Policy) -> &'static str {

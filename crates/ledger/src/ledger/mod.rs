@@ -6,6 +6,7 @@
 //! rules of the layout and the policy, one typed rejection each) and `invariants` (the
 //! consistency checks the test builds run after every change).
 
+mod draft;
 mod held;
 #[cfg(any(debug_assertions, feature = "check-invariants"))]
 mod invariants;
@@ -42,9 +43,8 @@ use crate::state::{
     Cell, Field, Obj, ObjAddr, OpAddr, RATE_HISTORY_LEN, ReplicaInfo, SaleEntry, State,
 };
 use automerge::legacy::{Key, ObjectId, OpType};
-use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{
-    ActorId, Automerge, Change, ChangeHash, ExpandedChange, ObjId, ObjType, ROOT, ReadDoc,
+    ActorId, Automerge, Change, ChangeHash, ExpandedChange, ObjType,
     ScalarValue,
 };
 use ed25519_dalek::VerifyingKey;
@@ -227,14 +227,22 @@ pub struct Ledger {
     bytes: Box<dyn ChangeBytes>,
     by_hash: HashMap<ChangeHash, usize>,
     by_actor: BTreeMap<ReplicaId, Vec<usize>>,
+    /// The held changes no other held change depends on.
+    heads: BTreeSet<ChangeHash>,
     pending: Pending,
     rejected: HashSet<ChangeHash>,
     rejected_order: VecDeque<ChangeHash>,
-    own_objs: HashMap<Sku, (ObjId, ObjId)>,
+    /// This replica's own maps of each item, as last written or found.
+    own_objs: HashMap<Sku, draft::OwnMaps>,
     stats: LedgerStats,
     /// Accepted changes not yet applied to the document, in the order accepted (see
-    /// `DOC_BATCH_MAX`).
+    /// `DOC_BATCH_MAX`); empty when the document is deferred.
     unapplied: Vec<Change>,
+    /// How many changes of `log`, from its start, the document holds.
+    doc_upto: usize,
+    /// The document is brought up to date only when it is read, from the held bytes (see
+    /// [`Ledger::defer_document`]).
+    deferred: bool,
     /// Rebuilding: apply each change to the document as it is accepted, so a fault inside
     /// Automerge is pinned to one change.
     careful: bool,
@@ -335,12 +343,15 @@ impl Ledger {
             bytes: Box::new(InMemory::default()),
             by_hash: HashMap::new(),
             by_actor: BTreeMap::new(),
+            heads: BTreeSet::new(),
             pending: Pending::default(),
             rejected: HashSet::new(),
             rejected_order: VecDeque::new(),
             own_objs: HashMap::new(),
             stats: LedgerStats::default(),
             unapplied: Vec::new(),
+            doc_upto: 0,
+            deferred: false,
             careful: false,
             poisoned: None,
             last_enrolled: None,
@@ -378,6 +389,20 @@ impl Ledger {
             return false;
         }
         self.bytes = Box::new(bytes);
+        true
+    }
+
+    /// Apply accepted changes to the Automerge document only when it is read (a snapshot, a
+    /// read at some heads, an offline overdraft's check), from the bytes held, instead of in
+    /// batches as they come: every rule reads the state, so a replica whose document is
+    /// seldom read saves the document's time and memory. Only where every held change's
+    /// bytes can always be read back (kept in memory); returns whether it took effect.
+    pub fn defer_document(&mut self) -> bool {
+        if !self.bytes.always_readable() {
+            return false;
+        }
+        self.deferred = true;
+        self.unapplied.clear();
         true
     }
 
@@ -510,17 +535,9 @@ impl Ledger {
             at: e.at,
         })
     }
-    /// The current heads, in order: the document's, moved on by the accepted changes still
-    /// waiting for it (each waits behind its dependencies, so it replaces those it depends on).
+    /// The current heads, in order.
     pub fn heads(&self) -> Vec<ChangeHash> {
-        let mut heads: BTreeSet<ChangeHash> = self.doc.get_heads().into_iter().collect();
-        for c in &self.unapplied {
-            for d in c.deps() {
-                heads.remove(d);
-            }
-            heads.insert(c.hash());
-        }
-        heads.into_iter().collect()
+        self.heads.iter().copied().collect()
     }
     /// The latest clock value.
     pub fn clock(&self) -> Hlc {

@@ -271,8 +271,10 @@ impl Ledger {
                     report.accepted_ids.push((actor, c.change.seq()));
                     let enrolled = self.last_enrolled.take();
                     report.accepted.push(c.signed);
-                    if !self.careful {
-                        self.unapplied.push(c.change);
+                    if self.careful {
+                        self.doc_upto = self.log.len();
+                    } else {
+                        self.queue_for_doc(c.change);
                     }
                     for w in self.pending.applied(&h) {
                         self.route(w, &mut ready, report);
@@ -363,8 +365,13 @@ impl Ledger {
 
     /// The causal facts of a change whose dependencies are all held.
     pub(super) fn causal(&self, change: &Change, actor: ReplicaId) -> Causal {
+        self.causal_of(change.deps(), actor, change.seq())
+    }
+
+    /// The causal facts of change `seq` of `actor` with dependencies `deps`, all held.
+    pub(super) fn causal_of(&self, deps: &[ChangeHash], actor: ReplicaId, seq: u64) -> Causal {
         let mut c = Causal::default();
-        for d in change.deps() {
+        for d in deps {
             if let Some(&i) = self.by_hash.get(d) {
                 let e = &self.log[i];
                 c.pool_seq_seen = c.pool_seq_seen.max(e.pool_seq_seen);
@@ -373,7 +380,7 @@ impl Ledger {
             }
         }
         if actor == self.pool() {
-            c.pool_seq_seen = c.pool_seq_seen.max(change.seq());
+            c.pool_seq_seen = c.pool_seq_seen.max(seq);
         }
         c
     }
@@ -483,22 +490,51 @@ impl Ledger {
     /// through something Automerge cannot take: rebuild from the log, leaving out whatever
     /// Automerge refuses.
     pub(super) fn flush_doc(&mut self, now_ms: u64) {
-        if self.unapplied.is_empty() {
+        if self.doc_upto >= self.log.len() {
             return;
         }
-        let batch = std::mem::take(&mut self.unapplied);
+        let batch = if self.deferred {
+            catch_unwind(AssertUnwindSafe(|| self.read_back())).ok().flatten()
+        } else {
+            Some(std::mem::take(&mut self.unapplied))
+        };
         let doc = &mut self.doc;
-        let ok = matches!(
-            catch_unwind(AssertUnwindSafe(|| doc.apply_changes(batch))),
-            Ok(Ok(()))
-        );
-        if !ok {
+        let ok = batch.is_some_and(|batch| {
+            matches!(
+                catch_unwind(AssertUnwindSafe(|| doc.apply_changes(batch))),
+                Ok(Ok(()))
+            )
+        });
+        if ok {
+            self.doc_upto = self.log.len();
+        } else {
             // A rebuild starts from a fresh replica: keep the request an operation of our own
             // is about to carry.
             let request = self.request.take();
             self.rebuild(now_ms);
             self.request = request;
         }
+    }
+
+    /// An accepted change, for the document's next batch (unless the document is deferred:
+    /// its bytes are read back then).
+    pub(super) fn queue_for_doc(&mut self, change: Change) {
+        if !self.deferred {
+            self.unapplied.push(change);
+        }
+    }
+
+    /// The held changes the document lacks, parsed again from their bytes; `None` when one
+    /// cannot be read back.
+    fn read_back(&self) -> Option<Vec<Change>> {
+        let hashes: Vec<ChangeHash> = self.log[self.doc_upto..].iter().map(|e| e.hash).collect();
+        let mut out = Vec::with_capacity(hashes.len());
+        for chunk in hashes.chunks(ALL_CHANGES_CHUNK) {
+            for signed in self.bytes.get_many(chunk) {
+                out.push(Change::from_bytes(signed?.bytes).ok()?);
+            }
+        }
+        Some(out)
     }
 
     pub(super) fn record(
@@ -523,6 +559,12 @@ impl Ledger {
         });
         self.by_hash.insert(hash, i);
         self.by_actor.entry(actor).or_default().push(i);
+        // Every dependency is held before a change is, so a held change never becomes a
+        // dependency of one held earlier.
+        for d in change.deps() {
+            self.heads.remove(d);
+        }
+        self.heads.insert(hash);
     }
 
     /// Rebuild document and state from the held changes after an internal fault, one change
@@ -559,9 +601,11 @@ impl Ledger {
         };
         let recording = self.applied.take();
         let memo = self.memo.take();
+        let deferred = self.deferred;
         *self = fresh;
         self.applied = recording;
         self.memo = memo;
+        self.deferred = deferred;
         self.careful = false;
         self.pending.trusted = false;
         self.stats = stats;

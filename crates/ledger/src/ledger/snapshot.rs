@@ -361,6 +361,8 @@ impl Ledger {
         l.log = body.entries.log;
         l.by_hash = body.entries.by_hash;
         l.by_actor = body.entries.by_actor;
+        l.heads = recorded.iter().map(|h| ChangeHash(*h)).collect();
+        l.doc_upto = l.log.len();
         l.clock
             .observe(body.clock, Hlc::from_packed(u64::MAX).wall_ms());
         Ok((l, tail, recorded))
