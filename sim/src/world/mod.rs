@@ -39,6 +39,12 @@ pub const LARGE_STAND_TERMINALS: usize = 16;
 pub const LARGE_STAND_CHECK_MS: u64 = 100;
 /// The longest spacing of a replica's checks, however large the stand.
 pub const LARGE_STAND_CHECK_MAX_MS: u64 = 2_000;
+/// On a stand of more than `LARGE_STAND_TERMINALS` terminals, the sampled check of a
+/// replica's document against its cached state rotates over the pool and this many terminals
+/// (the first ones), whose documents are then kept up to date; every other replica's is
+/// compared at the end. A replica's document is built only when it is read, so checking a
+/// hundred in turn would build a hundred.
+pub const LARGE_STAND_DOC_CHECKED: usize = 3;
 /// After the final heal every live replica must hold the same changes within this bound.
 pub const CONVERGENCE_BOUND_MS: u64 = 120_000;
 /// Stock is sampled for the plots this many times per game.
@@ -391,6 +397,7 @@ impl World {
         let pool_key = key_for(0).public();
         let memo = SignatureMemo::default();
         pool.share_signature_memo(memo.clone());
+        pool.defer_document();
         let bytes = Shared::default();
         let mut nodes = Vec::with_capacity(terminals + 1);
         nodes.push(Node::new(
@@ -404,6 +411,7 @@ impl World {
             let mut l = Ledger::join(key_for(i), stand_id.clone(), pool_key);
             l.share_signature_memo(memo.clone());
             l.share_change_bytes(bytes.clone());
+            l.defer_document();
             let r = l.apply_remote(setup.clone(), wall);
             if !r.rejected.is_empty() {
                 return Err(violation(
