@@ -78,7 +78,7 @@ pub use ledger::{
     SaleOutcome, SaleRequest, Shared, SnapshotError, SnapshotLoad, StockStatus, VersionVector,
     change_hash,
 };
-pub use ledger::{Applied, LedgerBug, SignatureMemo};
+pub use ledger::{Applied, LedgerBug, RecordMemo, SignatureMemo};
 pub use message::{
     AdminOp, Allocation, CatalogItem, ChangeMessage, Operation, Payment, PaymentMethod, Policy,
     SaleLine, SaleRecord, StandInfo,

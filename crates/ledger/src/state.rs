@@ -159,7 +159,7 @@ pub enum Obj {
 pub struct SaleEntry {
     /// The record from the change message.
     #[serde(with = "record_fields")]
-    pub record: SaleRecord,
+    pub record: std::sync::Arc<SaleRecord>,
     /// Voided since.
     pub voided: bool,
     /// Its place among its seller's sales (1 for the first): the same on every replica, since
@@ -477,6 +477,7 @@ mod record_fields {
     use crate::message::{Payment, SaleLine, SaleRecord};
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
     use std::collections::BTreeMap;
+    use std::sync::Arc;
 
     type Fields = (
         SaleId,
@@ -487,19 +488,21 @@ mod record_fields {
         BTreeMap<Sku, u64>,
     );
 
-    pub(super) fn serialize<S: Serializer>(r: &SaleRecord, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(r: &Arc<SaleRecord>, s: S) -> Result<S::Ok, S::Error> {
         (&r.id, &r.at, &r.lines, &r.payment, &r.offline, &r.overdraft).serialize(s)
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SaleRecord, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Arc<SaleRecord>, D::Error> {
         let (id, at, lines, payment, offline, overdraft) = Fields::deserialize(d)?;
-        Ok(SaleRecord {
+        Ok(Arc::new(SaleRecord {
             id,
             at,
             lines,
             payment,
             offline,
             overdraft,
-        })
+        }))
     }
 }

@@ -491,3 +491,31 @@ fn replicas_sharing_change_bytes_serve_only_what_each_holds() {
     // A replica that holds changes already keeps its own store.
     assert!(!a.share_change_bytes(shared.clone()));
 }
+
+#[test]
+fn replicas_sharing_sale_records_keep_each_sale_once() {
+    let mut st = stand(Policy::Strict, 3, 100, 10);
+    let records = RecordMemo::default();
+    st.terminals[1].share_sale_records(records.clone());
+    st.terminals[2].share_sale_records(records.clone());
+    let SaleOutcome::Committed { change, sale_id } =
+        st.terminals[0].sell(sale_req("hotdog", 2, true), 2_000)
+    else {
+        panic!("the sale commits")
+    };
+    for l in st.terminals[1..].iter_mut().chain([&mut st.pool]) {
+        assert!(
+            l.apply_remote(vec![change.clone()], 2_000)
+                .rejected
+                .is_empty()
+        );
+    }
+    let record = |l: &Ledger| l.sale(sale_id).expect("held").record.clone();
+    let (a, b) = (record(&st.terminals[1]), record(&st.terminals[2]));
+    assert!(std::sync::Arc::ptr_eq(&a, &b), "one record for both");
+    // A replica without the memo keeps its own copy of the same record.
+    let own = record(&st.pool);
+    assert!(!std::sync::Arc::ptr_eq(&own, &a));
+    assert_eq!(own, a);
+    assert_eq!(record(&st.terminals[0]), a);
+}

@@ -191,7 +191,7 @@ impl Node {
             order_no,
             terminal,
             total_cents: e.record.total_cents(),
-            sale: e.record.clone(),
+            sale: (*e.record).clone(),
             voided: e.voided,
             refunded: self.engine.ledger().refunded_lines(id),
             waited_ms: 0,

@@ -1,6 +1,6 @@
-//! Local operations: what this replica writes. Each builds one change, commits it with its typed
-//! message, signs it, and runs it through the same validation as a received change, so the
-//! state is updated by one code path.
+//! Local operations: what this replica writes. Each builds one change with its typed message
+//! (its ops from the state, see `draft`), signs it, and runs it through the same validation as
+//! a received change, so the state is updated by one code path.
 
 use super::draft::Draft;
 use super::receive::DOC_BATCH_MAX;
@@ -625,7 +625,7 @@ impl Ledger {
             .and_then(|()| self.validate(&change, &expanded, &msg, self.me, &causal));
         match checked {
             Ok(fx) => {
-                self.apply_effects(self.me, &msg, fx, change.seq());
+                self.apply_effects(self.me, &msg, fx, &change);
                 self.record(&signed, &change, self.me, at, &causal);
                 self.queue_for_doc(change);
                 if self.unapplied.len() >= DOC_BATCH_MAX {

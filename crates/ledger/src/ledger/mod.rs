@@ -1,10 +1,11 @@
 //! The ledger: one replica of a stand document, and what it answers about the stand.
 //!
 //! The rest of the replica lives beside this file, one concern each: `local` (the operations
-//! this replica writes), `receive` (the path every received byte takes, in order of its
-//! checks), `pending` (changes waiting for a dependency or an enrolment), `validate` (the
-//! rules of the layout and the policy, one typed rejection each) and `invariants` (the
-//! consistency checks the test builds run after every change).
+//! this replica writes), `draft` (the ops of such a change, built from the state), `receive`
+//! (the path every received byte takes, in order of its checks), `pending` (changes waiting
+//! for a dependency or an enrolment), `validate` (the rules of the layout and the policy, one
+//! typed rejection each) and `invariants` (the consistency checks the test builds run after
+//! every change).
 
 mod draft;
 mod held;
@@ -43,10 +44,7 @@ use crate::state::{
     Cell, Field, Obj, ObjAddr, OpAddr, RATE_HISTORY_LEN, ReplicaInfo, SaleEntry, State,
 };
 use automerge::legacy::{Key, ObjectId, OpType};
-use automerge::{
-    ActorId, Automerge, Change, ChangeHash, ExpandedChange, ObjType,
-    ScalarValue,
-};
+use automerge::{ActorId, Automerge, Change, ChangeHash, ExpandedChange, ObjType, ScalarValue};
 use ed25519_dalek::VerifyingKey;
 use pending::Pending;
 use receive::Causal;
@@ -253,6 +251,7 @@ pub struct Ledger {
     #[cfg(feature = "planted-bugs")]
     planted: Option<LedgerBug>,
     memo: Option<SignatureMemo>,
+    records: Option<RecordMemo>,
     /// The enrolled keys, decompressed once: a change's author key is otherwise decompressed
     /// twice per change, to check it is a point and to verify the signature.
     verifying: HashMap<[u8; 32], VerifyingKey>,
@@ -294,6 +293,26 @@ impl SignatureMemo {
     pub(crate) fn insert(&self, key: ([u8; 32], [u8; 64])) {
         if let Ok(mut m) = self.0.lock() {
             m.insert(key);
+        }
+    }
+}
+
+/// Sale records shared by the replicas of one process that hold the same changes (the
+/// simulator's stand): each sale is kept once, not once per replica. Keyed by the hash of the
+/// change that carries it, so only the same bytes share a record.
+#[derive(Debug, Clone, Default)]
+pub struct RecordMemo(
+    std::sync::Arc<std::sync::Mutex<HashMap<ChangeHash, std::sync::Arc<SaleRecord>>>>,
+);
+
+impl RecordMemo {
+    pub(crate) fn intern(&self, hash: ChangeHash, rec: &SaleRecord) -> std::sync::Arc<SaleRecord> {
+        match self.0.lock() {
+            Ok(mut m) => m
+                .entry(hash)
+                .or_insert_with(|| std::sync::Arc::new(rec.clone()))
+                .clone(),
+            Err(_) => std::sync::Arc::new(rec.clone()),
         }
     }
 }
@@ -359,6 +378,7 @@ impl Ledger {
             planted: None,
             request: None,
             memo: None,
+            records: None,
             verifying: HashMap::new(),
             applied: None,
         }
@@ -380,6 +400,11 @@ impl Ledger {
     /// Share a memo of good signatures with the other replicas of this process.
     pub fn share_signature_memo(&mut self, memo: SignatureMemo) {
         self.memo = Some(memo);
+    }
+
+    /// Share a memo of sale records with the other replicas of this process.
+    pub fn share_sale_records(&mut self, records: RecordMemo) {
+        self.records = Some(records);
     }
 
     /// Keep the signed bytes of changes in `bytes`, shared with other replicas of this

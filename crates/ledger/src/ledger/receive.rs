@@ -467,7 +467,7 @@ impl Ledger {
         if let Operation::Enrol { key, .. } = &msg.op {
             self.last_enrolled = Some(*key.bytes());
         }
-        self.apply_effects(actor, &msg, effects, c.change.seq());
+        self.apply_effects(actor, &msg, effects, &c.change);
         self.record(&c.signed, &c.change, actor, msg.at, &causal);
         self.clock.observe(msg.at, now_ms);
         Ok(actor)
@@ -494,7 +494,9 @@ impl Ledger {
             return;
         }
         let batch = if self.deferred {
-            catch_unwind(AssertUnwindSafe(|| self.read_back())).ok().flatten()
+            catch_unwind(AssertUnwindSafe(|| self.read_back()))
+                .ok()
+                .flatten()
         } else {
             Some(std::mem::take(&mut self.unapplied))
         };
@@ -601,10 +603,12 @@ impl Ledger {
         };
         let recording = self.applied.take();
         let memo = self.memo.take();
+        let records = self.records.take();
         let deferred = self.deferred;
         *self = fresh;
         self.applied = recording;
         self.memo = memo;
+        self.records = records;
         self.deferred = deferred;
         self.careful = false;
         self.pending.trusted = false;
@@ -616,8 +620,9 @@ impl Ledger {
         actor: ReplicaId,
         msg: &ChangeMessage,
         fx: Effects,
-        seq: u64,
+        change: &Change,
     ) {
+        let seq = change.seq();
         let double_count_void = self.planted(LedgerBug::DoubleCountVoid);
         if let Some(a) = &mut self.applied {
             a.push(Applied {
@@ -711,8 +716,12 @@ impl Ledger {
                 st.sale_index.insert(rec.id, st.sales.len());
                 let n = st.sales_by.entry(actor).or_insert(0);
                 *n = n.saturating_add(1);
+                let record = match &self.records {
+                    Some(memo) => memo.intern(change.hash(), rec),
+                    None => std::sync::Arc::new(rec.clone()),
+                };
                 st.sales.push(SaleEntry {
-                    record: rec.clone(),
+                    record,
                     voided: false,
                     ordinal: *n,
                 });
