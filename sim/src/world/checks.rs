@@ -45,7 +45,10 @@ impl World {
         let mut by_heads: BTreeMap<Vec<ChangeHash>, Vec<usize>> = BTreeMap::new();
         for (i, n) in self.nodes.iter().enumerate() {
             if n.alive && !n.dead {
-                by_heads.entry(n.engine.ledger().heads()).or_default().push(i);
+                by_heads
+                    .entry(n.engine.ledger().heads())
+                    .or_default()
+                    .push(i);
             }
         }
         for members in by_heads.values() {

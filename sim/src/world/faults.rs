@@ -114,6 +114,7 @@ impl World {
         }
         add_stats(&mut self.counters.engines_before_restart, n.engine.stats());
         ledger.share_signature_memo(self.memo.clone());
+        ledger.share_sale_records(self.records.clone());
         ledger.defer_document();
         n.engine = Engine::new(ledger, self.engine_cfg.clone(), wall);
         n.wake = 0;
@@ -246,6 +247,7 @@ impl World {
         let mut ledger = Ledger::join(key.clone(), self.stand_id.clone(), pool_key);
         ledger.share_signature_memo(self.memo.clone());
         ledger.share_change_bytes(self.bytes.clone());
+        ledger.share_sale_records(self.records.clone());
         ledger.defer_document();
         let customers = ChaCha8Rng::seed_from_u64(self.rng.random());
         let skew = draw_skew(&mut self.skew_rng, self.cfg.clock_skew_ms);

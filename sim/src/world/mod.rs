@@ -16,8 +16,9 @@ use crate::scenario::{self, Fault};
 use halftime_engine::{Engine, EngineConfig, EngineStats, Event, PlantedBug, SaleOrder, Ticket};
 use halftime_ledger::state::Field;
 use halftime_ledger::{
-    CatalogItem, EventId, Ledger, LedgerBug, OpError, Policy, Refusal, ReplicaId, ReplicaKey, Role,
-    SaleId, SaleLine, Shared, SignatureMemo, SignedChange, Sku, StandId, StandInfo, WireMessage,
+    CatalogItem, EventId, Ledger, LedgerBug, OpError, Policy, RecordMemo, Refusal, ReplicaId,
+    ReplicaKey, Role, SaleId, SaleLine, Shared, SignatureMemo, SignedChange, Sku, StandId,
+    StandInfo, WireMessage,
 };
 use halftime_ledger::{Payment, PaymentMethod, plan_allocation};
 use rand::{Rng, SeedableRng};
@@ -235,6 +236,7 @@ pub struct World {
     /// Good signatures, shared by every replica of this stand: each distinct signed change is
     /// verified once, not once per replica (the same bytes and signature give the same answer).
     memo: SignatureMemo,
+    records: RecordMemo,
     /// The signed bytes of the changes the honest replicas hold, kept once for all of them.
     bytes: Shared,
     /// The first sign of a bug that no invariant of the stand would show: a change of an
@@ -397,6 +399,8 @@ impl World {
         let pool_key = key_for(0).public();
         let memo = SignatureMemo::default();
         pool.share_signature_memo(memo.clone());
+        let records = RecordMemo::default();
+        pool.share_sale_records(records.clone());
         pool.defer_document();
         let bytes = Shared::default();
         let mut nodes = Vec::with_capacity(terminals + 1);
@@ -410,6 +414,7 @@ impl World {
             let wall = t0.saturating_add_signed(*skew);
             let mut l = Ledger::join(key_for(i), stand_id.clone(), pool_key);
             l.share_signature_memo(memo.clone());
+            l.share_sale_records(records.clone());
             l.share_change_bytes(bytes.clone());
             l.defer_document();
             let r = l.apply_remote(setup.clone(), wall);
@@ -489,6 +494,7 @@ impl World {
             acked_voids: Vec::new(),
             rogue,
             memo,
+            records,
             bytes,
             bug_seen: None,
             next_doc_check: 0,
