@@ -57,6 +57,11 @@ impl Ledger {
                 self.me
             );
         }
+        assert!(
+            self.vector == self.count_vector(),
+            "replica {}: the version vector kept disagrees with the per-author index",
+            self.me
+        );
         assert_eq!(
             self.by_actor.values().map(Vec::len).sum::<usize>(),
             self.log.len(),

@@ -227,6 +227,8 @@ pub struct Ledger {
     by_actor: BTreeMap<ReplicaId, Vec<usize>>,
     /// The held changes no other held change depends on.
     heads: BTreeSet<ChangeHash>,
+    /// `by_actor`'s lengths: what this replica holds of each author, as it tells its peers.
+    vector: VersionVector,
     pending: Pending,
     rejected: HashSet<ChangeHash>,
     rejected_order: VecDeque<ChangeHash>,
@@ -363,6 +365,7 @@ impl Ledger {
             by_hash: HashMap::new(),
             by_actor: BTreeMap::new(),
             heads: BTreeSet::new(),
+            vector: VersionVector::new(),
             pending: Pending::default(),
             rejected: HashSet::new(),
             rejected_order: VecDeque::new(),
@@ -810,6 +813,11 @@ impl Ledger {
 
     /// The version vector of what this replica holds.
     pub fn version_vector(&self) -> VersionVector {
+        self.vector.clone()
+    }
+
+    /// The version vector counted from the per-author index.
+    fn count_vector(&self) -> VersionVector {
         VersionVector::from_sorted(
             self.by_actor
                 .iter()
@@ -820,11 +828,11 @@ impl Ledger {
 
     /// Whether `their` names a change this replica lacks: one merge of two sorted runs.
     pub fn lacks_any_of(&self, their: &VersionVector) -> bool {
-        let mut mine = self.by_actor.iter().peekable();
+        let mut mine = self.vector.iter().peekable();
         for (r, seq) in their.iter() {
             while mine.next_if(|(m, _)| *m < r).is_some() {}
             let held = match mine.peek() {
-                Some((m, v)) if *m == r => v.len() as u64,
+                Some((m, v)) if *m == r => **v,
                 _ => 0,
             };
             if held < *seq {

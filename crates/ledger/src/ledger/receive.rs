@@ -560,7 +560,9 @@ impl Ledger {
             deps: change.deps().to_vec(),
         });
         self.by_hash.insert(hash, i);
-        self.by_actor.entry(actor).or_default().push(i);
+        let own = self.by_actor.entry(actor).or_default();
+        own.push(i);
+        self.vector.insert(actor, own.len() as u64);
         // Every dependency is held before a change is, so a held change never becomes a
         // dependency of one held earlier.
         for d in change.deps() {

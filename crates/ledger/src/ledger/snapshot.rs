@@ -363,6 +363,7 @@ impl Ledger {
         l.by_actor = body.entries.by_actor;
         l.heads = recorded.iter().map(|h| ChangeHash(*h)).collect();
         l.doc_upto = l.log.len();
+        l.vector = l.count_vector();
         l.clock
             .observe(body.clock, Hlc::from_packed(u64::MAX).wall_ms());
         Ok((l, tail, recorded))
