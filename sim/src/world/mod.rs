@@ -39,7 +39,7 @@ pub const LARGE_STAND_TERMINALS: usize = 16;
 /// virtual second the same whatever the stand's size, up to the cap.
 pub const LARGE_STAND_CHECK_MS: u64 = 100;
 /// The longest spacing of a replica's checks, however large the stand.
-pub const LARGE_STAND_CHECK_MAX_MS: u64 = 2_000;
+pub const LARGE_STAND_CHECK_MAX_MS: u64 = 4_000;
 /// On a stand of more than `LARGE_STAND_TERMINALS` terminals, the sampled check of a
 /// replica's document against its cached state rotates over the pool and this many terminals
 /// (the first ones), whose documents are then kept up to date; every other replica's is
