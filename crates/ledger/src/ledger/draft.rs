@@ -72,12 +72,12 @@ impl<'a> Draft<'a> {
 
     /// The op that made `obj`, as the state records it (a scan: kept for rare writes and for
     /// the first write of an item after a start).
-    pub(super) fn find(&self, obj: &Obj) -> Result<ObjAddr, OpError> {
+    pub(super) fn find(&self, obj: &Obj) -> Result<OpAddr, OpError> {
         self.state
             .objects
             .iter()
             .find(|(_, o)| *o == obj)
-            .map(|(addr, _)| Some(*addr))
+            .map(|(addr, _)| *addr)
             .ok_or_else(|| internal(format!("the document has no {obj:?}")))
     }
 
@@ -92,7 +92,7 @@ impl<'a> Draft<'a> {
         key: &str,
         action: OpType,
         current: Option<OpAddr>,
-    ) -> Result<ObjAddr, OpError> {
+    ) -> Result<OpAddr, OpError> {
         let id = self.start + self.ops.len() as u64;
         let slot = (obj, key.to_owned());
         let holder = match self.written.get(&slot) {
@@ -115,7 +115,7 @@ impl<'a> Draft<'a> {
             insert: false,
         });
         self.written.insert(slot, id);
-        Ok(Some((id, self.me)))
+        Ok((id, self.me))
     }
 
     /// Put a value at `key` of `obj`, replacing `current` (the op holding it now, if any).
@@ -130,26 +130,26 @@ impl<'a> Draft<'a> {
             .map(|_| ())
     }
 
-    /// Make a map at `key` of `obj`; returns it.
+    /// Make a map at `key` of `obj` (`None`: the root); returns it.
     pub(super) fn make_map(
         &mut self,
         obj: ObjAddr,
         key: &str,
         current: Option<OpAddr>,
-    ) -> Result<ObjAddr, OpError> {
+    ) -> Result<OpAddr, OpError> {
         self.push(obj, key, OpType::Make(ObjType::Map), current)
     }
 
     /// The entry of a replica in the registry.
     pub(super) fn replica_entry(
         &mut self,
-        replicas: ObjAddr,
+        replicas: OpAddr,
         rid: ReplicaId,
         key: &PublicKey,
         name: &str,
         role: Role,
     ) -> Result<(), OpError> {
-        let e = self.make_map(replicas, &rid.to_string(), None)?;
+        let e = Some(self.make_map(Some(replicas), &rid.to_string(), None)?);
         self.put(e, "name", name, None)?;
         self.put(e, "role", role.as_str(), None)?;
         self.put(e, "key", key.to_string(), None)?;
@@ -158,7 +158,7 @@ impl<'a> Draft<'a> {
 
     /// Mark a registered replica retired.
     pub(super) fn retire(&mut self, replica: ReplicaId) -> Result<(), OpError> {
-        let entry = self.find(&Obj::ReplicaEntry(replica))?;
+        let entry = Some(self.find(&Obj::ReplicaEntry(replica))?);
         let current = self.current(entry, "retired");
         self.put(entry, "retired", true, current)
     }
@@ -168,14 +168,10 @@ impl<'a> Draft<'a> {
         if let Some(m) = self.own.get(sku).filter(|m| m.epoch == epoch) {
             return Ok(*m);
         }
-        let found = |o: Obj| {
-            self.find(&o)?
-                .ok_or_else(|| internal(format!("the document has no {o:?}")))
-        };
         let m = OwnMaps {
             epoch,
-            sku_map: found(Obj::SkuStock(self.me, sku.clone()))?,
-            epoch_map: found(Obj::Epoch(self.me, sku.clone(), epoch))?,
+            sku_map: self.find(&Obj::SkuStock(self.me, sku.clone()))?,
+            epoch_map: self.find(&Obj::Epoch(self.me, sku.clone(), epoch))?,
         };
         self.own.insert(sku.clone(), m);
         Ok(m)
@@ -194,12 +190,12 @@ impl<'a> Draft<'a> {
             let state = self.state;
             let cell = state.cells.get(&(self.me, sku.clone())).unwrap_or(&empty);
             let Some(epoch) = cell.epoch.filter(|_| cell.has_map) else {
-                let mine = self.find(&Obj::ReplicaStock(self.me))?;
+                let mine = Some(self.find(&Obj::ReplicaStock(self.me))?);
                 let current = self.current(mine, sku.as_str());
                 let sku_map = self.make_map(mine, sku.as_str(), current)?;
-                let epoch_map = self.make_map(sku_map, &epoch_key(0), None)?;
+                let epoch_map = self.make_map(Some(sku_map), &epoch_key(0), None)?;
                 for (f, v) in &fields {
-                    self.put(epoch_map, &f.key(), *v, None)?;
+                    self.put(Some(epoch_map), &f.key(), *v, None)?;
                 }
                 self.remember(sku, 0, sku_map, epoch_map);
                 continue;
@@ -207,8 +203,8 @@ impl<'a> Draft<'a> {
             let maps = self.own_maps(sku, epoch)?;
             if cell.epoch_writes as usize + fields.len() > ROLLOVER_WRITES as usize {
                 let next = epoch + 1;
-                let sku_map = Some(maps.sku_map);
-                let epoch_map = self.make_map(sku_map, &epoch_key(next), None)?;
+                let sku_map = maps.sku_map;
+                let epoch_map = self.make_map(Some(sku_map), &epoch_key(next), None)?;
                 let mut values = if self.drop_carry {
                     BTreeMap::new()
                 } else {
@@ -217,7 +213,7 @@ impl<'a> Draft<'a> {
                 values.extend(fields.iter().copied());
                 for (f, v) in values {
                     if v > 0 {
-                        self.put(epoch_map, &f.key(), v, None)?;
+                        self.put(Some(epoch_map), &f.key(), v, None)?;
                     }
                 }
                 self.remember(sku, next, sku_map, epoch_map);
@@ -231,14 +227,12 @@ impl<'a> Draft<'a> {
         Ok(())
     }
 
-    fn remember(&mut self, sku: &Sku, epoch: u32, sku_map: ObjAddr, epoch_map: ObjAddr) {
-        if let (Some(sku_map), Some(epoch_map)) = (sku_map, epoch_map) {
-            let m = OwnMaps {
-                epoch,
-                sku_map,
-                epoch_map,
-            };
-            self.own.insert(sku.clone(), m);
-        }
+    fn remember(&mut self, sku: &Sku, epoch: u32, sku_map: OpAddr, epoch_map: OpAddr) {
+        let m = OwnMaps {
+            epoch,
+            sku_map,
+            epoch_map,
+        };
+        self.own.insert(sku.clone(), m);
     }
 }

@@ -24,7 +24,7 @@ impl Ledger {
         };
         let name = pool_name.to_owned();
         let change = l.commit_local(op, now_ms, move |d| {
-            let event = d.make_map(None, EVENT, None)?;
+            let event = Some(d.make_map(None, EVENT, None)?);
             d.put(event, "event", stand.event.as_str(), None)?;
             d.put(event, "venue", stand.venue.as_str(), None)?;
             d.put(event, "stand", stand.stand.as_str(), None)?;
@@ -35,7 +35,7 @@ impl Ledger {
             let replicas = d.make_map(None, REPLICAS, None)?;
             d.replica_entry(replicas, me, &pool_key, &name, Role::Pool)?;
             let stock = d.make_map(None, STOCK, None)?;
-            d.make_map(stock, &me.to_string(), None)?;
+            d.make_map(Some(stock), &me.to_string(), None)?;
             Ok(())
         })?;
         Ok((l, change))
@@ -302,14 +302,14 @@ impl Ledger {
             items: items.clone(),
         };
         self.commit_local(op, now_ms, move |d| {
-            let catalog = d.find(&Obj::Catalog)?;
+            let catalog = Some(d.find(&Obj::Catalog)?);
             for it in &items {
-                let obj = if existing.contains_key(&it.sku) {
+                let obj = Some(if existing.contains_key(&it.sku) {
                     d.find(&Obj::CatalogItem(it.sku.clone()))?
                 } else {
                     let current = d.current(catalog, it.sku.as_str());
                     d.make_map(catalog, it.sku.as_str(), current)?
-                };
+                });
                 let name = d.current(obj, "name");
                 d.put(obj, "name", it.name.as_str(), name)?;
                 let price = d.current(obj, "price_cents");
@@ -353,7 +353,7 @@ impl Ledger {
             let replicas = d.find(&Obj::Replicas)?;
             d.replica_entry(replicas, rid, &key, &name, role)?;
             let stock = d.find(&Obj::Stock)?;
-            d.make_map(stock, &rid.to_string(), None)?;
+            d.make_map(Some(stock), &rid.to_string(), None)?;
             Ok(())
         })
     }
@@ -618,6 +618,7 @@ impl Ledger {
             signature: self.key.sign(change.raw_bytes()).to_vec(),
             bytes: change.raw_bytes().to_vec(),
         };
+        // Validated as read back from its bytes, as a receiver will read it.
         let expanded = expand(&change).map_err(internal)?;
         let causal = self.causal(&change, self.me);
         let checked = self
