@@ -3,6 +3,7 @@
 use super::*;
 use halftime_ledger::ChangeHash;
 use halftime_ledger::layout::SkuCounters;
+use halftime_ledger::state::ReplicaInfo;
 
 impl World {
     /// The cached state of one replica (round robin; on a large stand over the pool and the
@@ -135,67 +136,125 @@ impl World {
                         ),
                     ));
                 }
-                let avail = l.available(s);
-                let mut sum = 0i64;
-                let own = l.cell(node.id, s);
-                let empty = BTreeMap::new();
-                let served_of = self.served.get(s).unwrap_or(&empty);
-                let returned_of = self.returned.get(s).unwrap_or(&empty);
-                let no_asks = BTreeMap::new();
-                let asked_of = self.asked.get(s).unwrap_or(&no_asks);
-                for (rid, info) in l.replicas() {
-                    let cell = l.cell(*rid, s);
-                    let counter = |f: Field| cell.map_or(0, |c| c.get(f));
-                    // The oracle: what this view says a replica sold never exceeds what it
-                    // served, and a replica's view of itself is exact.
-                    let out = counter(Field::Out);
-                    let served = served_of.get(rid).copied().unwrap_or(0);
-                    if out > served || (*rid == node.id && out != served) {
-                        return Err(violation(
-                            "oracle-units-served",
-                            format!(
-                                "node {n} sees replica {rid} with {out} of {s} out, but it served {served}"
-                            ),
-                        ));
-                    }
-                    if info.role == Role::Terminal {
-                        // Refunds: a terminal's `in` counts only the units its voids took back.
-                        let back = counter(Field::In);
-                        let returned = returned_of.get(rid).copied().unwrap_or(0);
-                        if back > returned || (*rid == node.id && back != returned) {
-                            return Err(violation(
-                                "oracle-units-returned",
-                                format!(
-                                    "node {n} sees replica {rid} take back {back} of {s}, but its customers returned {returned}"
-                                ),
-                            ));
+            }
+            // One pass over the cells this view holds, in replica order: a replica with no
+            // cell of an item holds nothing of it, and the checks below hold for zeros, but
+            // for this replica's exact view of itself, checked after the pass.
+            let replicas = l.replicas();
+            let empty = BTreeMap::new();
+            let no_asks = BTreeMap::new();
+            let mut sums = vec![0i64; self.skus.len()];
+            let mut own_cells = vec![false; self.skus.len()];
+            // Cursors into the oracle's per-item maps, which are in replica order too.
+            let mut served_k: Vec<_> = (self.skus.iter())
+                .map(|s| self.served.get(s).unwrap_or(&empty).iter().peekable())
+                .collect();
+            let mut returned_k: Vec<_> = (self.skus.iter())
+                .map(|s| self.returned.get(s).unwrap_or(&empty).iter().peekable())
+                .collect();
+            let mut sku_at = 0;
+            let mut last: Option<(ReplicaId, &ReplicaInfo)> = None;
+            for ((rid, s), cell) in l.cells() {
+                if last.is_none_or(|(r, _)| r != *rid) {
+                    sku_at = 0;
+                }
+                // A replica's cells are in item order: walk the items alongside.
+                while self.sku_order.get(sku_at).is_some_and(|(x, _)| x < s) {
+                    sku_at += 1;
+                }
+                let k = match self.sku_order.get(sku_at) {
+                    Some((x, k)) if x == s => *k,
+                    _ => continue,
+                };
+                let info = match last {
+                    Some((r, info)) if r == *rid => info,
+                    _ => match replicas.get(rid) {
+                        Some(info) => {
+                            last = Some((*rid, info));
+                            info
                         }
-                        // A terminal gives another terminal only what it was asked for.
-                        if n != 0 && *rid != node.id {
-                            let gave = own.map_or(0, |c| c.get(Field::Give(*rid)));
-                            let asked = asked_of.get(&(node.id, *rid)).copied().unwrap_or(0);
-                            if gave > asked {
-                                return Err(violation(
-                                    "gives-answer-asks",
-                                    format!(
-                                        "node {n} gave {rid} {gave} of {s}, but was asked for {asked}"
-                                    ),
-                                ));
-                            }
-                        }
-                    }
-                    let r = cell.map_or(0, |c| c.rights());
-                    sum += r;
-                    let retired = info.retired_at_pool_seq.is_some();
-                    if policy == Policy::Strict && r < 0 && !retired {
+                        None => continue,
+                    },
+                };
+                let own = *rid == node.id;
+                own_cells[k] |= own;
+                // The oracle: what this view says a replica sold never exceeds what it
+                // served, and a replica's view of itself is exact.
+                let out = cell.get(Field::Out);
+                let served = at(&mut served_k[k], rid);
+                if out > served || (own && out != served) {
+                    return Err(violation(
+                        "oracle-units-served",
+                        format!(
+                            "node {n} sees replica {rid} with {out} of {s} out, but it served {served}"
+                        ),
+                    ));
+                }
+                if info.role == Role::Terminal {
+                    // Refunds: a terminal's `in` counts only the units its voids took back.
+                    let back = cell.get(Field::In);
+                    let returned = at(&mut returned_k[k], rid);
+                    if back > returned || (own && back != returned) {
                         return Err(violation(
-                            "rights-non-negative",
+                            "oracle-units-returned",
                             format!(
-                                "node {n} sees replica {rid} with rights {r} for {s} under strict"
+                                "node {n} sees replica {rid} take back {back} of {s}, but its customers returned {returned}"
                             ),
                         ));
                     }
                 }
+                // A terminal gives another terminal only what it was asked for.
+                if own && n != 0 {
+                    let asked_of = self.asked.get(s).unwrap_or(&no_asks);
+                    for (f, gave) in &cell.values {
+                        let Field::Give(to) = f else { continue };
+                        let to_terminal =
+                            replicas.get(to).is_some_and(|i| i.role == Role::Terminal);
+                        if !to_terminal || *to == node.id {
+                            continue;
+                        }
+                        let asked = asked_of.get(&(node.id, *to)).copied().unwrap_or(0);
+                        if *gave > asked {
+                            return Err(violation(
+                                "gives-answer-asks",
+                                format!(
+                                    "node {n} gave {to} {gave} of {s}, but was asked for {asked}"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                let r = cell.rights();
+                sums[k] += r;
+                let retired = info.retired_at_pool_seq.is_some();
+                if policy == Policy::Strict && r < 0 && !retired {
+                    return Err(violation(
+                        "rights-non-negative",
+                        format!("node {n} sees replica {rid} with rights {r} for {s} under strict"),
+                    ));
+                }
+            }
+            for (k, s) in self.skus.iter().enumerate() {
+                if !own_cells[k] {
+                    if let Some(me) = replicas.get(&node.id) {
+                        let served = (self.served.get(s).and_then(|m| m.get(&node.id)))
+                            .copied()
+                            .unwrap_or(0);
+                        let returned = (self.returned.get(s).and_then(|m| m.get(&node.id)))
+                            .copied()
+                            .unwrap_or(0);
+                        if served > 0 || (me.role == Role::Terminal && returned > 0) {
+                            return Err(violation(
+                                "oracle-units-served",
+                                format!(
+                                    "node {n} has no counters of its own for {s}, but served {served} and took back {returned}"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                let avail = l.available(s);
+                let sum = sums[k];
                 // Gives a reclaimed replica made out of the pool's sight are nobody's rights.
                 let unbacked = l.unbacked(s) as i64;
                 if sum + unbacked != avail {
@@ -344,5 +403,18 @@ impl World {
             }
         }
         Ok(())
+    }
+}
+
+/// The value at `rid` of a map read in replica order through `cursor`, for replicas asked in
+/// ascending order (0 where the map has none).
+fn at<'a>(
+    cursor: &mut std::iter::Peekable<impl Iterator<Item = (&'a ReplicaId, &'a u64)>>,
+    rid: &ReplicaId,
+) -> u64 {
+    while cursor.next_if(|(r, _)| *r < rid).is_some() {}
+    match cursor.peek() {
+        Some((r, v)) if *r == rid => **v,
+        _ => 0,
     }
 }

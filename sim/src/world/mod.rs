@@ -185,6 +185,8 @@ pub struct World {
     net: Network,
     stand_id: StandId,
     skus: Vec<Sku>,
+    /// The items in text order, each with its place in `skus`.
+    sku_order: Vec<(Sku, usize)>,
     zipf_cdf: Vec<f64>,
     expected_demand: BTreeMap<Sku, f64>,
     opening: BTreeMap<Sku, u64>,
@@ -458,6 +460,16 @@ impl World {
             up: BTreeSet::new(),
             net: Network::default(),
             stand_id,
+            sku_order: {
+                let mut o: Vec<(Sku, usize)> = skus
+                    .iter()
+                    .cloned()
+                    .enumerate()
+                    .map(|(i, s)| (s, i))
+                    .collect();
+                o.sort();
+                o
+            },
             skus,
             zipf_cdf,
             expected_demand,

@@ -593,6 +593,10 @@ impl Ledger {
     pub fn cell(&self, replica: ReplicaId, sku: &Sku) -> Option<&Cell> {
         self.state.cells.get(&(replica, sku.clone()))
     }
+    /// Every cell, in replica order and by sku within a replica.
+    pub fn cells(&self) -> impl Iterator<Item = (&(ReplicaId, Sku), &Cell)> {
+        self.state.cells.iter()
+    }
     /// One counter of `replica` for `sku` as this replica knows it (0 when never written).
     pub fn counter(&self, replica: ReplicaId, sku: &Sku, field: Field) -> u64 {
         self.state
@@ -814,6 +818,11 @@ impl Ledger {
     /// The version vector of what this replica holds.
     pub fn version_vector(&self) -> VersionVector {
         self.vector.clone()
+    }
+
+    /// [`Ledger::version_vector`], borrowed.
+    pub fn vector(&self) -> &VersionVector {
+        &self.vector
     }
 
     /// The version vector counted from the per-author index.
