@@ -496,9 +496,13 @@ async fn watch(ws: &mut Ws, ms: u64, replica: ReplicaId) -> (bool, u64) {
         if let Message::Binary(b) = m {
             match WireMessage::decode(&b, &north()) {
                 Ok(WireMessage::Changes { .. }) => changes = true,
-                Ok(WireMessage::Vector { vector }) => {
-                    claimed = claimed.max(vector.get(&replica).copied().unwrap_or(0))
-                }
+                Ok(
+                    WireMessage::Vector { vector }
+                    | WireMessage::VectorHello { vector }
+                    | WireMessage::VectorChanged {
+                        changed: vector, ..
+                    },
+                ) => claimed = claimed.max(vector.get(&replica).copied().unwrap_or(0)),
                 _ => {}
             }
         }

@@ -164,7 +164,7 @@ impl Stand {
                 self.engines[i].persisted();
             }
             while let Some((to, m)) = self.engines[i].poll_transmit() {
-                self.vectors_sent += usize::from(matches!(m, WireMessage::Vector { .. }));
+                self.vectors_sent += usize::from(m.is_vector());
                 // Instances of one relay share its id: the one linked to the sender, if any
                 // (a frame onto a cut link is dropped on delivery).
                 let linked = |j: &usize| !self.cut.contains(&(i.min(*j), i.max(*j)));

@@ -4,7 +4,9 @@
 //!
 //! Fast path: every new change is pushed at once ([`PeerSync::push`]). Repair: the replicas
 //! exchange version vectors (per replica, the highest contiguous sequence held) on connect,
-//! periodically, and whenever a gap shows; the answer is `changes_since(vector)`. Every
+//! periodically, and whenever a gap shows; the answer is `changes_since(vector)`. Between
+//! whole vectors (on connect, on request and every [`FULL_VECTOR_MS`]) a vector names only
+//! the replicas whose entry rose since the last one sent on the connection. Every
 //! handler is idempotent, so loss, duplication, reordering and stale messages minutes late are
 //! all harmless. Automerge's own sync protocol is never used for received data: it would apply
 //! changes with no validation hook.
@@ -17,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
 /// Wire format version.
-pub const WIRE_VERSION: u8 = 3;
+pub const WIRE_VERSION: u8 = 4;
 /// Largest frame accepted, in bytes.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 /// Most changes sent in one message.
@@ -30,6 +32,10 @@ pub const ANTI_ENTROPY_INTERVAL_MS: u64 = 1_000;
 /// A vector goes out at least this often even when nothing changed, so that a lost vector or
 /// a lost push is repaired on a quiet stand too.
 pub const VECTOR_REFRESH_MS: u64 = 10_000;
+/// A whole vector goes out at least this often on a connection. The ones between name only
+/// what changed, so a lost one leaves the peer's view of us low (it resends what we hold, and
+/// nothing worse) until the next whole one.
+pub const FULL_VECTOR_MS: u64 = 60_000;
 /// Messages queued for one peer before older pushes are dropped (repair resends them).
 pub const PEER_OUTBOX_LEN: usize = 1_024;
 
@@ -93,6 +99,13 @@ pub enum WireMessage {
         granted: u64,
         change: Option<SignedChange>,
     },
+    /// What I hold, where it rose since the last vector I sent on this connection: the
+    /// replicas whose highest contiguous sequence changed, with the new value. `total`: the
+    /// sum of my whole vector, by which the peer sees that one of these went missing.
+    VectorChanged { changed: VersionVector, total: u64 },
+    /// What I hold, whole, from a connection that has no whole vector of yours yet (it is
+    /// new, or the one you sent was lost): answer with yours whole.
+    VectorHello { vector: VersionVector },
 }
 
 #[derive(Deserialize)]
@@ -131,6 +144,16 @@ pub enum WireError {
 }
 
 impl WireMessage {
+    /// A vector, whole or what changed.
+    pub fn is_vector(&self) -> bool {
+        matches!(
+            self,
+            WireMessage::Vector { .. }
+                | WireMessage::VectorChanged { .. }
+                | WireMessage::VectorHello { .. }
+        )
+    }
+
     /// Encode as one frame for `stand`.
     pub fn encode(&self, stand: &StandId) -> Vec<u8> {
         let f = FrameOut {
@@ -217,6 +240,12 @@ pub enum SyncEvent {
 #[derive(Debug, Clone)]
 pub struct PeerSync {
     their_vector: VersionVector,
+    /// Our vector as the vectors sent on this connection told it.
+    announced: VersionVector,
+    next_full_ms: u64,
+    /// A whole vector of the peer's arrived on this connection: `their_vector` is its view,
+    /// not a sum of changes over nothing.
+    heard_whole: bool,
     outbox: VecDeque<WireMessage>,
     next_vector_ms: u64,
     interval_ms: u64,
@@ -234,6 +263,9 @@ impl PeerSync {
     pub fn new(ledger: &Ledger, now_ms: u64, interval_ms: u64) -> Self {
         let mut s = Self {
             their_vector: VersionVector::new(),
+            announced: VersionVector::new(),
+            next_full_ms: 0,
+            heard_whole: false,
             outbox: VecDeque::new(),
             next_vector_ms: now_ms + interval_ms,
             interval_ms: interval_ms.max(1),
@@ -352,7 +384,7 @@ impl PeerSync {
     }
 
     fn enqueue(&mut self, m: WireMessage) {
-        if self.hand_over && !matches!(m, WireMessage::Vector { .. }) {
+        if self.hand_over && !m.is_vector() {
             return;
         }
         if self.outbox.len() >= PEER_OUTBOX_LEN {
@@ -363,12 +395,40 @@ impl PeerSync {
         self.outbox.push_back(m);
     }
 
+    /// Queue our vector behind everything queued: whole when one is due, else what rose
+    /// since the last one (and whatever a vector still queued would have said).
     fn send_vector(&mut self, ledger: &Ledger, now_ms: u64) {
-        self.outbox
-            .retain(|m| !matches!(m, WireMessage::Vector { .. }));
-        self.enqueue(WireMessage::Vector {
-            vector: ledger.version_vector(),
-        });
+        let mut whole = now_ms >= self.next_full_ms || !self.heard_whole;
+        let mut queued = None;
+        if let Some(i) = self.outbox.iter().position(WireMessage::is_vector) {
+            match self.outbox.remove(i) {
+                Some(WireMessage::VectorChanged { changed, .. }) => queued = Some(changed),
+                _ => whole = true,
+            }
+        }
+        let m = if whole {
+            self.announced.clone_from(ledger.vector());
+            self.next_full_ms = now_ms.saturating_add(FULL_VECTOR_MS);
+            let vector = self.announced.clone();
+            if self.heard_whole {
+                WireMessage::Vector { vector }
+            } else {
+                WireMessage::VectorHello { vector }
+            }
+        } else {
+            let mut changed = ledger.vector().newer_than(&self.announced);
+            if let Some(q) = queued {
+                // No bound: both name only replicas the ledger holds changes of.
+                changed.merge_max(&q, usize::MAX);
+            }
+            // What was announced only ever trails the ledger's vector.
+            self.announced.clone_from(ledger.vector());
+            WireMessage::VectorChanged {
+                changed,
+                total: self.announced.total(),
+            }
+        };
+        self.enqueue(m);
         self.next_vector_ms = now_ms + self.interval_ms;
         self.announced_len = ledger.len();
         self.next_refresh_ms = now_ms.saturating_add(VECTOR_REFRESH_MS.max(self.interval_ms));
@@ -378,13 +438,54 @@ impl PeerSync {
     pub fn handle(&mut self, ledger: &mut Ledger, msg: WireMessage, now_ms: u64) -> Vec<SyncEvent> {
         let mut events = Vec::new();
         match msg {
-            WireMessage::Vector { vector } => {
-                self.their_vector = vector;
+            WireMessage::Vector { .. }
+            | WireMessage::VectorChanged { .. }
+            | WireMessage::VectorHello { .. } => {
+                let mut hello = false;
+                match msg {
+                    WireMessage::Vector { vector } => {
+                        // What a replica holds only grows: a vector that arrives late (or
+                        // twice) lowers nothing.
+                        if self.heard_whole {
+                            if !self.their_vector.merge_max(&vector, MAX_VECTOR_LEN) {
+                                return events;
+                            }
+                        } else {
+                            self.their_vector = vector;
+                        }
+                        self.heard_whole = true;
+                    }
+                    WireMessage::VectorHello { vector } => {
+                        // The peer knows nothing of ours: our next vector is whole.
+                        self.their_vector = vector;
+                        self.heard_whole = true;
+                        self.next_full_ms = 0;
+                        hello = true;
+                    }
+                    WireMessage::VectorChanged { changed, total } => {
+                        // A vector that would make the view name too many replicas is dropped.
+                        if !self.their_vector.merge_max(&changed, MAX_VECTOR_LEN) {
+                            return events;
+                        }
+                        // Below the peer's word, the view missed an earlier change of it
+                        // (above it, it holds a later one that overtook this).
+                        if self.their_vector.total() < total {
+                            self.heard_whole = false;
+                        }
+                        if !self.heard_whole {
+                            // Changes over a view we do not have: answering would resend
+                            // what the peer holds. Ask for its whole vector instead.
+                            self.send_vector(ledger, now_ms);
+                            return events;
+                        }
+                    }
+                    _ => {}
+                }
                 let missing = ledger.changes_since(&self.their_vector, MAX_CHANGES_PER_MESSAGE);
                 if !missing.is_empty() {
                     self.enqueue(WireMessage::Changes { changes: missing });
                 }
-                if self.they_have_more(ledger) {
+                if hello || self.they_have_more(ledger) {
                     self.send_vector(ledger, now_ms);
                 }
             }

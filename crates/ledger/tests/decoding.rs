@@ -258,6 +258,108 @@ fn peer_sync_repairs_a_lossy_link() {
     assert_eq!(b.available(&sku("fries")), 60);
 }
 
+/// Deliver everything queued both ways until both are quiet.
+fn exchange(a: &mut Ledger, sa: &mut PeerSync, b: &mut Ledger, sb: &mut PeerSync, now: u64) {
+    for _ in 0..8 {
+        while let Some(m) = sa.poll_transmit() {
+            sb.handle(b, m, now);
+        }
+        while let Some(m) = sb.poll_transmit() {
+            sa.handle(a, m, now);
+        }
+    }
+}
+
+#[test]
+fn vectors_between_whole_ones_name_what_rose_and_a_lost_one_is_asked_for_again() {
+    let mut st = stand(Policy::Strict, 2, 100, 50);
+    let (mut a, mut b) = (st.terminals.remove(0), st.terminals.remove(0));
+    let (mut sa, mut sb) = (PeerSync::new(&a, 0, 100), PeerSync::new(&b, 0, 100));
+    // A new connection opens with the whole vector and asks for the peer's.
+    assert!(matches!(
+        sa.poll_transmit(),
+        Some(WireMessage::VectorHello { .. })
+    ));
+    sa = PeerSync::new(&a, 0, 100);
+    exchange(&mut a, &mut sa, &mut b, &mut sb, 0);
+    assert_eq!(sb.their_vector(), a.vector());
+
+    // A sale: the next vector names only the seller.
+    let SaleOutcome::Committed { change, .. } = a.sell(sale_req("fries", 1, false), 100) else {
+        panic!()
+    };
+    sa.push(a.me(), a.local_seq(), &change);
+    exchange(&mut a, &mut sa, &mut b, &mut sb, 100);
+    sa.handle_timeout(&a, 200);
+    let Some(WireMessage::VectorChanged { changed, total }) = sa.poll_transmit() else {
+        panic!("a vector of what changed")
+    };
+    assert_eq!(changed, VersionVector::from([(a.me(), a.local_seq())]));
+    assert_eq!(total, a.vector().total());
+    sb.handle(&mut b, WireMessage::VectorChanged { changed, total }, 200);
+    assert_eq!(sb.their_vector(), a.vector());
+
+    // A pool change reaches a; the vector saying so is lost; the next names only a's sale.
+    let restock = st
+        .pool
+        .restock(BTreeMap::from([(sku("soda"), 7)]), "truck", 300)
+        .unwrap();
+    a.apply_remote(vec![restock], 300);
+    sa.handle_timeout(&a, 400);
+    assert!(matches!(
+        sa.poll_transmit(),
+        Some(WireMessage::VectorChanged { .. })
+    ));
+    let SaleOutcome::Committed { change, .. } = a.sell(sale_req("fries", 1, false), 500) else {
+        panic!()
+    };
+    sa.push(a.me(), a.local_seq(), &change);
+    exchange(&mut a, &mut sa, &mut b, &mut sb, 500);
+    sa.handle_timeout(&a, 600);
+    let m = sa.poll_transmit().unwrap();
+    assert!(matches!(&m, WireMessage::VectorChanged { changed, .. } if changed.len() == 1));
+    sb.handle(&mut b, m, 600);
+    // b sees its view fall short of a's word and asks for the whole vector.
+    assert_ne!(sb.their_vector(), a.vector());
+    let ask = sb.poll_transmit().unwrap();
+    assert!(matches!(ask, WireMessage::VectorHello { .. }), "{ask:?}");
+    sa.handle(&mut a, ask, 600);
+    let whole = sa.poll_transmit().unwrap();
+    assert!(matches!(whole, WireMessage::Vector { .. }), "{whole:?}");
+    sb.handle(&mut b, whole, 600);
+    assert_eq!(sb.their_vector(), a.vector());
+    // And b, now knowing a holds the restock, gets it.
+    exchange(&mut a, &mut sa, &mut b, &mut sb, 600);
+    assert_eq!(b.vector(), a.vector());
+}
+
+#[test]
+fn a_forged_vector_gets_at_most_a_vector_back() {
+    let mut st = stand(Policy::Strict, 2, 100, 50);
+    let (mut a, mut b) = (st.terminals.remove(0), st.terminals.remove(0));
+    let (mut sa, mut sb) = (PeerSync::new(&a, 0, 100), PeerSync::new(&b, 0, 100));
+    exchange(&mut a, &mut sa, &mut b, &mut sb, 0);
+    let held = b.len();
+    // Hostile: totals no vector could reach, and a replica nobody enrolled.
+    let stranger = ReplicaId::from_public(&[0xee; 32]);
+    let forged = [
+        (VersionVector::new(), u64::MAX),
+        (VersionVector::from([(stranger, u64::MAX)]), u64::MAX),
+        (VersionVector::from([(a.me(), u64::MAX - 1)]), 3),
+    ];
+    for (i, (changed, total)) in forged.into_iter().enumerate() {
+        let m = WireMessage::VectorChanged { changed, total };
+        let m = WireMessage::decode(&m.encode(b.stand_id()), b.stand_id()).unwrap();
+        sb.handle(&mut b, m, 100 * i as u64);
+        let sent: Vec<WireMessage> = std::iter::from_fn(|| sb.poll_transmit()).collect();
+        assert!(
+            sent.len() <= 1 && sent.iter().all(WireMessage::is_vector),
+            "{sent:?}"
+        );
+    }
+    assert_eq!(b.len(), held);
+}
+
 #[test]
 fn optimistic_offline_sells_within_the_cap_and_locks_low_stock() {
     let mut st = stand(Policy::Optimistic, 2, 100, 10);

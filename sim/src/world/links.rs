@@ -91,6 +91,10 @@ impl World {
                         let (from, to) = (m.from, m.to);
                         let kind = match &msg {
                             WireMessage::Vector { .. } => "vector".to_owned(),
+                            WireMessage::VectorChanged { changed, .. } => {
+                                format!("vector-changed ({} replicas)", changed.len())
+                            }
+                            WireMessage::VectorHello { .. } => "vector-hello".to_owned(),
                             WireMessage::AdminRequest { id, op } => {
                                 format!("admin-request {id} {}", op.kind())
                             }

@@ -62,6 +62,77 @@ impl VersionVector {
         self.0.is_empty()
     }
 
+    /// Σ of the entries: how many changes the vector covers (saturating).
+    pub fn total(&self) -> u64 {
+        self.0.iter().fold(0u64, |t, (_, s)| t.saturating_add(*s))
+    }
+
+    /// The entries of this vector above `old` (a replica `old` does not name counts as 0).
+    pub fn newer_than(&self, old: &VersionVector) -> VersionVector {
+        if self.0.len() == old.0.len() && self.0.iter().zip(&old.0).all(|(a, b)| a.0 == b.0) {
+            // The same replicas (a vector and an earlier copy of it): compare in step.
+            let out = (self.0.iter().zip(&old.0))
+                .filter(|(a, b)| a.1 > b.1)
+                .map(|(a, _)| *a)
+                .collect();
+            return VersionVector(out);
+        }
+        let mut theirs = old.0.iter().peekable();
+        let mut out = Vec::new();
+        for &(r, seq) in &self.0 {
+            while theirs.next_if(|(t, _)| *t < r).is_some() {}
+            let held = match theirs.peek() {
+                Some((t, s)) if *t == r => *s,
+                _ => 0,
+            };
+            if seq > held {
+                out.push((r, seq));
+            }
+        }
+        VersionVector(out)
+    }
+
+    /// Raise each entry to `other`'s where that is higher, adding the replicas only `other`
+    /// names; false (those not added) when the result would name more than `max`.
+    pub fn merge_max(&mut self, other: &VersionVector, max: usize) -> bool {
+        // Most merges name no new replica: raise in place.
+        let mut i = 0;
+        let mut all_known = true;
+        for &(r, seq) in &other.0 {
+            while i < self.0.len() && self.0[i].0 < r {
+                i += 1;
+            }
+            match self.0.get_mut(i) {
+                Some(e) if e.0 == r => e.1 = e.1.max(seq),
+                _ => all_known = false,
+            }
+        }
+        if all_known {
+            return true;
+        }
+        let mut out = Vec::with_capacity(self.0.len() + other.0.len());
+        let (a, b) = (&self.0, &other.0);
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() || j < b.len() {
+            if j == b.len() || (i < a.len() && a[i].0 < b[j].0) {
+                out.push(a[i]);
+                i += 1;
+            } else if i == a.len() || b[j].0 < a[i].0 {
+                out.push(b[j]);
+                j += 1;
+            } else {
+                out.push((a[i].0, a[i].1.max(b[j].1)));
+                i += 1;
+                j += 1;
+            }
+        }
+        if out.len() > max {
+            return false;
+        }
+        self.0 = out;
+        true
+    }
+
     /// Entries sorted, a replica named twice keeping its last value (what a map would do).
     fn normalise(&mut self) {
         if self.0.windows(2).all(|w| w[0].0 < w[1].0) {
@@ -154,6 +225,25 @@ mod tests {
         assert_eq!(got, vec![(rid(1), 7), (rid(2), 4), (rid(3), 9)]);
         assert_eq!(v.get(&rid(2)), Some(&4));
         assert_eq!(v.get(&rid(4)), None);
+    }
+
+    #[test]
+    fn what_changed_since_a_vector_merges_back_into_it() {
+        let old: VersionVector = [(rid(1), 5), (rid(3), 2)].into();
+        let now: VersionVector = [(rid(1), 5), (rid(2), 1), (rid(3), 4)].into();
+        let changed = now.newer_than(&old);
+        assert_eq!(changed, VersionVector::from([(rid(2), 1), (rid(3), 4)]));
+        let mut view = old.clone();
+        assert!(view.merge_max(&changed, 8));
+        assert_eq!(view, now);
+        // A stale one (lower, late) lowers nothing.
+        assert!(view.merge_max(&VersionVector::from([(rid(1), 2), (rid(3), 1)]), 8));
+        assert_eq!(view, now);
+        // Raising known replicas in place, and the bound on replicas named.
+        assert!(view.merge_max(&VersionVector::from([(rid(1), 9)]), 3));
+        assert_eq!(view.get(&rid(1)), Some(&9));
+        assert!(!view.merge_max(&VersionVector::from([(rid(4), 1)]), 3));
+        assert_eq!(view.len(), 3, "no replica added past the bound");
     }
 
     #[test]
