@@ -82,7 +82,8 @@ use halftime_ledger::{
     AdminOp, Applied, ApplyReport, Hlc, Ledger, OpError, PeerSync, Refusal, ReplicaId, Role,
     SaleId, SaleLine, SignedChange, Sku, VersionVector, WireError, WireMessage,
 };
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 pub use rights::{
     ALLOCATION_INTERVAL_MS, ASK_BELOW_TARGET_PCT, ASK_RETRY_MS, MAX_HELD_SALES, PARALLEL_ASKS,
@@ -309,6 +310,29 @@ pub struct EngineStats {
 struct Peer {
     sync: PeerSync,
     last_heard_ms: u64,
+    /// When this peer's vector timer is next due: its key in `Engine::due`.
+    due_ms: u64,
+}
+
+impl Peer {
+    fn new(sync: PeerSync, now_ms: u64) -> Self {
+        let mut p = Self {
+            sync,
+            last_heard_ms: now_ms,
+            due_ms: 0,
+        };
+        p.due_ms = p.next_due();
+        p
+    }
+
+    fn next_due(&self) -> u64 {
+        self.sync.poll_timeout()
+    }
+
+    fn silent_from(&self) -> u64 {
+        self.last_heard_ms
+            .saturating_add(PEER_SILENCE_TIMEOUT_MS + 1)
+    }
 }
 
 /// The stand engine of one replica.
@@ -317,6 +341,14 @@ pub struct Engine {
     ledger: Ledger,
     cfg: EngineConfig,
     peers: BTreeMap<ReplicaId, Peer>,
+    /// Every peer by when its timers are next due, earliest on top, so that a wake-up visits
+    /// only the peers due rather than all of them (a large stand wakes each replica many times
+    /// a second). A peer filed again leaves its old entry behind, stale (its time is no longer
+    /// the peer's `due_ms`); stale entries are dropped when they reach the top.
+    due: BinaryHeap<Reverse<(u64, ReplicaId)>>,
+    /// When the first peer could fall silent, as of the last look: peers are looked at again
+    /// then, not at every frame or ping that moves it later.
+    silence_check_ms: u64,
     rights: rights::Rights,
     events: VecDeque<Event>,
     /// Our highest sequence number known durable.
@@ -346,6 +378,8 @@ impl Engine {
             ledger,
             cfg,
             peers: BTreeMap::new(),
+            due: BinaryHeap::new(),
+            silence_check_ms: u64::MAX,
             events: VecDeque::new(),
             persisted_seq,
             after_persist: VecDeque::new(),
@@ -411,14 +445,7 @@ impl Engine {
             return;
         }
         let sync = PeerSync::new(&self.ledger, now_ms, self.cfg.sync_interval_ms);
-        self.peers.insert(
-            peer,
-            Peer {
-                sync,
-                last_heard_ms: now_ms,
-            },
-        );
-        self.spread_vectors();
+        self.add_peer(peer, sync, now_ms);
     }
 
     /// A retired replica connected to hand over what it wrote (see `Ledger::admission`): its
@@ -429,19 +456,43 @@ impl Engine {
             return;
         }
         let sync = PeerSync::hand_over(&self.ledger, now_ms, self.cfg.sync_interval_ms);
-        self.peers.insert(
-            peer,
-            Peer {
-                sync,
-                last_heard_ms: now_ms,
-            },
-        );
+        self.add_peer(peer, sync, now_ms);
+    }
+
+    fn add_peer(&mut self, peer: ReplicaId, sync: PeerSync, now_ms: u64) {
+        let p = Peer::new(sync, now_ms);
+        self.due.push(Reverse((p.due_ms, peer)));
+        self.silence_check_ms = self.silence_check_ms.min(p.silent_from());
+        self.peers.insert(peer, p);
+        self.settle_due();
         self.spread_vectors();
+    }
+
+    /// After `peer`'s timers may have moved: file it under its new time.
+    fn refile(&mut self, peer: ReplicaId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            let due = p.next_due();
+            if due != p.due_ms {
+                self.due.push(Reverse((due, peer)));
+                p.due_ms = due;
+            }
+        }
+    }
+
+    /// Drop stale entries from the top of `due`, so that the top is the earliest peer.
+    fn settle_due(&mut self) {
+        while let Some(&Reverse((t, r))) = self.due.peek() {
+            if self.peers.get(&r).is_some_and(|p| p.due_ms == t) {
+                break;
+            }
+            self.due.pop();
+        }
     }
 
     /// The last connection to `peer` closed.
     pub fn peer_down(&mut self, peer: ReplicaId, now_ms: u64) {
         if self.peers.remove(&peer).is_some() {
+            self.settle_due();
             self.spread_vectors();
             self.rights.peer_down(peer);
             self.progress(now_ms);
@@ -508,11 +559,13 @@ impl Engine {
         let mut batch = Vec::new();
         let mut senders = BTreeSet::new();
         let mut others = Vec::new();
+        let mut heard = BTreeSet::new();
         for (from, msg) in msgs {
             let Some(p) = self.peers.get_mut(&from) else {
                 continue; // not connected (a frame that raced the close)
             };
             p.last_heard_ms = p.last_heard_ms.max(now_ms);
+            heard.insert(from);
             match msg {
                 WireMessage::Changes { changes } => {
                     batch.extend(changes);
@@ -596,6 +649,10 @@ impl Engine {
                 }
             }
         }
+        for peer in heard {
+            self.refile(peer);
+        }
+        self.settle_due();
         self.progress(now_ms);
     }
 
@@ -767,19 +824,39 @@ impl Engine {
 
     /// Timers: sale deadlines, vectors, allocation, surplus returns, silent peers.
     pub fn handle_timeout(&mut self, now_ms: u64) {
-        let silent: Vec<ReplicaId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| now_ms.saturating_sub(p.last_heard_ms) > PEER_SILENCE_TIMEOUT_MS)
-            .map(|(r, _)| *r)
-            .collect();
-        for r in silent {
-            self.peer_down(r, now_ms);
-            self.events.push_back(Event::PeerGone(r));
+        if now_ms >= self.silence_check_ms {
+            let silent: Vec<ReplicaId> = (self.peers.iter())
+                .filter(|(_, p)| p.silent_from() <= now_ms)
+                .map(|(r, _)| *r)
+                .collect();
+            for r in silent {
+                self.peer_down(r, now_ms);
+                self.events.push_back(Event::PeerGone(r));
+            }
+            self.silence_check_ms =
+                (self.peers.values().map(Peer::silent_from).min()).unwrap_or(u64::MAX);
         }
-        for p in self.peers.values_mut() {
-            p.sync.handle_timeout(&self.ledger, now_ms);
+        let mut due = Vec::new();
+        while let Some(&Reverse((t, r))) = self.due.peek() {
+            if t > now_ms {
+                break;
+            }
+            self.due.pop();
+            if self.peers.get(&r).is_some_and(|p| p.due_ms == t) {
+                due.push(r);
+            }
         }
+        // A peer filed twice under one time is due once.
+        due.sort_unstable();
+        due.dedup();
+        for r in due {
+            if let Some(p) = self.peers.get_mut(&r) {
+                p.sync.handle_timeout(&self.ledger, now_ms);
+                p.due_ms = p.next_due();
+                self.due.push(Reverse((p.due_ms, r)));
+            }
+        }
+        self.settle_due();
         let (rights, mut ctx) = self.split();
         rights.handle_timeout(&mut ctx, now_ms);
     }
@@ -805,6 +882,20 @@ impl Engine {
         None
     }
 
+    /// Every frame ready to send, in the order [`Engine::poll_transmit`] would give them.
+    pub fn drain_transmit(&mut self) -> Vec<(ReplicaId, WireMessage)> {
+        let mut out = Vec::new();
+        if !self.durable() {
+            return out;
+        }
+        for (r, p) in self.peers.iter_mut() {
+            while let Some(m) = p.sync.poll_transmit() {
+                out.push((*r, m));
+            }
+        }
+        out
+    }
+
     /// The next frame for `peer` (for drivers that cap what is in flight per peer).
     pub fn poll_transmit_to(&mut self, peer: ReplicaId) -> Option<WireMessage> {
         if !self.durable() {
@@ -815,13 +906,16 @@ impl Engine {
 
     /// When to call [`Engine::handle_timeout`] next (milliseconds on the driver's clock).
     pub fn poll_timeout(&self) -> u64 {
-        let mut t = self.rights.poll_timeout(&self.ledger, &self.cfg);
-        for p in self.peers.values() {
-            t = t
-                .min(p.sync.poll_timeout())
-                .min(p.last_heard_ms.saturating_add(PEER_SILENCE_TIMEOUT_MS + 1));
-        }
-        t
+        debug_assert!(
+            (self.peers.values()).all(|p| p.due_ms == p.next_due())
+                && self.due.peek().map(|Reverse((t, _))| *t)
+                    == self.peers.values().map(|p| p.due_ms).min()
+                && (self.peers.values()).all(|p| p.silent_from() >= self.silence_check_ms),
+            "every peer filed under when it is due"
+        );
+        let t = self.rights.poll_timeout(&self.ledger, &self.cfg);
+        let t = t.min(self.silence_check_ms);
+        self.due.peek().map_or(t, |Reverse((due, _))| t.min(*due))
     }
 
     /// Stretch every peer's vector interval so that about [`VECTORS_PER_INTERVAL`] go out

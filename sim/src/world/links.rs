@@ -190,7 +190,7 @@ impl World {
             if !self.nodes[a].alive {
                 continue;
             }
-            while let Some((to, msg)) = self.nodes[a].engine.poll_transmit() {
+            for (to, msg) in self.nodes[a].engine.drain_transmit() {
                 let Some(&b) = self.by_replica.get(&to) else {
                     continue;
                 };
