@@ -2,7 +2,7 @@
 //! top up ahead of demand and return surplus, the pool re-plans allocation.
 
 use crate::{Ctx, Elsewhere, Event, PlantedBug, SaleOrder, SaleRefusal, Ticket};
-use halftime_ledger::allocation::Shares;
+use halftime_ledger::allocation::{Shares, plan_returns};
 use halftime_ledger::{
     Ledger, OpError, Refusal, ReplicaId, Role, SaleId, SaleOutcome, SaleRequest, SignedChange, Sku,
     plan_allocation,
@@ -660,7 +660,10 @@ impl Rights {
         let Some(allocation) = ctx.ledger.stand().map(|s| s.allocation) else {
             return;
         };
-        let plans = plan_allocation(ctx.ledger, allocation, now);
+        let plans = match ctx.ledger.role() {
+            Some(Role::Pool) => plan_allocation(ctx.ledger, allocation, now),
+            _ => plan_returns(ctx.ledger, allocation, now, ctx.ledger.me()),
+        };
         if plans.is_empty() {
             return;
         }

@@ -199,14 +199,52 @@ pub fn plan_allocation_with(
                         units: units as u64,
                     });
                 }
-            } else if have * 100 > target.max(1) * RETURN_ABOVE_PCT {
+            } else if let Some(units) = surplus(have, target) {
                 plans.push(GivePlan {
                     from: t,
                     to: pool,
                     sku: sku.clone(),
-                    units: (have - target) as u64,
+                    units,
                 });
             }
+        }
+    }
+    plans
+}
+
+/// What a terminal holding `have` against a target of `target` returns to the pool, if any.
+/// (Never a terminal that [`plan_allocation`] would top up: that one holds under its target.)
+fn surplus(have: i64, target: i64) -> Option<u64> {
+    (have * 100 > target.max(1) * RETURN_ABOVE_PCT).then(|| (have - target) as u64)
+}
+
+/// The returns `terminal` makes under [`plan_allocation`], found without planning every other
+/// terminal's gives: each terminal of a large stand looks for its surplus every few seconds.
+pub fn plan_returns(
+    ledger: &Ledger,
+    allocation: Allocation,
+    now_ms: u64,
+    terminal: ReplicaId,
+) -> Vec<GivePlan> {
+    let shares = Shares::new(ledger, allocation, now_ms);
+    let Some(i) = shares.terminals.iter().position(|t| *t == terminal) else {
+        return Vec::new();
+    };
+    let pool = ledger.pool();
+    let mut plans = Vec::new();
+    for sku in ledger.catalog().keys() {
+        let total = shares.stand_total(ledger, sku);
+        let target = shares.share(
+            total - reserve(total, shares.reserve_pct),
+            shares.weights[i],
+        );
+        if let Some(units) = surplus(ledger.rights(terminal, sku), target) {
+            plans.push(GivePlan {
+                from: terminal,
+                to: pool,
+                sku: sku.clone(),
+                units,
+            });
         }
     }
     plans

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use halftime_ledger::allocation::{plan_allocation_with, targets_with};
+use halftime_ledger::allocation::{plan_allocation_with, plan_returns, targets_with};
 use halftime_ledger::*;
 
 #[test]
@@ -49,4 +49,31 @@ fn the_stand_total_counts_the_pool_and_active_terminals_only() {
     let t = targets_with(&st.pool, Allocation::Proportional, &hd, 4_000, 0);
     assert_eq!(t.len(), 3, "{t:?}");
     assert!(t.values().all(|v| *v == 180 / 3), "{t:?}");
+}
+
+#[test]
+fn a_terminals_own_returns_are_what_the_whole_plan_gives_it() {
+    let mut st = stand(Policy::Strict, 4, 200, 10);
+    let t0 = key(10).replica_id();
+    // The pool hands one terminal far more than its share of hot dogs.
+    st.pool
+        .give(
+            t0,
+            std::collections::BTreeMap::from([(sku("hotdog"), 150)]),
+            2_000,
+        )
+        .unwrap();
+    for allocation in [Allocation::Proportional, Allocation::Velocity] {
+        let whole = plan_allocation(&st.pool, allocation, 3_000);
+        let mut returned = 0;
+        for t in st.terminals.iter().map(Ledger::me) {
+            let own: Vec<GivePlan> = whole.iter().filter(|p| p.from == t).cloned().collect();
+            assert_eq!(plan_returns(&st.pool, allocation, 3_000, t), own, "{t}");
+            returned += own.len();
+        }
+        assert!(
+            returned > 0,
+            "the terminal holding too much returns some: {whole:?}"
+        );
+    }
 }
