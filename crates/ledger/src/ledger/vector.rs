@@ -69,13 +69,18 @@ impl VersionVector {
 
     /// The entries of this vector above `old` (a replica `old` does not name counts as 0).
     pub fn newer_than(&self, old: &VersionVector) -> VersionVector {
-        if self.0.len() == old.0.len() && self.0.iter().zip(&old.0).all(|(a, b)| a.0 == b.0) {
-            // The same replicas (a vector and an earlier copy of it): compare in step.
-            let out = (self.0.iter().zip(&old.0))
-                .filter(|(a, b)| a.1 > b.1)
-                .map(|(a, _)| *a)
-                .collect();
-            return VersionVector(out);
+        if self.0.len() == old.0.len() {
+            // Most often the same replicas (a vector and an earlier copy of it): in step.
+            let mut out = Vec::new();
+            let same = self.0.iter().zip(&old.0).all(|(a, b)| {
+                if a.1 > b.1 {
+                    out.push(*a);
+                }
+                a.0 == b.0
+            });
+            if same {
+                return VersionVector(out);
+            }
         }
         let mut theirs = old.0.iter().peekable();
         let mut out = Vec::new();
