@@ -21,6 +21,25 @@ fn threads() -> usize {
 }
 
 #[test]
+fn offline_overdrafts_commit_on_replicas_that_build_their_document_when_read() {
+    // An overdraft claim is checked against the document at the sale's dependencies, which
+    // a simulated replica builds only when read: with the WAN down from the start, terminals
+    // overdraw (the baseline's 1/N caps at once, optimistic once their rights run out).
+    for (baseline, policy, minutes) in [
+        (true, PolicyChoice::Strict, 120),
+        (false, PolicyChoice::Optimistic, 120),
+    ] {
+        let mut c = SimConfig::new(19, Scenario::WanDown);
+        c.baseline = baseline;
+        c.policy = policy;
+        c.game_minutes = minutes;
+        if let Err(f) = run(&c, &mut |_, _| {}) {
+            panic!("{f}");
+        }
+    }
+}
+
+#[test]
 fn ci_sweep_every_scenario_holds_invariants() {
     let mut jobs = Vec::new();
     for seed in 0..12 {

@@ -12,9 +12,14 @@ impl Ledger {
         if self.planted.is_some() {
             return;
         }
-        // The document is brought up to date (it otherwise lags by a batch) and compared.
-        self.settle_doc();
-        if self.poisoned.is_none() {
+        // The document is brought up to date (it otherwise lags by a batch) and compared;
+        // one built only when read is compared when it is (bringing it up to date here would
+        // hide a rule that reads it without doing so).
+        let lazy = self.deferred && self.doc_upto < self.log.len();
+        if !lazy {
+            self.settle_doc();
+        }
+        if self.poisoned.is_none() && !lazy {
             let mut doc_heads = self.doc.get_heads();
             doc_heads.sort_unstable();
             assert_eq!(

@@ -620,6 +620,11 @@ impl Ledger {
         };
         // Validated as read back from its bytes, as a receiver will read it.
         let expanded = expand(&change).map_err(internal)?;
+        if matches!(&msg.op, Operation::Sale(r) if !r.overdraft.is_empty()) {
+            // The overdraft claim is checked against the document at the change's
+            // dependencies, which may still wait for the document's next batch.
+            self.flush_doc(now_ms);
+        }
         let causal = self.causal(&change, self.me);
         let checked = self
             .check_history(&change, self.me, at, &causal, now_ms)
