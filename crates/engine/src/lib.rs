@@ -341,7 +341,7 @@ pub struct Engine {
     ledger: Ledger,
     cfg: EngineConfig,
     peers: BTreeMap<ReplicaId, Peer>,
-    /// Every peer by when its timers are next due, earliest on top, so that a wake-up visits
+    /// Every peer by when its vector timer is next due, earliest on top, so that a wake-up visits
     /// only the peers due rather than all of them (a large stand wakes each replica many times
     /// a second). A peer filed again leaves its old entry behind, stale (its time is no longer
     /// the peer's `due_ms`); stale entries are dropped when they reach the top.
