@@ -227,17 +227,13 @@ pub fn plan_returns(
     terminal: ReplicaId,
 ) -> Vec<GivePlan> {
     let shares = Shares::new(ledger, allocation, now_ms);
-    let Some(i) = shares.terminals.iter().position(|t| *t == terminal) else {
+    if !shares.terminals.contains(&terminal) {
         return Vec::new();
-    };
+    }
     let pool = ledger.pool();
     let mut plans = Vec::new();
     for sku in ledger.catalog().keys() {
-        let total = shares.stand_total(ledger, sku);
-        let target = shares.share(
-            total - reserve(total, shares.reserve_pct),
-            shares.weights[i],
-        );
+        let target = shares.target(ledger, sku, terminal);
         if let Some(units) = surplus(ledger.rights(terminal, sku), target) {
             plans.push(GivePlan {
                 from: terminal,
