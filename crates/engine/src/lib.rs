@@ -95,12 +95,14 @@ pub use rights::{
 /// connections open for many seconds; the driver closes the connection when told.
 pub const PEER_SILENCE_TIMEOUT_MS: u64 = 3_000;
 
-/// On a full mesh, about this many periodic vectors go out per sync interval, whatever the
-/// number of peers: each peer's interval is stretched by `peers / VECTORS_PER_INTERVAL`. A
-/// replica that missed a change still hears, every interval, vectors from several holders of
-/// it and asks; a 100-terminal stand no longer sends N² vectors a second. A hub's peers reach
-/// only it, so it keeps the plain interval.
-pub const VECTORS_PER_INTERVAL: usize = 16;
+/// On a full mesh, about this many vector entries go out per sync interval, whatever the
+/// number of peers. A vector names up to one entry per replica and goes to every peer, so each
+/// peer's interval is stretched by `peers² / VECTOR_ENTRIES_PER_INTERVAL`: not at all up to
+/// 16 peers, 40 times at 100. A replica that missed a change still hears vectors from a few
+/// holders of it every interval (each naming what rose over the stretched one) and asks; a
+/// 100-terminal stand no longer sends N³ entries a second. A hub's peers reach only it, so it
+/// keeps the plain interval.
+pub const VECTOR_ENTRIES_PER_INTERVAL: usize = 256;
 
 /// The driver's handle on one sale, chosen by the driver and returned in the sale's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -918,17 +920,23 @@ impl Engine {
         self.due.peek().map_or(t, |Reverse((due, _))| t.min(*due))
     }
 
-    /// Stretch every peer's vector interval so that about [`VECTORS_PER_INTERVAL`] go out
-    /// per sync interval.
+    /// Stretch every peer's vector interval so that about [`VECTOR_ENTRIES_PER_INTERVAL`]
+    /// entries go out per sync interval.
     fn spread_vectors(&mut self) {
         let stretch = if self.cfg.hub {
             1
         } else {
-            self.peers.len().div_ceil(VECTORS_PER_INTERVAL).max(1) as u64
+            let n = self.peers.len();
+            n.saturating_mul(n)
+                .div_ceil(VECTOR_ENTRIES_PER_INTERVAL)
+                .max(1) as u64
         };
         let ms = self.cfg.sync_interval_ms.saturating_mul(stretch);
-        for p in self.peers.values_mut() {
-            p.sync.set_interval(ms);
+        // Seeded by both ends: every replica's vectors to one peer must not keep in step.
+        let me = u64::from_be_bytes(self.ledger.me().bytes());
+        for (r, p) in self.peers.iter_mut() {
+            let stagger = (stretch > 1).then(|| me ^ u64::from_be_bytes(r.bytes()).rotate_left(32));
+            p.sync.set_interval(ms, stagger);
         }
     }
 

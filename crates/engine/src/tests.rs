@@ -491,12 +491,12 @@ fn a_big_stand_spreads_its_vectors_out_and_a_hub_does_not() {
         auto_rights: false,
         ..EngineConfig::default()
     };
-    // 41 replicas, 40 peers each: the interval is stretched three times.
+    // 41 replicas, 40 peers each: the interval is stretched 1,600 / 256 = 7 times.
     let links = 41 * 40;
     let mesh = vectors_while_busy(40, busy.clone());
     assert!(
-        mesh >= links && mesh <= links * 3,
-        "{mesh} vectors on {links} links in 6 s: about two per link"
+        mesh >= links / 2 && mesh <= links,
+        "{mesh} vectors on {links} links in 6 s: at most one per link"
     );
     // A stand of 16 terminals keeps the plain second.
     let small_links = 17 * 16;
@@ -530,7 +530,7 @@ fn on_a_big_stand_a_lost_push_is_repaired_from_the_others_vectors() {
     let seller = s.id(1);
     assert_eq!(s.engines[2].ledger().held_from(&seller), 0);
     assert_eq!(s.engines[3].ledger().held_from(&seller), 1);
-    // Terminal 2's own vectors to the seller go out only every 3 s, but others announce
+    // Terminal 2's own vectors to the seller go out only every 7 s, but others announce
     // theirs to it; the first that shows more than it holds makes it ask.
     s.run_until(T0 + 1_520 + 3_000);
     assert_eq!(s.engines[2].ledger().held_from(&seller), 1);

@@ -249,6 +249,9 @@ pub struct PeerSync {
     outbox: VecDeque<WireMessage>,
     next_vector_ms: u64,
     interval_ms: u64,
+    /// Set: each gap between periodic vectors is drawn from this seed and the time, between
+    /// half and one and a half intervals (see [`PeerSync::set_interval`]).
+    stagger: Option<u64>,
     /// Changes held when the last vector went out, and when one must go out regardless.
     announced_len: usize,
     next_refresh_ms: u64,
@@ -269,6 +272,7 @@ impl PeerSync {
             outbox: VecDeque::new(),
             next_vector_ms: now_ms + interval_ms,
             interval_ms: interval_ms.max(1),
+            stagger: None,
             announced_len: 0,
             next_refresh_ms: 0,
             dropped: 0,
@@ -286,9 +290,29 @@ impl PeerSync {
         s
     }
 
-    /// Change the interval of the periodic vector (from the next one on).
-    pub fn set_interval(&mut self, interval_ms: u64) {
+    /// Change the interval of the periodic vector (from the next one on). With `stagger`, each
+    /// gap is drawn between half and one and a half intervals from the seed and the time, so
+    /// that a replica's peers, which all connected at once, do not all send theirs at once:
+    /// on a long interval, a replica that missed a change then hears of it from the first of
+    /// its peers to speak, not after a whole interval of silence.
+    pub fn set_interval(&mut self, interval_ms: u64, stagger: Option<u64>) {
         self.interval_ms = interval_ms.max(1);
+        self.stagger = stagger;
+    }
+
+    /// The time from now to the next periodic vector.
+    fn gap(&self, now_ms: u64) -> u64 {
+        match self.stagger {
+            None => self.interval_ms,
+            Some(seed) => {
+                // splitmix64's finaliser: deterministic, so a simulated run replays.
+                let mut z = (seed ^ now_ms).wrapping_add(0x9e37_79b9_7f4a_7c15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                (self.interval_ms / 2 + z % self.interval_ms).max(1)
+            }
+        }
     }
 
     /// Whether the peer only hands over.
@@ -429,7 +453,7 @@ impl PeerSync {
             }
         };
         self.enqueue(m);
-        self.next_vector_ms = now_ms + self.interval_ms;
+        self.next_vector_ms = now_ms.saturating_add(self.gap(now_ms));
         self.announced_len = ledger.len();
         self.next_refresh_ms = now_ms.saturating_add(VECTOR_REFRESH_MS.max(self.interval_ms));
     }
@@ -585,7 +609,7 @@ impl PeerSync {
         if ledger.len() != self.announced_len || now_ms >= self.next_refresh_ms {
             self.send_vector(ledger, now_ms);
         } else {
-            self.next_vector_ms = now_ms + self.interval_ms;
+            self.next_vector_ms = now_ms.saturating_add(self.gap(now_ms));
         }
     }
 }
