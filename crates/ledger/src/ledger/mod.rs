@@ -192,6 +192,10 @@ struct Entry {
 struct Candidate {
     signed: SignedChange,
     change: Change,
+    /// Its key in the shared memo, when there is one and the change is signed.
+    memo_key: Option<MemoKey>,
+    /// Found in the memo: parsed and verified already.
+    verified: bool,
     hash: ChangeHash,
     actor: [u8; 32],
     key: PublicKey,
@@ -277,24 +281,29 @@ pub struct Applied {
     pub req: Option<u64>,
 }
 
-/// Signatures found good, shared by the replicas of one process that receive the same changes
-/// (the simulator's stand): the same bytes with the same signature verify the same way every
-/// time, so each pair is checked once. Keyed by a digest of the exact bytes and the signature;
-/// a copy that differs in either is verified on its own.
+/// Signatures found good, with the changes they sign as parsed, shared by the replicas of one
+/// process that receive the same changes (the simulator's stand): the same bytes with the same
+/// signature verify the same way every time, and parse to the same change, so each pair is
+/// checked and parsed once. Keyed by a digest of the exact bytes and the signature; a copy
+/// that differs in either is parsed and verified on its own.
 #[derive(Debug, Clone, Default)]
-pub struct SignatureMemo(std::sync::Arc<std::sync::Mutex<HashSet<([u8; 32], [u8; 64])>>>);
+pub struct SignatureMemo(MemoMap);
+
+type MemoKey = ([u8; 32], [u8; 64]);
+type MemoMap = std::sync::Arc<std::sync::Mutex<HashMap<MemoKey, Change>>>;
 
 impl SignatureMemo {
-    pub(crate) fn key(bytes: &[u8], signature: [u8; 64]) -> ([u8; 32], [u8; 64]) {
+    pub(crate) fn key(bytes: &[u8], signature: [u8; 64]) -> MemoKey {
         use sha2::Digest as _;
         (sha2::Sha256::digest(bytes).into(), signature)
     }
-    pub(crate) fn contains(&self, key: &([u8; 32], [u8; 64])) -> bool {
-        self.0.lock().is_ok_and(|m| m.contains(key))
+    /// The change signed by `key`, parsed, if its signature was found good.
+    pub(crate) fn get(&self, key: &MemoKey) -> Option<Change> {
+        self.0.lock().ok()?.get(key).cloned()
     }
-    pub(crate) fn insert(&self, key: ([u8; 32], [u8; 64])) {
+    pub(crate) fn insert(&self, key: MemoKey, change: &Change) {
         if let Ok(mut m) = self.0.lock() {
-            m.insert(key);
+            m.entry(key).or_insert_with(|| change.clone());
         }
     }
 }

@@ -73,21 +73,35 @@ impl Ledger {
                 self.reject(report, None, None, Rejection::TooLarge { len });
                 continue;
             }
-            let max_ops = MAX_OPS_PER_CHANGE as u64;
-            if let Err(e) = crate::chunk::check_change_header(&signed.bytes, max_ops, max_ops) {
-                self.reject(report, None, None, Rejection::Malformed(e.to_string()));
-                continue;
-            }
-            let change = match catch_unwind(|| Change::try_from(&signed.bytes[..])) {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    self.reject(report, None, None, Rejection::Malformed(e.to_string()));
-                    continue;
-                }
-                Err(_) => {
-                    let why = "the change does not parse".to_owned();
-                    self.reject(report, None, None, Rejection::Malformed(why));
-                    continue;
+            let memo_key = match (&self.memo, signed.signature_array()) {
+                (Some(_), Some(sig)) => Some(SignatureMemo::key(&signed.bytes, sig)),
+                _ => None,
+            };
+            // These exact bytes, so signed, were parsed and verified by a replica sharing the
+            // memo: they parse to the same change.
+            let known = (memo_key.as_ref()).and_then(|k| self.memo.as_ref().and_then(|m| m.get(k)));
+            let verified = known.is_some();
+            let change = match known {
+                Some(c) => c,
+                None => {
+                    let max_ops = MAX_OPS_PER_CHANGE as u64;
+                    let header = crate::chunk::check_change_header(&signed.bytes, max_ops, max_ops);
+                    if let Err(e) = header {
+                        self.reject(report, None, None, Rejection::Malformed(e.to_string()));
+                        continue;
+                    }
+                    match catch_unwind(|| Change::try_from(&signed.bytes[..])) {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => {
+                            self.reject(report, None, None, Rejection::Malformed(e.to_string()));
+                            continue;
+                        }
+                        Err(_) => {
+                            let why = "the change does not parse".to_owned();
+                            self.reject(report, None, None, Rejection::Malformed(why));
+                            continue;
+                        }
+                    }
                 }
             };
             if change.len() > MAX_OPS_PER_CHANGE {
@@ -118,6 +132,8 @@ impl Ledger {
             let key = PublicKey::from_verifying_key(&key);
             cands.push(Candidate {
                 signed,
+                memo_key,
+                verified,
                 hash: h,
                 actor,
                 key,
@@ -147,24 +163,7 @@ impl Ledger {
             let replica = c.key.replica_id();
             self.reject(report, None, None, Rejection::BadSignature { replica });
         }
-        let keys: Vec<Option<([u8; 32], [u8; 64])>> = signed
-            .iter()
-            .map(|c| {
-                self.memo.as_ref()?;
-                Some(SignatureMemo::key(
-                    &c.signed.bytes,
-                    c.signed.signature_array()?,
-                ))
-            })
-            .collect();
-        let known: Vec<bool> = keys
-            .iter()
-            .map(|k| {
-                k.as_ref()
-                    .is_some_and(|k| self.memo.as_ref().is_some_and(|m| m.contains(k)))
-            })
-            .collect();
-        let check: Vec<usize> = (0..signed.len()).filter(|i| !known[*i]).collect();
+        let check: Vec<usize> = (0..signed.len()).filter(|i| !signed[*i].verified).collect();
         let mut bad: HashSet<usize> = HashSet::new();
         let mut items: Vec<(VerifyingKey, &[u8], [u8; 64])> = Vec::with_capacity(check.len());
         let mut at: Vec<usize> = Vec::with_capacity(check.len());
@@ -190,13 +189,13 @@ impl Ledger {
         );
         drop(items);
         let mut kept = Vec::with_capacity(signed.len());
-        for ((i, c), key) in signed.into_iter().enumerate().zip(keys) {
+        for (i, c) in signed.into_iter().enumerate() {
             if bad.contains(&i) {
                 let replica = c.key.replica_id();
                 self.reject(report, None, None, Rejection::BadSignature { replica });
             } else {
-                if let (Some(m), Some(k), false) = (&self.memo, key, known[i]) {
-                    m.insert(k);
+                if let (Some(m), Some(k), false) = (&self.memo, &c.memo_key, c.verified) {
+                    m.insert(*k, &c.change);
                 }
                 kept.push(c);
             }
