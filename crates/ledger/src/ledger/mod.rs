@@ -196,6 +196,8 @@ struct Candidate {
     memo_key: Option<MemoKey>,
     /// Found in the memo: parsed and verified already.
     verified: bool,
+    /// Its entry in the memo, once it has one.
+    parsed: Option<std::sync::Arc<Parsed>>,
     hash: ChangeHash,
     actor: [u8; 32],
     key: PublicKey,
@@ -290,7 +292,28 @@ pub struct Applied {
 pub struct SignatureMemo(MemoMap);
 
 type MemoKey = ([u8; 32], [u8; 64]);
-type MemoMap = std::sync::Arc<std::sync::Mutex<HashMap<MemoKey, Change>>>;
+type MemoMap = std::sync::Arc<std::sync::Mutex<HashMap<MemoKey, std::sync::Arc<Parsed>>>>;
+
+/// A change in the memo, and what was read from it, each read once for all the replicas.
+#[derive(Debug)]
+pub(crate) struct Parsed {
+    change: Change,
+    message: std::sync::OnceLock<Result<ChangeMessage, Rejection>>,
+    expanded: std::sync::OnceLock<Result<ExpandedChange, Rejection>>,
+}
+
+impl Parsed {
+    /// Its envelope, decoded.
+    fn message(&self) -> Result<&ChangeMessage, Rejection> {
+        let m = (self.message).get_or_init(|| Ok(ChangeMessage::decode(self.change.message())?));
+        m.as_ref().map_err(Clone::clone)
+    }
+    /// Its ops, decoded.
+    fn expanded(&self) -> Result<&ExpandedChange, Rejection> {
+        let e = self.expanded.get_or_init(|| expand(&self.change));
+        e.as_ref().map_err(Clone::clone)
+    }
+}
 
 impl SignatureMemo {
     pub(crate) fn key(bytes: &[u8], signature: [u8; 64]) -> MemoKey {
@@ -298,13 +321,19 @@ impl SignatureMemo {
         (sha2::Sha256::digest(bytes).into(), signature)
     }
     /// The change signed by `key`, parsed, if its signature was found good.
-    pub(crate) fn get(&self, key: &MemoKey) -> Option<Change> {
+    pub(crate) fn get(&self, key: &MemoKey) -> Option<std::sync::Arc<Parsed>> {
         self.0.lock().ok()?.get(key).cloned()
     }
-    pub(crate) fn insert(&self, key: MemoKey, change: &Change) {
-        if let Ok(mut m) = self.0.lock() {
-            m.entry(key).or_insert_with(|| change.clone());
-        }
+    pub(crate) fn insert(&self, key: MemoKey, change: &Change) -> Option<std::sync::Arc<Parsed>> {
+        let mut m = self.0.lock().ok()?;
+        let p = m.entry(key).or_insert_with(|| {
+            std::sync::Arc::new(Parsed {
+                change: change.clone(),
+                message: std::sync::OnceLock::new(),
+                expanded: std::sync::OnceLock::new(),
+            })
+        });
+        Some(p.clone())
     }
 }
 

@@ -81,8 +81,8 @@ impl Ledger {
             // memo: they parse to the same change.
             let known = (memo_key.as_ref()).and_then(|k| self.memo.as_ref().and_then(|m| m.get(k)));
             let verified = known.is_some();
-            let change = match known {
-                Some(c) => c,
+            let change = match &known {
+                Some(p) => p.change.clone(),
                 None => {
                     let max_ops = MAX_OPS_PER_CHANGE as u64;
                     let header = crate::chunk::check_change_header(&signed.bytes, max_ops, max_ops);
@@ -134,6 +134,7 @@ impl Ledger {
                 signed,
                 memo_key,
                 verified,
+                parsed: known,
                 hash: h,
                 actor,
                 key,
@@ -189,13 +190,13 @@ impl Ledger {
         );
         drop(items);
         let mut kept = Vec::with_capacity(signed.len());
-        for (i, c) in signed.into_iter().enumerate() {
+        for (i, mut c) in signed.into_iter().enumerate() {
             if bad.contains(&i) {
                 let replica = c.key.replica_id();
                 self.reject(report, None, None, Rejection::BadSignature { replica });
             } else {
                 if let (Some(m), Some(k), false) = (&self.memo, &c.memo_key, c.verified) {
-                    m.insert(*k, &c.change);
+                    c.parsed = m.insert(*k, &c.change);
                 }
                 kept.push(c);
             }
@@ -451,22 +452,35 @@ impl Ledger {
     /// enrolled; returns its author.
     fn accept_one(&mut self, c: &Candidate, now_ms: u64) -> Result<ReplicaId, Rejection> {
         let actor = c.key.replica_id();
-        let msg = ChangeMessage::decode(c.change.message())?;
+        let (own_msg, own_expanded);
+        let msg = match &c.parsed {
+            Some(p) => p.message()?,
+            None => {
+                own_msg = ChangeMessage::decode(c.change.message())?;
+                &own_msg
+            }
+        };
         let causal = self.causal(&c.change, actor);
         self.check_history(&c.change, actor, msg.at, &causal, now_ms)?;
-        let expanded = expand(&c.change)?;
+        let expanded = match &c.parsed {
+            Some(p) => p.expanded()?,
+            None => {
+                own_expanded = expand(&c.change)?;
+                &own_expanded
+            }
+        };
         if matches!(&msg.op, Operation::Sale(r) if !r.overdraft.is_empty()) {
             // The overdraft claim is checked against the document as its seller saw it.
             self.flush_doc(now_ms);
         }
-        let effects = self.validate(&c.change, &expanded, &msg, actor, &causal)?;
+        let effects = self.validate(&c.change, expanded, msg, actor, &causal)?;
         if self.careful {
             self.apply_one_carefully(&c.change)?;
         }
         if let Operation::Enrol { key, .. } = &msg.op {
             self.last_enrolled = Some(*key.bytes());
         }
-        self.apply_effects(actor, &msg, effects, &c.change);
+        self.apply_effects(actor, msg, effects, &c.change);
         self.record(&c.signed, &c.change, actor, msg.at, &causal);
         self.clock.observe(msg.at, now_ms);
         Ok(actor)
