@@ -893,14 +893,22 @@ impl Ledger {
     pub fn changes_since(&self, have: &VersionVector, max: usize) -> Vec<SignedChange> {
         let mut idx: Vec<usize> = Vec::new();
         let mut theirs = have.iter().peekable();
-        for (r, entries) in &self.by_actor {
+        // The vector is the per-author index's lengths, in one run: walk it, and look in the
+        // index only for the authors `have` is behind on.
+        for (r, held) in self.vector.iter() {
             while theirs.next_if(|(t, _)| *t < r).is_some() {}
             let from = match theirs.peek() {
-                Some((t, s)) if *t == r => usize::try_from(**s).unwrap_or(usize::MAX),
+                Some((t, s)) if *t == r => **s,
                 _ => 0,
             };
-            if from < entries.len() {
-                idx.extend_from_slice(&entries[from..]);
+            if from >= *held {
+                continue;
+            }
+            if let Some(entries) = self.by_actor.get(r) {
+                let from = usize::try_from(from).unwrap_or(usize::MAX);
+                if from < entries.len() {
+                    idx.extend_from_slice(&entries[from..]);
+                }
             }
         }
         idx.sort_unstable();
