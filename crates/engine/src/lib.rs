@@ -508,6 +508,14 @@ impl Engine {
         }
     }
 
+    /// The driver's transport heard from every connected peer outside a frame (a keepalive
+    /// that covers all of them at once).
+    pub fn heard_all(&mut self, now_ms: u64) {
+        for p in self.peers.values_mut() {
+            p.last_heard_ms = p.last_heard_ms.max(now_ms);
+        }
+    }
+
     // -----------------------------------------------------------------------------------
     // Input.
 

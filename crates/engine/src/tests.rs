@@ -435,6 +435,23 @@ fn a_silent_peer_is_dropped_and_reported() {
 }
 
 #[test]
+fn a_keepalive_heard_on_every_connection_keeps_a_quiet_peer() {
+    let mut s = stand(0, &[1], EngineConfig::default());
+    let pool = s.id(0);
+    s.cut.insert((0, 1)); // no frame, no per-peer ping
+    for t in (1..=5).map(|k| T0 + k * 1_000) {
+        s.run_until(t);
+        s.engines[1].heard_all(t);
+    }
+    s.run_until(T0 + 5_500);
+    assert!(s.engines[1].is_connected(pool));
+    assert!(
+        !s.engines[0].is_connected(s.id(1)),
+        "the other side heard nothing"
+    );
+}
+
+#[test]
 fn the_pool_tops_up_terminals_it_reaches() {
     let mut s = stand(40, &[0, 0], EngineConfig::default());
     s.run_until(T0 + ALLOCATION_INTERVAL_MS + 100);

@@ -160,12 +160,12 @@ impl World {
     pub(super) fn timers(&mut self) {
         if self.now >= self.next_ping {
             self.next_ping = self.now + TRANSPORT_PING_MS;
-            let links: Vec<(usize, usize)> = self.up.iter().copied().collect();
-            for (a, b) in links {
-                let (ida, idb) = (self.nodes[a].id, self.nodes[b].id);
-                let (wa, wb) = (self.wall(a), self.wall(b));
-                self.nodes[a].engine.heard(idb, wa);
-                self.nodes[b].engine.heard(ida, wb);
+            // An engine's peers are the replicas it has a live link to.
+            for a in 0..self.nodes.len() {
+                if self.nodes[a].alive {
+                    let wall = self.wall(a);
+                    self.nodes[a].engine.heard_all(wall);
+                }
             }
         }
         for i in 0..self.nodes.len() {
