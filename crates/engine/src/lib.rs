@@ -74,6 +74,7 @@
 //! assert_eq!(t.ledger().available(&soda), 9);
 //! ```
 
+mod peers;
 mod rights;
 
 use halftime_ledger::layout::SkuCounters;
@@ -82,6 +83,7 @@ use halftime_ledger::{
     AdminOp, Applied, ApplyReport, Hlc, Ledger, OpError, PeerSync, Refusal, ReplicaId, Role,
     SaleId, SaleLine, SignedChange, Sku, VersionVector, WireError, WireMessage,
 };
+use peers::{Peer, Peers};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
@@ -308,41 +310,12 @@ pub struct EngineStats {
     pub rights_relays_refused: u64,
 }
 
-#[derive(Debug)]
-struct Peer {
-    sync: PeerSync,
-    last_heard_ms: u64,
-    /// When this peer's vector timer is next due: its key in `Engine::due`.
-    due_ms: u64,
-}
-
-impl Peer {
-    fn new(sync: PeerSync, now_ms: u64) -> Self {
-        let mut p = Self {
-            sync,
-            last_heard_ms: now_ms,
-            due_ms: 0,
-        };
-        p.due_ms = p.next_due();
-        p
-    }
-
-    fn next_due(&self) -> u64 {
-        self.sync.poll_timeout()
-    }
-
-    fn silent_from(&self) -> u64 {
-        self.last_heard_ms
-            .saturating_add(PEER_SILENCE_TIMEOUT_MS + 1)
-    }
-}
-
 /// The stand engine of one replica.
 #[derive(Debug)]
 pub struct Engine {
     ledger: Ledger,
     cfg: EngineConfig,
-    peers: BTreeMap<ReplicaId, Peer>,
+    peers: Peers,
     /// Every peer by when its vector timer is next due, earliest on top, so that a wake-up visits
     /// only the peers due rather than all of them (a large stand wakes each replica many times
     /// a second). A peer filed again leaves its old entry behind, stale (its time is no longer
@@ -379,7 +352,7 @@ impl Engine {
             rights: rights::Rights::new(now_ms),
             ledger,
             cfg,
-            peers: BTreeMap::new(),
+            peers: Peers::default(),
             due: BinaryHeap::new(),
             silence_check_ms: u64::MAX,
             events: VecDeque::new(),
@@ -464,7 +437,7 @@ impl Engine {
     fn add_peer(&mut self, peer: ReplicaId, sync: PeerSync, now_ms: u64) {
         let p = Peer::new(sync, now_ms);
         self.due.push(Reverse((p.due_ms, peer)));
-        self.silence_check_ms = self.silence_check_ms.min(p.silent_from());
+        self.silence_check_ms = self.silence_check_ms.min(self.peers.silent_from(&p));
         self.peers.insert(peer, p);
         self.settle_due();
         self.spread_vectors();
@@ -503,17 +476,13 @@ impl Engine {
 
     /// The driver heard from `peer` outside a frame (a transport ping).
     pub fn heard(&mut self, peer: ReplicaId, now_ms: u64) {
-        if let Some(p) = self.peers.get_mut(&peer) {
-            p.last_heard_ms = p.last_heard_ms.max(now_ms);
-        }
+        self.peers.heard(&peer, now_ms);
     }
 
     /// The driver's transport heard from every connected peer outside a frame (a keepalive
     /// that covers all of them at once).
     pub fn heard_all(&mut self, now_ms: u64) {
-        for p in self.peers.values_mut() {
-            p.last_heard_ms = p.last_heard_ms.max(now_ms);
-        }
+        self.peers.heard_all(now_ms);
     }
 
     // -----------------------------------------------------------------------------------
@@ -571,10 +540,10 @@ impl Engine {
         let mut others = Vec::new();
         let mut heard = BTreeSet::new();
         for (from, msg) in msgs {
-            let Some(p) = self.peers.get_mut(&from) else {
+            if !self.peers.contains_key(&from) {
                 continue; // not connected (a frame that raced the close)
-            };
-            p.last_heard_ms = p.last_heard_ms.max(now_ms);
+            }
+            self.peers.heard(&from, now_ms);
             heard.insert(from);
             match msg {
                 WireMessage::Changes { changes } => {
@@ -836,7 +805,7 @@ impl Engine {
     pub fn handle_timeout(&mut self, now_ms: u64) {
         if now_ms >= self.silence_check_ms {
             let silent: Vec<ReplicaId> = (self.peers.iter())
-                .filter(|(_, p)| p.silent_from() <= now_ms)
+                .filter(|(_, p)| self.peers.silent_from(p) <= now_ms)
                 .map(|(r, _)| *r)
                 .collect();
             for r in silent {
@@ -844,7 +813,7 @@ impl Engine {
                 self.events.push_back(Event::PeerGone(r));
             }
             self.silence_check_ms =
-                (self.peers.values().map(Peer::silent_from).min()).unwrap_or(u64::MAX);
+                (self.peers.values().map(|p| self.peers.silent_from(p)).min()).unwrap_or(u64::MAX);
         }
         let mut due = Vec::new();
         while let Some(&Reverse((t, r))) = self.due.peek() {
@@ -884,12 +853,7 @@ impl Engine {
         if !self.durable() {
             return None;
         }
-        for (r, p) in self.peers.iter_mut() {
-            if let Some(m) = p.sync.poll_transmit() {
-                return Some((*r, m));
-            }
-        }
-        None
+        self.peers.poll_transmit()
     }
 
     /// Every frame ready to send, in the order [`Engine::poll_transmit`] would give them.
@@ -898,11 +862,7 @@ impl Engine {
         if !self.durable() {
             return out;
         }
-        for (r, p) in self.peers.iter_mut() {
-            while let Some(m) = p.sync.poll_transmit() {
-                out.push((*r, m));
-            }
-        }
+        self.peers.drain_transmit(&mut out);
         out
     }
 
@@ -920,7 +880,9 @@ impl Engine {
             (self.peers.values()).all(|p| p.due_ms == p.next_due())
                 && self.due.peek().map(|Reverse((t, _))| *t)
                     == self.peers.values().map(|p| p.due_ms).min()
-                && (self.peers.values()).all(|p| p.silent_from() >= self.silence_check_ms),
+                && (self.peers.values())
+                    .all(|p| self.peers.silent_from(p) >= self.silence_check_ms)
+                && self.peers.queued_complete(),
             "every peer filed under when it is due"
         );
         let t = self.rights.poll_timeout(&self.ledger, &self.cfg);
@@ -1024,7 +986,7 @@ impl Engine {
 struct Ctx<'a> {
     ledger: &'a mut Ledger,
     cfg: &'a EngineConfig,
-    peers: &'a mut BTreeMap<ReplicaId, Peer>,
+    peers: &'a mut Peers,
     events: &'a mut VecDeque<Event>,
     after_persist: &'a mut VecDeque<(u64, Event)>,
     stats: &'a mut EngineStats,
@@ -1057,7 +1019,7 @@ impl Ctx<'_> {
 }
 
 /// Whether this replica reaches the pool (the pool itself: whether any replica reaches it).
-fn pool_reachable(ledger: &Ledger, peers: &BTreeMap<ReplicaId, Peer>) -> bool {
+fn pool_reachable(ledger: &Ledger, peers: &Peers) -> bool {
     if ledger.role() == Some(Role::Pool) {
         !peers.is_empty()
     } else {
