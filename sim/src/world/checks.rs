@@ -76,12 +76,14 @@ impl World {
         }
         let dirty = std::mem::take(&mut self.dirty);
         let mut due = u64::MAX;
-        let policy = self.cfg.checked_policy();
-        let pool_id = self.nodes[0].id;
         let terminals = self.nodes.len().saturating_sub(1) as u64;
         let base = LARGE_STAND_TERMINALS as u64;
         let spacing = (LARGE_STAND_CHECK_MS * terminals * terminals / (base * base))
-            .min(LARGE_STAND_CHECK_MAX_MS);
+            .clamp(1, LARGE_STAND_CHECK_MAX_MS);
+        // Spaced checks fall on a grid of `spacing`, so the replicas due are checked together,
+        // side by side.
+        let next_check = (self.now / spacing + 1) * spacing;
+        let mut checked = Vec::new();
         for n in dirty {
             if !self.nodes[n].alive {
                 continue;
@@ -91,203 +93,47 @@ impl World {
                 due = due.min(self.nodes[n].next_check);
                 continue;
             }
-            self.nodes[n].next_check = self.now + spacing;
-            // Fold newly known sales into the caps in force and the units sold of this view.
-            let node = &mut self.nodes[n];
-            let sales = node.engine.ledger().sales();
-            for e in &sales[node.overdraft_scanned..] {
-                let seller = e.record.id.replica;
-                for (s, cap) in &e.record.overdraft {
-                    let m = node.max_cap.entry((seller, s.clone())).or_insert(0);
-                    if *cap > *m {
-                        *node.cap_sum.entry(s.clone()).or_insert(0) += cap - *m;
-                        *m = *cap;
-                    }
-                }
-                for (s, u) in e.record.units() {
-                    *node.sold.entry(s).or_insert(0) += u;
-                }
-            }
-            node.overdraft_scanned = sales.len();
-            let l = node.engine.ledger();
-            // Shrink this view knows of: the adjustments up to the pool's last change it holds
-            // (the pool writes them in order, so they are a prefix).
-            if node.adjusts_known < self.adjusts.len() {
-                let pool_seen = l.version_vector().get(&pool_id).copied().unwrap_or(0);
-                node.adjusts_known = self
-                    .adjusts
-                    .iter()
-                    .take_while(|(seq, _)| *seq <= pool_seen)
-                    .count();
-            }
-            let known = &self.adjusts[..node.adjusts_known];
-            for s in &self.skus {
-                // Every unit that came in (opening, restocks) either went out with a sale or a
-                // shrink adjustment this view knows of, or is still available.
-                let shrunk: u64 = known.iter().filter_map(|(_, u)| u.get(s)).sum();
-                let sold = node.sold.get(s).copied().unwrap_or(0);
-                let came_in = l.total_in(s);
-                if came_in as i128 - sold as i128 - shrunk as i128 != l.available(s) as i128 {
-                    return Err(violation(
-                        "units-conserved",
-                        format!(
-                            "node {n}: {s} came in {came_in}, sold {sold}, shrunk {shrunk}, but available = {}",
-                            l.available(s)
-                        ),
-                    ));
-                }
-            }
-            // One pass over the cells this view holds, in replica order: a replica with no
-            // cell of an item holds nothing of it, and the checks below hold for zeros, but
-            // for this replica's exact view of itself, checked after the pass.
-            let replicas = l.replicas();
-            let empty = BTreeMap::new();
-            let no_asks = BTreeMap::new();
-            let mut sums = vec![0i64; self.skus.len()];
-            let mut own_cells = vec![false; self.skus.len()];
-            // Cursors into the oracle's per-item maps, which are in replica order too.
-            let mut served_k: Vec<_> = (self.skus.iter())
-                .map(|s| self.served.get(s).unwrap_or(&empty).iter().peekable())
-                .collect();
-            let mut returned_k: Vec<_> = (self.skus.iter())
-                .map(|s| self.returned.get(s).unwrap_or(&empty).iter().peekable())
-                .collect();
-            let mut sku_at = 0;
-            let mut last: Option<(ReplicaId, &ReplicaInfo)> = None;
-            for ((rid, s), cell) in l.cells() {
-                if last.is_none_or(|(r, _)| r != *rid) {
-                    sku_at = 0;
-                }
-                // A replica's cells are in item order: walk the items alongside.
-                while self.sku_order.get(sku_at).is_some_and(|(x, _)| x < s) {
-                    sku_at += 1;
-                }
-                let k = match self.sku_order.get(sku_at) {
-                    Some((x, k)) if x == s => *k,
-                    _ => continue,
-                };
-                let info = match last {
-                    Some((r, info)) if r == *rid => info,
-                    _ => match replicas.get(rid) {
-                        Some(info) => {
-                            last = Some((*rid, info));
-                            info
-                        }
-                        None => continue,
-                    },
-                };
-                let own = *rid == node.id;
-                own_cells[k] |= own;
-                // The oracle: what this view says a replica sold never exceeds what it
-                // served, and a replica's view of itself is exact.
-                let out = cell.get(Field::Out);
-                let served = at(&mut served_k[k], rid);
-                if out > served || (own && out != served) {
-                    return Err(violation(
-                        "oracle-units-served",
-                        format!(
-                            "node {n} sees replica {rid} with {out} of {s} out, but it served {served}"
-                        ),
-                    ));
-                }
-                if info.role == Role::Terminal {
-                    // Refunds: a terminal's `in` counts only the units its voids took back.
-                    let back = cell.get(Field::In);
-                    let returned = at(&mut returned_k[k], rid);
-                    if back > returned || (own && back != returned) {
-                        return Err(violation(
-                            "oracle-units-returned",
-                            format!(
-                                "node {n} sees replica {rid} take back {back} of {s}, but its customers returned {returned}"
-                            ),
-                        ));
-                    }
-                }
-                // A terminal gives another terminal only what it was asked for.
-                if own && n != 0 {
-                    let asked_of = self.asked.get(s).unwrap_or(&no_asks);
-                    for (f, gave) in &cell.values {
-                        let Field::Give(to) = f else { continue };
-                        let to_terminal =
-                            replicas.get(to).is_some_and(|i| i.role == Role::Terminal);
-                        if !to_terminal || *to == node.id {
-                            continue;
-                        }
-                        let asked = asked_of.get(&(node.id, *to)).copied().unwrap_or(0);
-                        if *gave > asked {
-                            return Err(violation(
-                                "gives-answer-asks",
-                                format!(
-                                    "node {n} gave {to} {gave} of {s}, but was asked for {asked}"
-                                ),
-                            ));
-                        }
-                    }
-                }
-                let r = cell.rights();
-                sums[k] += r;
-                let retired = info.retired_at_pool_seq.is_some();
-                if policy == Policy::Strict && r < 0 && !retired {
-                    return Err(violation(
-                        "rights-non-negative",
-                        format!("node {n} sees replica {rid} with rights {r} for {s} under strict"),
-                    ));
-                }
-            }
-            for (k, s) in self.skus.iter().enumerate() {
-                if !own_cells[k] {
-                    if let Some(me) = replicas.get(&node.id) {
-                        let served = (self.served.get(s).and_then(|m| m.get(&node.id)))
-                            .copied()
-                            .unwrap_or(0);
-                        let returned = (self.returned.get(s).and_then(|m| m.get(&node.id)))
-                            .copied()
-                            .unwrap_or(0);
-                        if served > 0 || (me.role == Role::Terminal && returned > 0) {
-                            return Err(violation(
-                                "oracle-units-served",
-                                format!(
-                                    "node {n} has no counters of its own for {s}, but served {served} and took back {returned}"
-                                ),
-                            ));
-                        }
-                    }
-                }
-                let avail = l.available(s);
-                let sum = sums[k];
-                // Gives a reclaimed replica made out of the pool's sight are nobody's rights.
-                let unbacked = l.unbacked(s) as i64;
-                if sum + unbacked != avail {
-                    return Err(violation(
-                        "units-conserved",
-                        format!(
-                            "node {n}: Σ rights of {s} = {sum} (+{unbacked} unbacked) but available = {avail}"
-                        ),
-                    ));
-                }
-                let oversell = (-avail).max(0) as u64;
-                let reclaimed = self.reclaim_allowance.get(s).copied().unwrap_or(0);
-                let allowed = match policy {
-                    Policy::Strict => reclaimed,
-                    // Each seller's rights stay above minus the largest cap it was ever allowed.
-                    Policy::Optimistic => reclaimed + node.cap_sum.get(s).copied().unwrap_or(0),
-                };
-                if oversell > allowed {
-                    return Err(violation(
-                        if policy == Policy::Strict {
-                            "no-oversell"
-                        } else {
-                            "oversell-bounded"
-                        },
-                        format!(
-                            "node {n}: available {s} = {avail}, oversell {oversell} > allowed {allowed}"
-                        ),
-                    ));
-                }
-            }
+            self.nodes[n].next_check = next_check;
+            checked.push(n);
         }
         self.checks_due = due;
-        Ok(())
+        let v = CheckView {
+            skus: &self.skus,
+            sku_order: &self.sku_order,
+            served: &self.served,
+            returned: &self.returned,
+            asked: &self.asked,
+            adjusts: &self.adjusts,
+            reclaim_allowance: &self.reclaim_allowance,
+            policy: self.cfg.checked_policy(),
+            pool_id: self.nodes[0].id,
+        };
+        let mut work: Vec<(usize, &mut Node)> = Vec::with_capacity(checked.len());
+        let mut next = checked.iter().peekable();
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            if next.next_if(|n| **n == i).is_some() {
+                work.push((i, node));
+            }
+        }
+        let check_all = |work: Vec<(usize, &mut Node)>| {
+            for (n, node) in work {
+                check_node(&v, n, node)?;
+            }
+            Ok(())
+        };
+        if !spaced || work.len() < PARALLEL_MIN_CHECKS {
+            return check_all(work);
+        }
+        // The first violation in replica order, as one after another would find it.
+        let later = work.split_off(work.len() / 2);
+        std::thread::scope(|sc| {
+            let later = sc.spawn(|| check_all(later));
+            let first = check_all(work);
+            let later = later
+                .join()
+                .unwrap_or_else(|_| Err(violation("internal-fault", "a check panicked".into())));
+            first.and(later)
+        })
     }
 
     pub(super) fn live(&self) -> impl Iterator<Item = &Node> {
@@ -404,6 +250,217 @@ impl World {
         }
         Ok(())
     }
+}
+
+/// What every replica's safety check reads besides the replica itself.
+struct CheckView<'a> {
+    skus: &'a [Sku],
+    sku_order: &'a [(Sku, usize)],
+    served: &'a BTreeMap<Sku, BTreeMap<ReplicaId, u64>>,
+    returned: &'a BTreeMap<Sku, BTreeMap<ReplicaId, u64>>,
+    asked: &'a BTreeMap<Sku, BTreeMap<(ReplicaId, ReplicaId), u64>>,
+    adjusts: &'a [(u64, BTreeMap<Sku, u64>)],
+    reclaim_allowance: &'a BTreeMap<Sku, u64>,
+    policy: Policy,
+    pool_id: ReplicaId,
+}
+
+/// Replicas due together on a large stand before their checks are split over two threads
+/// (each check reads its own replica's state; a thread costs about as much as a few checks).
+const PARALLEL_MIN_CHECKS: usize = 8;
+
+/// The safety invariants of replica `n`, folding what it newly knows into its running sums.
+fn check_node(v: &CheckView<'_>, n: usize, node: &mut Node) -> Result<(), Violation> {
+    // Fold newly known sales into the caps in force and the units sold of this view.
+    let sales = node.engine.ledger().sales();
+    for e in &sales[node.overdraft_scanned..] {
+        let seller = e.record.id.replica;
+        for (s, cap) in &e.record.overdraft {
+            let m = node.max_cap.entry((seller, s.clone())).or_insert(0);
+            if *cap > *m {
+                *node.cap_sum.entry(s.clone()).or_insert(0) += cap - *m;
+                *m = *cap;
+            }
+        }
+        for (s, u) in e.record.units() {
+            *node.sold.entry(s).or_insert(0) += u;
+        }
+    }
+    node.overdraft_scanned = sales.len();
+    let l = node.engine.ledger();
+    // Shrink this view knows of: the adjustments up to the pool's last change it holds
+    // (the pool writes them in order, so they are a prefix).
+    if node.adjusts_known < v.adjusts.len() {
+        let pool_seen = l.version_vector().get(&v.pool_id).copied().unwrap_or(0);
+        node.adjusts_known = v
+            .adjusts
+            .iter()
+            .take_while(|(seq, _)| *seq <= pool_seen)
+            .count();
+    }
+    let known = &v.adjusts[..node.adjusts_known];
+    for s in v.skus {
+        // Every unit that came in (opening, restocks) either went out with a sale or a
+        // shrink adjustment this view knows of, or is still available.
+        let shrunk: u64 = known.iter().filter_map(|(_, u)| u.get(s)).sum();
+        let sold = node.sold.get(s).copied().unwrap_or(0);
+        let came_in = l.total_in(s);
+        if came_in as i128 - sold as i128 - shrunk as i128 != l.available(s) as i128 {
+            return Err(violation(
+                "units-conserved",
+                format!(
+                    "node {n}: {s} came in {came_in}, sold {sold}, shrunk {shrunk}, but available = {}",
+                    l.available(s)
+                ),
+            ));
+        }
+    }
+    // One pass over the cells this view holds, in replica order: a replica with no
+    // cell of an item holds nothing of it, and the checks below hold for zeros, but
+    // for this replica's exact view of itself, checked after the pass.
+    let replicas = l.replicas();
+    let empty = BTreeMap::new();
+    let no_asks = BTreeMap::new();
+    let mut sums = vec![0i64; v.skus.len()];
+    let mut own_cells = vec![false; v.skus.len()];
+    // Cursors into the oracle's per-item maps, which are in replica order too.
+    let mut served_k: Vec<_> = (v.skus.iter())
+        .map(|s| v.served.get(s).unwrap_or(&empty).iter().peekable())
+        .collect();
+    let mut returned_k: Vec<_> = (v.skus.iter())
+        .map(|s| v.returned.get(s).unwrap_or(&empty).iter().peekable())
+        .collect();
+    let mut sku_at = 0;
+    let mut last: Option<(ReplicaId, &ReplicaInfo)> = None;
+    for ((rid, s), cell) in l.cells() {
+        if last.is_none_or(|(r, _)| r != *rid) {
+            sku_at = 0;
+        }
+        // A replica's cells are in item order: walk the items alongside.
+        while v.sku_order.get(sku_at).is_some_and(|(x, _)| x < s) {
+            sku_at += 1;
+        }
+        let k = match v.sku_order.get(sku_at) {
+            Some((x, k)) if x == s => *k,
+            _ => continue,
+        };
+        let info = match last {
+            Some((r, info)) if r == *rid => info,
+            _ => match replicas.get(rid) {
+                Some(info) => {
+                    last = Some((*rid, info));
+                    info
+                }
+                None => continue,
+            },
+        };
+        let own = *rid == node.id;
+        own_cells[k] |= own;
+        // The oracle: what this view says a replica sold never exceeds what it
+        // served, and a replica's view of itself is exact.
+        let out = cell.get(Field::Out);
+        let served = at(&mut served_k[k], rid);
+        if out > served || (own && out != served) {
+            return Err(violation(
+                "oracle-units-served",
+                format!(
+                    "node {n} sees replica {rid} with {out} of {s} out, but it served {served}"
+                ),
+            ));
+        }
+        if info.role == Role::Terminal {
+            // Refunds: a terminal's `in` counts only the units its voids took back.
+            let back = cell.get(Field::In);
+            let returned = at(&mut returned_k[k], rid);
+            if back > returned || (own && back != returned) {
+                return Err(violation(
+                    "oracle-units-returned",
+                    format!(
+                        "node {n} sees replica {rid} take back {back} of {s}, but its customers returned {returned}"
+                    ),
+                ));
+            }
+        }
+        // A terminal gives another terminal only what it was asked for.
+        if own && n != 0 {
+            let asked_of = v.asked.get(s).unwrap_or(&no_asks);
+            for (f, gave) in &cell.values {
+                let Field::Give(to) = f else { continue };
+                let to_terminal = replicas.get(to).is_some_and(|i| i.role == Role::Terminal);
+                if !to_terminal || *to == node.id {
+                    continue;
+                }
+                let asked = asked_of.get(&(node.id, *to)).copied().unwrap_or(0);
+                if *gave > asked {
+                    return Err(violation(
+                        "gives-answer-asks",
+                        format!("node {n} gave {to} {gave} of {s}, but was asked for {asked}"),
+                    ));
+                }
+            }
+        }
+        let r = cell.rights();
+        sums[k] += r;
+        let retired = info.retired_at_pool_seq.is_some();
+        if v.policy == Policy::Strict && r < 0 && !retired {
+            return Err(violation(
+                "rights-non-negative",
+                format!("node {n} sees replica {rid} with rights {r} for {s} under strict"),
+            ));
+        }
+    }
+    for (k, s) in v.skus.iter().enumerate() {
+        if !own_cells[k] {
+            if let Some(me) = replicas.get(&node.id) {
+                let served = (v.served.get(s).and_then(|m| m.get(&node.id)))
+                    .copied()
+                    .unwrap_or(0);
+                let returned = (v.returned.get(s).and_then(|m| m.get(&node.id)))
+                    .copied()
+                    .unwrap_or(0);
+                if served > 0 || (me.role == Role::Terminal && returned > 0) {
+                    return Err(violation(
+                        "oracle-units-served",
+                        format!(
+                            "node {n} has no counters of its own for {s}, but served {served} and took back {returned}"
+                        ),
+                    ));
+                }
+            }
+        }
+        let avail = l.available(s);
+        let sum = sums[k];
+        // Gives a reclaimed replica made out of the pool's sight are nobody's rights.
+        let unbacked = l.unbacked(s) as i64;
+        if sum + unbacked != avail {
+            return Err(violation(
+                "units-conserved",
+                format!(
+                    "node {n}: Σ rights of {s} = {sum} (+{unbacked} unbacked) but available = {avail}"
+                ),
+            ));
+        }
+        let oversell = (-avail).max(0) as u64;
+        let reclaimed = v.reclaim_allowance.get(s).copied().unwrap_or(0);
+        let allowed = match v.policy {
+            Policy::Strict => reclaimed,
+            // Each seller's rights stay above minus the largest cap it was ever allowed.
+            Policy::Optimistic => reclaimed + node.cap_sum.get(s).copied().unwrap_or(0),
+        };
+        if oversell > allowed {
+            return Err(violation(
+                if v.policy == Policy::Strict {
+                    "no-oversell"
+                } else {
+                    "oversell-bounded"
+                },
+                format!(
+                    "node {n}: available {s} = {avail}, oversell {oversell} > allowed {allowed}"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The value at `rid` of a map read in replica order through `cursor`, for replicas asked in
