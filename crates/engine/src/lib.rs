@@ -540,10 +540,9 @@ impl Engine {
         let mut others = Vec::new();
         let mut heard = BTreeSet::new();
         for (from, msg) in msgs {
-            if !self.peers.contains_key(&from) {
+            if !self.peers.heard(&from, now_ms) {
                 continue; // not connected (a frame that raced the close)
             }
-            self.peers.heard(&from, now_ms);
             heard.insert(from);
             match msg {
                 WireMessage::Changes { changes } => {

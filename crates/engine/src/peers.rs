@@ -100,11 +100,14 @@ impl Peers {
         self.map.remove(r)
     }
 
-    /// Heard from `r` (a frame or the transport): it is alive as of `now_ms`.
-    pub(crate) fn heard(&mut self, r: &ReplicaId, now_ms: u64) {
-        if let Some(p) = self.map.get_mut(r) {
-            p.last_heard_ms = p.last_heard_ms.max(now_ms);
-        }
+    /// Heard from `r` (a frame or the transport): it is alive as of `now_ms`. False if `r` is
+    /// not connected.
+    pub(crate) fn heard(&mut self, r: &ReplicaId, now_ms: u64) -> bool {
+        let Some(p) = self.map.get_mut(r) else {
+            return false;
+        };
+        p.last_heard_ms = p.last_heard_ms.max(now_ms);
+        true
     }
 
     /// Heard from every peer connected now. A peer connected later was heard when it

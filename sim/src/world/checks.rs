@@ -83,20 +83,6 @@ impl World {
         // Spaced checks fall on a grid of `spacing`, so the replicas due are checked together,
         // side by side.
         let next_check = (self.now / spacing + 1) * spacing;
-        let mut checked = Vec::new();
-        for n in dirty {
-            if !self.nodes[n].alive {
-                continue;
-            }
-            if spaced && self.nodes[n].next_check > self.now {
-                self.dirty.insert(n);
-                due = due.min(self.nodes[n].next_check);
-                continue;
-            }
-            self.nodes[n].next_check = next_check;
-            checked.push(n);
-        }
-        self.checks_due = due;
         let v = CheckView {
             skus: &self.skus,
             sku_order: &self.sku_order,
@@ -108,13 +94,20 @@ impl World {
             policy: self.cfg.checked_policy(),
             pool_id: self.nodes[0].id,
         };
-        let mut work: Vec<(usize, &mut Node)> = Vec::with_capacity(checked.len());
-        let mut next = checked.iter().peekable();
-        for (i, node) in self.nodes.iter_mut().enumerate() {
-            if next.next_if(|n| **n == i).is_some() {
-                work.push((i, node));
+        let mut work: Vec<(usize, &mut Node)> = Vec::with_capacity(dirty.len());
+        for (n, node) in self.nodes.iter_mut().enumerate() {
+            if !node.alive || !dirty.contains(&n) {
+                continue;
             }
+            if spaced && node.next_check > self.now {
+                self.dirty.insert(n);
+                due = due.min(node.next_check);
+                continue;
+            }
+            node.next_check = next_check;
+            work.push((n, node));
         }
+        self.checks_due = due;
         let check_all = |work: Vec<(usize, &mut Node)>| {
             for (n, node) in work {
                 check_node(&v, n, node)?;
